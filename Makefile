@@ -1,0 +1,31 @@
+# make demo: set up and train the small tokenizer on the built-in scenes, then write an HTML report.
+# make test: set up and run the tests.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
+
+.PHONY: setup demo test test-fast bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) torch==2.14.1 torchvision==0.29.1
+	$(PIP) -e ".[dev]" scikit-image
+	touch $@
+
+demo: setup
+	$(PY) -m vqgan.cli demo --out runs/demo --resume
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+bench: setup
+	$(PY) bench/bench_stage1.py
+
+clean:
+	rm -rf runs .pytest_cache .cache

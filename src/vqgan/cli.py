@@ -1,0 +1,126 @@
+"""The `vqgan` command line. Bad input: one line on stderr naming the file or option, exit code 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .errors import UserError
+
+
+def _train_tokenizer(args) -> dict:
+    from .config import TokenizerTrainConfig, load_config
+    from .eval.report import tokenizer_report
+    from .presets import resolve_config_path
+    from .train.stage1 import train_tokenizer
+
+    cfg = load_config(TokenizerTrainConfig, resolve_config_path(args.config), args.overrides)
+    result = train_tokenizer(cfg, resume=args.resume, progress=not args.no_progress)
+    import torch.distributed as dist  # noqa: F401 - rank is 0 outside torchrun
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        report = tokenizer_report(cfg.train.out_dir, result)
+        print(f"held-out PSNR {result['psnr']:.2f} dB, codebook usage {result['usage']:.3f} "
+              f"({result['codes_used']}/{result['n_embed']}), perplexity {result['perplexity']:.1f}")
+        print(f"report: {report.resolve()}")
+        print(f"model:  {(report.parent / 'model').resolve()}")
+    return {}
+
+
+def _demo(args) -> dict:
+    args.config = "demo"
+    args.overrides = [f"train.out_dir={args.out}"] + (
+        [f"train.steps={args.steps}"] if args.steps else []) + args.overrides
+    return _train_tokenizer(args)
+
+
+def _encode(args) -> dict:
+    from .inference import encode_folder
+
+    return encode_folder(args.model, args.images, args.out, args.batch_size, args.crop, args.resolution,
+                         args.device, progress=not args.no_progress)
+
+
+def _decode(args) -> dict:
+    from .inference import decode_tokens
+
+    return decode_tokens(args.model, args.tokens, args.out, args.batch_size, args.device, args.force,
+                         progress=not args.no_progress)
+
+
+def _reconstruct(args) -> dict:
+    from .inference import reconstruct_folder
+
+    r = reconstruct_folder(args.model, args.images, args.out, args.batch_size, args.crop, args.resolution,
+                           args.device, progress=not args.no_progress)
+    return r
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vqgan", description="VQGAN image tokenizers and token-based generators")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train-tokenizer", help="train a VQGAN tokenizer on a folder of images")
+    t.add_argument("config", help="YAML config file or preset name (small-cpu, f16-1024, f16-16384, demo)")
+    t.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.path=~/photos train.steps=2000")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.out_dir")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=_train_tokenizer)
+
+    d = sub.add_parser("demo", help="train the small tokenizer on the built-in scenes and write a report")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--steps", type=int, default=0)
+    d.add_argument("--resume", action="store_true")
+    d.add_argument("--no-progress", action="store_true")
+    d.add_argument("overrides", nargs="*")
+    d.set_defaults(func=_demo)
+
+    for name, helptext, fn in (("encode", "images -> token files", _encode),
+                               ("reconstruct", "images -> reconstructions + PSNR per image", _reconstruct)):
+        e = sub.add_parser(name, help=helptext)
+        e.add_argument("model", help="tokenizer directory (a run, a checkpoint, or a converted model)")
+        e.add_argument("images", help="image file or folder (recursive), or builtin:scenes")
+        e.add_argument("out", help="output directory")
+        e.add_argument("--batch-size", type=int, default=16)
+        e.add_argument("--crop", choices=["center", "resize"], default="center")
+        e.add_argument("--resolution", type=int, default=None, help="default: the tokenizer's training resolution")
+        e.add_argument("--device", default=None)
+        e.add_argument("--no-progress", action="store_true")
+        e.set_defaults(func=fn)
+
+    c = sub.add_parser("decode", help="token files -> PNG images")
+    c.add_argument("model")
+    c.add_argument("tokens", help="directory written by `vqgan encode` (or its tokens.npy)")
+    c.add_argument("out")
+    c.add_argument("--batch-size", type=int, default=16)
+    c.add_argument("--device", default=None)
+    c.add_argument("--force", action="store_true", help="decode even if another tokenizer made the tokens")
+    c.add_argument("--no-progress", action="store_true")
+    c.set_defaults(func=_decode)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .train.common import configure_logging
+
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
+    try:
+        result = args.func(args)
+    except UserError as e:
+        print(f"vqgan {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    if result:
+        print(json.dumps(result, indent=1, default=str))
+    logging.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,265 @@
+"""Typed configuration: dataclasses, loaded from YAML, overridable with ``section.key=value``.
+
+Config files hold values only; code decides how parts connect. Unknown keys are an error that lists
+the valid ones.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from .errors import UserError
+
+T = TypeVar("T")
+
+
+@dataclass
+class QuantizerConfig:
+    """Nearest-neighbour vector quantizer (VQ-VAE / VQGAN)."""
+
+    n_embed: int = 1024  # codebook size
+    embed_dim: int = 256  # code width
+    beta: float = 0.25  # commitment weight (paper: on ||z - sg[e]||^2)
+    # taming-transformers quirk: its VectorQuantizer2(legacy=True) puts beta on the codebook term
+    # and weight 1 on the commitment term. The converter switches this on for released checkpoints.
+    legacy_beta: bool = False
+
+
+@dataclass
+class VQGANConfig:
+    """Encoder/decoder shape (the paper's `ddconfig`) and the quantizer between them."""
+
+    resolution: int = 256
+    in_channels: int = 3
+    out_ch: int = 3
+    ch: int = 128
+    ch_mult: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 4])
+    num_res_blocks: int = 2
+    attn_resolutions: list[int] = field(default_factory=lambda: [16])
+    dropout: float = 0.0
+    z_channels: int = 256
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @property
+    def latent_size(self) -> int:
+        return self.resolution // self.downsample_factor
+
+    def validate(self) -> None:
+        if not self.ch_mult:
+            raise UserError("model.ch_mult must list at least one level, e.g. [1, 2, 2, 4]")
+        for c in [self.ch * m for m in self.ch_mult]:
+            if c % 32:
+                raise UserError(f"model.ch * model.ch_mult gives {c} channels; GroupNorm(32) needs multiples of 32")
+        if self.resolution % self.downsample_factor:
+            raise UserError(f"model.resolution {self.resolution} is not divisible by the downsampling factor "
+                            f"{self.downsample_factor} (2 ** (len(ch_mult) - 1))")
+
+
+@dataclass
+class LossConfig:
+    """L1 + LPIPS + codebook + adaptive-weighted PatchGAN loss."""
+
+    pixel_weight: float = 1.0
+    perceptual_weight: float = 1.0  # 0 trains without the perceptual term (state it explicitly)
+    codebook_weight: float = 1.0
+    vgg_weights: str | None = None  # torchvision vgg16 state dict; default: torch hub cache
+    lpips_heads: str | None = None  # lpips v0.1 vgg.pth; default: the `lpips` package's bundled file
+    # Benchmarks only: run LPIPS on a randomly initialised VGG when no weights exist (loud warning).
+    allow_random_perceptual: bool = False
+    disc_start: int = 10_000  # step from which the GAN term reaches the generator
+    disc_train_start: int | None = None  # step from which D trains (<= disc_start); None: = disc_start
+    disc_factor: float = 1.0
+    disc_weight: float = 0.8
+    disc_loss: str = "hinge"  # or "vanilla" (softplus)
+    disc_layers: int = 3
+    disc_ndf: int = 64
+    disc_norm: str = "batch"  # or "actnorm"
+    adaptive_weight_max: float = 1e4
+
+    def validate(self) -> None:
+        if self.disc_loss not in ("hinge", "vanilla"):
+            raise UserError(f"loss.disc_loss must be 'hinge' or 'vanilla', got {self.disc_loss!r}")
+        if self.disc_norm not in ("batch", "actnorm"):
+            raise UserError(f"loss.disc_norm must be 'batch' or 'actnorm', got {self.disc_norm!r}")
+        if self.disc_train_start is not None and self.disc_train_start > self.disc_start:
+            raise UserError(f"loss.disc_train_start ({self.disc_train_start}) must be <= loss.disc_start "
+                            f"({self.disc_start})")
+
+    @property
+    def disc_train_step(self) -> int:
+        return self.disc_start if self.disc_train_start is None else self.disc_train_start
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are cropped."""
+
+    path: str = ""  # a folder of images (recursive), or "builtin:scenes" for the built-in demo data
+    crop: str = "random"  # "random" crop, "center" crop, or "resize" (whole image, aspect not kept)
+    flip: bool = True  # random horizontal flips in training
+    holdout: int = 64  # the last N files (sorted by path) are held out for evaluation
+    num_workers: int = 2
+    builtin_count: int = 1024  # images in the built-in data set
+
+    def validate(self) -> None:
+        if self.crop not in ("random", "center", "resize"):
+            raise UserError(f"data.crop must be 'random', 'center' or 'resize', got {self.crop!r}")
+
+
+@dataclass
+class CodebookCareConfig:
+    """Keeps nearest-neighbour VQ from collapsing onto a few codes."""
+
+    init_from_data: bool = True  # first step: codes := random encoder outputs
+    restart_every: int = 20  # steps between dead-code restarts (0 = never)
+    restart_after: int = 100  # a code unused for this many steps is dead
+    restart_until: float = 0.9  # fraction of training after which codes are no longer restarted
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/tokenizer"
+    steps: int = 100_000
+    batch_size: int = 8  # per process
+    base_learning_rate: float = 4.5e-6
+    scale_lr: bool = True  # lr = base * batch_size * grad_accum * world_size, as the reference
+    grad_accum: int = 1
+    warmup_steps: int = 0
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16
+    seed: int = 0
+    log_every: int = 10
+    image_every: int = 500
+    eval_every: int = 1000
+    ckpt_every: int = 1000
+    keep_last: int = 3
+    init_from: str | None = None  # a checkpoint to fine-tune from
+    reset_codebook: bool = False  # with init_from: re-initialise the codebook from data
+    codebook: CodebookCareConfig = field(default_factory=CodebookCareConfig)
+
+    def validate(self) -> None:
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise UserError(f"train.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "keep_last"):
+            if getattr(self, name) < 1:
+                raise UserError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class TokenizerTrainConfig:
+    """Everything `vqgan train-tokenizer` needs."""
+
+    model: VQGANConfig = field(default_factory=VQGANConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.loss.validate()
+        self.data.validate()
+        self.train.validate()
+
+
+# ---------------------------------------------------------------------------------------------
+# dict <-> dataclass
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise UserError(f"{where} must be a mapping of keys, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{where} must be a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if tp in (int, float, str, bool) and not (type(value) is tp):
+        raise UserError(f"{where} must be {tp.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
+    """Build dataclass `cls` from a (nested) dict; unknown keys are an error listing the valid ones."""
+    types_ = _field_types(cls)
+    unknown = sorted(set(data) - set(types_))
+    if unknown:
+        raise UserError(f"unknown key {where}.{unknown[0]}; valid keys of {where}: {', '.join(types_)}")
+    kwargs = {k: _coerce(v, types_[k], f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type, where: str = "config") -> dict[str, Any]:
+    """Apply `a.b.c=value` strings to a nested dict; values are parsed as YAML (1e-4, [1,2], true)."""
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override {item!r} is not key=value (e.g. train.steps=500)")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node, node_cls = data, cls
+        for i, part in enumerate(parts):
+            types_ = _field_types(node_cls)
+            if part not in types_:
+                prefix = ".".join([where, *parts[:i]])
+                raise UserError(f"unknown key {prefix}.{part} in override {item!r}; valid keys of {prefix}: "
+                                f"{', '.join(types_)}")
+            if i == len(parts) - 1:
+                node[part] = yaml.safe_load(raw) if raw.strip() else None
+            else:
+                node = node.setdefault(part, {})
+                node_cls = types_[part]
+    return data
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {p} does not exist; pass a YAML file or a preset name")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {p} must hold a mapping of sections (model, loss, data, train)")
+    return data
+
+
+def load_config(cls: type[T], source: str | Path | dict[str, Any], overrides: list[str] = ()) -> T:
+    """Load `cls` from a YAML file or dict, then apply overrides and validate."""
+    data = dict(source) if isinstance(source, dict) else load_yaml(source)
+    data = apply_overrides(data, list(overrides), cls)
+    cfg = from_dict(cls, data)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg

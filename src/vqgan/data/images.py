@@ -1,0 +1,171 @@
+"""Folders of images for training and inference.
+
+Bad data never kills a run: files whose header cannot be read are dropped while scanning; files that
+fail to decode later (truncated, corrupt) are replaced by another image, counted and logged once by
+name. Any mode (CMYK, palette, 16-bit, RGBA, greyscale) is converted to 8-bit RGB.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+
+from ..errors import UserError
+
+log = logging.getLogger("vqgan.data")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+_reported: set[str] = set()
+
+
+def report_bad_file(path: str | Path, reason: str) -> None:
+    """Log a skipped file once per process."""
+    key = str(path)
+    if key not in _reported:
+        _reported.add(key)
+        log.warning("skipping %s: %s", path, reason)
+
+
+def _to_8bit_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+        if im.mode == "F":
+            top = max(float(a.max()), 1e-8)
+        im = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))  # transparent -> white
+        im = Image.alpha_composite(background, rgba)
+    return im.convert("RGB")
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Decode an image file fully to 8-bit RGB, honouring EXIF orientation. Raises on bad files."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PIL's palette/EXIF chatter
+        with Image.open(path) as im:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            return _to_8bit_rgb(im)
+
+
+def scan_images(root: str | Path) -> tuple[list[Path], list[Path]]:
+    """(readable files, unreadable files) under `root`, recursive, sorted by path.
+
+    Only headers are read here; full decoding happens at load time.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise UserError(f"data folder {root} does not exist")
+    if root.is_file():
+        candidates = [root]
+    else:
+        candidates = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not candidates:
+        raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+    good, bad = [], []
+    for p in candidates:
+        try:
+            if p.stat().st_size == 0:
+                raise OSError("empty file")
+            with Image.open(p) as im:
+                im.size  # noqa: B018 - header only
+            good.append(p)
+        except Exception as e:  # PIL raises many types for bad files
+            report_bad_file(p, str(e).splitlines()[0] if str(e) else type(e).__name__)
+            bad.append(p)
+    if not good:
+        raise UserError(f"none of the {len(candidates)} image files under {root} could be read")
+    return good, bad
+
+
+def to_tensor(im: Image.Image) -> torch.Tensor:
+    """8-bit RGB image -> (3, H, W) float in [-1, 1]."""
+    a = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy())
+    return a.permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+def fit_image(im: Image.Image, resolution: int, crop: str, rng: random.Random | None) -> Image.Image:
+    """Resize so the short side is `resolution`, then crop a square (random when `rng` is given)."""
+    if crop == "resize":
+        return im.resize((resolution, resolution), Image.BICUBIC, reducing_gap=3.0)
+    w, h = im.size
+    scale = resolution / min(w, h)
+    if scale != 1.0:
+        im = im.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC,
+                       reducing_gap=3.0)
+    w, h = im.size
+    if crop == "random" and rng is not None:
+        left, top = rng.randint(0, w - resolution), rng.randint(0, h - resolution)
+    else:
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+    return im.crop((left, top, left + resolution, top + resolution))
+
+
+@dataclass
+class ImageSource:
+    """Where one item comes from: a file path or an in-memory image (built-in data)."""
+
+    name: str
+    load: Callable[[], Image.Image]
+
+
+class ImageDataset(Dataset):
+    """Square crops as (3, res, res) tensors in [-1, 1].
+
+    Augmentation randomness comes from (seed, epoch, index), so an interrupted run that resumes sees the
+    same crops, whatever the number of loader workers. Items are dicts: `image`, `index`, `skipped`
+    (how many bad files were passed over to produce this item).
+    """
+
+    def __init__(self, sources: Sequence[ImageSource], resolution: int, crop: str = "random", flip: bool = True,
+                 train: bool = True, seed: int = 0):
+        if not sources:
+            raise UserError("the data set is empty")
+        self.sources = list(sources)
+        self.resolution = resolution
+        self.crop = crop if train else ("center" if crop == "random" else crop)
+        self.flip = flip and train
+        self.train = train
+        self.seed = seed
+        self.epoch = 0
+
+    @classmethod
+    def from_paths(cls, paths: Sequence[Path], **kwargs) -> "ImageDataset":
+        return cls([ImageSource(str(p), (lambda p=p: load_rgb(p))) for p in paths], **kwargs)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, index: int) -> dict:
+        n = len(self.sources)
+        for attempt in range(min(n, 50)):
+            i = (index + attempt) % n
+            src = self.sources[i]
+            try:
+                im = src.load()
+            except Exception as e:  # corrupt / truncated / vanished file
+                report_bad_file(src.name, str(e).splitlines()[0] if str(e) else type(e).__name__)
+                continue
+            rng = random.Random(hash((self.seed, self.epoch, index))) if self.train else None
+            im = fit_image(im, self.resolution, self.crop, rng)
+            if self.flip and rng is not None and rng.random() < 0.5:
+                im = im.transpose(Image.FLIP_LEFT_RIGHT)
+            return {"image": to_tensor(im), "index": i, "skipped": attempt}
+        raise RuntimeError(f"could not load any image near index {index} (50 bad files in a row)")
+
+    def name(self, index: int) -> str:
+        return self.sources[index].name

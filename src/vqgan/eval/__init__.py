@@ -1,0 +1,1 @@
+"""Metrics and human-readable reports."""

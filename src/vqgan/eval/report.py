@@ -1,0 +1,176 @@
+"""PNG grids, plots and an HTML report a person can read. No plotting library needed."""
+from __future__ import annotations
+
+import html
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from .metrics import to_unit
+
+_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75)]
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
+    return (to_unit(images.detach().float().cpu()) * 255.0).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def image_grid(rows: Sequence[torch.Tensor], pad: int = 2, scale: int = 1, fill: int = 255) -> Image.Image:
+    """Rows of image batches (each (B, 3, H, W) in [-1, 1]) -> one picture, row by row."""
+    arrays = [to_uint8(r) for r in rows]
+    h, w = arrays[0].shape[1:3]
+    cols = max(a.shape[0] for a in arrays)
+    grid = Image.new("RGB", (cols * (w + pad) + pad, len(arrays) * (h + pad) + pad), (fill,) * 3)
+    for r, a in enumerate(arrays):
+        for c in range(a.shape[0]):
+            grid.paste(Image.fromarray(a[c]), (pad + c * (w + pad), pad + r * (h + pad)))
+    if scale != 1:
+        grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    return grid
+
+
+def pairs_grid(inputs: torch.Tensor, recs: torch.Tensor, per_row: int = 8, scale: int = 2) -> Image.Image:
+    """Input row above its reconstruction row, `per_row` images wide."""
+    rows = []
+    for i in range(0, inputs.shape[0], per_row):
+        rows += [inputs[i:i + per_row], recs[i:i + per_row]]
+    return image_grid(rows, scale=scale)
+
+
+def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], title: str, size=(640, 360),
+              log_y: bool = False) -> Image.Image:
+    """A small line chart: {name: (xs, ys)}."""
+    w, h = size
+    left, right, top, bottom = 64, 16, 28, 36
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    d.text((left, 6), title, fill="black")
+    pts = [(x, y) for xs, ys in series.values() for x, y in zip(xs, ys) if y is not None and math.isfinite(y)
+           and (not log_y or y > 0)]
+    if not pts:
+        d.text((w // 2 - 30, h // 2), "no data", fill="gray")
+        return img
+    tf = (lambda v: math.log10(v)) if log_y else (lambda v: v)
+    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
+    y0, y1 = min(tf(p[1]) for p in pts), max(tf(p[1]) for p in pts)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-6)
+
+    def to_px(x, y):
+        return (left + (x - x0) / (x1 - x0) * (w - left - right),
+                h - bottom - (tf(y) - y0) / (y1 - y0) * (h - top - bottom))
+
+    d.rectangle((left, top, w - right, h - bottom), outline=(180, 180, 180))
+    for i in range(5):
+        fy = y0 + (y1 - y0) * i / 4
+        py = h - bottom - (fy - y0) / (y1 - y0) * (h - top - bottom)
+        d.line((left, py, w - right, py), fill=(235, 235, 235))
+        label = f"{10 ** fy:.3g}" if log_y else f"{fy:.3g}"
+        d.text((4, py - 6), label, fill="black")
+        fx = x0 + (x1 - x0) * i / 4
+        d.text((left + (fx - x0) / (x1 - x0) * (w - left - right) - 10, h - bottom + 6), f"{fx:.0f}", fill="black")
+    for k, (name, (xs, ys)) in enumerate(series.items()):
+        colour = _COLOURS[k % len(_COLOURS)]
+        line = [to_px(x, y) for x, y in zip(xs, ys) if y is not None and math.isfinite(y) and (not log_y or y > 0)]
+        if len(line) > 1:
+            d.line(line, fill=colour, width=2)
+        d.text((w - right - 150, top + 6 + 14 * k), name, fill=colour)
+    return img
+
+
+def bar_plot(values: Sequence[float], title: str, size=(640, 200)) -> Image.Image:
+    """Bars for a histogram (e.g. how often each code is used, sorted)."""
+    w, h = size
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    d.text((8, 6), title, fill="black")
+    n = len(values)
+    top = max(values) if n and max(values) > 0 else 1.0
+    for i, v in enumerate(values):
+        x = 8 + i * (w - 16) / max(n, 1)
+        d.line((x, h - 8, x, h - 8 - v / top * (h - 36)), fill=_COLOURS[0])
+    return img
+
+
+def write_report(path: Path, title: str, sections: list[tuple[str, str]]) -> Path:
+    """A self-contained HTML page: sections of (heading, html body); images referenced by relative path."""
+    body = "\n".join(f"<h2>{html.escape(h)}</h2>\n{content}" for h, content in sections)
+    path.write_text(f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
+img{{image-rendering:pixelated;max-width:100%;border:1px solid #ddd}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}
+th{{background:#f4f4f4}} .note{{color:#555}}</style></head>
+<body><h1>{html.escape(title)}</h1>
+{body}
+</body></html>
+""")
+    return path
+
+
+def table(rows: list[dict], columns: Sequence[str] | None = None) -> str:
+    if not rows:
+        return "<p class=note>none</p>"
+    columns = list(columns or rows[0].keys())
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(r.get(c)))}</td>" for c in columns) + "</tr>"
+                   for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _cell(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+def tokenizer_report(run_dir: Path, result: dict, title: str = "VQGAN tokenizer") -> Path:
+    """report.html + PNGs for a stage-1 run: reconstructions, loss curves, codebook usage, PSNR."""
+    from ..train.common import read_metrics
+
+    run_dir = Path(run_dir)
+    out = run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = read_metrics(run_dir / "logs" / "metrics.jsonl")
+    train = [r for r in rows if r.get("kind") == "train"]
+    evals = [r for r in rows if r.get("kind") == "eval"]
+
+    def series(rs, *keys):
+        return {k: ([r["step"] for r in rs if k in r], [r[k] for r in rs if k in r]) for k in keys
+                if any(k in r for r in rs)}
+
+    line_plot(series(train, "total", "l1", "lpips", "codebook"), "generator losses", log_y=True).save(
+        out / "losses.png")
+    line_plot(series(train, "disc", "logits_real", "logits_fake", "adaptive_weight"),
+              "discriminator: loss, mean logits, adaptive weight").save(out / "gan.png")
+    line_plot(series(train, "usage_window", "usage_batch"), "codebook usage (fraction of codes)").save(
+        out / "usage.png")
+    line_plot(series(evals, "psnr"), "held-out PSNR (dB)").save(out / "psnr.png")
+    x, rec = result["examples"]
+    pairs_grid(x, rec, scale=3).save(out / "reconstructions.png")
+    counts = sorted(result["counts"].tolist(), reverse=True)
+    bar_plot(counts, f"held-out code histogram, sorted: {result['codes_used']} of {result['n_embed']} codes used"
+             ).save(out / "codebook_histogram.png")
+    summary = [{"held-out images": result["n_images"], "PSNR (dB)": round(result["psnr"], 3),
+                "L1 [0,1]": round(result["l1"], 5),
+                "codes used (held-out)": f"{result['codes_used']}/{result['n_embed']}",
+                "usage (held-out)": round(result["usage"], 4),
+                "usage (last epoch)": (round(result["epoch_usage"], 4) if result.get("epoch_usage") == result.get(
+                    "epoch_usage") else "n/a"),
+                "perplexity": round(result["perplexity"], 1), "steps": result.get("step"),
+                "skipped files": result.get("skipped_files", 0)}]
+    sections = [
+        ("Summary", table(summary) + f"<p class=note>Perceptual network: {html.escape(str(result.get('perceptual')))}"
+                                     "</p>"),
+        ("Held-out reconstructions", "<p class=note>Each input row is followed by its reconstruction.</p>"
+                                     "<img src='report/reconstructions.png'>"),
+        ("Losses", "<img src='report/losses.png'><img src='report/gan.png'>"),
+        ("Codebook", "<img src='report/usage.png'><img src='report/codebook_histogram.png'>"),
+        ("Quality over training", "<img src='report/psnr.png'>" + table(
+            [{k: r.get(k) for k in ("step", "psnr", "l1", "usage", "codes_used", "perplexity")} for r in evals])),
+    ]
+    return write_report(run_dir / "report.html", title, sections)

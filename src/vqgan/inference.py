@@ -1,0 +1,146 @@
+"""Using a trained tokenizer: images -> token files, token files -> images, reconstructions with PSNR.
+
+A token directory holds `tokens.npy` ((N, h, w), uint16 when the codebook fits, else int32) and
+`tokens.json` (the tokenizer's fingerprint and config, the grid, and the source file of each row).
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .autoencoder import VQModel
+from .checkpoint import fingerprint, load_model
+from .data.images import ImageDataset
+from .data.sources import image_sources
+from .errors import UserError
+from .eval.metrics import psnr_per_image
+from .eval.report import to_uint8
+
+TOKENS_FILE = "tokens.npy"
+META_FILE = "tokens.json"
+
+
+def _device(name: str | None) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _load_tokenizer(path: str, device: torch.device) -> VQModel:
+    model = load_model(path, map_location=device)
+    if not isinstance(model, VQModel):
+        raise UserError(f"{path} is not an image tokenizer")
+    return model
+
+
+def _image_loader(model: VQModel, images: str, batch_size: int, crop: str, resolution: int | None):
+    sources, n_bad = image_sources(images, builtin_size=model.config.resolution)
+    res = resolution or model.config.resolution
+    if res % model.downsample_factor:
+        raise UserError(f"--resolution {res} is not a multiple of the tokenizer's factor {model.downsample_factor}")
+    ds = ImageDataset(sources, resolution=res, crop=crop, flip=False, train=False)
+    return ds, DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0), n_bad
+
+
+@torch.no_grad()
+def encode_folder(model_path: str, images: str, out: str, batch_size: int = 16, crop: str = "center",
+                  resolution: int | None = None, device: str | None = None, progress: bool = True) -> dict:
+    dev = _device(device)
+    model = _load_tokenizer(model_path, dev)
+    ds, loader, n_bad = _image_loader(model, images, batch_size, crop, resolution)
+    chunks, names, skipped = [], [], n_bad
+    for batch in tqdm(loader, desc="encode", disable=not progress):
+        chunks.append(model.encode(batch["image"].to(dev)).cpu())
+        names += [ds.name(int(i)) for i in batch["index"]]
+        skipped += int(batch["skipped"].sum())
+    tokens = torch.cat(chunks).numpy()
+    dtype = np.uint16 if model.quantize.n_embed <= 65536 else np.int32
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    np.save(out_dir / TOKENS_FILE, tokens.astype(dtype))
+    meta = {"format": "vqgan-tokens/1", "tokenizer": {"path": str(model_path), "fingerprint": fingerprint(model),
+                                                      "n_embed": model.quantize.n_embed,
+                                                      "config": model.config_dict()},
+            "grid": list(tokens.shape[1:]), "count": int(tokens.shape[0]), "dtype": np.dtype(dtype).name,
+            "resolution": resolution or model.config.resolution, "crop": crop, "files": names,
+            "skipped_files": skipped}
+    (out_dir / META_FILE).write_text(json.dumps(meta, indent=1))
+    return {"count": int(tokens.shape[0]), "grid": list(tokens.shape[1:]), "out": str(out_dir), "skipped": skipped}
+
+
+def read_tokens(path: str) -> tuple[np.ndarray, dict]:
+    p = Path(path)
+    tokens_path, meta_path = (p / TOKENS_FILE, p / META_FILE) if p.is_dir() else (p, p.with_name(META_FILE))
+    if not tokens_path.is_file():
+        raise UserError(f"no token file at {tokens_path}; pass the directory written by `vqgan encode`")
+    try:
+        tokens = np.load(tokens_path, allow_pickle=False)
+    except ValueError as e:
+        raise UserError(f"{tokens_path} is not a plain token array: {e}") from None
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if tokens.ndim != 3:
+        raise UserError(f"{tokens_path} holds an array of shape {tokens.shape}; expected (N, h, w) token grids")
+    if meta.get("grid") and list(tokens.shape[1:]) != list(meta["grid"]):
+        raise UserError(f"{tokens_path}: grid {list(tokens.shape[1:])} differs from {meta_path}'s {meta['grid']}")
+    return tokens, meta
+
+
+@torch.no_grad()
+def decode_tokens(model_path: str, tokens_path: str, out: str, batch_size: int = 16, device: str | None = None,
+                  force: bool = False, progress: bool = True) -> dict:
+    dev = _device(device)
+    model = _load_tokenizer(model_path, dev)
+    tokens, meta = read_tokens(tokens_path)
+    recorded = meta.get("tokenizer", {}).get("fingerprint")
+    mine = fingerprint(model)
+    if recorded and recorded != mine and not force:
+        raise UserError(f"{tokens_path} was made by tokenizer {recorded}, but {model_path} is {mine}; decode with "
+                        "the tokenizer that encoded it (or pass --force)")
+    n = model.quantize.n_embed
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= n):
+        raise UserError(f"{tokens_path} has token indices in [{tokens.min()}, {tokens.max()}], outside the "
+                        f"tokenizer's codebook [0, {n})")
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = meta.get("files") or [f"{i:06d}" for i in range(len(tokens))]
+    written = []
+    for start in tqdm(range(0, len(tokens), batch_size), desc="decode", disable=not progress):
+        t = torch.from_numpy(tokens[start:start + batch_size].astype(np.int64)).to(dev)
+        for j, img in enumerate(to_uint8(model.decode(t))):
+            name = Path(names[start + j]).stem if start + j < len(names) else f"{start + j:06d}"
+            path = out_dir / f"{start + j:06d}_{name}.png"
+            Image.fromarray(img).save(path)
+            written.append(str(path))
+    return {"count": len(written), "out": str(out_dir)}
+
+
+@torch.no_grad()
+def reconstruct_folder(model_path: str, images: str, out: str, batch_size: int = 16, crop: str = "center",
+                       resolution: int | None = None, device: str | None = None, progress: bool = True) -> dict:
+    dev = _device(device)
+    model = _load_tokenizer(model_path, dev)
+    ds, loader, n_bad = _image_loader(model, images, batch_size, crop, resolution)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for batch in tqdm(loader, desc="reconstruct", disable=not progress):
+        x = batch["image"].to(dev)
+        rec = model.decode(model.encode(x))
+        for i, img, p in zip(batch["index"], to_uint8(rec), psnr_per_image(x, rec).tolist()):
+            name = ds.name(int(i))
+            path = out_dir / f"{Path(name).stem}_rec.png"
+            Image.fromarray(img).save(path)
+            rows.append({"file": name, "reconstruction": str(path), "psnr": round(p, 4)})
+    with open(out_dir / "psnr.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["file", "reconstruction", "psnr"])
+        w.writeheader()
+        w.writerows(rows)
+    mean = float(np.mean([r["psnr"] for r in rows])) if rows else float("nan")
+    return {"count": len(rows), "psnr_mean": mean, "out": str(out_dir), "skipped": n_bad}

@@ -1,0 +1,195 @@
+"""LPIPS perceptual distance (Zhang et al. 2018, v0.1) on VGG16 features.
+
+Weights are never downloaded here. They load from files:
+- the VGG16 backbone: torchvision's `vgg16` state dict (`features.N.*` keys), by default from the torch
+  hub cache `$TORCH_HOME/hub/checkpoints/vgg16-397923af.pth`, or `loss.vgg_weights=PATH`;
+- the five linear heads: the `lpips` package's `weights/v0.1/vgg.pth` (`linK.model.1.weight` keys),
+  by default the copy the `lpips` wheel ships, or `loss.lpips_heads=PATH`.
+Module names match taming-transformers' `loss.perceptual_loss.*` keys (`net.slice1.0.weight`,
+`lin0.model.1.weight`, `scaling_layer.shift`).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import UserError
+
+VGG16_FILE = "vgg16-397923af.pth"  # torchvision's file name for the ImageNet VGG16
+# VGG16 configuration "D"; LPIPS taps relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
+_VGG16_LAYOUT = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+_SLICE_ENDS = [4, 9, 16, 23, 30]  # torchvision feature indices where each LPIPS slice ends
+CHANNELS = [64, 128, 256, 512, 512]
+
+
+class PerceptualWeightsMissing(UserError):
+    pass
+
+
+class VGG16Features(nn.Module):
+    """torchvision's `vgg16().features`, cut into the five LPIPS slices (keys keep feature indices)."""
+
+    def __init__(self):
+        super().__init__()
+        layers: list[nn.Module] = []
+        in_ch = 3
+        for v in _VGG16_LAYOUT:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(in_ch, v, 3, padding=1), nn.ReLU(inplace=True)]
+                in_ch = v
+        start = 0
+        for k, end in enumerate(_SLICE_ENDS, 1):
+            s = nn.Sequential()
+            for i in range(start, end):
+                s.add_module(str(i), layers[i])
+            setattr(self, f"slice{k}", s)
+            start = end
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = []
+        for k in range(1, 6):
+            x = getattr(self, f"slice{k}")(x)
+            feats.append(x)
+        return feats
+
+
+class LinearHead(nn.Module):
+    """Dropout + 1x1 conv without bias (`model.1.weight`)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.model = nn.Sequential(nn.Dropout(), nn.Conv2d(channels, 1, 1, bias=False))
+
+
+class ScalingLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188])[None, :, None, None])
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450])[None, :, None, None])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.shift) / self.scale
+
+
+class LPIPS(nn.Module):
+    """Frozen perceptual distance between two image batches in [-1, 1]: returns (B,).
+
+    Always in eval mode: taming trains with the heads' dropout on (a side effect of Lightning's
+    `model.train()`); a frozen metric should not be noisy.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.scaling_layer = ScalingLayer()
+        self.net = VGG16Features()
+        for i, c in enumerate(CHANNELS):
+            setattr(self, f"lin{i}", LinearHead(c))
+        self.requires_grad_(False)
+        self.eval()
+        self.description = "LPIPS (weights not loaded)"
+
+    def train(self, mode: bool = True) -> "LPIPS":
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # one VGG pass over both batches: (2B, 3, H, W)
+        feats = self.net(self.scaling_layer(torch.cat([x, y])))
+        total = 0.0
+        for i, f in enumerate(feats):
+            f = f / (torch.sqrt((f * f).sum(1, keepdim=True)) + 1e-10)  # unit length across channels
+            fx, fy = f.chunk(2)
+            d = getattr(self, f"lin{i}").model((fx - fy) ** 2)
+            total = total + d.mean(dim=(1, 2, 3))
+        return total
+
+
+# --------------------------------------------------------------------------------------------
+# weight files
+
+
+def default_vgg16_path() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
+
+
+def default_heads_path() -> Path | None:
+    spec = importlib.util.find_spec("lpips")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0]) / "weights" / "v0.1" / "vgg.pth"
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from ..checkpoint import load_state_dict_file
+
+    return load_state_dict_file(path)
+
+
+def vgg16_state_dict_to_lpips(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """torchvision vgg16 (`features.N.w`) or bare features (`N.w`) keys -> `sliceK.N.w` keys."""
+    out = {}
+    for key, value in sd.items():
+        name = key[len("features."):] if key.startswith("features.") else key
+        if key.startswith("classifier."):
+            continue
+        idx = name.split(".")[0]
+        if not idx.isdigit():
+            raise ValueError(f"unexpected key {key!r} in a VGG16 state dict")
+        k = next(j for j, end in enumerate(_SLICE_ENDS, 1) if int(idx) < end)
+        out[f"slice{k}.{name}"] = value
+    return out
+
+
+def build_lpips(vgg_weights: str | None = None, heads: str | None = None, allow_random: bool = False) -> LPIPS:
+    """LPIPS with real weights from files, or (only if `allow_random`) a random network, loudly."""
+    model = LPIPS()
+    vgg_path = Path(os.path.expanduser(vgg_weights)) if vgg_weights else default_vgg16_path()
+    heads_path = Path(os.path.expanduser(heads)) if heads else default_heads_path()
+    missing = []
+    if vgg_path.is_file():
+        sd = vgg16_state_dict_to_lpips(_load_tensors(vgg_path))
+        _strict_copy(model.net, sd, str(vgg_path))
+        vgg_desc = f"VGG16 from {vgg_path}"
+    else:
+        if vgg_weights:
+            raise PerceptualWeightsMissing(f"loss.vgg_weights: no file {vgg_path}")
+        missing.append(f"VGG16 ImageNet weights ({vgg_path})")
+        vgg_desc = "RANDOM VGG16"
+    if heads_path is not None and heads_path.is_file():
+        _strict_copy(model, {k: v for k, v in _load_tensors(heads_path).items() if k.startswith("lin")},
+                     str(heads_path), prefix_filter="lin")
+        heads_desc = f"heads from {heads_path}"
+    else:
+        if heads:
+            raise PerceptualWeightsMissing(f"loss.lpips_heads: no file {heads_path}")
+        missing.append("LPIPS v0.1 linear heads (pip install lpips, or loss.lpips_heads=PATH)")
+        heads_desc = "RANDOM heads"
+    if missing:
+        if not allow_random:
+            raise PerceptualWeightsMissing(
+                f"perceptual loss weights missing: {'; '.join(missing)}. Put torchvision's {VGG16_FILE} in "
+                f"{default_vgg16_path().parent} (or set loss.vgg_weights=PATH), or train without the "
+                "perceptual term with loss.perceptual_weight=0")
+        warnings.warn(f"LPIPS runs on random weights ({', '.join(missing)} missing): perceptual loss values "
+                      "are meaningless; allowed only for benchmarking", stacklevel=2)
+    model.description = f"LPIPS v0.1 ({vgg_desc}, {heads_desc})"
+    return model
+
+
+def _strict_copy(module: nn.Module, sd: dict[str, torch.Tensor], source: str, prefix_filter: str = "") -> None:
+    own = {k: v for k, v in module.state_dict().items() if k.startswith(prefix_filter)}
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    if missing or unexpected:
+        raise UserError(f"{source}: key mismatch (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for k, v in sd.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise UserError(f"{source}: {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
+    module.load_state_dict({**module.state_dict(), **{k: v.contiguous() for k, v in sd.items()}})

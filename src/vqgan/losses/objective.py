@@ -1,0 +1,150 @@
+"""The VQGAN objective (Esser et al. 2021, eq. 5-7).
+
+generator:      L = pixel_w * |x - x^| + perceptual_w * LPIPS(x, x^) + codebook_w * L_VQ
+                    + lambda * disc_factor * (-mean D(x^))
+lambda:         ||grad_W L_rec|| / (||grad_W L_gan|| + 1e-4), clamped to [0, 1e4], times disc_weight,
+                W = the decoder's last conv weight, detached.
+discriminator:  disc_factor * hinge (or softplus) loss on D(x), D(x^).
+
+Two ways to take the generator's gradients:
+- `generator_loss_reference`: as the paper's code, the obviously correct way: gradients of both
+  losses with respect to W through autograd, then a full backward of the total loss (LPIPS and D are
+  back-propagated twice).
+- `generator_loss`: gradients of both losses with respect to the reconstruction x^, once each. The
+  last layer is a conv, so grad_W = conv2d_weight(its input, grad_x^) gives lambda; the combined
+  gradient g_rec + lambda * g_gan is then pushed through the autoencoder in one backward. The
+  discriminator logits on x^ are kept for the discriminator step, which reuses them.
+Both give the same lambda and the same parameter gradients (tests/test_objective.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import LossConfig
+from .discriminator import NLayerDiscriminator
+from .lpips import LPIPS
+
+
+@dataclass
+class GeneratorResult:
+    loss: torch.Tensor  # call .backward() on it
+    logs: dict[str, torch.Tensor]
+    logits_fake: torch.Tensor | None  # D(x^) with its graph to D's parameters, for the D step
+
+
+class VQGANLoss(nn.Module):
+    def __init__(self, config: LossConfig, perceptual: LPIPS | None, in_channels: int = 3):
+        super().__init__()
+        self.config = config
+        self.perceptual = perceptual if config.perceptual_weight > 0 else None
+        self.discriminator = NLayerDiscriminator(in_channels, config.disc_ndf, config.disc_layers,
+                                                 config.disc_norm)
+
+    @property
+    def perceptual_description(self) -> str:
+        if self.perceptual is None:
+            return "none (loss.perceptual_weight = 0)"
+        return self.perceptual.description
+
+    # -- schedule --------------------------------------------------------------------------------
+    def gan_factor(self, step: int) -> float:
+        """Weight of the GAN term for the generator: 0 before disc_start."""
+        return self.config.disc_factor if step >= self.config.disc_start else 0.0
+
+    def disc_trains(self, step: int) -> bool:
+        return self.config.disc_factor > 0 and step >= self.config.disc_train_step
+
+    # -- terms -----------------------------------------------------------------------------------
+    def reconstruction_loss(self, x: torch.Tensor, rec: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        l1 = (x - rec).abs().mean()
+        loss = self.config.pixel_weight * l1
+        logs = {"l1": l1.detach()}
+        if self.perceptual is not None:
+            p = self.perceptual(x.contiguous(), rec.contiguous()).mean()
+            loss = loss + self.config.perceptual_weight * p
+            logs["lpips"] = p.detach()
+        return loss, logs
+
+    def discriminator_loss(self, logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+        if self.config.disc_loss == "hinge":
+            return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+        return 0.5 * (F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean())
+
+    def _lambda(self, rec_norm: torch.Tensor, gan_norm: torch.Tensor) -> torch.Tensor:
+        w = rec_norm / (gan_norm + 1e-4)
+        return w.clamp(0.0, self.config.adaptive_weight_max).detach() * self.config.disc_weight
+
+    # -- generator step --------------------------------------------------------------------------
+    def generator_loss(self, x: torch.Tensor, rec: torch.Tensor, codebook_loss: torch.Tensor,
+                       last_layer: nn.Conv2d, last_input: torch.Tensor, step: int) -> GeneratorResult:
+        """Fast path. Returns a surrogate loss whose gradient, for the autoencoder, is the objective's:
+        sum(rec * g) + codebook_weight * L_VQ with g = dL/drec computed here (LPIPS and D back-propagated
+        once, never into D's parameters). Call `.backward()` on it (through a GradScaler if any)."""
+        cfg = self.config
+        rec_leaf = rec.detach().requires_grad_(True)
+        rec_loss, logs = self.reconstruction_loss(x, rec_leaf)
+        factor = self.gan_factor(step)
+        logits_fake = self.discriminator(rec_leaf) if (factor > 0 or self.disc_trains(step)) else None
+        (grad,) = torch.autograd.grad(rec_loss, rec_leaf)
+        lam = torch.zeros((), device=x.device)
+        total = rec_loss.detach() + cfg.codebook_weight * codebook_loss.detach()
+        if factor > 0:
+            gan_loss = -logits_fake.mean()
+            (g_gan,) = torch.autograd.grad(gan_loss, rec_leaf, retain_graph=True)  # D graph kept for the D step
+            lam = self._lambda(_conv_weight_grad(last_layer, last_input, grad).norm(),
+                               _conv_weight_grad(last_layer, last_input, g_gan).norm())
+            grad = grad + (lam * factor) * g_gan
+            total = total + lam * factor * gan_loss.detach()
+            logs["gan"] = gan_loss.detach()
+        surrogate = (rec.float() * grad.detach().float()).sum() + cfg.codebook_weight * codebook_loss
+        logs.update(rec=rec_loss.detach(), codebook=codebook_loss.detach(), adaptive_weight=lam,
+                    gan_factor=torch.tensor(factor), total=total)
+        return GeneratorResult(surrogate, logs, logits_fake)
+
+    def generator_loss_reference(self, x: torch.Tensor, rec: torch.Tensor, codebook_loss: torch.Tensor,
+                                 last_layer: nn.Conv2d, step: int) -> GeneratorResult:
+        """Slow path, as the paper's code: autograd to W for lambda; returns the total loss itself."""
+        cfg = self.config
+        rec_loss, logs = self.reconstruction_loss(x, rec)
+        factor = self.gan_factor(step)
+        lam = torch.zeros((), device=x.device)
+        loss = rec_loss + cfg.codebook_weight * codebook_loss
+        if factor > 0:
+            d_params = list(self.discriminator.parameters())
+            flags = [p.requires_grad for p in d_params]
+            for p in d_params:
+                p.requires_grad_(False)  # the generator step must not train D
+            gan_loss = -self.discriminator(rec).mean()
+            for p, f in zip(d_params, flags):
+                p.requires_grad_(f)
+            (g_rec,) = torch.autograd.grad(rec_loss, last_layer.weight, retain_graph=True)
+            (g_gan,) = torch.autograd.grad(gan_loss, last_layer.weight, retain_graph=True)
+            lam = self._lambda(g_rec.norm(), g_gan.norm())
+            loss = loss + lam * factor * gan_loss
+            logs["gan"] = gan_loss.detach()
+        logs.update(rec=rec_loss.detach(), codebook=codebook_loss.detach(), adaptive_weight=lam,
+                    total=loss.detach(), gan_factor=torch.tensor(factor))
+        return GeneratorResult(loss, logs, None)
+
+    # -- discriminator step ----------------------------------------------------------------------
+    def discriminator_loss_step(self, x: torch.Tensor, rec: torch.Tensor,
+                                logits_fake: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """D's loss; `logits_fake` from the generator step is reused when given. Back-propagate it with
+        `.backward(inputs=D's parameters)`."""
+        if logits_fake is None:
+            logits_fake = self.discriminator(rec.detach())
+        logits_real = self.discriminator(x.detach())
+        loss = self.config.disc_factor * self.discriminator_loss(logits_real, logits_fake)
+        return loss, {"disc": loss.detach(), "logits_real": logits_real.detach().mean(),
+                      "logits_fake": logits_fake.detach().mean()}
+
+
+def _conv_weight_grad(conv: nn.Conv2d, inp: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """d(sum(grad_out * conv(inp))) / d(conv.weight), in float32 even under autocast."""
+    with torch.autocast(device_type=inp.device.type, enabled=False):
+        return torch.nn.grad.conv2d_weight(inp.float(), conv.weight.shape, grad_out.float(), stride=conv.stride,
+                                           padding=conv.padding, dilation=conv.dilation, groups=conv.groups)

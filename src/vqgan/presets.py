@@ -1,0 +1,23 @@
+"""Named configurations shipped with the package (`vqgan train-tokenizer small-cpu`)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A YAML path as given, or the file of a named preset."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        return p
+    preset = CONFIG_DIR / f"{name_or_path}.yaml"
+    if preset.is_file():
+        return preset
+    from .errors import UserError
+
+    raise UserError(f"{name_or_path!r} is neither a config file nor a preset; presets: {', '.join(preset_names())}")

@@ -1,0 +1,70 @@
+"""Nearest-neighbour vector quantizer (van den Oord et al. 2017; Esser et al. 2021, eq. 4)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import QuantizerConfig
+from .base import Quantizer, QuantizerOutput, codebook_stats
+
+# rows of z per chunk, so that the (rows, n_embed) distance block stays near 64 MB
+_DISTANCE_BLOCK = 16 * 2**20
+
+
+def nearest_code(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest codebook row (squared L2) for each row of z: (N, D), (K, D) -> (N,) int64.
+
+    Uses |e|^2 - 2 z.e (|z|^2 is constant per row), in float32 even under autocast, and in row chunks:
+    never a (N, K, D) tensor, at most ~64 MB of distances at a time.
+    """
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        z = z.float()
+        codebook = codebook.float()
+        e2 = (codebook * codebook).sum(1)  # (K,)
+        rows = max(1, _DISTANCE_BLOCK // max(1, codebook.shape[0]))
+        out = []
+        for start in range(0, z.shape[0], rows):
+            zc = z[start:start + rows]
+            # |e|^2 - 2 z.e  as one fused addmm: (n, K)
+            d = torch.addmm(e2.unsqueeze(0), zc, codebook.t(), beta=1.0, alpha=-2.0)
+            out.append(d.argmin(1))
+        return torch.cat(out) if len(out) > 1 else out[0]
+
+
+class VectorQuantizer(Quantizer):
+    """Snaps each latent vector to its nearest code; straight-through gradients to the encoder.
+
+    loss = ||sg[z] - e||^2 + beta * ||z - sg[e]||^2  (codebook term + commitment term).
+    """
+
+    def __init__(self, config: QuantizerConfig):
+        super().__init__()
+        self.config = config
+        self.n_embed = config.n_embed
+        self.embed_dim = config.embed_dim
+        self.embedding = nn.Embedding(config.n_embed, config.embed_dim)
+        # taming's init; training normally re-seeds the codes from encoder outputs (train/codebook.py)
+        nn.init.uniform_(self.embedding.weight, -1.0 / config.n_embed, 1.0 / config.n_embed)
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        b, d, h, w = z.shape
+        flat = z.permute(0, 2, 3, 1).reshape(-1, d)  # (B*h*w, D), order (b, h, w)
+        indices = nearest_code(flat.detach(), self.embedding.weight)
+        z_q = F.embedding(indices, self.embedding.weight).view(b, h, w, d).permute(0, 3, 1, 2)
+        z_q = z_q.to(z.dtype)
+        codebook_term = F.mse_loss(z_q.float(), z.detach().float())
+        commitment_term = F.mse_loss(z.float(), z_q.detach().float())
+        if self.config.legacy_beta:
+            loss = self.config.beta * codebook_term + commitment_term
+        else:
+            loss = codebook_term + self.config.beta * commitment_term
+        quantized = z + (z_q - z).detach()  # straight-through estimator
+        indices = indices.view(b, h, w)
+        stats = codebook_stats(indices, self.n_embed)
+        return QuantizerOutput(quantized, indices, loss, stats)
+
+    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        if indices.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise TypeError(f"indices must be integers, got {indices.dtype}")
+        return self.embedding(indices.long()).permute(0, 3, 1, 2).contiguous()

@@ -1,0 +1,1 @@
+"""Training loops (plain PyTorch, torchrun-ready), one file per stage."""

@@ -1,0 +1,123 @@
+"""Codebook care for nearest-neighbour VQ: data-dependent initialisation and dead-code restarts.
+
+Vanilla VQ collapses: codes that start far from the encoder's outputs never win the argmin, never get a
+gradient and stay dead (the reference uses ~1% of its codebook after a short run). Two remedies, as in
+Jukebox (Dhariwal et al. 2020) and SoundStream (Zeghidour et al. 2021):
+- initialise the codes from actual encoder outputs;
+- every `restart_every` steps, move codes unused for `restart_after` steps onto recent encoder outputs.
+Decisions are identical on every rank: usage counts are all-reduced and new codes are broadcast.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..config import CodebookCareConfig
+
+
+class CodebookCare:
+    def __init__(self, n_embed: int, embed_dim: int, config: CodebookCareConfig, total_steps: int,
+                 seed: int = 0, pool_size: int | None = None):
+        self.config = config
+        self.n_embed = n_embed
+        self.total_steps = total_steps
+        self.pool_size = pool_size or max(4 * n_embed, 4096)
+        self.last_used = torch.zeros(n_embed, dtype=torch.long)  # step at which each code last won
+        self.epoch_counts = torch.zeros(n_embed, dtype=torch.long)
+        self.pool = torch.empty(0, embed_dim)  # recent encoder outputs (CPU, float32)
+        self.generator = torch.Generator().manual_seed(seed + 7919)
+        self.initialized = False
+        self.restarts_total = 0
+
+    # -- state ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"last_used": self.last_used, "epoch_counts": self.epoch_counts, "pool": self.pool,
+                "generator": self.generator.get_state(), "initialized": self.initialized,
+                "restarts_total": self.restarts_total}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_used = state["last_used"].clone()
+        self.epoch_counts = state["epoch_counts"].clone()
+        self.pool = state["pool"].clone()
+        self.generator.set_state(state["generator"])
+        self.initialized = bool(state["initialized"])
+        self.restarts_total = int(state["restarts_total"])
+
+    # -- the work -------------------------------------------------------------------------------
+    def _sample(self, vectors: torch.Tensor, n: int) -> torch.Tensor:
+        """n rows of `vectors` (without replacement where possible), plus a little noise."""
+        if vectors.shape[0] >= n:
+            idx = torch.randperm(vectors.shape[0], generator=self.generator)[:n]
+        else:
+            idx = torch.randint(vectors.shape[0], (n,), generator=self.generator)
+        picked = vectors[idx]
+        noise = torch.randn(picked.shape, generator=self.generator) * (0.01 * vectors.std().clamp_min(1e-6))
+        return picked + noise
+
+    @torch.no_grad()
+    def initialize(self, codebook: torch.Tensor, latents: torch.Tensor) -> None:
+        """Codes := random encoder outputs. `latents`: (N, D) from this rank; rank 0's are used."""
+        codes = self._sample(latents.detach().float().cpu(), self.n_embed)
+        codebook.copy_(codes.to(codebook))
+        _broadcast(codebook)
+        self.initialized = True
+
+    @torch.no_grad()
+    def observe(self, indices: torch.Tensor, latents: torch.Tensor, step: int) -> None:
+        """Record which codes won this step (all ranks) and keep some encoder outputs for restarts."""
+        counts = torch.bincount(indices.reshape(-1), minlength=self.n_embed)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(counts)
+        counts = counts.cpu()
+        self.last_used[counts > 0] = step
+        self.epoch_counts += counts
+        flat = latents.detach().float().reshape(-1, latents.shape[-1]).cpu()
+        keep = min(flat.shape[0], max(1, self.pool_size // 8))
+        flat = flat[torch.randperm(flat.shape[0], generator=self.generator)[:keep]]
+        self.pool = torch.cat([self.pool, flat])[-self.pool_size:]
+
+    @torch.no_grad()
+    def maybe_restart(self, codebook: torch.Tensor, step: int, optimizer: torch.optim.Optimizer | None) -> int:
+        """Move dead codes onto recent encoder outputs; returns how many were moved."""
+        cfg = self.config
+        if (cfg.restart_every <= 0 or step % cfg.restart_every or step >= cfg.restart_until * self.total_steps
+                or self.pool.shape[0] == 0):
+            return 0
+        dead = (step - self.last_used) >= cfg.restart_after
+        n = int(dead.sum())
+        if n == 0:
+            return 0
+        new = self._sample(self.pool, n).to(codebook)
+        codebook[dead.to(codebook.device)] = new
+        _broadcast(codebook)
+        if optimizer is not None:  # stale Adam moments would drag the new codes back
+            state = optimizer.state.get(_param_of(optimizer, codebook), {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key][dead.to(state[key].device)] = 0
+        self.last_used[dead] = step
+        self.restarts_total += n
+        return n
+
+    def epoch_usage(self, reset: bool = True) -> float:
+        used = float((self.epoch_counts > 0).float().mean())
+        if reset:
+            self.epoch_counts.zero_()
+        return used
+
+    def window_usage(self, step: int) -> float:
+        """Fraction of codes that won at least once in the last `restart_after` steps."""
+        return float(((step - self.last_used) < self.config.restart_after).float().mean())
+
+
+def _param_of(optimizer: torch.optim.Optimizer, tensor: torch.Tensor):
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p is tensor or p.data_ptr() == tensor.data_ptr():
+                return p
+    return None
+
+
+def _broadcast(t: torch.Tensor) -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast(t, src=0)

@@ -1,0 +1,349 @@
+"""Stage 1: train the VQGAN tokenizer on a folder of images.
+
+One process, or many under `torchrun --nproc_per_node N` (DistributedDataParallel for the autoencoder,
+averaged gradients and BatchNorm statistics for the discriminator). Each iteration: one autoencoder
+forward, the generator step (L1 + LPIPS + codebook + adaptive GAN term), and the discriminator step on
+the same reconstruction. Checkpoints are atomic and resumable bit for bit.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from ..autoencoder import VQModel
+from ..checkpoint import (CONFIG_FILE, WEIGHTS_FILE, atomic_directory, check_state_dict, latest_checkpoint,
+                          load_model, load_state_dict_file, prune_checkpoints, safe_torch_load, save_model,
+                          save_tensors, write_yaml)
+from ..config import TokenizerTrainConfig
+from ..data.images import ImageDataset
+from ..data.sources import image_sources
+from ..errors import UserError
+from ..eval.metrics import evaluate_reconstruction
+from ..losses import VQGANLoss, build_lpips
+from .codebook import CodebookCare
+from .common import (MetricsLog, ResumableSampler, Runtime, all_reduce_grads, autocast, average_buffers,
+                     cleanup_runtime, resolve_precision, rng_state, seed_everything, set_rng_state, setup_runtime)
+
+log = logging.getLogger("vqgan.train")
+STATE_FILE = "training_state.pt"
+DISC_FILE = "discriminator.safetensors"
+
+
+class _InputTap:
+    """Keeps the input of a module from its last forward (the decoder's last conv, for lambda)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.value: torch.Tensor | None = None
+        self.handle = module.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args):
+        self.value = args[0]
+
+
+def build_loss(cfg: TokenizerTrainConfig) -> VQGANLoss:
+    perceptual = None
+    if cfg.loss.perceptual_weight > 0:
+        perceptual = build_lpips(cfg.loss.vgg_weights, cfg.loss.lpips_heads, cfg.loss.allow_random_perceptual)
+    return VQGANLoss(cfg.loss, perceptual, cfg.model.out_ch)
+
+
+def learning_rate(cfg: TokenizerTrainConfig, world_size: int) -> float:
+    t = cfg.train
+    return t.base_learning_rate * (t.batch_size * t.grad_accum * world_size if t.scale_lr else 1)
+
+
+class TokenizerTrainer:
+    def __init__(self, cfg: TokenizerTrainConfig, resume: bool = False, runtime: Runtime | None = None,
+                 progress: bool = True):
+        cfg.validate()
+        self.cfg = cfg
+        self.rt = runtime or setup_runtime()
+        self.run_dir = Path(cfg.train.out_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.progress = progress and self.rt.is_main
+        existing = latest_checkpoint(self.ckpt_dir)
+        if existing is not None and not resume:
+            raise UserError(f"{self.run_dir} already holds checkpoints (latest {existing.name}); pass --resume to "
+                            "continue that run, or set train.out_dir to a new directory")
+        self.resume_from = existing if resume else None
+
+        seed_everything(cfg.train.seed)  # same initial weights on every rank
+        self.dtype = resolve_precision(cfg.train.precision, self.rt.device)
+        self._build_data()
+        self.model = VQModel(cfg.model).to(self.rt.device)
+        self.loss = build_loss(cfg).to(self.rt.device)
+        self.lr = learning_rate(cfg, self.rt.world_size)
+        self.opt_ae = torch.optim.Adam(self.model.parameters(), lr=self.lr, betas=(0.5, 0.9))
+        self.opt_d = torch.optim.Adam(self.loss.discriminator.parameters(), lr=self.lr, betas=(0.5, 0.9))
+        fp16 = self.dtype == torch.float16
+        self.scaler_ae = torch.amp.GradScaler(self.rt.device.type, enabled=fp16)
+        self.scaler_d = torch.amp.GradScaler(self.rt.device.type, enabled=fp16)
+        self.care = CodebookCare(cfg.model.quantizer.n_embed, cfg.model.quantizer.embed_dim, cfg.train.codebook,
+                                 cfg.train.steps, seed=cfg.train.seed)
+        self.step = 0
+        if self.resume_from is not None:
+            self._load_checkpoint(self.resume_from)
+        elif cfg.train.init_from:
+            self._init_from(cfg.train.init_from)
+        self.tap = _InputTap(self.model.decoder.last_layer)
+        self.ae = (DistributedDataParallel(self.model, device_ids=[self.rt.device.index] if self.rt.device.type == "cuda"
+                                           else None, broadcast_buffers=False)
+                   if self.rt.distributed else self.model)
+        self.metrics = MetricsLog(self.run_dir / "logs", enabled=self.rt.is_main)
+        self._stop_requested = False
+
+    # -- data ------------------------------------------------------------------------------------
+    def _build_data(self) -> None:
+        cfg = self.cfg
+        sources, n_bad = image_sources(cfg.data.path, cfg.data.builtin_count, cfg.model.resolution)
+        self.n_unreadable = n_bad
+        holdout = cfg.data.holdout
+        if holdout >= len(sources):
+            holdout = max(1, len(sources) // 5) if len(sources) > 1 else 0
+            log.warning("data.holdout %d >= %d images: holding out %d instead", cfg.data.holdout, len(sources),
+                        holdout)
+        train_sources = sources[:len(sources) - holdout] if holdout else sources
+        eval_sources = sources[len(sources) - holdout:] if holdout else sources[:16]
+        common = dict(resolution=cfg.model.resolution, crop=cfg.data.crop, seed=cfg.train.seed)
+        self.train_set = ImageDataset(train_sources, flip=cfg.data.flip, train=True, **common)
+        self.eval_set = ImageDataset(eval_sources, flip=False, train=False, **common)
+        self.sampler = ResumableSampler(len(self.train_set), cfg.train.batch_size, self.rt.rank, self.rt.world_size,
+                                        seed=cfg.train.seed)
+        # evaluation: each rank evaluates the whole held-out set (it is small); rank 0 reports
+        self.eval_loader = DataLoader(self.eval_set, batch_size=min(16, len(self.eval_set)), shuffle=False,
+                                      num_workers=0)
+        self.skipped_files = 0
+
+    def _batches(self):
+        """Endless micro-batches, positioned from `self.step` so a resumed run continues the sequence."""
+        t = self.cfg.train
+        consumed = self.step * t.grad_accum
+        epoch, offset = divmod(consumed, self.sampler.batches_per_epoch)
+        while True:
+            self.sampler.set_position(epoch, offset)
+            self.train_set.set_epoch(epoch)
+            loader = DataLoader(self.train_set, batch_size=t.batch_size, sampler=self.sampler, drop_last=True,
+                                num_workers=self.cfg.data.num_workers, pin_memory=self.rt.device.type == "cuda",
+                                persistent_workers=False,
+                                # its own generator: making a loader must not draw from the global RNG
+                                generator=torch.Generator().manual_seed(t.seed + epoch))
+            for batch in loader:
+                yield batch
+            epoch, offset = epoch + 1, 0
+            self._end_of_epoch(epoch)
+
+    def _end_of_epoch(self, epoch: int) -> None:
+        usage = self.care.epoch_usage(reset=True)
+        self.last_epoch_usage = usage
+        if self.rt.is_main:
+            self.metrics.write(self.step, {"epoch": epoch, "epoch_usage": usage}, kind="epoch")
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        return {"step": self.step, "opt_ae": self.opt_ae.state_dict(), "opt_d": self.opt_d.state_dict(),
+                "scaler_ae": self.scaler_ae.state_dict(), "scaler_d": self.scaler_d.state_dict(),
+                "codebook_care": self.care.state_dict(), "rng": rng_state(), "skipped_files": self.skipped_files,
+                "world_size": self.rt.world_size}
+
+    def save_checkpoint(self) -> Path | None:
+        if not self.rt.is_main:
+            return None
+        target = self.ckpt_dir / f"step_{self.step:08d}"
+        with atomic_directory(target) as tmp:
+            save_tensors(self.model.state_dict(), tmp / WEIGHTS_FILE)
+            write_yaml(self.model.config_dict(), tmp / CONFIG_FILE)
+            save_tensors(self.loss.discriminator.state_dict(), tmp / DISC_FILE)
+            torch.save(self._state(), tmp / STATE_FILE)
+            write_yaml(asdict(self.cfg), tmp / "train_config.yaml")
+        prune_checkpoints(self.ckpt_dir, self.cfg.train.keep_last)
+        self.metrics.note(f"checkpoint written: {target}")
+        return target
+
+    def _load_checkpoint(self, path: Path) -> None:
+        saved_model_cfg = yaml.safe_load((path / CONFIG_FILE).read_text())
+        if {k: v for k, v in saved_model_cfg.items() if k != "kind"} != asdict(self.cfg.model):
+            raise UserError(f"{path}: the model config differs from the checkpoint's; resume with the same model "
+                            "section (see its config.yaml)")
+        sd = load_state_dict_file(path / WEIGHTS_FILE)
+        check_state_dict(self.model, sd, str(path / WEIGHTS_FILE))
+        self.model.load_state_dict(sd)
+        dsd = load_state_dict_file(path / DISC_FILE)
+        check_state_dict(self.loss.discriminator, dsd, str(path / DISC_FILE))
+        self.loss.discriminator.load_state_dict(dsd)
+        state = safe_torch_load(path / STATE_FILE, map_location="cpu")
+        self.opt_ae.load_state_dict(state["opt_ae"])
+        self.opt_d.load_state_dict(state["opt_d"])
+        self.scaler_ae.load_state_dict(state["scaler_ae"])
+        self.scaler_d.load_state_dict(state["scaler_d"])
+        self.care.load_state_dict(state["codebook_care"])
+        self.skipped_files = int(state.get("skipped_files", 0))
+        self.step = int(state["step"])
+        if int(state.get("world_size", 1)) == self.rt.world_size:
+            set_rng_state(state["rng"])
+        else:
+            log.warning("resuming with %d processes instead of %d: the data order changes", self.rt.world_size,
+                        state.get("world_size"))
+        log.info("resumed from %s (step %d)", path, self.step)
+
+    def _init_from(self, path: str) -> None:
+        source = load_model(path)
+        sd = source.state_dict()
+        check_state_dict(self.model, sd, path)
+        self.model.load_state_dict(sd)
+        # a converted or trained codebook is kept unless asked otherwise
+        self.care.initialized = not self.cfg.train.reset_codebook
+        log.info("initialised from %s%s", path, " (codebook re-initialised from data)"
+                 if self.cfg.train.reset_codebook else "")
+
+    @torch.no_grad()
+    def _initialize_codebook(self) -> None:
+        q = self.cfg.model.quantizer
+        per_image = self.cfg.model.latent_size ** 2
+        n_images = min(len(self.train_set), max(self.cfg.train.batch_size, math.ceil(4 * q.n_embed / per_image)), 512)
+        g = torch.Generator().manual_seed(self.cfg.train.seed + 17)
+        subset = Subset(self.train_set, torch.randperm(len(self.train_set), generator=g)[:n_images].tolist())
+        latents = []
+        for batch in DataLoader(subset, batch_size=32, num_workers=0):
+            with autocast(self.rt.device, self.dtype):
+                h = self.model.encode_to_prequant(batch["image"].to(self.rt.device))
+            latents.append(h.float().permute(0, 2, 3, 1).reshape(-1, h.shape[1]))
+        self.care.initialize(self.model.quantize.embedding.weight, torch.cat(latents))
+        self.metrics.note(f"codebook initialised from {sum(len(x) for x in latents)} encoder outputs "
+                          f"of {n_images} images")
+
+    # -- one iteration ---------------------------------------------------------------------------
+    def train_step(self, micro_batches: list[dict]) -> dict[str, float]:
+        step, accum = self.step, len(micro_batches)
+        for group in self.opt_ae.param_groups + self.opt_d.param_groups:
+            warm = self.cfg.train.warmup_steps
+            group["lr"] = self.lr * min(1.0, (step + 1) / warm) if warm else self.lr
+        self.opt_ae.zero_grad(set_to_none=True)
+        self.opt_d.zero_grad(set_to_none=True)
+        disc_trains = self.loss.disc_trains(step)
+        logs: dict[str, torch.Tensor] = {}
+        for j, batch in enumerate(micro_batches):
+            x = batch["image"].to(self.rt.device, non_blocking=True)
+            self.skipped_files += int(batch["skipped"].sum())
+            sync = self.ae.no_sync() if (self.rt.distributed and j < accum - 1) else nullcontext()
+            with sync, autocast(self.rt.device, self.dtype):
+                rec, codebook_loss, info = self.ae(x)
+                gen = self.loss.generator_loss(x, rec, codebook_loss, self.model.decoder.last_layer, self.tap.value,
+                                               step)
+                self.scaler_ae.scale(gen.loss / accum).backward()
+            logs = {k: logs.get(k, 0) + v.float() / accum for k, v in gen.logs.items()}
+            if disc_trains:
+                with autocast(self.rt.device, self.dtype):
+                    d_loss, d_logs = self.loss.discriminator_loss_step(x, rec, gen.logits_fake)
+                d_params = [p for p in self.loss.discriminator.parameters()]
+                self.scaler_d.scale(d_loss / accum).backward(inputs=d_params)
+                logs.update({k: logs.get(k, 0) + v.float() / accum for k, v in d_logs.items()})
+            self.tap.value = None
+        self.scaler_ae.step(self.opt_ae)
+        self.scaler_ae.update()
+        if disc_trains:
+            all_reduce_grads(self.loss.discriminator, self.rt.world_size)
+            self.scaler_d.step(self.opt_d)
+            self.scaler_d.update()
+        if self.rt.distributed:
+            average_buffers(self.loss.discriminator, self.rt.world_size)
+        # codebook statistics of the last micro-batch, reduced across ranks
+        h = info["prequant"].detach().float()
+        self.care.observe(info["indices"], h.permute(0, 2, 3, 1).reshape(-1, h.shape[1]), step)
+        restarted = self.care.maybe_restart(self.model.quantize.embedding.weight, step, self.opt_ae)
+        out = {k: float(v) for k, v in logs.items()}
+        out.update(usage_batch=float(info["usage"]), perplexity=float(info["perplexity"]),
+                   usage_window=self.care.window_usage(step), restarted=restarted)
+        return out
+
+    # -- evaluation and pictures -----------------------------------------------------------------
+    def evaluate(self) -> dict[str, Any]:
+        result = evaluate_reconstruction(self.model, self.eval_loader, self.rt.device)
+        if self.rt.is_main:
+            from ..eval.report import pairs_grid
+
+            images = self.run_dir / "images"
+            images.mkdir(parents=True, exist_ok=True)
+            x, rec = result["examples"]
+            pairs_grid(x, rec).save(images / f"step_{self.step:08d}.png")
+            self.metrics.write(self.step, {k: result[k] for k in ("psnr", "l1", "usage", "codes_used",
+                                                                   "perplexity")}, kind="eval")
+        return result
+
+    def _handle_signal(self, signum, frame) -> None:
+        self._stop_requested = True
+        log.warning("signal %d: writing a checkpoint and stopping", signum)
+
+    # -- the loop --------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        cfg, t = self.cfg, self.cfg.train
+        if self.rt.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_yaml(asdict(cfg), self.run_dir / "config.yaml")
+            self.metrics.note(
+                f"start at step {self.step}/{t.steps}: {len(self.train_set)} training images, "
+                f"{len(self.eval_set)} held out, {self.n_unreadable} unreadable files skipped while scanning; "
+                f"{self.rt.world_size} process(es) on {self.rt.device}, precision {self.dtype}, lr {self.lr:.3g}; "
+                f"perceptual: {self.loss.perceptual_description}")
+            log.info("perceptual loss: %s", self.loss.perceptual_description)
+        if not self.care.initialized and t.codebook.init_from_data:
+            self._initialize_codebook()
+        self.care.initialized = True
+        old_handlers = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGTERM, signal.SIGINT)} \
+            if self.rt.is_main and not self.rt.distributed else {}
+        self.last_epoch_usage = float("nan")
+        bar = tqdm(total=t.steps, initial=self.step, disable=not self.progress, dynamic_ncols=True,
+                   desc="train-tokenizer")
+        batches = self._batches()
+        self.model.train()
+        self.loss.train()
+        t0, steps_timed = time.perf_counter(), 0
+        try:
+            while self.step < t.steps and not self._stop_requested:
+                logs = self.train_step([next(batches) for _ in range(t.grad_accum)])
+                self.step += 1
+                steps_timed += 1
+                bar.update(1)
+                if self.step % t.log_every == 0 or self.step == t.steps:
+                    rate = steps_timed / (time.perf_counter() - t0)
+                    t0, steps_timed = time.perf_counter(), 0
+                    logs.update(it_per_s=rate, lr=self.opt_ae.param_groups[0]["lr"], skipped_files=self.skipped_files)
+                    self.metrics.write(self.step, logs)
+                    bar.set_postfix(loss=f"{logs['total']:.3f}", l1=f"{logs['l1']:.3f}",
+                                    usage=f"{logs['usage_window']:.2f}", refresh=False)
+                if self.step % t.eval_every == 0 and self.step < t.steps:
+                    self.evaluate()
+                if self.step % t.ckpt_every == 0 and self.step < t.steps:
+                    self.save_checkpoint()
+            self.save_checkpoint()
+            final = self.evaluate()
+            if self.rt.is_main and self.step >= t.steps:
+                save_model(self.model, self.run_dir / "model")
+        finally:
+            bar.close()
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+            self.metrics.close()
+            self.tap.handle.remove()
+        final.update(step=self.step, skipped_files=self.skipped_files + self.n_unreadable,
+                     epoch_usage=self.last_epoch_usage, perceptual=self.loss.perceptual_description)
+        return final
+
+
+def train_tokenizer(cfg: TokenizerTrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    rt = setup_runtime()
+    try:
+        return TokenizerTrainer(cfg, resume=resume, runtime=rt, progress=progress).fit()
+    finally:
+        cleanup_runtime(rt)

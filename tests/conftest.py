@@ -1,0 +1,46 @@
+import os
+from pathlib import Path
+
+# No test may download anything: an accidental hub access fails fast.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TORCH_HOME", str(Path(__file__).resolve().parent.parent / ".cache" / "torch-tests"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from vqgan.config import QuantizerConfig, TokenizerTrainConfig, VQGANConfig, load_config  # noqa: E402
+
+FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "taming"
+
+
+def tiny_model_config(**quantizer) -> VQGANConfig:
+    return VQGANConfig(resolution=32, ch=32, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[16], z_channels=32,
+                       quantizer=QuantizerConfig(**{"n_embed": 64, "embed_dim": 16, **quantizer}))
+
+
+def tiny_train_config(tmp_path, **sections) -> TokenizerTrainConfig:
+    data = {
+        "model": {"resolution": 32, "ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [16],
+                  "z_channels": 32, "quantizer": {"n_embed": 64, "embed_dim": 16}},
+        "loss": {"perceptual_weight": 0.0, "disc_start": 3, "disc_train_start": 2, "disc_ndf": 8},
+        "data": {"path": "builtin:scenes", "builtin_count": 48, "holdout": 8, "num_workers": 0},
+        "train": {"out_dir": str(tmp_path / "run"), "steps": 6, "batch_size": 4, "base_learning_rate": 2.5e-5,
+                  "log_every": 2, "eval_every": 100, "ckpt_every": 3, "keep_last": 5,
+                  "codebook": {"restart_every": 2, "restart_after": 2}},
+    }
+    for section, values in sections.items():
+        data[section] = {**data[section], **values}
+    return load_config(TokenizerTrainConfig, data)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def fixtures_dir():
+    if not FIXTURES.is_dir():
+        pytest.skip(f"reference fixtures not found at {FIXTURES}")
+    return FIXTURES

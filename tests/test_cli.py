@@ -1,0 +1,87 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vqgan.autoencoder import VQModel
+from vqgan.cli import main
+
+from conftest import tiny_model_config
+
+
+@pytest.fixture
+def tokenizer(tmp_path):
+    model = VQModel(tiny_model_config())
+    model.save_pretrained(tmp_path / "tok")
+    return tmp_path / "tok"
+
+
+@pytest.fixture
+def images(tmp_path):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(d / f"im{i}.png")
+    (d / "broken.jpg").write_bytes(b"xx")
+    return d
+
+
+def test_encode_decode_reconstruct(tmp_path, tokenizer, images, capsys):
+    assert main(["encode", str(tokenizer), str(images), str(tmp_path / "tokens"), "--no-progress"]) == 0
+    tokens = np.load(tmp_path / "tokens" / "tokens.npy")
+    meta = json.loads((tmp_path / "tokens" / "tokens.json").read_text())
+    assert tokens.shape == (5, 16, 16) and tokens.dtype == np.uint16
+    assert meta["grid"] == [16, 16] and meta["tokenizer"]["n_embed"] == 64 and len(meta["files"]) == 5
+    assert main(["decode", str(tokenizer), str(tmp_path / "tokens"), str(tmp_path / "dec"), "--no-progress"]) == 0
+    assert len(list((tmp_path / "dec").glob("*.png"))) == 5
+    assert main(["reconstruct", str(tokenizer), str(images), str(tmp_path / "rec"), "--no-progress"]) == 0
+    lines = (tmp_path / "rec" / "psnr.csv").read_text().splitlines()
+    assert lines[0] == "file,reconstruction,psnr" and len(lines) == 6
+
+
+def test_decode_rejects_wrong_tokenizer_range_and_shape(tmp_path, tokenizer, images, capsys):
+    main(["encode", str(tokenizer), str(images), str(tmp_path / "tokens"), "--no-progress"])
+    other = VQModel(tiny_model_config())
+    other.save_pretrained(tmp_path / "other")
+    assert main(["decode", str(tmp_path / "other"), str(tmp_path / "tokens"), str(tmp_path / "d")]) == 2
+    assert "was made by tokenizer" in capsys.readouterr().err
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    np.save(bad / "tokens.npy", np.full((1, 4, 4), 999, np.int32))
+    assert main(["decode", str(tokenizer), str(bad), str(tmp_path / "d")]) == 2
+    assert "outside the tokenizer's codebook [0, 64)" in capsys.readouterr().err
+    np.save(bad / "tokens.npy", np.zeros((4, 4), np.int32))
+    assert main(["decode", str(tokenizer), str(bad), str(tmp_path / "d")]) == 2
+    assert "expected (N, h, w)" in capsys.readouterr().err
+
+
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys):
+    assert main(["train-tokenizer", "small-cpu", "train.stepz=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "valid keys of config.train" in err
+    assert main(["train-tokenizer", "small-cpu", f"data.path={tmp_path / 'none'}",
+                 f"train.out_dir={tmp_path / 'run'}"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["encode", str(tmp_path / "missing"), str(tmp_path), str(tmp_path / "o")]) == 2
+
+
+def test_train_tokenizer_command_writes_model_and_report(tmp_path):
+    cmd = [sys.executable, "-m", "vqgan.cli", "train-tokenizer", "small-cpu", "--no-progress",
+           "model.resolution=32", "model.ch=32", "model.ch_mult=[1,2]", "model.attn_resolutions=[]",
+           "model.quantizer.n_embed=32", "model.quantizer.embed_dim=8", "loss.disc_start=1",
+           "loss.disc_train_start=0", "loss.disc_ndf=8", "data.path=builtin:scenes", "data.builtin_count=24",
+           "data.holdout=4", "data.num_workers=0", "train.steps=2", "train.batch_size=4",
+           f"train.out_dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "report:" in proc.stdout
+    run = tmp_path / "run"
+    for f in ("report.html", "report/reconstructions.png", "report/losses.png", "model/model.safetensors",
+              "logs/metrics.jsonl", "logs/train.log", "config.yaml"):
+        assert (run / f).is_file(), f
+    assert "Perceptual network: none" in (run / "report.html").read_text()

@@ -1,0 +1,34 @@
+import pytest
+
+from vqgan.config import TokenizerTrainConfig, load_config
+from vqgan.errors import UserError
+from vqgan.presets import preset_names, resolve_config_path
+
+
+def test_presets_load_and_overrides_apply():
+    assert {"small-cpu", "f16-1024", "f16-16384", "demo"} <= set(preset_names())
+    for name in preset_names():
+        cfg = load_config(TokenizerTrainConfig, resolve_config_path(name))
+        cfg.validate()
+    cfg = load_config(TokenizerTrainConfig, resolve_config_path("f16-16384"),
+                      ["train.steps=7", "model.quantizer.n_embed=512", "loss.disc_weight=0.5", "data.path=/x"])
+    assert cfg.model.downsample_factor == 16 and cfg.model.latent_size == 16
+    assert (cfg.train.steps, cfg.model.quantizer.n_embed, cfg.loss.disc_weight) == (7, 512, 0.5)
+
+
+def test_unknown_keys_list_the_valid_ones(tmp_path):
+    with pytest.raises(UserError, match=r"unknown key config\.train\.stepz.*valid keys of config\.train: .*steps"):
+        load_config(TokenizerTrainConfig, {}, ["train.stepz=3"])
+    p = tmp_path / "c.yaml"
+    p.write_text("model:\n  chanels: 3\n")
+    with pytest.raises(UserError, match=r"unknown key config\.model\.chanels; valid keys .*ch_mult"):
+        load_config(TokenizerTrainConfig, p)
+
+
+def test_bad_values_are_clear_errors():
+    with pytest.raises(UserError, match="train.steps must be int"):
+        load_config(TokenizerTrainConfig, {}, ["train.steps=many"])
+    with pytest.raises(UserError, match="disc_train_start"):
+        load_config(TokenizerTrainConfig, {}, ["loss.disc_start=10", "loss.disc_train_start=20"])
+    with pytest.raises(UserError, match="neither a config file nor a preset"):
+        resolve_config_path("no-such-preset")

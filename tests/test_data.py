@@ -1,0 +1,90 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vqgan.data.images import ImageDataset, load_rgb, scan_images
+from vqgan.data.scenes import SCENE_CLASSES, SEGMENT_CLASSES, render_scene
+from vqgan.errors import UserError
+
+
+def write_odd_images(folder):
+    """One image of each awkward kind, plus broken files."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(folder / "a_rgb.png")
+    Image.fromarray(rgb).convert("CMYK").save(folder / "b_cmyk.jpg")
+    Image.fromarray(rgb).convert("P").save(folder / "c_palette.png")
+    rgba = Image.fromarray(np.dstack([rgb, np.full((40, 48), 128, np.uint8)]), "RGBA")
+    rgba.save(folder / "d_rgba.png")
+    Image.fromarray((rng.integers(0, 65535, (40, 48))).astype(np.uint16)).save(folder / "e_16bit.png")
+    Image.fromarray(rgb[..., 0]).save(folder / "f_grey.bmp")
+    Image.fromarray(rgb).save(folder / "g.webp")
+    sub = folder / "nested" / "deeper"
+    sub.mkdir(parents=True)
+    Image.fromarray(rgb).save(sub / "h_nested.jpeg")
+    (folder / "x_empty.png").write_bytes(b"")
+    (folder / "y_garbage.jpg").write_bytes(b"this is not an image at all")
+    full = (folder / "a_rgb.png").read_bytes()
+    (folder / "z_truncated.png").write_bytes(full[: len(full) // 2])  # header fine, data cut
+    (folder / "notes.txt").write_text("ignored")
+
+
+def test_every_mode_becomes_rgb_and_bad_files_are_skipped_and_counted(tmp_path, caplog):
+    write_odd_images(tmp_path)
+    good, bad = scan_images(tmp_path)
+    assert {p.name for p in bad} == {"x_empty.png", "y_garbage.jpg"}
+    assert len(good) == 9  # the truncated file has a valid header: caught at load time
+    ds = ImageDataset.from_paths(good, resolution=32, crop="random", train=True)
+    skipped = 0
+    for i in range(len(ds)):
+        item = ds[i]
+        assert item["image"].shape == (3, 32, 32) and item["image"].dtype == torch.float32
+        assert -1.0 <= float(item["image"].min()) and float(item["image"].max()) <= 1.0
+        skipped += item["skipped"]
+    assert skipped == 1
+    assert "z_truncated.png" in caplog.text and "x_empty.png" in caplog.text
+
+
+def test_16bit_and_rgba_conversions(tmp_path):
+    Image.fromarray(np.full((4, 4), 65535, np.uint16)).save(tmp_path / "white16.png")
+    assert np.asarray(load_rgb(tmp_path / "white16.png")).min() == 255
+    Image.new("RGBA", (4, 4), (0, 0, 0, 0)).save(tmp_path / "clear.png")
+    assert np.asarray(load_rgb(tmp_path / "clear.png")).min() == 255  # transparent -> white
+
+
+def test_empty_and_unreadable_folders_are_clear_errors(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        scan_images(tmp_path / "missing")
+    with pytest.raises(UserError, match="no images"):
+        scan_images(tmp_path)
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    with pytest.raises(UserError, match="none of the 1 image files"):
+        scan_images(tmp_path)
+
+
+def test_augmentation_depends_only_on_seed_epoch_index(tmp_path):
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    good, _ = scan_images(tmp_path)
+    a = ImageDataset.from_paths(good, resolution=32, train=True, seed=3)
+    b = ImageDataset.from_paths(good, resolution=32, train=True, seed=3)
+    assert torch.equal(a[0]["image"], b[0]["image"])
+    crops = set()
+    for epoch in range(8):
+        a.set_epoch(epoch)
+        crops.add(a[0]["image"].sum().item())
+    assert len(crops) > 1
+
+
+def test_builtin_scenes_are_varied_with_labels_and_masks():
+    images = []
+    for i in range(8):
+        img, seg, label = render_scene(i, 64)
+        assert img.size == (64, 64) and seg.size == (64, 64)
+        assert label == i % len(SCENE_CLASSES)
+        assert int(np.asarray(seg).max()) < len(SEGMENT_CLASSES)
+        images.append(np.asarray(img, dtype=np.float32))
+    stack = np.stack(images)
+    assert stack.std(axis=(1, 2)).mean() > 20  # not flat colours
+    assert np.abs(stack[0] - stack[4]).mean() > 10  # different scenes of the same kind differ
+    assert np.array_equal(np.asarray(render_scene(3, 64)[0]), images[3].astype(np.uint8))

@@ -1,0 +1,157 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vqgan.checkpoint import load_model, load_state_dict_file
+from vqgan.errors import UserError
+from vqgan.train.stage1 import TokenizerTrainer
+
+from conftest import tiny_train_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def weights(path):
+    return load_state_dict_file(path)
+
+
+def test_killed_run_resumes_bit_exactly(tmp_path):
+    full = TokenizerTrainer(tiny_train_config(tmp_path / "a"), progress=False)
+    full.fit()
+
+    cfg = tiny_train_config(tmp_path / "b")
+    interrupted = TokenizerTrainer(cfg, progress=False)
+    step = interrupted.train_step
+
+    def stop_after_three(batches):
+        out = step(batches)
+        if interrupted.step == 2:  # the third step: as if SIGTERM arrived now
+            interrupted._stop_requested = True
+        return out
+
+    interrupted.train_step = stop_after_three
+    result = interrupted.fit()
+    assert result["step"] == 3
+    assert not (tmp_path / "b" / "run" / "model").exists()  # unfinished: no final model
+    with pytest.raises(UserError, match="--resume"):
+        TokenizerTrainer(cfg, progress=False)
+    resumed = TokenizerTrainer(cfg, resume=True, progress=False)
+    assert resumed.step == 3
+    resumed.fit()
+
+    for name in ("model.safetensors", "discriminator.safetensors"):
+        a = weights(tmp_path / "a" / "run" / "checkpoints" / "step_00000006" / name)
+        b = weights(tmp_path / "b" / "run" / "checkpoints" / "step_00000006" / name)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+    log_a = [json.loads(l) for l in (tmp_path / "a/run/logs/metrics.jsonl").read_text().splitlines()]
+    log_b = [json.loads(l) for l in (tmp_path / "b/run/logs/metrics.jsonl").read_text().splitlines()]
+    last = lambda rows: [r for r in rows if r["kind"] == "train"][-1]  # noqa: E731
+    assert last(log_a)["total"] == last(log_b)["total"]
+
+
+def test_checkpoint_roundtrip_and_final_model(tmp_path):
+    cfg = tiny_train_config(tmp_path, train={"steps": 3})
+    trainer = TokenizerTrainer(cfg, progress=False)
+    trainer.fit()
+    run = tmp_path / "run"
+    model = load_model(run)  # the run directory resolves to its final model
+    same = load_model(run / "checkpoints" / "step_00000003")
+    for (k, v), v2 in zip(model.state_dict().items(), same.state_dict().values()):
+        assert torch.equal(v, v2), k
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v.cpu()), k
+    assert not list(run.glob("checkpoints/.*tmp*"))  # no half-written directories left behind
+
+
+def test_corrupt_images_in_training_data_are_skipped_and_counted(tmp_path):
+    data = tmp_path / "images"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(data / f"img_{i:02d}.png")
+    (data / "img_00_empty.png").write_bytes(b"")
+    good = (data / "img_01.png").read_bytes()
+    (data / "img_03_truncated.png").write_bytes(good[:200])
+    cfg = tiny_train_config(tmp_path, data={"path": str(data), "holdout": 2}, train={"steps": 4, "batch_size": 2})
+    result = TokenizerTrainer(cfg, progress=False).fit()
+    assert result["step"] == 4
+    assert result["skipped_files"] >= 1  # the empty file, and the truncated one each time it is drawn
+    log = (tmp_path / "run" / "logs" / "train.log").read_text()
+    assert "1 unreadable files skipped" in log
+
+
+def test_no_readable_images_fails_before_training(tmp_path):
+    data = tmp_path / "images"
+    data.mkdir()
+    (data / "a.png").write_bytes(b"")
+    with pytest.raises(UserError, match="could be read"):
+        TokenizerTrainer(tiny_train_config(tmp_path, data={"path": str(data)}), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_tiny_model_learns_real_images(tmp_path):
+    """A few hundred CPU steps on real photographs: held-out PSNR must rise clearly."""
+    skimage_data = pytest.importorskip("skimage.data")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    n = 0
+    for name in ("astronaut", "coffee", "chelsea", "rocket"):
+        img = Image.fromarray(getattr(skimage_data, name)()).convert("RGB").resize((96, 96), Image.LANCZOS)
+        for dx in range(0, 65, 16):
+            for dy in range(0, 65, 32):
+                img.crop((dx, dy, dx + 32, dy + 32)).save(folder / f"{name}_{dx}_{dy}.png")
+                n += 1
+    cfg = tiny_train_config(tmp_path, data={"path": str(folder), "holdout": 4, "crop": "center", "flip": False},
+                            model={"quantizer": {"n_embed": 128, "embed_dim": 16}},
+                            loss={"disc_start": 10_000, "disc_train_start": 10_000},
+                            train={"steps": 250, "batch_size": 8, "base_learning_rate": 2.5e-5, "eval_every": 1000,
+                                   "ckpt_every": 1000, "codebook": {"restart_every": 10, "restart_after": 20}})
+    trainer = TokenizerTrainer(cfg, progress=False)
+    before = trainer.evaluate()["psnr"]
+    after = trainer.fit()
+    assert after["psnr"] > before + 5.0, (before, after["psnr"])
+    assert after["psnr"] > 18.0
+    rows = [json.loads(l) for l in (tmp_path / "run/logs/metrics.jsonl").read_text().splitlines()]
+    l1 = [r["l1"] for r in rows if r["kind"] == "train"]
+    assert np.mean(l1[-5:]) < 0.5 * np.mean(l1[:3])
+
+
+@pytest.mark.slow
+def test_two_process_ddp_keeps_replicas_identical(tmp_path):
+    script = tmp_path / "ddp_check.py"
+    script.write_text(f"""
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, {str(ROOT / 'tests')!r})
+from conftest import tiny_train_config
+from pathlib import Path
+from vqgan.train.stage1 import TokenizerTrainer
+from vqgan.train.common import setup_runtime
+rt = setup_runtime()
+cfg = tiny_train_config(Path({str(tmp_path)!r}), train={{"steps": 4, "batch_size": 2}})
+trainer = TokenizerTrainer(cfg, runtime=rt, progress=False)
+trainer.fit()
+for module in (trainer.model, trainer.loss.discriminator):
+    flat = torch.cat([t.detach().float().reshape(-1) for t in module.state_dict().values()])
+    gathered = [torch.zeros_like(flat) for _ in range(rt.world_size)]
+    dist.all_gather(gathered, flat)
+    assert torch.equal(gathered[0], gathered[1]), "replicas diverged"
+    assert not torch.equal(flat, torch.zeros_like(flat))
+if rt.rank == 0:
+    print("REPLICAS_IDENTICAL", trainer.step)
+dist.destroy_process_group()
+""")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "REPLICAS_IDENTICAL 4" in proc.stdout
