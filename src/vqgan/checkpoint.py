@@ -11,6 +11,7 @@ import os
 import pickle
 import shutil
 import tempfile
+import warnings
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,12 +35,14 @@ def safe_torch_load(path: str | Path, map_location: str | torch.device = "cpu") 
     if path.stat().st_size == 0:
         raise UserError(f"checkpoint {path} is empty (0 bytes); it was probably not written completely")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pickle-protocol chatter; the restricted unpickler decides
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"checkpoint {path} holds objects other than tensors and plain values, refused for "
                         f"safety (it could run code when unpickled): {first[:200]}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"checkpoint {path} is corrupt or truncated: {first[:200]}") from None
 

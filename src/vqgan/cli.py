@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from .errors import UserError
@@ -17,10 +18,7 @@ def _train_tokenizer(args) -> dict:
 
     cfg = load_config(TokenizerTrainConfig, resolve_config_path(args.config), args.overrides)
     result = train_tokenizer(cfg, resume=args.resume, progress=not args.no_progress)
-    import torch.distributed as dist  # noqa: F401 - rank is 0 outside torchrun
-    import os
-
-    if int(os.environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 reports
         report = tokenizer_report(cfg.train.out_dir, result)
         print(f"held-out PSNR {result['psnr']:.2f} dB, codebook usage {result['usage']:.3f} "
               f"({result['codes_used']}/{result['n_embed']}), perplexity {result['perplexity']:.1f}")
@@ -106,7 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .train.common import configure_logging
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come after options too (argparse stops a positional list at the first option)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides += extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     configure_logging(args.verbose)
     try:
         result = args.func(args)
