@@ -27,7 +27,7 @@ def test_public_api_roundtrip_and_errors():
     x = torch.rand(3, 3, 32, 32) * 2 - 1
     tokens = model.encode(x)
     rec, loss, info = model(x)
-    torch.testing.assert_close(model.decode(tokens), rec, atol=1e-5, rtol=0)
+    torch.testing.assert_close(model.decode(tokens), rec, atol=1e-4, rtol=0)  # layouts differ in rounding
     assert torch.equal(info["indices"], tokens)
     with pytest.raises(ValueError, match="must lie in"):
         model.decode(torch.full((1, 16, 16), 64))
@@ -59,3 +59,17 @@ def test_matches_taming_reference_outputs(fixtures_dir):
     torch.testing.assert_close(qloss, torch.tensor(float(io["vq_qloss"])), atol=1e-6, rtol=1e-4)
     torch.testing.assert_close(model.decode(model.encode(x)), torch.from_numpy(io["vq_decode_code"]),
                                atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("channels,size", [(32, 8), (64, 5)])
+def test_subpixel_upsample_equals_upsample_then_conv(channels, size):
+    from vqgan.nn import Upsample
+
+    up = Upsample(channels)
+    x = torch.randn(2, channels, size, size + 2, requires_grad=True)
+    fast, slow = up(x), up.forward_reference(x)
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    g_fast = torch.autograd.grad(fast.square().sum(), [x, up.conv.weight, up.conv.bias])
+    g_slow = torch.autograd.grad(slow.square().sum(), [x, up.conv.weight, up.conv.bias])
+    for a, b in zip(g_fast, g_slow):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -100,15 +100,27 @@ class LPIPS(nn.Module):
         return super().train(False)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        # one VGG pass over both batches: (2B, 3, H, W)
-        feats = self.net(self.scaling_layer(torch.cat([x, y])))
+        if x.requires_grad == y.requires_grad:
+            # one VGG pass over both batches: (2B, 3, H, W)
+            fx, fy = zip(*(f.chunk(2) for f in self.net(self.scaling_layer(torch.cat([x, y])))))
+        else:
+            # training: only the reconstruction needs gradients, so the target's features are taken without a
+            # graph and the backward pass runs over half the batch
+            need, other = (x, y) if x.requires_grad else (y, x)
+            with torch.no_grad():
+                f_other = self.net(self.scaling_layer(other))
+            f_need = self.net(self.scaling_layer(need))
+            fx, fy = (f_need, f_other) if x.requires_grad else (f_other, f_need)
         total = 0.0
-        for i, f in enumerate(feats):
-            f = f / (torch.sqrt((f * f).sum(1, keepdim=True)) + 1e-10)  # unit length across channels
-            fx, fy = f.chunk(2)
-            d = getattr(self, f"lin{i}").model((fx - fy) ** 2)
+        for i, (a, b) in enumerate(zip(fx, fy)):
+            d = getattr(self, f"lin{i}").model((_unit(a) - _unit(b)) ** 2)
             total = total + d.mean(dim=(1, 2, 3))
         return total
+
+
+def _unit(f: torch.Tensor) -> torch.Tensor:
+    """Unit length across channels, as LPIPS v0.1."""
+    return f / (torch.sqrt((f * f).sum(1, keepdim=True)) + 1e-10)
 
 
 # --------------------------------------------------------------------------------------------

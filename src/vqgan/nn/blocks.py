@@ -18,7 +18,8 @@ def normalize(channels: int) -> nn.GroupNorm:
 
 
 def swish(x: torch.Tensor) -> torch.Tensor:
-    return F.silu(x)
+    """x * sigmoid(x); in place when no graph is recorded (callers pass fresh tensors: norm outputs)."""
+    return F.silu(x, inplace=not torch.is_grad_enabled())
 
 
 class ResnetBlock(nn.Module):
@@ -75,12 +76,38 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
+# Rows of the 3x3 kernel that land on the low-resolution rows (i-1, i) for even output rows and (i, i+1) for
+# odd ones, after nearest-neighbour doubling: out[2i]   = w0*x[i-1] + (w1 + w2)*x[i]
+#                                             out[2i+1] = (w0 + w1)*x[i] + w2*x[i+1]
+_SUBPIXEL_TAPS = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]],
+                               [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])  # (phase, 2 taps, 3 kernel rows)
+
+
 class Upsample(nn.Module):
-    """Double the resolution: nearest-neighbour x2, then a 3x3 conv."""
+    """Double the resolution: nearest-neighbour x2, then a 3x3 conv.
+
+    Computed as one 2x2 conv on the low-resolution input with four output phases (sub-pixel convolution):
+    the same function as upsampling first, with 16/36 of the multiply-adds and no 4x-sized intermediate.
+    `forward_reference` is the literal version (tests check they agree).
+    """
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        weight = self.conv.weight  # (out, in, 3, 3)
+        taps = _SUBPIXEL_TAPS.to(weight)
+        # (row phase a, col phase p, out, in, 2, 2) -> (4 * out, in, 2, 2), phase-major
+        w4 = torch.einsum("ayk,pxl,oikl->apoiyx", taps, taps, weight).reshape(4 * weight.shape[0], c, 2, 2)
+        bias = self.conv.bias.repeat(4) if self.conv.bias is not None else None
+        full = F.conv2d(F.pad(x, (1, 1, 1, 1)), w4, bias)  # (B, 4*out, h+1, w+1)
+        full = full.view(b, 2, 2, -1, h + 1, w + 1)
+        phases = [[full[:, a, p, :, a:a + h, p:p + w] for p in range(2)] for a in range(2)]
+        # interleave: out[..., 2i + a, 2j + p] = phases[a][p][..., i, j]
+        rows = [torch.stack(phases[a], dim=-1).reshape(b, -1, h, 2 * w) for a in range(2)]
+        return torch.stack(rows, dim=-2).reshape(b, -1, 2 * h, 2 * w)

@@ -59,6 +59,14 @@ def build_loss(cfg: TokenizerTrainConfig) -> VQGANLoss:
     return VQGANLoss(cfg.loss, perceptual, cfg.model.out_ch)
 
 
+def adam(params, lr: float) -> torch.optim.Adam:
+    """Adam with the paper's betas; the fused kernel where this torch has it (several times faster on CPU)."""
+    try:
+        return torch.optim.Adam(params, lr=lr, betas=(0.5, 0.9), fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.Adam(params, lr=lr, betas=(0.5, 0.9))
+
+
 def learning_rate(cfg: TokenizerTrainConfig, world_size: int) -> float:
     t = cfg.train
     return t.base_learning_rate * (t.batch_size * t.grad_accum * world_size if t.scale_lr else 1)
@@ -85,8 +93,8 @@ class TokenizerTrainer:
         self.model = VQModel(cfg.model).to(self.rt.device)
         self.loss = build_loss(cfg).to(self.rt.device)
         self.lr = learning_rate(cfg, self.rt.world_size)
-        self.opt_ae = torch.optim.Adam(self.model.parameters(), lr=self.lr, betas=(0.5, 0.9))
-        self.opt_d = torch.optim.Adam(self.loss.discriminator.parameters(), lr=self.lr, betas=(0.5, 0.9))
+        self.opt_ae = adam(self.model.parameters(), self.lr)
+        self.opt_d = adam(self.loss.discriminator.parameters(), self.lr)
         fp16 = self.dtype == torch.float16
         self.scaler_ae = torch.amp.GradScaler(self.rt.device.type, enabled=fp16)
         self.scaler_d = torch.amp.GradScaler(self.rt.device.type, enabled=fp16)
