@@ -24,8 +24,15 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
-bench: setup
+# The benchmark runs our side in .venv-bench (the CPU build of torch 2.13.0, the same as the reference's
+# environment) and the reference in /tmp/ref-venv (see ../shared/reference/README.md to set it up).
+bench: setup .venv-bench/.installed
 	$(PY) bench/bench_stage1.py
 
+.venv-bench/.installed:
+	$(PYTHON) -m venv .venv-bench
+	.venv-bench/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0 numpy pillow pyyaml safetensors tqdm
+	touch $@
+
 clean:
-	rm -rf runs .pytest_cache .cache
+	rm -rf runs .pytest_cache .cache .venv-bench

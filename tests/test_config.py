@@ -32,3 +32,8 @@ def test_bad_values_are_clear_errors():
         load_config(TokenizerTrainConfig, {}, ["loss.disc_start=10", "loss.disc_train_start=20"])
     with pytest.raises(UserError, match="neither a config file nor a preset"):
         resolve_config_path("no-such-preset")
+
+
+def test_yaml_float_without_a_dot_is_accepted():
+    cfg = load_config(TokenizerTrainConfig, {}, ["train.base_learning_rate=5e-5"])
+    assert cfg.train.base_learning_rate == 5e-5

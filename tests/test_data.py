@@ -88,3 +88,13 @@ def test_builtin_scenes_are_varied_with_labels_and_masks():
     assert stack.std(axis=(1, 2)).mean() > 20  # not flat colours
     assert np.abs(stack[0] - stack[4]).mean() > 10  # different scenes of the same kind differ
     assert np.array_equal(np.asarray(render_scene(3, 64)[0]), images[3].astype(np.uint8))
+
+
+def test_builtin_scenes_are_identical_in_every_process():
+    import subprocess
+    import sys
+
+    code = "import numpy as np; from vqgan.data.scenes import render_scene; print(int(np.asarray(render_scene(5, 32)[0]).sum()))"
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONHASHSEED": s, "PATH": ""},
+                           check=True).stdout for s in ("1", "2")}
+    assert len(outs) == 1

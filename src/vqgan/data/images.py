@@ -160,7 +160,7 @@ class ImageDataset(Dataset):
             except Exception as e:  # corrupt / truncated / vanished file
                 report_bad_file(src.name, str(e).splitlines()[0] if str(e) else type(e).__name__)
                 continue
-            rng = random.Random(hash((self.seed, self.epoch, index))) if self.train else None
+            rng = random.Random(f"{self.seed}/{self.epoch}/{index}") if self.train else None  # stable across processes
             im = fit_image(im, self.resolution, self.crop, rng)
             if self.flip and rng is not None and rng.random() < 0.5:
                 im = im.transpose(Image.FLIP_LEFT_RIGHT)

@@ -167,7 +167,7 @@ def _boat(c: _Canvas, rng: random.Random, x: float, y: float, size: float) -> No
 def render_scene(index: int, size: int = 64, seed: int = 0, label: int | None = None
                  ) -> tuple[Image.Image, Image.Image, int]:
     """Draw scene `index`: (RGB image, segmentation map with values in SEGMENT_CLASSES, class label)."""
-    rng = random.Random(hash(("vqgan-scenes", seed, index)))
+    rng = random.Random(f"vqgan-scenes/{seed}/{index}")  # string seeds are hashed stably (sha512), not per process
     kind = index % len(SCENE_CLASSES) if label is None else label
     big = size * 2  # supersampled, then reduced: anti-aliased edges
     c = _Canvas(big)
