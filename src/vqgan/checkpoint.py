@@ -25,6 +25,7 @@ from .errors import UserError
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
+DISC_FILE = "discriminator.safetensors"  # a training objective's discriminator, beside a model's weights
 
 
 def safe_torch_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
@@ -115,9 +116,10 @@ def _read_model_config(directory: Path) -> dict[str, Any]:
     return data
 
 
-def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
-    """Strict key and shape check that names the first offending keys."""
-    own = model.state_dict()
+def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str, prefix: str = "") -> None:
+    """Strict key and shape check that names the first offending keys (only the model's keys that start with
+    `prefix`, when given)."""
+    own = {k: v for k, v in model.state_dict().items() if k.startswith(prefix)}
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     if missing or unexpected:
@@ -134,7 +136,8 @@ def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> torch.nn.Module:
-    """Load a model from a directory (save_pretrained / training checkpoint / run directory)."""
+    """Load a model from a directory (save_pretrained, `vqgan convert`, a training checkpoint or run) or an
+    original taming-transformers `.ckpt` (its YAML config found beside it)."""
     from .autoencoder import VQModel
 
     path = Path(path)
@@ -149,8 +152,12 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> to
     if not path.is_dir():
         if not path.exists():
             raise UserError(f"model path {path} does not exist")
-        raise UserError(f"{path} is a file; pass the directory that holds {WEIGHTS_FILE} and {CONFIG_FILE} "
-                        "(convert taming .ckpt files with `vqgan convert`)")
+        if path.suffix in (".ckpt", ".pt", ".pth"):  # an original taming-transformers checkpoint
+            from .convert.taming import load_taming_vqgan
+
+            return load_taming_vqgan(path)[0].to(map_location)
+        raise UserError(f"{path} is neither a model directory (with {WEIGHTS_FILE} and {CONFIG_FILE}) nor a "
+                        "taming-transformers .ckpt")
     data = _read_model_config(path)
     kind = data.get("kind", "vqgan")
     if kind != "vqgan":

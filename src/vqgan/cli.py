@@ -56,6 +56,12 @@ def _reconstruct(args) -> dict:
     return r
 
 
+def _convert(args) -> dict:
+    from .convert import convert
+
+    return convert(args.checkpoint, args.out, args.config)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vqgan", description="VQGAN image tokenizers and token-based generators")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -88,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--device", default=None)
         e.add_argument("--no-progress", action="store_true")
         e.set_defaults(func=fn)
+
+    v = sub.add_parser("convert", help="an original taming-transformers .ckpt -> this project's format")
+    v.add_argument("checkpoint", help="the .ckpt file (read safely: tensors and plain values only)")
+    v.add_argument("out", help="output directory: model.safetensors, config.yaml (+ loss weights, loss.yaml)")
+    v.add_argument("--config", default=None, help="its model.yaml / *-project.yaml (default: found beside it)")
+    v.set_defaults(func=_convert)
 
     c = sub.add_parser("decode", help="token files -> PNG images")
     c.add_argument("model")

@@ -159,9 +159,19 @@ def vgg16_state_dict_to_lpips(sd: dict[str, torch.Tensor]) -> dict[str, torch.Te
     return out
 
 
-def build_lpips(vgg_weights: str | None = None, heads: str | None = None, allow_random: bool = False) -> LPIPS:
-    """LPIPS with real weights from files, or (only if `allow_random`) a random network, loudly."""
+def build_lpips(vgg_weights: str | None = None, heads: str | None = None, allow_random: bool = False,
+                state_dict: dict[str, torch.Tensor] | None = None, state_source: str = "") -> LPIPS:
+    """LPIPS with real weights from files, or (only if `allow_random`) a random network, loudly.
+
+    `state_dict`: a whole LPIPS in taming's layout (`net.slice*`, `lin*`, `scaling_layer.*`), e.g. the
+    `loss.perceptual_loss.*` weights that ship inside released taming checkpoints; used when no explicit
+    file is named.
+    """
     model = LPIPS()
+    if state_dict is not None and not vgg_weights and not heads:
+        _strict_copy(model, state_dict, state_source or "LPIPS state dict")
+        model.description = f"LPIPS v0.1 (VGG16 and heads from {state_source or 'a state dict'})"
+        return model
     vgg_path = Path(os.path.expanduser(vgg_weights)) if vgg_weights else default_vgg16_path()
     heads_path = Path(os.path.expanduser(heads)) if heads else default_heads_path()
     missing = []
@@ -196,12 +206,7 @@ def build_lpips(vgg_weights: str | None = None, heads: str | None = None, allow_
 
 
 def _strict_copy(module: nn.Module, sd: dict[str, torch.Tensor], source: str, prefix_filter: str = "") -> None:
-    own = {k: v for k, v in module.state_dict().items() if k.startswith(prefix_filter)}
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    if missing or unexpected:
-        raise UserError(f"{source}: key mismatch (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    for k, v in sd.items():
-        if tuple(v.shape) != tuple(own[k].shape):
-            raise UserError(f"{source}: {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
+    from ..checkpoint import check_state_dict
+
+    check_state_dict(module, sd, source, prefix=prefix_filter)
     module.load_state_dict({**module.state_dict(), **{k: v.contiguous() for k, v in sd.items()}})

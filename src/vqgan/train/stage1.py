@@ -23,10 +23,11 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from ..autoencoder import VQModel
-from ..checkpoint import (CONFIG_FILE, WEIGHTS_FILE, atomic_directory, check_state_dict, latest_checkpoint,
-                          load_model, load_state_dict_file, prune_checkpoints, safe_torch_load, save_model,
-                          save_tensors, write_yaml)
+from ..checkpoint import (CONFIG_FILE, DISC_FILE, WEIGHTS_FILE, atomic_directory, check_state_dict, latest_checkpoint,
+                          load_state_dict_file, prune_checkpoints, safe_torch_load, save_model, save_tensors,
+                          write_yaml)
 from ..config import TokenizerTrainConfig
+from ..convert.taming import load_for_finetuning
 from ..data.images import ImageDataset
 from ..data.sources import image_sources
 from ..errors import UserError
@@ -38,7 +39,6 @@ from .common import (MetricsLog, ResumableSampler, Runtime, all_reduce_grads, au
 
 log = logging.getLogger("vqgan.train")
 STATE_FILE = "training_state.pt"
-DISC_FILE = "discriminator.safetensors"
 
 
 class _InputTap:
@@ -52,10 +52,12 @@ class _InputTap:
         self.value = args[0]
 
 
-def build_loss(cfg: TokenizerTrainConfig) -> VQGANLoss:
+def build_loss(cfg: TokenizerTrainConfig, lpips_state: dict[str, torch.Tensor] | None = None,
+               lpips_source: str = "") -> VQGANLoss:
     perceptual = None
     if cfg.loss.perceptual_weight > 0:
-        perceptual = build_lpips(cfg.loss.vgg_weights, cfg.loss.lpips_heads, cfg.loss.allow_random_perceptual)
+        perceptual = build_lpips(cfg.loss.vgg_weights, cfg.loss.lpips_heads, cfg.loss.allow_random_perceptual,
+                                 state_dict=lpips_state, state_source=lpips_source)
     return VQGANLoss(cfg.loss, perceptual, cfg.model.out_ch)
 
 
@@ -91,7 +93,9 @@ class TokenizerTrainer:
         self.dtype = resolve_precision(cfg.train.precision, self.rt.device)
         self._build_data()
         self.model = VQModel(cfg.model).to(self.rt.device)
-        self.loss = build_loss(cfg).to(self.rt.device)
+        init = load_for_finetuning(cfg.train.init_from) if cfg.train.init_from and not self.resume_from else None
+        # a released checkpoint carries the LPIPS network it was trained with: use it unless told otherwise
+        self.loss = build_loss(cfg, init[2] if init else None, cfg.train.init_from or "").to(self.rt.device)
         self.lr = learning_rate(cfg, self.rt.world_size)
         self.opt_ae = adam(self.model.parameters(), self.lr)
         self.opt_d = adam(self.loss.discriminator.parameters(), self.lr)
@@ -103,8 +107,8 @@ class TokenizerTrainer:
         self.step = 0
         if self.resume_from is not None:
             self._load_checkpoint(self.resume_from)
-        elif cfg.train.init_from:
-            self._init_from(cfg.train.init_from)
+        elif init is not None:
+            self._init_from(cfg.train.init_from, init[0], init[1])
         self.tap = _InputTap(self.model.decoder.last_layer)
         self.ae = (DistributedDataParallel(self.model, device_ids=[self.rt.device.index] if self.rt.device.type == "cuda"
                                            else None, broadcast_buffers=False)
@@ -205,13 +209,23 @@ class TokenizerTrainer:
                         state.get("world_size"))
         log.info("resumed from %s (step %d)", path, self.step)
 
-    def _init_from(self, path: str) -> None:
-        source = load_model(path)
+    def _init_from(self, path: str, source: VQModel, disc_sd: dict[str, torch.Tensor] | None) -> None:
+        if asdict(source.config) != asdict(self.cfg.model):
+            differ = [k for k, v in asdict(source.config).items() if asdict(self.cfg.model)[k] != v]
+            log.warning("train.init_from %s: model settings differ from the config (%s); the checkpoint's weights "
+                        "must still fit", path, ", ".join(differ))
         sd = source.state_dict()
         check_state_dict(self.model, sd, path)
         self.model.load_state_dict(sd)
         # a converted or trained codebook is kept unless asked otherwise
         self.care.initialized = not self.cfg.train.reset_codebook
+        if disc_sd is not None:
+            own = self.loss.discriminator.state_dict()
+            if own.keys() == disc_sd.keys() and all(own[k].shape == v.shape for k, v in disc_sd.items()):
+                self.loss.discriminator.load_state_dict(disc_sd)
+                log.info("discriminator initialised from %s", path)
+            else:
+                log.warning("the discriminator in %s does not fit loss.disc_* settings; it starts fresh", path)
         log.info("initialised from %s%s", path, " (codebook re-initialised from data)"
                  if self.cfg.train.reset_codebook else "")
 

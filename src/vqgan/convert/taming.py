@@ -1,0 +1,161 @@
+"""Load the original taming-transformers checkpoints (Lightning `.ckpt` + `model.yaml`/`project.yaml`).
+
+Conversion is a pure `state_dict -> state_dict` split with strict key and shape checks; the model keeps
+taming's module names, so weights copy as they are. The converter switches on the compatibility quirks
+that change numbers (`quantizer.legacy_beta`). Checkpoints are read with `torch.load(weights_only=True)`.
+
+Supported now: `taming.models.vqgan.VQModel` (with its `loss.*` weights: the PatchGAN discriminator and
+the LPIPS network, which load into the training objective when fine-tuning).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from ..autoencoder import VQModel
+from ..checkpoint import (CONFIG_FILE, DISC_FILE, WEIGHTS_FILE, atomic_directory, check_state_dict, load_state_dict_file,
+                          save_tensors, write_yaml)
+from ..config import LossConfig, QuantizerConfig, VQGANConfig
+from ..errors import UserError
+
+VQ_TARGET = "taming.models.vqgan.VQModel"
+LPIPS_FILE = "lpips.safetensors"
+LOSS_CONFIG_FILE = "loss.yaml"
+_MODEL_PREFIXES = ("encoder.", "decoder.", "quantize.", "quant_conv.", "post_quant_conv.")
+
+
+def find_config(ckpt: Path) -> Path | None:
+    """The YAML beside a released checkpoint: `model.yaml`/`project.yaml` next to it or one folder up, or
+    the log layout `<run>/checkpoints/last.ckpt` + `<run>/configs/*-project.yaml`."""
+    for folder in (ckpt.parent, ckpt.parent.parent):
+        for name in ("model.yaml", "project.yaml", "config.yaml"):
+            if (folder / name).is_file():
+                return folder / name
+        configs = sorted((folder / "configs").glob("*project.yaml")) if (folder / "configs").is_dir() else []
+        if configs:
+            return configs[-1]
+    same_stem = ckpt.with_suffix(".yaml")
+    return same_stem if same_stem.is_file() else None
+
+
+def read_taming_config(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"cannot read taming config {path}: {str(e).splitlines()[0]}") from None
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict) or "target" not in model:
+        raise UserError(f"{path} is not a taming-transformers config (no model.target)")
+    return model
+
+
+def vqgan_config(params: dict[str, Any], where: str = "config") -> VQGANConfig:
+    dd = dict(params["ddconfig"])
+    if dd.get("double_z"):
+        raise UserError(f"{where}: ddconfig.double_z is true, which a VQ model never uses")
+    if params.get("remap") is not None:
+        raise UserError(f"{where}: the `remap` option of the quantizer is not supported yet")
+    return VQGANConfig(resolution=dd["resolution"], in_channels=dd["in_channels"], out_ch=dd["out_ch"], ch=dd["ch"],
+                       ch_mult=list(dd["ch_mult"]), num_res_blocks=dd["num_res_blocks"],
+                       attn_resolutions=list(dd["attn_resolutions"]), dropout=float(dd.get("dropout", 0.0)),
+                       z_channels=dd["z_channels"],
+                       # taming's VectorQuantizer2(legacy=True) weights the codebook term by beta = 0.25
+                       quantizer=QuantizerConfig(n_embed=params["n_embed"], embed_dim=params["embed_dim"], beta=0.25,
+                                                 legacy_beta=True))
+
+
+def loss_config(params: dict[str, Any]) -> LossConfig | None:
+    lc = params.get("lossconfig") or {}
+    if not str(lc.get("target", "")).endswith("VQLPIPSWithDiscriminator"):
+        return None
+    p = lc.get("params") or {}
+    return LossConfig(pixel_weight=float(p.get("pixelloss_weight", 1.0)),
+                      perceptual_weight=float(p.get("perceptual_weight", 1.0)),
+                      codebook_weight=float(p.get("codebook_weight", 1.0)),
+                      disc_start=int(p.get("disc_start", 0)), disc_factor=float(p.get("disc_factor", 1.0)),
+                      disc_weight=float(p.get("disc_weight", 1.0)), disc_loss=p.get("disc_loss", "hinge"),
+                      disc_layers=int(p.get("disc_num_layers", 3)), disc_ndf=int(p.get("disc_ndf", 64)),
+                      disc_norm="actnorm" if p.get("use_actnorm") else "batch")
+
+
+def split_vqgan_state_dict(sd: dict[str, torch.Tensor], source: str
+                           ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """taming VQModel keys -> (autoencoder, discriminator, LPIPS) state dicts."""
+    model, disc, lpips, unknown = {}, {}, {}, []
+    for key, value in sd.items():
+        if key.startswith("loss.discriminator."):
+            disc[key[len("loss.discriminator."):]] = value
+        elif key.startswith("loss.perceptual_loss."):
+            lpips[key[len("loss.perceptual_loss."):]] = value
+        elif key.startswith(_MODEL_PREFIXES):
+            model[key] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise UserError(f"{source}: keys that a taming VQModel does not have: {unknown[:5]}")
+    return model, disc, lpips
+
+
+def _taming_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
+    sd = load_state_dict_file(ckpt)
+    return {k: v.contiguous() for k, v in sd.items()}  # released files may hold strided views
+
+
+def load_taming_vqgan(ckpt: str | Path, config: str | Path | None = None
+                      ) -> tuple[VQModel, LossConfig | None, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(model, loss config, discriminator weights, LPIPS weights) from a taming VQModel checkpoint."""
+    ckpt = Path(ckpt)
+    cfg_path = Path(config) if config else find_config(ckpt)
+    if cfg_path is None:
+        raise UserError(f"no taming config found for {ckpt}; pass it with --config (the model.yaml or "
+                        "*-project.yaml released beside the checkpoint)")
+    params_all = read_taming_config(cfg_path)
+    target = params_all["target"]
+    if target != VQ_TARGET:
+        raise UserError(f"{cfg_path}: model.target {target} is not supported yet (supported: {VQ_TARGET})")
+    params = params_all.get("params") or {}
+    model = VQModel(vqgan_config(params, str(cfg_path)))
+    model_sd, disc_sd, lpips_sd = split_vqgan_state_dict(_taming_state_dict(ckpt), str(ckpt))
+    check_state_dict(model, model_sd, str(ckpt))
+    model.load_state_dict(model_sd)
+    return model.eval(), loss_config(params), disc_sd, lpips_sd
+
+
+def convert(ckpt: str | Path, out_dir: str | Path, config: str | Path | None = None) -> dict[str, Any]:
+    """Write the project's format: model.safetensors + config.yaml (+ the loss weights and loss.yaml)."""
+    model, loss_cfg, disc_sd, lpips_sd = load_taming_vqgan(ckpt, config)
+    with atomic_directory(out_dir) as tmp:
+        save_tensors(model.state_dict(), tmp / WEIGHTS_FILE)
+        write_yaml(model.config_dict(), tmp / CONFIG_FILE)
+        if loss_cfg is not None:
+            write_yaml(asdict(loss_cfg), tmp / LOSS_CONFIG_FILE)
+        if disc_sd:
+            save_tensors(disc_sd, tmp / DISC_FILE, metadata={"source": str(ckpt)})
+        if lpips_sd:
+            save_tensors(lpips_sd, tmp / LPIPS_FILE, metadata={"source": str(ckpt)})
+    return {"out": str(out_dir), "kind": "vqgan", "codes": model.quantize.n_embed,
+            "downsample_factor": model.downsample_factor, "discriminator": bool(disc_sd), "lpips": bool(lpips_sd)}
+
+
+def load_for_finetuning(path: str | Path) -> tuple[VQModel, dict[str, torch.Tensor] | None, dict[str, torch.Tensor] | None]:
+    """(model, discriminator weights or None, LPIPS weights or None) from a taming `.ckpt`, a converted
+    directory, a training checkpoint or a run directory."""
+    from ..checkpoint import load_model
+
+    p = Path(path)
+    if p.is_file():
+        model, _, disc, lpips = load_taming_vqgan(p)
+        return model, disc or None, lpips or None
+    model = load_model(p)
+    folder = p if (p / WEIGHTS_FILE).is_file() else None
+    if folder is None:  # a run directory: the weights came from its final model or latest checkpoint
+        from ..checkpoint import latest_checkpoint
+
+        folder = latest_checkpoint(p / "checkpoints")
+    disc = load_state_dict_file(folder / DISC_FILE) if folder and (folder / DISC_FILE).is_file() else None
+    lpips = load_state_dict_file(folder / LPIPS_FILE) if folder and (folder / LPIPS_FILE).is_file() else None
+    return model, disc, lpips

@@ -1,0 +1,98 @@
+"""The original taming-transformers checkpoints load exactly (fixtures made with the original code)."""
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import vqgan
+from vqgan.cli import main
+from vqgan.convert.taming import load_taming_vqgan
+from vqgan.errors import UserError
+from vqgan.losses import VQGANLoss, build_lpips
+
+
+@pytest.fixture
+def io(fixtures_dir):
+    return {k: torch.from_numpy(v) for k, v in np.load(fixtures_dir / "io.npz").items()}
+
+
+def test_vqgan_checkpoint_reproduces_reference_outputs(fixtures_dir, io):
+    model, loss_cfg, disc_sd, lpips_sd = load_taming_vqgan(fixtures_dir / "vqgan.ckpt", fixtures_dir / "vqgan.yaml")
+    assert model.config.quantizer.legacy_beta and loss_cfg.disc_ndf == 4 and len(disc_sd) == 22 and len(lpips_sd) == 33
+    x = io["images"]
+    with torch.no_grad():
+        rec, qloss, info = model(x)
+    assert torch.equal(model.encode(x), io["vq_indices_bhw"])
+    assert torch.equal(info["indices"].reshape(-1), io["vq_indices"])
+    for ours, ref in ((model.encode_to_prequant(x).detach(), io["vq_h"]), (rec, io["vq_dec"]),
+                      (model.decode(model.encode(x)), io["vq_decode_code"]),
+                      (model.quantize.decode_indices(io["vq_indices_bhw"]), io["vq_quant_from_indices"])):
+        assert (ours - ref).abs().max() < 1e-4
+    assert abs(float(qloss) - float(io["vq_qloss"])) < 1e-6
+
+
+def test_converted_loss_reproduces_reference_objective(fixtures_dir, io):
+    """L1 + LPIPS (the checkpoint's own network) + adaptive weight + PatchGAN terms, as taming computes them."""
+    model, loss_cfg, disc_sd, lpips_sd = load_taming_vqgan(fixtures_dir / "vqgan.ckpt", fixtures_dir / "vqgan.yaml")
+    loss = VQGANLoss(loss_cfg, build_lpips(state_dict=lpips_sd, state_source="fixture"))
+    loss.discriminator.load_state_dict(disc_sd)
+    loss.eval()
+    x = io["images"]
+    rec, qloss, _ = model(x)
+    gen = loss.generator_loss_reference(x, rec, qloss, model.decoder.last_layer, step=0)
+    p = loss.perceptual(x, rec)
+    assert (p - io["loss_p_loss"].reshape(-1)).abs().max() < 1e-5
+    weight = float(gen.logs["adaptive_weight"]) / loss_cfg.disc_weight  # taming logs d_weight * disc_weight
+    assert weight * loss_cfg.disc_weight == pytest.approx(float(io["loss_log_train_d_weight"]), rel=1e-4)
+    assert float(gen.logs["gan"]) == pytest.approx(float(io["loss_log_train_g_loss"]), rel=1e-4, abs=1e-6)
+    assert float(gen.logs["total"]) == pytest.approx(float(io["loss_ae_total"]), rel=1e-4)
+    d_loss, d_logs = loss.discriminator_loss_step(x, rec)
+    assert float(d_loss.detach()) == pytest.approx(float(io["loss_disc_total"]), rel=1e-5)
+    assert (loss.discriminator(x) - io["loss_logits_real"]).abs().max() < 1e-4
+
+
+def test_convert_command_and_load(fixtures_dir, io, tmp_path):
+    ckpt = tmp_path / "released" / "last.ckpt"
+    ckpt.parent.mkdir()
+    shutil.copy(fixtures_dir / "vqgan.ckpt", ckpt)
+    shutil.copy(fixtures_dir / "vqgan.yaml", ckpt.parent / "model.yaml")  # found beside the checkpoint
+    assert main(["convert", str(ckpt), str(tmp_path / "converted")]) == 0
+    for f in ("model.safetensors", "config.yaml", "discriminator.safetensors", "lpips.safetensors", "loss.yaml"):
+        assert (tmp_path / "converted" / f).is_file(), f
+    for source in (tmp_path / "converted", ckpt):
+        model = vqgan.load(source)
+        assert torch.equal(model.encode(io["images"]), io["vq_indices_bhw"])
+
+
+def test_unsupported_and_mismatched_checkpoints_are_clear_errors(fixtures_dir, tmp_path):
+    with pytest.raises(UserError, match="not supported yet"):
+        load_taming_vqgan(fixtures_dir / "gumbel.ckpt", fixtures_dir / "gumbel.yaml")
+    with pytest.raises(UserError, match="no taming config found"):
+        shutil.copy(fixtures_dir / "vqgan.ckpt", tmp_path / "lonely.ckpt")
+        load_taming_vqgan(tmp_path / "lonely.ckpt")
+    with pytest.raises(UserError, match="missing keys"):
+        load_taming_vqgan(fixtures_dir / "gumbel.ckpt", fixtures_dir / "vqgan.yaml")
+
+
+def test_finetune_from_an_original_checkpoint(fixtures_dir, tmp_path):
+    from vqgan.config import TokenizerTrainConfig, load_config
+    from vqgan.train.stage1 import TokenizerTrainer
+
+    cfg = load_config(TokenizerTrainConfig, {
+        "model": {"resolution": 32, "ch": 32, "ch_mult": [1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [8],
+                  "z_channels": 16, "quantizer": {"n_embed": 64, "embed_dim": 16, "legacy_beta": True}},
+        "loss": {"perceptual_weight": 1.0, "disc_ndf": 4, "disc_start": 0},
+        "data": {"path": "builtin:scenes", "builtin_count": 24, "holdout": 4, "num_workers": 0},
+        "train": {"out_dir": str(tmp_path / "run"), "steps": 2, "batch_size": 4,
+                  "init_from": str(fixtures_dir / "vqgan.ckpt"), "ckpt_every": 100}})
+    shutil.copy(fixtures_dir / "vqgan.yaml", tmp_path / "vqgan.yaml")
+    ckpt = tmp_path / "vqgan.ckpt"
+    shutil.copy(fixtures_dir / "vqgan.ckpt", ckpt)
+    cfg.train.init_from = str(ckpt)
+    trainer = TokenizerTrainer(cfg, progress=False)
+    assert "from " + str(ckpt) in trainer.loss.perceptual_description  # the checkpoint's own LPIPS
+    ref = vqgan.load(ckpt)
+    assert torch.equal(trainer.model.quantize.embedding.weight, ref.quantize.embedding.weight)  # codebook kept
+    result = trainer.fit()
+    assert result["step"] == 2
