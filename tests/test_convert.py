@@ -65,14 +65,38 @@ def test_convert_command_and_load(fixtures_dir, io, tmp_path):
         assert torch.equal(model.encode(io["images"]), io["vq_indices_bhw"])
 
 
+def test_gumbel_checkpoint_reproduces_reference_outputs(fixtures_dir, io):
+    model = load_taming_vqgan(fixtures_dir / "gumbel.ckpt", fixtures_dir / "gumbel.yaml")[0]
+    x = io["gumbel_images"]
+    with torch.no_grad():
+        h = model.encode_to_prequant(x)
+        assert (h - io["gumbel_h"]).abs().max() < 1e-4
+        assert (model.quantize.proj(h) - io["gumbel_logits"]).abs().max() < 1e-4
+        tokens = model.encode(x)  # eval: the noise-free argmax
+        assert torch.equal(tokens, io["gumbel_indices_argmax"])
+        assert (model.quantize.decode_indices(tokens) - io["gumbel_quant_argmax"]).abs().max() < 1e-5
+        assert (model.decode(tokens) - io["gumbel_dec_argmax"]).abs().max() < 1e-4
+        # taming's eval adds Gumbel noise; the compatibility flag reproduces it draw for draw
+        model.quantize.config.noise_in_eval = True
+        torch.manual_seed(int(io["gumbel_noise_seed"]))
+        out = model.quantize(h)
+        assert torch.equal(out.indices, io["gumbel_indices_sampled"])
+        assert (out.quantized - io["gumbel_quant_sampled"]).abs().max() < 1e-5
+        assert float(out.loss) == pytest.approx(float(io["gumbel_kl_sampled"]), rel=1e-4, abs=1e-12)
+
+
 def test_unsupported_and_mismatched_checkpoints_are_clear_errors(fixtures_dir, tmp_path):
     with pytest.raises(UserError, match="not supported yet"):
-        load_taming_vqgan(fixtures_dir / "gumbel.ckpt", fixtures_dir / "gumbel.yaml")
+        load_taming_vqgan(fixtures_dir / "transformer.ckpt", fixtures_dir / "transformer.yaml")
     with pytest.raises(UserError, match="no taming config found"):
         shutil.copy(fixtures_dir / "vqgan.ckpt", tmp_path / "lonely.ckpt")
         load_taming_vqgan(tmp_path / "lonely.ckpt")
     with pytest.raises(UserError, match="missing keys"):
         load_taming_vqgan(fixtures_dir / "gumbel.ckpt", fixtures_dir / "vqgan.yaml")
+    truncated = tmp_path / "cut.ckpt"
+    truncated.write_bytes((fixtures_dir / "vqgan.ckpt").read_bytes()[:5000])
+    with pytest.raises(UserError, match="corrupt or truncated"):
+        load_taming_vqgan(truncated, fixtures_dir / "vqgan.yaml")
 
 
 def test_finetune_from_an_original_checkpoint(fixtures_dir, tmp_path):
@@ -96,3 +120,22 @@ def test_finetune_from_an_original_checkpoint(fixtures_dir, tmp_path):
     assert torch.equal(trainer.model.quantize.embedding.weight, ref.quantize.embedding.weight)  # codebook kept
     result = trainer.fit()
     assert result["step"] == 2
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_convert_refuses_a_malicious_checkpoint(fixtures_dir, tmp_path, capsys):
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "callback": _Payload(marker)}, evil)
+    assert main(["convert", str(evil), str(tmp_path / "out"), "--config", str(fixtures_dir / "vqgan.yaml")]) == 2
+    assert "refused for safety" in capsys.readouterr().err
+    assert not marker.exists() and not (tmp_path / "out").exists()

@@ -73,3 +73,27 @@ def test_stats_report_usage_and_perplexity():
     out = q(z)
     assert float(out.stats["usage"]) == pytest.approx(0.5)
     assert float(out.stats["perplexity"]) == pytest.approx(4.0)
+
+
+def test_gumbel_quantizer_contract_training_and_eval():
+    from vqgan.quantizers import GumbelQuantizer
+
+    q = GumbelQuantizer(QuantizerConfig(kind="gumbel", n_embed=16, embed_dim=4), in_channels=4)
+    z = torch.randn(2, 4, 3, 3, requires_grad=True)
+    q.train()
+    out = q(z)
+    (out.quantized.square().mean() + out.loss).backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0 and q.proj.weight.grad is not None
+    q.eval()
+    a, b = q(z), q(z)
+    assert torch.equal(a.indices, b.indices)  # eval is deterministic: argmax, no noise
+    torch.testing.assert_close(a.quantized, q.decode_indices(a.indices))
+
+
+def test_gumbel_model_trains(tmp_path):
+    from conftest import tiny_train_config
+    from vqgan.train.stage1 import TokenizerTrainer
+
+    cfg = tiny_train_config(tmp_path, model={"quantizer": {"kind": "gumbel", "n_embed": 32, "embed_dim": 16}},
+                            train={"steps": 2})
+    assert TokenizerTrainer(cfg, progress=False).fit()["step"] == 2

@@ -15,7 +15,7 @@ from torch import nn
 
 from .config import QuantizerConfig, VQGANConfig, from_dict
 from .nn import AttnBlock, Downsample, ResnetBlock, Upsample, normalize, swish
-from .quantizers import QuantizerOutput, VectorQuantizer
+from .quantizers import QuantizerOutput, build_quantizer
 
 
 class Encoder(nn.Module):
@@ -131,7 +131,7 @@ class VQModel(nn.Module):
         qc = config.quantizer
         self.quant_conv = nn.Conv2d(config.z_channels, qc.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(qc.embed_dim, config.z_channels, 1)
-        self.quantize = VectorQuantizer(qc)
+        self.quantize = build_quantizer(qc, qc.embed_dim)
 
     # -- the pieces ------------------------------------------------------------------------------
     def encode_to_prequant(self, x: torch.Tensor) -> torch.Tensor:

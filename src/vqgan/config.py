@@ -21,14 +21,20 @@ T = TypeVar("T")
 
 @dataclass
 class QuantizerConfig:
-    """Nearest-neighbour vector quantizer (VQ-VAE / VQGAN)."""
+    """The quantizer between encoder and decoder: `kind` vq (nearest neighbour, VQ-VAE / VQGAN) or gumbel."""
 
+    kind: str = "vq"
     n_embed: int = 1024  # codebook size
     embed_dim: int = 256  # code width
     beta: float = 0.25  # commitment weight (paper: on ||z - sg[e]||^2)
     # taming-transformers quirk: its VectorQuantizer2(legacy=True) puts beta on the codebook term
     # and weight 1 on the commitment term. The converter switches this on for released checkpoints.
     legacy_beta: bool = False
+    # gumbel only
+    temperature: float = 1.0
+    kl_weight: float = 5e-4
+    straight_through: bool = True
+    noise_in_eval: bool = False  # taming quirk: its GumbelVQ samples noise even in eval (off: argmax tokens)
 
 
 @dataclass
@@ -60,6 +66,8 @@ class VQGANConfig:
         for c in [self.ch * m for m in self.ch_mult]:
             if c % 32:
                 raise UserError(f"model.ch * model.ch_mult gives {c} channels; GroupNorm(32) needs multiples of 32")
+        if self.quantizer.kind not in ("vq", "gumbel"):
+            raise UserError(f"model.quantizer.kind must be 'vq' or 'gumbel', got {self.quantizer.kind!r}")
         if self.resolution % self.downsample_factor:
             raise UserError(f"model.resolution {self.resolution} is not divisible by the downsampling factor "
                             f"{self.downsample_factor} (2 ** (len(ch_mult) - 1))")

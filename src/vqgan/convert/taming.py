@@ -5,7 +5,8 @@ taming's module names, so weights copy as they are. The converter switches on th
 that change numbers (`quantizer.legacy_beta`). Checkpoints are read with `torch.load(weights_only=True)`.
 
 Supported now: `taming.models.vqgan.VQModel` (with its `loss.*` weights: the PatchGAN discriminator and
-the LPIPS network, which load into the training objective when fine-tuning).
+the LPIPS network, which load into the training objective when fine-tuning) and `GumbelVQ` (its eval-mode
+tokens are the noise-free argmax here; see quantizers/gumbel.py).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from ..config import LossConfig, QuantizerConfig, VQGANConfig
 from ..errors import UserError
 
 VQ_TARGET = "taming.models.vqgan.VQModel"
+GUMBEL_TARGET = "taming.models.vqgan.GumbelVQ"
 LPIPS_FILE = "lpips.safetensors"
 LOSS_CONFIG_FILE = "loss.yaml"
 _MODEL_PREFIXES = ("encoder.", "decoder.", "quantize.", "quant_conv.", "post_quant_conv.")
@@ -53,8 +55,10 @@ def read_taming_config(path: Path) -> dict[str, Any]:
     return model
 
 
-def vqgan_config(params: dict[str, Any], where: str = "config") -> VQGANConfig:
+def vqgan_config(params: dict[str, Any], where: str = "config", gumbel: bool = False) -> VQGANConfig:
     dd = dict(params["ddconfig"])
+    if gumbel and params["embed_dim"] != dd["z_channels"]:
+        raise UserError(f"{where}: taming's GumbelVQ only runs with embed_dim == z_channels")
     if dd.get("double_z"):
         raise UserError(f"{where}: ddconfig.double_z is true, which a VQ model never uses")
     if params.get("remap") is not None:
@@ -65,7 +69,10 @@ def vqgan_config(params: dict[str, Any], where: str = "config") -> VQGANConfig:
                        z_channels=dd["z_channels"],
                        # taming's VectorQuantizer2(legacy=True) weights the codebook term by beta = 0.25
                        quantizer=QuantizerConfig(n_embed=params["n_embed"], embed_dim=params["embed_dim"], beta=0.25,
-                                                 legacy_beta=True))
+                                                 legacy_beta=True) if not gumbel else
+                       # taming's temperature after loading is its initial 1.0 (not stored in the weights)
+                       QuantizerConfig(kind="gumbel", n_embed=params["n_embed"], embed_dim=params["embed_dim"],
+                                       kl_weight=float(params.get("kl_weight", 5e-4)), temperature=1.0))
 
 
 def loss_config(params: dict[str, Any]) -> LossConfig | None:
@@ -115,10 +122,11 @@ def load_taming_vqgan(ckpt: str | Path, config: str | Path | None = None
                         "*-project.yaml released beside the checkpoint)")
     params_all = read_taming_config(cfg_path)
     target = params_all["target"]
-    if target != VQ_TARGET:
-        raise UserError(f"{cfg_path}: model.target {target} is not supported yet (supported: {VQ_TARGET})")
+    if target not in (VQ_TARGET, GUMBEL_TARGET):
+        raise UserError(f"{cfg_path}: model.target {target} is not supported yet (supported: {VQ_TARGET}, "
+                        f"{GUMBEL_TARGET})")
     params = params_all.get("params") or {}
-    model = VQModel(vqgan_config(params, str(cfg_path)))
+    model = VQModel(vqgan_config(params, str(cfg_path), gumbel=target == GUMBEL_TARGET))
     model_sd, disc_sd, lpips_sd = split_vqgan_state_dict(_taming_state_dict(ckpt), str(ckpt))
     check_state_dict(model, model_sd, str(ckpt))
     model.load_state_dict(model_sd)

@@ -110,6 +110,8 @@ class TokenizerTrainer:
         elif init is not None:
             self._init_from(cfg.train.init_from, init[0], init[1])
         self.tap = _InputTap(self.model.decoder.last_layer)
+        # nearest-neighbour codebooks get data init and dead-code restarts; Gumbel codes are chosen by logits
+        self._codebook = self.model.quantize.embedding.weight if cfg.model.quantizer.kind == "vq" else None
         self.ae = (DistributedDataParallel(self.model, device_ids=[self.rt.device.index] if self.rt.device.type == "cuda"
                                            else None, broadcast_buffers=False)
                    if self.rt.distributed else self.model)
@@ -241,7 +243,7 @@ class TokenizerTrainer:
             with autocast(self.rt.device, self.dtype):
                 h = self.model.encode_to_prequant(batch["image"].to(self.rt.device))
             latents.append(h.float().permute(0, 2, 3, 1).reshape(-1, h.shape[1]))
-        self.care.initialize(self.model.quantize.embedding.weight, torch.cat(latents))
+        self.care.initialize(self._codebook, torch.cat(latents))
         self.metrics.note(f"codebook initialised from {sum(len(x) for x in latents)} encoder outputs "
                           f"of {n_images} images")
 
@@ -283,7 +285,7 @@ class TokenizerTrainer:
         # codebook statistics of the last micro-batch, reduced across ranks
         h = info["prequant"].detach().float()
         self.care.observe(info["indices"], h.permute(0, 2, 3, 1).reshape(-1, h.shape[1]), step)
-        restarted = self.care.maybe_restart(self.model.quantize.embedding.weight, step, self.opt_ae)
+        restarted = self.care.maybe_restart(self._codebook, step, self.opt_ae) if self._codebook is not None else 0
         out = {k: float(v) for k, v in logs.items()}
         out.update(usage_batch=float(info["usage"]), perplexity=float(info["perplexity"]),
                    usage_window=self.care.window_usage(step), restarted=restarted)
@@ -319,7 +321,7 @@ class TokenizerTrainer:
                 f"{self.rt.world_size} process(es) on {self.rt.device}, precision {self.dtype}, lr {self.lr:.3g}; "
                 f"perceptual: {self.loss.perceptual_description}")
             log.info("perceptual loss: %s", self.loss.perceptual_description)
-        if not self.care.initialized and t.codebook.init_from_data:
+        if not self.care.initialized and t.codebook.init_from_data and self._codebook is not None:
             self._initialize_codebook()
         self.care.initialized = True
         old_handlers = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGTERM, signal.SIGINT)} \
