@@ -74,9 +74,10 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
-        for f in tmp.iterdir():  # make the data durable before the rename publishes it
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        for f in tmp.rglob("*"):  # make the data durable before the rename publishes it
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
@@ -153,16 +154,25 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> to
         if not path.exists():
             raise UserError(f"model path {path} does not exist")
         if path.suffix in (".ckpt", ".pt", ".pth"):  # an original taming-transformers checkpoint
-            from .convert.taming import load_taming_vqgan
+            from .convert.taming import TRANSFORMER_TARGET, find_config, load_taming_transformer, load_taming_vqgan
+            from .convert.taming import read_taming_config
 
+            cfg = find_config(path)
+            if cfg is not None and read_taming_config(cfg)["target"] == TRANSFORMER_TARGET:
+                return load_taming_transformer(path, cfg)[0].to(map_location)
             return load_taming_vqgan(path)[0].to(map_location)
         raise UserError(f"{path} is neither a model directory (with {WEIGHTS_FILE} and {CONFIG_FILE}) nor a "
                         "taming-transformers .ckpt")
     data = _read_model_config(path)
     kind = data.get("kind", "vqgan")
-    if kind != "vqgan":
+    if kind == "gpt":
+        from .transformer import GPT
+
+        model = GPT.from_config_dict(data)
+    elif kind == "vqgan":
+        model = VQModel.from_config_dict(data)
+    else:
         raise UserError(f"{path} holds a model of kind {kind!r}, which this version cannot load")
-    model = VQModel.from_config_dict(data)
     sd = load_state_dict_file(path / WEIGHTS_FILE)
     check_state_dict(model, sd, str(path / WEIGHTS_FILE))
     model.load_state_dict(sd)

@@ -134,8 +134,20 @@ def load_taming_vqgan(ckpt: str | Path, config: str | Path | None = None
 
 
 def convert(ckpt: str | Path, out_dir: str | Path, config: str | Path | None = None) -> dict[str, Any]:
-    """Write the project's format: model.safetensors + config.yaml (+ the loss weights and loss.yaml)."""
-    model, loss_cfg, disc_sd, lpips_sd = load_taming_vqgan(ckpt, config)
+    """Write the project's format: model.safetensors + config.yaml (+ the loss weights and loss.yaml; for a
+    transformer, its tokenizer in tokenizer/)."""
+    cfg_path = Path(config) if config else find_config(Path(ckpt))
+    if cfg_path is not None and read_taming_config(cfg_path)["target"] == TRANSFORMER_TARGET:
+        gpt, first_stage, conditioning = load_taming_transformer(ckpt, cfg_path)
+        with atomic_directory(out_dir) as tmp:
+            save_tensors(gpt.state_dict(), tmp / WEIGHTS_FILE)
+            write_yaml({**gpt.config_dict(), "conditioning": conditioning}, tmp / CONFIG_FILE)
+            (tmp / "tokenizer").mkdir()
+            save_tensors(first_stage.state_dict(), tmp / "tokenizer" / WEIGHTS_FILE)
+            write_yaml(first_stage.config_dict(), tmp / "tokenizer" / CONFIG_FILE)
+        return {"out": str(out_dir), "kind": "gpt", "conditioning": conditioning, "tokenizer": str(Path(out_dir) /
+                                                                                                  "tokenizer")}
+    model, loss_cfg, disc_sd, lpips_sd = load_taming_vqgan(ckpt, cfg_path)
     with atomic_directory(out_dir) as tmp:
         save_tensors(model.state_dict(), tmp / WEIGHTS_FILE)
         write_yaml(model.config_dict(), tmp / CONFIG_FILE)
@@ -167,3 +179,62 @@ def load_for_finetuning(path: str | Path) -> tuple[VQModel, dict[str, torch.Tens
     disc = load_state_dict_file(folder / DISC_FILE) if folder and (folder / DISC_FILE).is_file() else None
     lpips = load_state_dict_file(folder / LPIPS_FILE) if folder and (folder / LPIPS_FILE).is_file() else None
     return model, disc, lpips
+
+
+TRANSFORMER_TARGET = "taming.models.cond_transformer.Net2NetTransformer"
+
+
+def load_taming_transformer(ckpt: str | Path, config: str | Path | None = None):
+    """(GPT, first-stage tokenizer, conditioning) from a taming Net2NetTransformer checkpoint.
+
+    Conditioning is {"kind": "unconditional", "sos_token": s} or {"kind": "class", "n_classes": n}: in taming
+    both are a single condition token that shares the vocabulary with the image codes.
+    """
+    from ..transformer import GPT, GPTConfig
+
+    ckpt = Path(ckpt)
+    cfg_path = Path(config) if config else find_config(ckpt)
+    if cfg_path is None:
+        raise UserError(f"no taming config found for {ckpt}; pass it with --config")
+    model_cfg = read_taming_config(cfg_path)
+    if model_cfg["target"] != TRANSFORMER_TARGET:
+        raise UserError(f"{cfg_path}: model.target {model_cfg['target']} is not a {TRANSFORMER_TARGET}")
+    params = model_cfg.get("params") or {}
+    permuter = (params.get("permuter_config") or {}).get("target", "taming.modules.transformer.permuter.Identity")
+    if not permuter.endswith("Identity"):
+        raise UserError(f"{cfg_path}: permuter {permuter} is not supported yet (only raster order)")
+    cond = params.get("cond_stage_config")
+    if cond == "__is_unconditional__" or params.get("unconditional"):
+        conditioning = {"kind": "unconditional", "sos_token": int(params.get("sos_token", 0))}
+    elif isinstance(cond, dict) and str(cond.get("target", "")).endswith("Labelator"):
+        conditioning = {"kind": "class", "n_classes": int((cond.get("params") or {}).get("n_classes", 1000))}
+    else:
+        raise UserError(f"{cfg_path}: cond_stage_config {cond!r} is not supported yet (unconditional and class-"
+                        "conditional are)")
+    tp = (params.get("transformer_config") or {}).get("params") or {}
+    gpt = GPT(GPTConfig(vocab_size=tp["vocab_size"], block_size=tp["block_size"], n_layer=tp["n_layer"],
+                        n_head=tp["n_head"], n_embd=tp["n_embd"], dropout=float(tp.get("resid_pdrop", 0.0)),
+                        n_unmasked=int(tp.get("n_unmasked", 0))))
+    fs = params["first_stage_config"]
+    first_stage = VQModel(vqgan_config(fs.get("params") or {}, f"{cfg_path} first_stage_config",
+                                       gumbel=fs["target"] == GUMBEL_TARGET))
+    sd = _taming_state_dict(ckpt)
+    gpt_sd, fs_sd, unknown = {}, {}, []
+    for key, value in sd.items():
+        if key.startswith("transformer."):
+            name = key[len("transformer."):]
+            if name.endswith(".attn.mask"):  # a derived buffer: the causal (prefix) mask
+                continue
+            gpt_sd[name] = value
+        elif key.startswith("first_stage_model."):
+            fs_sd[key[len("first_stage_model."):]] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise UserError(f"{ckpt}: keys this converter does not handle yet: {unknown[:5]}")
+    check_state_dict(gpt, gpt_sd, f"{ckpt} (transformer.*)")
+    gpt.load_state_dict(gpt_sd)
+    fs_sd = {k: v for k, v in fs_sd.items() if not k.startswith("loss.")}
+    check_state_dict(first_stage, fs_sd, f"{ckpt} (first_stage_model.*)")
+    first_stage.load_state_dict(fs_sd)
+    return gpt.eval(), first_stage.eval(), conditioning

@@ -1,0 +1,149 @@
+"""A GPT-2 style decoder-only transformer over token sequences (the stage-2 prior of Taming Transformers).
+
+Pre-LayerNorm blocks, causal self-attention through `scaled_dot_product_attention`, GELU MLP, learned
+position embeddings. Module names follow minGPT as taming uses it (`tok_emb`, `pos_emb`, `blocks.i.attn.query`,
+`mlp.0`, `ln_f`, `head`), so its checkpoints convert by key copy. `forward` takes a KV cache so that sampling
+a growing prefix costs one position per new token.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import from_dict
+from .errors import UserError
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 1024
+    block_size: int = 256  # the longest sequence (condition tokens + image tokens - 1)
+    n_layer: int = 12
+    n_head: int = 8
+    n_embd: int = 512
+    dropout: float = 0.0
+    n_unmasked: int = 0  # the first n positions attend to each other both ways (taming's prefix option)
+
+    def validate(self) -> None:
+        if self.n_embd % self.n_head:
+            raise UserError(f"gpt.n_embd {self.n_embd} must be divisible by gpt.n_head {self.n_head}")
+
+
+class KVCache:
+    """Per-layer keys and values of the positions seen so far: (B, n_head, T, head_dim) each."""
+
+    def __init__(self, n_layer: int):
+        self.keys: list[torch.Tensor | None] = [None] * n_layer
+        self.values: list[torch.Tensor | None] = [None] * n_layer
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys[layer] is not None:
+            k = torch.cat([self.keys[layer], k], dim=2)
+            v = torch.cat([self.values[layer], v], dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.n_unmasked = cfg.n_unmasked
+        self.key = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.query = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.value = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.attn_dropout = cfg.dropout
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, past: int = 0) -> torch.Tensor:
+        """`past`: how many positions precede x (all in `cache`)."""
+        b, t, c = x.shape
+        heads = lambda y: y.view(b, t, self.n_head, c // self.n_head).transpose(1, 2)  # noqa: E731 (B, nh, T, hd)
+        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+        if cache is not None:
+            k, v = cache.append(layer, k, v)
+        dropout = self.attn_dropout if self.training else 0.0
+        if past == 0 and self.n_unmasked == 0:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        elif t == 1 and self.n_unmasked == 0:  # one new position sees everything before it
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self._mask(past, t, x.device), dropout_p=dropout)
+        y = y.transpose(1, 2).reshape(b, t, c)
+        return self.resid_drop(self.proj(y))
+
+    def _mask(self, past: int, t: int, device: torch.device) -> torch.Tensor:
+        """Query positions past..past+t-1 may see keys 0..their own position (and the unmasked prefix)."""
+        rows = torch.arange(past, past + t, device=device)[:, None]
+        cols = torch.arange(past + t, device=device)[None, :]
+        return (cols <= rows) | ((rows < self.n_unmasked) & (cols < self.n_unmasked))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.n_embd)
+        self.ln2 = nn.LayerNorm(cfg.n_embd)
+        self.attn = CausalSelfAttention(cfg)
+        self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(),
+                                 nn.Linear(4 * cfg.n_embd, cfg.n_embd), nn.Dropout(cfg.dropout))
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, past: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), cache, layer, past)
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    """Token ids (B, T) -> next-token logits (B, T, vocab_size)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.pos_emb = nn.Parameter(torch.zeros(1, config.block_size, config.n_embd))
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd)
+        self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, 0.0, 0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.config.n_layer)
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """With a cache, `idx` holds only the new positions, which follow the cached ones."""
+        b, t = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + t > self.config.block_size:
+            raise ValueError(f"sequence of {start + t} tokens exceeds block_size {self.config.block_size}")
+        x = self.drop(self.tok_emb(idx) + self.pos_emb[:, start:start + t])
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache, i, start)
+        return self.head(self.ln_f(x))
+
+    def config_dict(self) -> dict[str, Any]:
+        return {"kind": "gpt", **asdict(self.config)}
+
+    @classmethod
+    def from_config_dict(cls, data: dict[str, Any]) -> "GPT":
+        return cls(from_dict(GPTConfig, {k: v for k, v in data.items() if k not in ("kind", "conditioning")}, "gpt"))

@@ -1,0 +1,86 @@
+import numpy as np
+import pytest
+import torch
+
+from vqgan.convert.taming import load_taming_transformer
+from vqgan.sampling import filter_logits, sample
+from vqgan.transformer import GPT, GPTConfig
+
+
+def tiny_gpt(**kw):
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**{"vocab_size": 50, "block_size": 40, "n_layer": 2, "n_head": 2, "n_embd": 32, **kw})).eval()
+
+
+@pytest.mark.parametrize("n_unmasked", [0, 3])
+def test_cached_forward_equals_full_forward(n_unmasked):
+    gpt = tiny_gpt(n_unmasked=n_unmasked)
+    idx = torch.randint(0, 50, (3, 20))
+    full = gpt(idx)
+    cache = gpt.new_cache()
+    start = max(n_unmasked, 1)  # the unmasked prefix must arrive in one piece
+    pieces = [gpt(idx[:, :start], cache)] + [gpt(idx[:, i:i + 1], cache) for i in range(start, 20)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_causality():
+    gpt = tiny_gpt()
+    idx = torch.randint(0, 50, (2, 12))
+    changed = idx.clone()
+    changed[:, 8:] = (changed[:, 8:] + 1) % 50
+    torch.testing.assert_close(gpt(idx)[:, :8], gpt(changed)[:, :8])
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(top_k=5), dict(top_p=0.7, temperature=0.8), dict(greedy=True)])
+def test_cached_sampler_gives_exactly_the_uncached_tokens(kw):
+    gpt = tiny_gpt()
+    prefix = torch.randint(0, 50, (4, 3))
+    a = sample(gpt, prefix, 30, generator=torch.Generator().manual_seed(7), use_cache=True, **kw)
+    b = sample(gpt, prefix, 30, generator=torch.Generator().manual_seed(7), use_cache=False, **kw)
+    assert a.shape == (4, 30) and torch.equal(a, b)
+
+
+def test_filter_logits():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(filter_logits(logits, top_k=2)[0, 2:]).all() and torch.isfinite(filter_logits(logits, 2)[0, :2]).all()
+    kept = torch.isfinite(filter_logits(logits, top_p=0.7))[0].tolist()
+    assert kept == [True, True, False, False]  # 0.5 < 0.7, 0.5 + 0.3 >= 0.7
+    assert torch.isfinite(filter_logits(logits, top_p=0.01))[0].tolist() == [True, False, False, False]
+
+
+def test_taming_transformer_reproduces_reference_logits_and_greedy_samples(fixtures_dir):
+    io = {k: torch.from_numpy(v) for k, v in np.load(fixtures_dir / "io.npz").items()}
+    gpt, first_stage, conditioning = load_taming_transformer(fixtures_dir / "transformer.ckpt",
+                                                             fixtures_dir / "transformer.yaml")
+    assert conditioning == {"kind": "unconditional", "sos_token": 0}
+    z = first_stage.encode(io["images"]).reshape(4, -1)
+    assert torch.equal(z, io["tr_z_indices"])
+    with torch.no_grad():
+        logits = gpt(io["tr_gpt_input"])
+    assert (logits - io["tr_logits"]).abs().max() < 1e-4
+    c = io["tr_c_indices"]
+    assert torch.equal(sample(gpt, c, 64, greedy=True), io["tr_greedy_full"])
+    half = sample(gpt, torch.cat([c, z[:, :32]], 1), 32, greedy=True)
+    assert torch.equal(torch.cat([z[:, :32], half], 1), io["tr_greedy_half"])
+    img = first_stage.decode(io["tr_greedy_full"].reshape(4, 8, 8))
+    assert (img - io["tr_greedy_full_img"]).abs().max() < 1e-4
+
+
+def test_convert_transformer_command(fixtures_dir, tmp_path):
+    import shutil
+
+    import vqgan
+    from vqgan.cli import main
+
+    io = {k: torch.from_numpy(v) for k, v in np.load(fixtures_dir / "io.npz").items()}
+    assert main(["convert", str(fixtures_dir / "transformer.ckpt"), str(tmp_path / "tr"), "--config",
+                 str(fixtures_dir / "transformer.yaml")]) == 0
+    gpt = vqgan.load(tmp_path / "tr")
+    tokenizer = vqgan.load(tmp_path / "tr" / "tokenizer")
+    assert isinstance(gpt, GPT)
+    with torch.no_grad():
+        assert (gpt(io["tr_gpt_input"]) - io["tr_logits"]).abs().max() < 1e-4
+    assert torch.equal(tokenizer.encode(io["images"]).reshape(4, -1), io["tr_z_indices"])
+    shutil.copy(fixtures_dir / "transformer.ckpt", tmp_path / "last.ckpt")
+    shutil.copy(fixtures_dir / "transformer.yaml", tmp_path / "model.yaml")
+    assert isinstance(vqgan.load(tmp_path / "last.ckpt"), GPT)
