@@ -98,11 +98,11 @@ def write_yaml(data: dict[str, Any], path: Path) -> None:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
-def save_model(model: torch.nn.Module, directory: str | Path) -> None:
-    """`model.safetensors` + `config.yaml` (the model config, with its `kind`)."""
+def save_model(model: torch.nn.Module, directory: str | Path, config: dict[str, Any] | None = None) -> None:
+    """`model.safetensors` + `config.yaml` (the model config, with its `kind`; or `config` when given)."""
     with atomic_directory(directory) as tmp:
         save_tensors(model.state_dict(), tmp / WEIGHTS_FILE)
-        write_yaml(model.config_dict(), tmp / CONFIG_FILE)
+        write_yaml(config if config is not None else model.config_dict(), tmp / CONFIG_FILE)
 
 
 def _read_model_config(directory: Path) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from .errors import UserError
 
@@ -56,6 +57,24 @@ def _reconstruct(args) -> dict:
     return r
 
 
+def _train_transformer(args) -> dict:
+    from .config import load_config
+    from .train.stage2 import PriorTrainer, TransformerTrainConfig
+
+    source = args.config if args.config.endswith((".yaml", ".yml")) else {}
+    cfg = load_config(TransformerTrainConfig, source, args.overrides)
+    result = PriorTrainer(cfg, resume=args.resume, progress=not args.no_progress).fit()
+    print(f"held-out NLL {result['nll']:.4f} nats/token; model: {Path(result['out']) / 'model'}")
+    return {}
+
+
+def _tokenize(args) -> dict:
+    from .data.tokens import tokenize_folder
+
+    return tokenize_folder(args.model, args.images, args.out, args.batch_size, args.crops, args.labels, args.device,
+                           progress=not args.no_progress)
+
+
 def _convert(args) -> dict:
     from .convert import convert
 
@@ -94,6 +113,25 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--device", default=None)
         e.add_argument("--no-progress", action="store_true")
         e.set_defaults(func=fn)
+
+    g = sub.add_parser("train-transformer", help="train the GPT prior on a token store")
+    g.add_argument("config", help="YAML config file, or '-' for defaults")
+    g.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.tokens=store/ train.steps=2000")
+    g.add_argument("--resume", action="store_true")
+    g.add_argument("--no-progress", action="store_true")
+    g.set_defaults(func=_train_transformer)
+
+    k = sub.add_parser("tokenize", help="encode an image folder once into a token store (for stage 2)")
+    k.add_argument("model", help="tokenizer directory")
+    k.add_argument("images", help="image folder (recursive) or builtin:scenes")
+    k.add_argument("out", help="token store directory (an interrupted run resumes there)")
+    k.add_argument("--labels", default=None,
+                   help="'folders' (sub-folder names are classes) or a CSV/JSON file mapping files to labels")
+    k.add_argument("--crops", type=int, default=1, help="random crops per image (1: one centre crop)")
+    k.add_argument("--batch-size", type=int, default=32)
+    k.add_argument("--device", default=None)
+    k.add_argument("--no-progress", action="store_true")
+    k.set_defaults(func=_tokenize)
 
     v = sub.add_parser("convert", help="an original taming-transformers .ckpt -> this project's format")
     v.add_argument("checkpoint", help="the .ckpt file (read safely: tensors and plain values only)")

@@ -1,0 +1,238 @@
+"""Stage 2: train the GPT prior on a token store (`vqgan tokenize`), never on images.
+
+AdamW (weight decay on matrices only), linear warmup then cosine decay, gradient clipping, label dropout for
+classifier-free guidance, mixed precision on GPU, atomic resumable checkpoints, JSONL logs and periodic
+sample grids (decoded with the store's tokenizer when it can be loaded).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from ..checkpoint import (CONFIG_FILE, WEIGHTS_FILE, atomic_directory, check_state_dict, latest_checkpoint,
+                          load_state_dict_file, prune_checkpoints, safe_torch_load, save_model, save_tensors,
+                          write_yaml)
+from ..data.tokens import TokenStore
+from ..errors import UserError
+from ..prior import TokenLayout, sample_images_tokens
+from ..transformer import GPT, GPTConfig
+from .common import (MetricsLog, ResumableSampler, autocast, resolve_precision, rng_state, seed_everything,
+                     set_rng_state, setup_runtime)
+
+log = logging.getLogger("vqgan.train")
+STATE_FILE = "training_state.pt"
+
+
+@dataclass
+class PriorModelConfig:
+    n_layer: int = 8
+    n_head: int = 8
+    n_embd: int = 512
+    dropout: float = 0.0
+
+
+@dataclass
+class PriorDataConfig:
+    tokens: str = ""  # a token store directory
+    holdout: int = 64  # the last N rows are held out
+    conditional: bool = True  # class-conditional when the store has labels
+
+
+@dataclass
+class PriorTrainConfig:
+    out_dir: str = "runs/prior"
+    steps: int = 10_000
+    batch_size: int = 32
+    learning_rate: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 200
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    label_dropout: float = 0.1  # classifier-free guidance: train the "no class" token too
+    precision: str = "auto"
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 500
+    ckpt_every: int = 500
+    keep_last: int = 3
+
+
+@dataclass
+class TransformerTrainConfig:
+    model: PriorModelConfig = field(default_factory=PriorModelConfig)
+    data: PriorDataConfig = field(default_factory=PriorDataConfig)
+    train: PriorTrainConfig = field(default_factory=PriorTrainConfig)
+
+    def validate(self) -> None:
+        if not self.data.tokens:
+            raise UserError("data.tokens is not set: give a token store made by `vqgan tokenize`")
+        if self.train.steps < 1 or self.train.batch_size < 1:
+            raise UserError("train.steps and train.batch_size must be >= 1")
+
+
+def adamw(model: GPT, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """Weight decay on the Linear weight matrices only (not biases, LayerNorms, embeddings, positions)."""
+    decay = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    decay_ids = {id(p) for p in decay}
+    other = [p for p in model.parameters() if id(p) not in decay_ids]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": other, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+
+
+def lr_at(step: int, cfg: PriorTrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.learning_rate * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+class PriorTrainer:
+    def __init__(self, cfg: TransformerTrainConfig, resume: bool = False, progress: bool = True):
+        cfg.validate()
+        self.cfg = cfg
+        self.rt = setup_runtime()
+        self.run_dir = Path(cfg.train.out_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        existing = latest_checkpoint(self.ckpt_dir)
+        if existing is not None and not resume:
+            raise UserError(f"{self.run_dir} already holds checkpoints (latest {existing.name}); pass --resume to "
+                            "continue, or set train.out_dir to a new directory")
+        self.progress = progress
+        seed_everything(cfg.train.seed)
+        self.store = TokenStore(cfg.data.tokens)
+        n_classes = len(self.store.class_names) if cfg.data.conditional and (self.store.labels >= 0).any() else 0
+        self.layout = TokenLayout(self.store.n_embed, n_classes)
+        h, w = self.store.grid
+        self.n_tokens = h * w
+        m = cfg.model
+        self.gpt_config = GPTConfig(vocab_size=self.layout.vocab_size, block_size=self.n_tokens, n_layer=m.n_layer,
+                                    n_head=m.n_head, n_embd=m.n_embd, dropout=m.dropout)
+        self.model = GPT(self.gpt_config).to(self.rt.device)
+        self.opt = adamw(self.model, cfg.train.learning_rate, cfg.train.weight_decay)
+        self.dtype = resolve_precision(cfg.train.precision, self.rt.device)
+        self.scaler = torch.amp.GradScaler(self.rt.device.type, enabled=self.dtype == torch.float16)
+        holdout = min(cfg.data.holdout, len(self.store) // 5)
+        self.train_rows = list(range(len(self.store) - holdout))
+        self.eval_rows = list(range(len(self.store) - holdout, len(self.store))) or self.train_rows[:16]
+        self.sampler = ResumableSampler(len(self.train_rows), cfg.train.batch_size, seed=cfg.train.seed)
+        self.step = 0
+        if existing is not None and resume:
+            self._load(existing)
+        self.metrics = MetricsLog(self.run_dir / "logs")
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def config_dict(self) -> dict[str, Any]:
+        return {**self.model.config_dict(), "conditioning": {
+            "kind": "class" if self.layout.n_classes else "unconditional", "n_classes": self.layout.n_classes,
+            "n_embed": self.layout.n_embed, "layout": "vqgan", "class_names": self.store.class_names,
+            "grid": list(self.store.grid), "tokenizer": self.store.meta["tokenizer"]["path"],
+            "tokenizer_fingerprint": self.store.meta["tokenizer"]["fingerprint"]}}
+
+    def save(self) -> Path:
+        target = self.ckpt_dir / f"step_{self.step:08d}"
+        with atomic_directory(target) as tmp:
+            save_tensors(self.model.state_dict(), tmp / WEIGHTS_FILE)
+            write_yaml(self.config_dict(), tmp / CONFIG_FILE)
+            torch.save({"step": self.step, "opt": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
+                        "rng": rng_state()}, tmp / STATE_FILE)
+            write_yaml(asdict(self.cfg), tmp / "train_config.yaml")
+        prune_checkpoints(self.ckpt_dir, self.cfg.train.keep_last)
+        return target
+
+    def _load(self, path: Path) -> None:
+        sd = load_state_dict_file(path / WEIGHTS_FILE)
+        check_state_dict(self.model, sd, str(path / WEIGHTS_FILE))
+        self.model.load_state_dict(sd)
+        state = safe_torch_load(path / STATE_FILE)
+        self.opt.load_state_dict(state["opt"])
+        self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        self.step = int(state["step"])
+
+    # -- steps -----------------------------------------------------------------------------------
+    def _sequences(self, batch: dict, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = batch["tokens"].to(self.rt.device).reshape(batch["tokens"].shape[0], -1)  # (B, h*w)
+        labels = batch["label"].to(self.rt.device) if self.layout.n_classes else None
+        if labels is not None and train and self.cfg.train.label_dropout > 0:
+            drop = torch.rand(labels.shape, device=labels.device) < self.cfg.train.label_dropout
+            labels = torch.where(drop, torch.full_like(labels, -1), labels)
+        cond = self.layout.condition_tokens(labels, tokens.shape[0], self.rt.device)
+        return torch.cat([cond, tokens[:, :-1]], 1), tokens  # inputs (B, h*w), targets (B, h*w)
+
+    def loss(self, batch: dict, train: bool = True) -> torch.Tensor:
+        inputs, targets = self._sequences(batch, train)
+        with autocast(self.rt.device, self.dtype):
+            logits = self.model(inputs)
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        loader = DataLoader(Subset(self.store, self.eval_rows), batch_size=self.cfg.train.batch_size)
+        total, n = 0.0, 0
+        for batch in loader:
+            total += float(self.loss(batch, train=False)) * len(batch["label"])
+            n += len(batch["label"])
+        self.model.train()
+        return total / max(n, 1)
+
+    def fit(self) -> dict[str, Any]:
+        t = self.cfg.train
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_yaml(asdict(self.cfg), self.run_dir / "config.yaml")
+        self.metrics.note(f"prior: {sum(p.numel() for p in self.model.parameters())} parameters, vocab "
+                          f"{self.layout.vocab_size}, {self.layout.n_classes} classes, {len(self.train_rows)} "
+                          f"training sequences of {self.n_tokens} tokens")
+        bar = tqdm(total=t.steps, initial=self.step, desc="train-transformer", disable=not self.progress)
+        self.model.train()
+        t0, tokens_seen = time.perf_counter(), 0
+        while self.step < t.steps:
+            epoch, offset = divmod(self.step, self.sampler.batches_per_epoch)
+            self.sampler.set_position(epoch, offset)
+            loader = DataLoader(Subset(self.store, self.train_rows), batch_size=t.batch_size, sampler=self.sampler,
+                                drop_last=True, generator=torch.Generator().manual_seed(t.seed + epoch))
+            for batch in loader:
+                for group in self.opt.param_groups:
+                    group["lr"] = lr_at(self.step, t)
+                loss = self.loss(batch)
+                self.opt.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                self.scaler.unscale_(self.opt)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+                self.scaler.step(self.opt)
+                self.scaler.update()
+                self.step += 1
+                tokens_seen += batch["tokens"].numel()
+                bar.update(1)
+                if self.step % t.log_every == 0 or self.step == t.steps:
+                    rate = tokens_seen / (time.perf_counter() - t0)
+                    t0, tokens_seen = time.perf_counter(), 0
+                    self.metrics.write(self.step, {"loss": float(loss.detach()), "grad_norm": float(grad_norm),
+                                                   "lr": self.opt.param_groups[0]["lr"], "tokens_per_s": rate})
+                    bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)
+                if self.step % t.eval_every == 0 and self.step < t.steps:
+                    self.metrics.write(self.step, {"nll": self.evaluate()}, kind="eval")
+                if self.step % t.ckpt_every == 0 or self.step == t.steps:
+                    self.save()
+                if self.step >= t.steps:
+                    break
+        bar.close()
+        final_nll = self.evaluate()
+        save_model(self.model, self.run_dir / "model", self.config_dict())
+        self.metrics.close()
+        return {"step": self.step, "nll": final_nll, "out": str(self.run_dir)}
+
+    def sample(self, batch: int, labels: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """(B, h, w) sampled token grids."""
+        self.model.eval()
+        tokens = sample_images_tokens(self.model, self.layout, self.n_tokens, batch, labels, **kwargs)
+        return tokens.reshape(batch, *self.store.grid)
