@@ -32,11 +32,17 @@ def pick(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = Non
     """(B, V) logits -> (B,) token ids."""
     if greedy:
         return logits.argmax(-1)
-    probs = filter_logits(logits.float() / max(temperature, 1e-8), top_k, top_p).softmax(-1)
+    logits = logits.float() / max(temperature, 1e-8)
+    if top_k is not None and 0 < top_k < logits.shape[-1] and not top_p:
+        # draw among the k best directly: the same distribution as masking the rest, on k entries, not V
+        values, ids = torch.topk(logits, top_k, dim=-1)
+        choice = torch.multinomial(values.softmax(-1), 1, generator=generator)
+        return ids.gather(-1, choice).squeeze(-1)
+    probs = filter_logits(logits, top_k, top_p).softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def sample(gpt: GPT, prefix: torch.Tensor, steps: int, temperature: float = 1.0, top_k: int | None = None,
            top_p: float | None = None, greedy: bool = False, generator: torch.Generator | None = None,
            use_cache: bool = True) -> torch.Tensor:
@@ -53,9 +59,10 @@ def sample(gpt: GPT, prefix: torch.Tensor, steps: int, temperature: float = 1.0,
     cache = gpt.new_cache() if use_cache else None
     step_input = prefix
     for _ in range(steps):
-        logits = gpt(step_input, cache) if use_cache else gpt(seq)
-        token = pick(logits[:, -1], temperature, top_k, top_p, greedy, generator)
+        logits = gpt(step_input, cache)[:, -1] if use_cache else gpt(seq)[:, -1]
+        token = pick(logits, temperature, top_k, top_p, greedy, generator)
         out.append(token)
-        seq = torch.cat([seq, token[:, None]], dim=1)
         step_input = token[:, None]
+        if not use_cache:
+            seq = torch.cat([seq, step_input], dim=1)
     return torch.stack(out, dim=1)

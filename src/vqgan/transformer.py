@@ -34,22 +34,27 @@ class GPTConfig:
 
 
 class KVCache:
-    """Per-layer keys and values of the positions seen so far: (B, n_head, T, head_dim) each."""
+    """Per-layer keys and values of the positions seen so far, in buffers allocated once for `capacity`
+    positions: (B, n_head, capacity, head_dim) each; new positions are written in place."""
 
-    def __init__(self, n_layer: int):
+    def __init__(self, n_layer: int, capacity: int):
+        self.capacity = capacity
         self.keys: list[torch.Tensor | None] = [None] * n_layer
         self.values: list[torch.Tensor | None] = [None] * n_layer
-
-    @property
-    def length(self) -> int:
-        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+        self.length = 0  # positions stored (advanced by `advance` once every layer has appended)
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.keys[layer] is not None:
-            k = torch.cat([self.keys[layer], k], dim=2)
-            v = torch.cat([self.values[layer], v], dim=2)
-        self.keys[layer], self.values[layer] = k, v
-        return k, v
+        if self.keys[layer] is None:
+            b, h, _, d = k.shape
+            self.keys[layer] = k.new_empty(b, h, self.capacity, d)
+            self.values[layer] = v.new_empty(b, h, self.capacity, d)
+        end = self.length + k.shape[2]
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
 
 
 class CausalSelfAttention(nn.Module):
@@ -67,8 +72,9 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, past: int = 0) -> torch.Tensor:
         """`past`: how many positions precede x (all in `cache`)."""
         b, t, c = x.shape
-        heads = lambda y: y.view(b, t, self.n_head, c // self.n_head).transpose(1, 2)  # noqa: E731 (B, nh, T, hd)
-        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+        # one matmul for the three projections: (B, T, 3, nh, hd)
+        qkv = F.linear(x, *self._qkv_weights()).view(b, t, 3, self.n_head, c // self.n_head)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hd)
         if cache is not None:
             k, v = cache.append(layer, k, v)
         dropout = self.attn_dropout if self.training else 0.0
@@ -80,6 +86,17 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=self._mask(past, t, x.device), dropout_p=dropout)
         y = y.transpose(1, 2).reshape(b, t, c)
         return self.resid_drop(self.proj(y))
+
+    def _qkv_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """query/key/value stacked into one (3C, C) matrix; kept between calls while no weight changes."""
+        params = (self.query.weight, self.key.weight, self.value.weight, self.query.bias, self.key.bias, self.value.bias)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return torch.cat(params[:3]), torch.cat(params[3:])  # differentiable
+        stamp = tuple((p.data_ptr(), p._version) for p in params)
+        if getattr(self, "_fused_stamp", None) != stamp:
+            self._fused = (torch.cat(params[:3]).detach(), torch.cat(params[3:]).detach())
+            self._fused_stamp = stamp
+        return self._fused
 
     def _mask(self, past: int, t: int, device: torch.device) -> torch.Tensor:
         """Query positions past..past+t-1 may see keys 0..their own position (and the unmasked prefix)."""
@@ -128,7 +145,7 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def new_cache(self) -> KVCache:
-        return KVCache(self.config.n_layer)
+        return KVCache(self.config.n_layer, self.config.block_size)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """With a cache, `idx` holds only the new positions, which follow the cached ones."""
@@ -139,6 +156,8 @@ class GPT(nn.Module):
         x = self.drop(self.tok_emb(idx) + self.pos_emb[:, start:start + t])
         for i, block in enumerate(self.blocks):
             x = block(x, cache, i, start)
+        if cache is not None:
+            cache.advance(t)
         return self.head(self.ln_f(x))
 
     def config_dict(self) -> dict[str, Any]:

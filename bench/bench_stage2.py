@@ -1,0 +1,122 @@
+#!/usr/bin/env python
+"""Stage-2 benchmark: sampling a 16x16 token grid (256 tokens) at batch 4 from a 4-layer, 256-wide GPT with a
+1024-code vocabulary, top-k 100, temperature 1: our KV-cached sampler against the reference's two samplers
+(`Net2NetTransformer.sample`, which recomputes the whole prefix every step, and the cached
+`sample_with_past` of its sample_fast.py), timed by ../shared/reference/taming_bench.py in the same run.
+Also our transformer training throughput (tokens/s) on the same model.
+
+    python bench/bench_stage2.py [--rounds 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+REF_DIR = Path(os.environ.get("TAMING_BENCH_DIR", ROOT.parent / "shared" / "reference"))
+REF_PYTHON = os.environ.get("REF_PYTHON", "/tmp/ref-venv/bin/python")
+OUR_PYTHON = os.environ.get("OUR_PYTHON", str(ROOT / ".venv-bench" / "bin" / "python"))
+GPT = {"vocab_size": 1024, "block_size": 512, "n_layer": 4, "n_head": 4, "n_embd": 256}
+BATCH, STEPS, TOP_K = 4, 256, 100
+
+
+def child(kind: str, iters: int) -> dict:
+    import torch
+
+    sys.path.insert(0, str(ROOT / "src"))
+    from vqgan.sampling import sample
+    from vqgan.transformer import GPT as Model, GPTConfig
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(0)
+    model = Model(GPTConfig(**GPT))
+    times = []
+    if kind == "sample":
+        model.eval()
+        prefix = torch.zeros(BATCH, 1, dtype=torch.long)
+        sample(model, prefix, 8, top_k=TOP_K)  # warm-up
+        for _ in range(iters):
+            g = torch.Generator().manual_seed(0)
+            t0 = time.perf_counter()
+            sample(model, prefix, STEPS, temperature=1.0, top_k=TOP_K, generator=g)
+            times.append(time.perf_counter() - t0)
+        return {"seconds": statistics.median(times), "tokens_per_s": BATCH * STEPS / statistics.median(times)}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randint(0, 1024, (16, 257))
+    for i in range(iters + 2):
+        t0 = time.perf_counter()
+        logits = model(x[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 1024), x[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return {"seconds": statistics.median(times), "tokens_per_s": 16 * 256 / statistics.median(times)}
+
+
+def run_ours(kind: str, iters: int) -> dict:
+    python = OUR_PYTHON if Path(OUR_PYTHON).is_file() else sys.executable
+    proc = subprocess.run([python, __file__, "--child", kind, "--iters", str(iters)], capture_output=True, text=True)
+    if proc.returncode:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_reference(kind: str, iters: int) -> dict:
+    script = REF_DIR / "taming_bench.py"
+    if not Path(REF_PYTHON).is_file() or not script.is_file():
+        return {"error": "reference not set up"}
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = Path(tmp) / "cfg.json"
+        cfg.write_text(json.dumps({"gpt": GPT, "sample": {"batch": BATCH, "steps": STEPS, "top_k": TOP_K,
+                                                          "temperature": 1.0, "sos_token": 0}}))
+        out = Path(tmp) / "out.json"
+        proc = subprocess.run([REF_PYTHON, str(script), kind, "--config", str(cfg), "--iters", str(iters), "--warmup",
+                               "1", "--json", str(out)], capture_output=True, text=True)
+        if proc.returncode or not out.is_file():
+            return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+        r = json.loads(out.read_text())["results"][kind]
+    if "error" in r or not r.get("available", True):
+        return {"error": r.get("error", "unavailable")}
+    return {"seconds": r["run"]["median_s"], "tokens_per_s": r["tokens_per_s"]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.iters)))
+        return 0
+    best = lambda runs: min((r for r in runs if "error" not in r), key=lambda r: r["seconds"], default=runs[0])  # noqa: E731
+    ours, ref_full, ref_cached, train = [], [], [], []
+    for _ in range(args.rounds):
+        ours.append(run_ours("sample", args.iters))
+        ref_full.append(run_reference("sample", args.iters))
+        ref_cached.append(run_reference("sample-cached", args.iters))
+        train.append(run_ours("train", 5))
+    o, rf, rc, tr = best(ours), best(ref_full), best(ref_cached), best(train)
+    print(f"\nsampling {STEPS} tokens (16x16 grid), batch {BATCH}, top-k {TOP_K}, GPT {GPT}; best of {args.rounds}\n")
+    print("| what | ours (s) | reference (s) | speed-up |\n|---|---|---|---|")
+    for name, r in (("vs Net2NetTransformer.sample (no cache)", rf), ("vs sample_with_past (cached)", rc)):
+        if "error" in o or "error" in r:
+            print(f"| {name} | {o.get('seconds', 'n/a')} | {r.get('error', r.get('seconds'))} | n/a |")
+        else:
+            print(f"| {name} | {o['seconds']:.3f} | {r['seconds']:.3f} | {r['seconds'] / o['seconds']:.1f}x |")
+    if "error" not in tr:
+        print(f"\nour transformer training: {tr['tokens_per_s']:.0f} tokens/s (batch 16 x 256 tokens, AdamW step included)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
