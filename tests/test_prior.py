@@ -87,3 +87,18 @@ def test_guided_cached_sampling_equals_uncached():
     b = sample_images_tokens(gpt, layout, 10, 3, generator=torch.Generator().manual_seed(1), use_cache=False, **kw)
     assert torch.equal(a, b) and a.shape == (3, 10)
     assert layout.condition_tokens(labels, 3, torch.device("cpu")).tolist() == [[11], [13], [14]]
+
+
+def test_end_to_end_tokenize_train_sample_commands(tmp_path):
+    from vqgan.autoencoder import VQModel
+    from vqgan.cli import main
+
+    from conftest import tiny_model_config
+
+    VQModel(tiny_model_config()).save_pretrained(tmp_path / "tok")
+    assert main(["tokenize", str(tmp_path / "tok"), "builtin:scenes", str(tmp_path / "store"), "--no-progress"]) == 0
+    assert main(["train-transformer", "-", f"data.tokens={tmp_path / 'store'}", "model.n_layer=1", "model.n_embd=32",
+                 "model.n_head=2", "train.steps=3", "train.batch_size=8", f"train.out_dir={tmp_path / 'prior'}",
+                 "--no-progress"]) == 0
+    assert main(["sample", str(tmp_path / "prior"), str(tmp_path / "out"), "--n", "2"]) == 0
+    assert (tmp_path / "out" / "sample_001.png").is_file()

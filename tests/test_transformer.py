@@ -84,3 +84,12 @@ def test_convert_transformer_command(fixtures_dir, tmp_path):
     shutil.copy(fixtures_dir / "transformer.ckpt", tmp_path / "last.ckpt")
     shutil.copy(fixtures_dir / "transformer.yaml", tmp_path / "model.yaml")
     assert isinstance(vqgan.load(tmp_path / "last.ckpt"), GPT)
+
+
+def test_sample_command_from_a_converted_taming_transformer(fixtures_dir, tmp_path):
+    from vqgan.cli import main
+
+    assert main(["convert", str(fixtures_dir / "transformer.ckpt"), str(tmp_path / "tr"), "--config",
+                 str(fixtures_dir / "transformer.yaml")]) == 0
+    assert main(["sample", str(tmp_path / "tr"), str(tmp_path / "s"), "--n", "3", "--top-k", "10"]) == 0
+    assert len(list((tmp_path / "s").glob("sample_*.png"))) == 3 and (tmp_path / "s" / "samples.png").is_file()

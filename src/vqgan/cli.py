@@ -68,6 +68,37 @@ def _train_transformer(args) -> dict:
     return {}
 
 
+def _sample(args) -> dict:
+    import torch
+    from PIL import Image
+
+    from .eval.report import image_grid
+    from .prior import load_prior, sample_prior
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    gpt, conditioning, tokenizer, grid = load_prior(args.model, args.tokenizer, device)
+    labels = None
+    if args.label is not None:
+        names = conditioning.get("class_names") or []
+        label = names.index(args.label) if args.label in names else int(args.label) if args.label.isdigit() else None
+        if label is None:
+            raise UserError(f"--label {args.label!r} is neither a class name ({', '.join(names)}) nor a class id")
+        labels = torch.full((args.n,), label)
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    tokens = sample_prior(gpt, conditioning, grid, args.n, labels, temperature=args.temperature,
+                          top_k=args.top_k or None, top_p=args.top_p or None, generator=g,
+                          guidance_scale=args.guidance)
+    images = tokenizer.decode(tokens)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    image_grid([images]).save(out / "samples.png")
+    from .eval.report import to_uint8
+
+    for i, img in enumerate(to_uint8(images)):
+        Image.fromarray(img).save(out / f"sample_{i:03d}.png")
+    return {"out": str(out), "count": args.n, "grid": list(grid)}
+
+
 def _tokenize(args) -> dict:
     from .data.tokens import tokenize_folder
 
@@ -120,6 +151,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true")
     g.add_argument("--no-progress", action="store_true")
     g.set_defaults(func=_train_transformer)
+
+    m = sub.add_parser("sample", help="sample images from a trained (or converted) transformer prior")
+    m.add_argument("model", help="prior directory (a train-transformer run or `vqgan convert` output)")
+    m.add_argument("out", help="output directory for PNGs")
+    m.add_argument("--n", type=int, default=8)
+    m.add_argument("--label", default=None, help="class name or id (class-conditional priors)")
+    m.add_argument("--temperature", type=float, default=1.0)
+    m.add_argument("--top-k", type=int, default=0)
+    m.add_argument("--top-p", type=float, default=0.0)
+    m.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--tokenizer", default=None, help="default: the one the prior records")
+    m.add_argument("--device", default=None)
+    m.set_defaults(func=_sample)
 
     k = sub.add_parser("tokenize", help="encode an image folder once into a token store (for stage 2)")
     k.add_argument("model", help="tokenizer directory")

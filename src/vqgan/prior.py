@@ -71,9 +71,53 @@ def sample_images_tokens(gpt: GPT, layout: TokenLayout, n_tokens: int, batch: in
         if guided:
             c, u = logits.chunk(2)
             logits = u + guidance_scale * (c - u)
+        logits[:, layout.n_embed:] = float("-inf")  # only image codes follow the condition
         probs = filter_logits(logits / max(temperature, 1e-8), top_k, top_p).softmax(-1)
         token = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
         out.append(token)
         step_input = torch.cat([token, token], 0) if guided else token
         seq = torch.cat([seq, step_input], 1)
     return torch.cat(out, 1)
+
+
+def load_prior(path: str, tokenizer: str | None = None, device: str | torch.device = "cpu"):
+    """(GPT, conditioning dict, tokenizer VQModel, grid) for a trained prior or a converted taming transformer."""
+    from pathlib import Path
+
+    import yaml
+
+    from .checkpoint import load_model
+    from .errors import UserError
+
+    p = Path(path)
+    model_dir = p / "model" if (p / "model" / "config.yaml").is_file() else p
+    gpt = load_model(model_dir, map_location=device)
+    if not isinstance(gpt, GPT):
+        raise UserError(f"{path} is not a transformer prior")
+    conditioning = (yaml.safe_load((model_dir / "config.yaml").read_text()) or {}).get("conditioning") or {}
+    tok_path = tokenizer or (str(model_dir / "tokenizer") if (model_dir / "tokenizer").is_dir()
+                             else conditioning.get("tokenizer"))
+    if not tok_path:
+        raise UserError(f"{path} does not say which tokenizer decodes its tokens; pass --tokenizer")
+    vq = load_model(tok_path, map_location=device)
+    grid = tuple(conditioning.get("grid") or (vq.config.latent_size, vq.config.latent_size))
+    return gpt.eval(), conditioning, vq, grid
+
+
+@torch.no_grad()
+def sample_prior(gpt: GPT, conditioning: dict, grid: tuple[int, int], batch: int, labels: torch.Tensor | None = None,
+                 **kwargs) -> torch.Tensor:
+    """(B, h, w) token grids from a prior in this project's layout or taming's (condition token = a code id)."""
+    n = grid[0] * grid[1]
+    if conditioning.get("layout") == "vqgan":
+        layout = TokenLayout(conditioning["n_embed"], conditioning.get("n_classes", 0))
+        tokens = sample_images_tokens(gpt, layout, n, batch, labels, **kwargs)
+    else:  # taming: the start token, or the class id, shares the vocabulary with the codes
+        from .sampling import sample
+
+        kwargs.pop("guidance_scale", None)
+        kwargs.pop("prefix", None)
+        first = labels.long()[:, None] if labels is not None else torch.full(
+            (batch, 1), int(conditioning.get("sos_token", 0)), dtype=torch.long)
+        tokens = sample(gpt, first.to(next(gpt.parameters()).device), n, **kwargs)
+    return tokens.reshape(batch, *grid)
