@@ -75,17 +75,22 @@ def test_class_conditional_samples_follow_the_asked_class(tmp_path):
     assert (model_dir / "model.safetensors").is_file() and "class_names" in (model_dir / "config.yaml").read_text()
 
 
-def test_guided_cached_sampling_equals_uncached():
+def test_guided_completion_cached_sampling_equals_uncached():
     from vqgan.transformer import GPT, GPTConfig
 
     layout = TokenLayout(n_embed=10, n_classes=3)
     torch.manual_seed(0)
     gpt = GPT(GPTConfig(vocab_size=layout.vocab_size, block_size=12, n_layer=2, n_head=2, n_embd=32)).eval()
     labels = torch.tensor([0, 2, -1])
-    kw = dict(guidance_scale=3.0, top_k=5, labels=labels, prefix=torch.randint(0, 10, (3, 2)))
+    known = torch.randint(0, 10, (3, 10))
+    keep = torch.zeros(10, dtype=torch.bool)
+    keep[:2] = True  # the first two tokens given (a prefix) ...
+    keep[6:8] = True  # ... and two more after the region to fill
+    kw = dict(guidance_scale=3.0, top_k=5, labels=labels, known=known, keep=keep)
     a = sample_images_tokens(gpt, layout, 10, 3, generator=torch.Generator().manual_seed(1), use_cache=True, **kw)
     b = sample_images_tokens(gpt, layout, 10, 3, generator=torch.Generator().manual_seed(1), use_cache=False, **kw)
     assert torch.equal(a, b) and a.shape == (3, 10)
+    assert torch.equal(a[:, keep], known[:, keep]) and not torch.equal(a, known)
     assert layout.condition_tokens(labels, 3, torch.device("cpu")).tolist() == [[11], [13], [14]]
 
 

@@ -13,6 +13,7 @@ from .errors import UserError
 
 def _train_tokenizer(args) -> dict:
     from .config import TokenizerTrainConfig, load_config
+    from .eval.metrics import quality_summary
     from .eval.report import tokenizer_report
     from .presets import resolve_config_path
     from .train.stage1 import train_tokenizer
@@ -21,8 +22,7 @@ def _train_tokenizer(args) -> dict:
     result = train_tokenizer(cfg, resume=args.resume, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 reports
         report = tokenizer_report(cfg.train.out_dir, result)
-        print(f"held-out PSNR {result['psnr']:.2f} dB, codebook usage {result['usage']:.3f} "
-              f"({result['codes_used']}/{result['n_embed']}), perplexity {result['perplexity']:.1f}")
+        print(quality_summary(result))
         print(f"report: {report.resolve()}")
         print(f"model:  {(report.parent / 'model').resolve()}")
     return {}
@@ -68,42 +68,71 @@ def _train_transformer(args) -> dict:
     return {}
 
 
+def _sampling_options(args) -> dict:
+    return dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p or None,
+                guidance_scale=args.guidance)
+
+
 def _sample(args) -> dict:
     import torch
-    from PIL import Image
 
-    from .eval.report import image_grid
-    from .prior import load_prior, sample_prior
+    from .generate import sample_images, write_grid, write_images
+    from .prior import load_prior
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    gpt, conditioning, tokenizer, grid = load_prior(args.model, args.tokenizer, device)
-    labels = None
-    if args.label is not None:
-        names = conditioning.get("class_names") or []
-        label = names.index(args.label) if args.label in names else int(args.label) if args.label.isdigit() else None
-        if label is None:
-            raise UserError(f"--label {args.label!r} is neither a class name ({', '.join(names)}) nor a class id")
-        labels = torch.full((args.n,), label)
-    g = torch.Generator(device=device).manual_seed(args.seed)
-    tokens = sample_prior(gpt, conditioning, grid, args.n, labels, temperature=args.temperature,
-                          top_k=args.top_k or None, top_p=args.top_p or None, generator=g,
-                          guidance_scale=args.guidance)
-    images = tokenizer.decode(tokens)
+    prior = load_prior(args.model, args.tokenizer, device)
+    images, shown = sample_images(prior, args.n, args.label, args.size, args.cond_map, args.seed,
+                                  progress=not args.no_progress, **_sampling_options(args))
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    image_grid([images]).save(out / "samples.png")
-    from .eval.report import to_uint8
+    write_images(images, out)
+    write_grid(([shown] if shown is not None else []) + [images], out / "samples.png")
+    return {"out": str(out), "count": args.n, "size": list(images.shape[2:])}
 
-    for i, img in enumerate(to_uint8(images)):
-        Image.fromarray(img).save(out / f"sample_{i:03d}.png")
-    return {"out": str(out), "count": args.n, "grid": list(grid)}
+
+def _complete(args) -> dict:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from .data.images import ImageDataset
+    from .data.sources import image_sources
+    from .generate import complete_images, write_grid, write_images
+    from .prior import load_prior
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    prior = load_prior(args.model, args.tokenizer, device)
+    if prior.layout.spatial:
+        raise UserError("completion with a map-conditioned prior is not supported by this command; use a class-"
+                        "conditional or unconditional prior")
+    box = None
+    if args.box:
+        try:
+            box = tuple(float(v) for v in args.box.split(","))
+            assert len(box) == 4 and 0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1
+        except (ValueError, AssertionError):
+            raise UserError(f"--box {args.box!r}: expected TOP,LEFT,BOTTOM,RIGHT as fractions 0..1") from None
+    if not 0.0 <= args.keep <= 1.0:
+        raise UserError(f"--keep {args.keep}: expected a fraction of the rows between 0 and 1")
+    f = prior.tokenizer.downsample_factor
+    sources, _ = image_sources(args.images, builtin_count=args.n_images, builtin_size=prior.grid[0] * f)
+    ds = ImageDataset(sources[:args.n_images], resolution=prior.grid[0] * f, crop="center", flip=False, train=False)
+    out = Path(args.out)
+    rows = []
+    for batch in DataLoader(ds, batch_size=8):
+        masked, outs = complete_images(prior, batch["image"], args.n, args.keep, box, args.label, args.seed,
+                                       **_sampling_options(args))
+        for i in range(masked.shape[0]):
+            rows.append(torch.cat([batch["image"][i:i + 1].to(masked.device), masked[i:i + 1], outs[i]]))
+            write_images(outs[i], out, stem=f"completion_{len(rows) - 1:03d}")
+    write_grid(rows, out / "completions.png")
+    return {"out": str(out), "images": len(rows), "completions_per_image": args.n}
 
 
 def _tokenize(args) -> dict:
     from .data.tokens import tokenize_folder
 
     return tokenize_folder(args.model, args.images, args.out, args.batch_size, args.crops, args.labels, args.device,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, cond_maps=args.cond_maps,
+                           cond_tokenizer=args.cond_tokenizer, builtin_count=args.count)
 
 
 def _convert(args) -> dict:
@@ -157,14 +186,32 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("out", help="output directory for PNGs")
     m.add_argument("--n", type=int, default=8)
     m.add_argument("--label", default=None, help="class name or id (class-conditional priors)")
-    m.add_argument("--temperature", type=float, default=1.0)
-    m.add_argument("--top-k", type=int, default=0)
-    m.add_argument("--top-p", type=float, default=0.0)
-    m.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
-    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--size", default=None,
+                   help="HEIGHTxWIDTH in pixels; larger than the training size samples with a sliding window")
+    m.add_argument("--cond-map", default=None,
+                   help="segmentation / depth map file (map-conditioned priors); its size sets the output size")
     m.add_argument("--tokenizer", default=None, help="default: the one the prior records")
-    m.add_argument("--device", default=None)
+    m.add_argument("--no-progress", action="store_true")
+
+    c = sub.add_parser("complete", help="complete images: keep their top rows (or all but a box), sample the rest")
+    c.add_argument("model", help="prior directory")
+    c.add_argument("images", help="image file or folder, or builtin:scenes")
+    c.add_argument("out")
+    c.add_argument("--n", type=int, default=4, help="completions per image")
+    c.add_argument("--n-images", type=int, default=8, help="at most this many images")
+    c.add_argument("--keep", type=float, default=0.5, help="fraction of token rows kept from the top")
+    c.add_argument("--box", default=None, help="TOP,LEFT,BOTTOM,RIGHT fractions: regenerate this box instead")
+    c.add_argument("--label", default=None)
+    c.add_argument("--tokenizer", default=None)
+    for parser in (m, c):
+        parser.add_argument("--temperature", type=float, default=1.0)
+        parser.add_argument("--top-k", type=int, default=0)
+        parser.add_argument("--top-p", type=float, default=0.0)
+        parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
+        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--device", default=None)
     m.set_defaults(func=_sample)
+    c.set_defaults(func=_complete)
 
     k = sub.add_parser("tokenize", help="encode an image folder once into a token store (for stage 2)")
     k.add_argument("model", help="tokenizer directory")
@@ -173,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--labels", default=None,
                    help="'folders' (sub-folder names are classes) or a CSV/JSON file mapping files to labels")
     k.add_argument("--crops", type=int, default=1, help="random crops per image (1: one centre crop)")
+    k.add_argument("--cond-maps", default=None,
+                   help="folder of segmentation / depth maps named like the images (or builtin:scenes-seg)")
+    k.add_argument("--cond-tokenizer", default=None, help="the stage-1 model trained on those maps")
+    k.add_argument("--count", type=int, default=1024, help="images taken from built-in data")
     k.add_argument("--batch-size", type=int, default=32)
     k.add_argument("--device", default=None)
     k.add_argument("--no-progress", action="store_true")

@@ -42,6 +42,9 @@ class VQGANConfig:
     """Encoder/decoder shape (the paper's `ddconfig`) and the quantizer between them."""
 
     resolution: int = 256
+    # what the input holds: "rgb" images, or condition maps: "segmentation" (in_channels = out_ch = the
+    # number of labels, one-hot in, logits out) or "depth" (one channel)
+    input_kind: str = "rgb"
     in_channels: int = 3
     out_ch: int = 3
     ch: int = 128
@@ -68,6 +71,13 @@ class VQGANConfig:
                 raise UserError(f"model.ch * model.ch_mult gives {c} channels; GroupNorm(32) needs multiples of 32")
         if self.quantizer.kind not in ("vq", "gumbel"):
             raise UserError(f"model.quantizer.kind must be 'vq' or 'gumbel', got {self.quantizer.kind!r}")
+        if self.input_kind not in ("rgb", "segmentation", "depth"):
+            raise UserError(f"model.input_kind must be rgb, segmentation or depth, got {self.input_kind!r}")
+        if self.input_kind == "segmentation" and not (self.in_channels == self.out_ch >= 2):
+            raise UserError("model.input_kind=segmentation: set model.in_channels and model.out_ch to the number of "
+                            f"labels (got {self.in_channels} and {self.out_ch})")
+        if self.input_kind == "depth" and not (self.in_channels == self.out_ch == 1):
+            raise UserError("model.input_kind=depth: set model.in_channels=1 and model.out_ch=1")
         if self.resolution % self.downsample_factor:
             raise UserError(f"model.resolution {self.resolution} is not divisible by the downsampling factor "
                             f"{self.downsample_factor} (2 ** (len(ch_mult) - 1))")
@@ -176,6 +186,11 @@ class TokenizerTrainConfig:
         self.loss.validate()
         self.data.validate()
         self.train.validate()
+        kind = self.model.input_kind
+        if kind != "rgb" and self.loss.perceptual_weight > 0:
+            raise UserError(f"model.input_kind={kind}: LPIPS compares RGB images; set loss.perceptual_weight=0")
+        if kind == "segmentation" and self.loss.disc_factor > 0:
+            raise UserError("model.input_kind=segmentation trains on cross-entropy alone; set loss.disc_factor=0")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,12 +1,13 @@
-"""The token layout of the stage-2 prior: how condition tokens precede the image tokens.
+"""The token layout of the stage-2 prior, and sampling image tokens after their condition.
 
 Image codes keep their ids 0..n_embed-1. Condition tokens come after them, so they never collide with
 codes (taming reuses code ids for its start and class tokens):
-    n_embed                     start token (unconditional)
-    n_embed + 1 + c             class c
-    n_embed + 1 + n_classes     "no class" (classifier-free guidance: dropped labels, the unconditional pass)
-A sequence is [condition token, image tokens in raster order]; the GPT predicts each image token from
-everything before it.
+    n_embed                          start token (unconditional)
+    n_embed + 1 + c                  class c
+    n_embed + 1 + n_classes          "no class" (classifier-free guidance: dropped labels, the unconditional pass)
+    n_embed + 2 + n_classes + j      code j of the condition tokenizer (segmentation / depth maps)
+A sequence is [condition tokens, image tokens in raster order]: one start or class token, or the
+`cond_len` tokens of a condition map; the GPT predicts each image token from everything before it.
 """
 from __future__ import annotations
 
@@ -14,74 +15,212 @@ from dataclasses import dataclass
 
 import torch
 
-from .sampling import filter_logits
+from .sampling import pick
 from .transformer import GPT
 
 
 @dataclass
 class TokenLayout:
     n_embed: int
-    n_classes: int = 0  # 0: unconditional
+    n_classes: int = 0  # 0: unconditional, or spatially conditioned
+    cond_n_embed: int = 0  # > 0: spatially conditioned on maps tokenized into this many codes
+    cond_len: int = 0  # condition tokens per sequence (the condition grid's h * w)
+    # "taming": a converted original transformer, whose start token (`sos_token`), class ids and condition
+    # codes reuse the code ids 0.. (no "no class" token, so no guidance)
+    scheme: str = "vqgan"
+    sos_token: int = 0
+
+    @property
+    def taming(self) -> bool:
+        return self.scheme == "taming"
 
     @property
     def start_token(self) -> int:
-        return self.n_embed
+        return self.sos_token if self.taming else self.n_embed
+
+    @property
+    def class_offset(self) -> int:
+        return 0 if self.taming else self.n_embed + 1
 
     @property
     def null_class(self) -> int:
+        if self.taming:
+            raise ValueError("an original taming transformer has no 'no class' token: guidance needs a prior "
+                             "trained with label dropout")
         return self.n_embed + 1 + self.n_classes
 
     @property
-    def vocab_size(self) -> int:
-        return self.n_embed + 2 + self.n_classes
+    def cond_offset(self) -> int:
+        return 0 if self.taming else self.n_embed + 2 + self.n_classes
 
-    def condition_tokens(self, labels: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
-        """(B, 1) condition tokens; labels < 0 (or no labels) give the start / "no class" token."""
+    @property
+    def vocab_size(self) -> int:
+        return max(self.n_embed, self.cond_n_embed) if self.taming else self.cond_offset + self.cond_n_embed
+
+    @property
+    def spatial(self) -> bool:
+        return self.cond_n_embed > 0
+
+    @property
+    def prefix_len(self) -> int:
+        return self.cond_len if self.spatial else 1
+
+    def condition_tokens(self, labels: torch.Tensor | None, batch: int, device: torch.device,
+                         cond: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, prefix_len) condition tokens. Spatial: the condition map's tokens `cond` (B, hc, wc).
+        Otherwise one token; labels < 0 (or no labels) give the start / "no class" token."""
+        if self.spatial:
+            if cond is None:
+                raise ValueError("this prior is conditioned on a map: give its condition tokens")
+            return cond.to(device).long().reshape(cond.shape[0], -1) + self.cond_offset
         if self.n_classes == 0 or labels is None:
+            if self.n_classes and self.taming:
+                raise ValueError("this class-conditional prior needs a class label")
             return torch.full((batch, 1), self.start_token if self.n_classes == 0 else self.null_class,
                               dtype=torch.long, device=device)
         labels = labels.to(device).long()
-        tokens = torch.where(labels >= 0, self.n_embed + 1 + labels.clamp_min(0), torch.full_like(labels, self.null_class))
+        if self.taming:
+            return labels[:, None]
+        tokens = torch.where(labels >= 0, self.class_offset + labels.clamp_min(0),
+                             torch.full_like(labels, self.null_class))
         return tokens[:, None]
 
+    def to_dict(self) -> dict:
+        return {"layout": self.scheme, "n_embed": self.n_embed, "n_classes": self.n_classes,
+                "cond_n_embed": self.cond_n_embed, "cond_len": self.cond_len, "sos_token": self.sos_token}
 
-@torch.no_grad()
-def sample_images_tokens(gpt: GPT, layout: TokenLayout, n_tokens: int, batch: int,
-                         labels: torch.Tensor | None = None, prefix: torch.Tensor | None = None,
-                         guidance_scale: float = 1.0, temperature: float = 1.0, top_k: int | None = None,
-                         top_p: float | None = None, generator: torch.Generator | None = None,
-                         use_cache: bool = True) -> torch.Tensor:
-    """Sample `n_tokens` image tokens (B, n_tokens) after the condition token and the given `prefix` tokens
-    (image completion). With a guidance scale != 1 and class labels, each step mixes the conditional and the
-    "no class" logits: uncond + scale * (cond - uncond), both passes batched and cached."""
-    device = next(gpt.parameters()).device
-    cond = layout.condition_tokens(labels, batch, device)
-    given = prefix.to(device).long() if prefix is not None else cond[:, :0]
+    @classmethod
+    def from_dict(cls, d: dict) -> "TokenLayout":
+        return cls(int(d["n_embed"]), int(d.get("n_classes", 0)), int(d.get("cond_n_embed", 0)),
+                   int(d.get("cond_len", 0)), d.get("layout", "vqgan"), int(d.get("sos_token", 0)))
+
+
+def guided_context(layout: TokenLayout, prefix: torch.Tensor, labels: torch.Tensor | None,
+                   guidance_scale: float) -> tuple[torch.Tensor, bool]:
+    """Classifier-free guidance runs the "no class" sequences in the same batch: (context, guided)."""
     guided = guidance_scale != 1.0 and layout.n_classes > 0 and labels is not None
-    context = torch.cat([cond, given], 1)
     if guided:
-        null = torch.full_like(cond, layout.null_class)
-        context = torch.cat([context, torch.cat([null, given], 1)], 0)
-    if context.shape[1] + n_tokens - 1 > gpt.config.block_size:
-        raise ValueError(f"{context.shape[1]} context + {n_tokens} tokens exceed block_size {gpt.config.block_size}")
+        prefix = torch.cat([prefix, torch.full_like(prefix, layout.null_class)], 0)
+    return prefix, guided
+
+
+def next_token(logits: torch.Tensor, layout: TokenLayout, guided: bool, guidance_scale: float,
+               **pick_kwargs) -> torch.Tensor:
+    """Last-position logits (B or 2B, vocab) -> image codes (B,): guidance mix, then only codes may follow."""
+    logits = logits.float()
+    if guided:
+        c, u = logits.chunk(2)
+        logits = u + guidance_scale * (c - u)
+    return pick(logits[:, :layout.n_embed], **pick_kwargs)
+
+
+def _keep_mask(keep: torch.Tensor | None, known: torch.Tensor | None, batch: int, n: int) -> torch.Tensor | None:
+    if known is None:
+        return None
+    keep = torch.ones(n, dtype=torch.bool) if keep is None else keep.bool()
+    return keep.reshape(-1, n).expand(batch, n).to(known.device)
+
+
+@torch.inference_mode()
+def sample_images_tokens(gpt: GPT, layout: TokenLayout, n_tokens: int, batch: int,
+                         labels: torch.Tensor | None = None, cond: torch.Tensor | None = None,
+                         known: torch.Tensor | None = None, keep: torch.Tensor | None = None,
+                         guidance_scale: float = 1.0, temperature: float = 1.0, top_k: int | None = None,
+                         top_p: float | None = None, greedy: bool = False, generator: torch.Generator | None = None,
+                         use_cache: bool = True) -> torch.Tensor:
+    """Sample `n_tokens` image tokens (B, n_tokens) in raster order after the condition tokens.
+
+    Completion: `known` (B, n_tokens) tokens and `keep` ((n_tokens,) or (B, n_tokens) bool; default all)
+    say which positions are given; the rest are sampled, each seeing every earlier position, given or
+    sampled. Leading given positions are fed as one prefix. With a guidance scale != 1 and class labels,
+    each step mixes the conditional and the "no class" logits: uncond + scale * (cond - uncond), both
+    passes batched and cached."""
+    device = next(gpt.parameters()).device
+    prefix = layout.condition_tokens(labels, batch, device, cond)
+    keep_mask = _keep_mask(keep, known, batch, n_tokens)
+    lead = 0
+    if keep_mask is not None:
+        known = known.to(device).long().reshape(batch, n_tokens)
+        free = (~keep_mask).any(0).nonzero()
+        lead = int(free[0]) if len(free) else n_tokens
+    out = known[:, :lead] if lead else prefix[:, :0]
+    context, guided = guided_context(layout, torch.cat([prefix, out], 1), labels, guidance_scale)
+    if context.shape[1] + n_tokens - lead - 1 > gpt.config.block_size:
+        raise ValueError(f"{layout.prefix_len} condition + {n_tokens} image tokens exceed block_size "
+                         f"{gpt.config.block_size} + 1")
     cache = gpt.new_cache() if use_cache else None
-    seq, step_input, out = context, context, []
-    for _ in range(n_tokens):
-        logits = (gpt(step_input, cache) if use_cache else gpt(seq))[:, -1].float()
-        if guided:
-            c, u = logits.chunk(2)
-            logits = u + guidance_scale * (c - u)
-        logits[:, layout.n_embed:] = float("-inf")  # only image codes follow the condition
-        probs = filter_logits(logits / max(temperature, 1e-8), top_k, top_p).softmax(-1)
-        token = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
-        out.append(token)
-        step_input = torch.cat([token, token], 0) if guided else token
-        seq = torch.cat([seq, step_input], 1)
-    return torch.cat(out, 1)
+    seq, step_input = context, context
+    picks = dict(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, generator=generator)
+    for pos in range(lead, n_tokens):
+        logits = (gpt(step_input, cache) if use_cache else gpt(seq))[:, -1]
+        token = next_token(logits, layout, guided, guidance_scale, **picks)
+        if keep_mask is not None:
+            token = torch.where(keep_mask[:, pos], known[:, pos], token)
+        out = torch.cat([out, token[:, None]], 1)
+        step_input = torch.cat([token, token])[:, None] if guided else token[:, None]
+        if not use_cache:
+            seq = torch.cat([seq, step_input], 1)
+    return out
 
 
-def load_prior(path: str, tokenizer: str | None = None, device: str | torch.device = "cpu"):
-    """(GPT, conditioning dict, tokenizer VQModel, grid) for a trained prior or a converted taming transformer."""
+@dataclass
+class Prior:
+    """A trained (or converted) prior with what it needs around it: its token layout, the tokenizer that
+    decodes its tokens, the grid it was trained on, and the condition tokenizer of a spatial prior."""
+
+    gpt: GPT
+    layout: TokenLayout
+    tokenizer: "VQModel"  # noqa: F821
+    grid: tuple[int, int]
+    conditioning: dict
+    cond_tokenizer: "VQModel | None" = None  # noqa: F821
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.conditioning.get("class_names") or [])
+
+    def label_id(self, label: str) -> int:
+        """A class name or id -> the class id."""
+        from .errors import UserError
+
+        names = self.class_names
+        if not self.layout.n_classes:
+            raise UserError("this prior is not class-conditional; leave out --label")
+        if label in names:
+            return names.index(label)
+        if label.isdigit() and int(label) < self.layout.n_classes:
+            return int(label)
+        raise UserError(f"--label {label!r} is neither a class name ({', '.join(names) or 'none recorded'}) nor a "
+                        f"class id below {self.layout.n_classes}")
+
+    @torch.no_grad()
+    def encode_maps(self, maps: torch.Tensor) -> torch.Tensor:
+        """Condition maps as the condition tokenizer's input (B, C, H, W) -> condition tokens (B, h, w)."""
+        if self.cond_tokenizer is None:
+            raise ValueError("this prior has no condition tokenizer")
+        return self.cond_tokenizer.encode(maps.to(next(self.cond_tokenizer.parameters()).device))
+
+    def sample(self, batch: int, grid: tuple[int, int] | None = None, labels: torch.Tensor | None = None,
+               cond: torch.Tensor | None = None, known: torch.Tensor | None = None, keep: torch.Tensor | None = None,
+               progress: bool = False, **kwargs) -> torch.Tensor:
+        """(B, H, W) tokens on `grid` (default: the training grid; larger grids use the sliding window).
+        `cond`: condition tokens (B, H, W) of a spatial prior; `known`/`keep`: completion (see
+        sample_images_tokens)."""
+        grid = tuple(grid or (cond.shape[1:] if cond is not None else self.grid))
+        if grid == tuple(self.grid):
+            n = grid[0] * grid[1]
+            flat = None if known is None else known.reshape(batch, n)
+            mask = None if keep is None else keep.reshape(-1, n)
+            tokens = sample_images_tokens(self.gpt, self.layout, n, batch, labels, cond, flat, mask, **kwargs)
+            return tokens.reshape(batch, *grid)
+        from .sliding import sample_sliding_window
+
+        return sample_sliding_window(self.gpt, self.layout, grid, tuple(self.grid), batch, labels, cond, known, keep,
+                                     progress=progress, **kwargs)
+
+
+def load_prior(path: str, tokenizer: str | None = None, device: str | torch.device = "cpu") -> Prior:
+    """A trained prior (a `train-transformer` run or its model/) or a converted taming transformer."""
     from pathlib import Path
 
     import yaml
@@ -95,29 +234,21 @@ def load_prior(path: str, tokenizer: str | None = None, device: str | torch.devi
     if not isinstance(gpt, GPT):
         raise UserError(f"{path} is not a transformer prior")
     conditioning = (yaml.safe_load((model_dir / "config.yaml").read_text()) or {}).get("conditioning") or {}
-    tok_path = tokenizer or (str(model_dir / "tokenizer") if (model_dir / "tokenizer").is_dir()
-                             else conditioning.get("tokenizer"))
-    if not tok_path:
-        raise UserError(f"{path} does not say which tokenizer decodes its tokens; pass --tokenizer")
-    vq = load_model(tok_path, map_location=device)
+
+    def tokenizer_at(own: str, recorded: str | None, what: str):
+        where = str(model_dir / own) if (model_dir / own).is_dir() else recorded
+        if not where:
+            raise UserError(f"{path} does not say which {what} it uses; pass --tokenizer")
+        if not Path(where).exists():
+            raise UserError(f"the {what} {where} recorded by {path} is missing; pass --tokenizer")
+        return load_model(where, map_location=device).eval()
+
+    vq = load_model(tokenizer, map_location=device).eval() if tokenizer else \
+        tokenizer_at("tokenizer", conditioning.get("tokenizer"), "tokenizer")
+    cond_vq = None
+    if conditioning.get("cond_n_embed"):
+        cond_vq = tokenizer_at("cond_tokenizer", conditioning.get("cond_tokenizer"), "condition tokenizer")
     grid = tuple(conditioning.get("grid") or (vq.config.latent_size, vq.config.latent_size))
-    return gpt.eval(), conditioning, vq, grid
-
-
-@torch.no_grad()
-def sample_prior(gpt: GPT, conditioning: dict, grid: tuple[int, int], batch: int, labels: torch.Tensor | None = None,
-                 **kwargs) -> torch.Tensor:
-    """(B, h, w) token grids from a prior in this project's layout or taming's (condition token = a code id)."""
-    n = grid[0] * grid[1]
-    if conditioning.get("layout") == "vqgan":
-        layout = TokenLayout(conditioning["n_embed"], conditioning.get("n_classes", 0))
-        tokens = sample_images_tokens(gpt, layout, n, batch, labels, **kwargs)
-    else:  # taming: the start token, or the class id, shares the vocabulary with the codes
-        from .sampling import sample
-
-        kwargs.pop("guidance_scale", None)
-        kwargs.pop("prefix", None)
-        first = labels.long()[:, None] if labels is not None else torch.full(
-            (batch, 1), int(conditioning.get("sos_token", 0)), dtype=torch.long)
-        tokens = sample(gpt, first.to(next(gpt.parameters()).device), n, **kwargs)
-    return tokens.reshape(batch, *grid)
+    # converted taming transformers written before the layout was recorded share code ids with conditions
+    layout = TokenLayout.from_dict({"layout": "taming", "n_embed": vq.quantize.n_embed, **conditioning})
+    return Prior(gpt.eval(), layout, vq, grid, conditioning, cond_vq)

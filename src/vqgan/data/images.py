@@ -95,15 +95,20 @@ def to_tensor(im: Image.Image) -> torch.Tensor:
     return a.permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 
-def fit_image(im: Image.Image, resolution: int, crop: str, rng: random.Random | None) -> Image.Image:
-    """Resize so the short side is `resolution`, then crop a square (random when `rng` is given)."""
+def fit_image(im: Image.Image, resolution: int, crop: str, rng: random.Random | None,
+              resample: int = Image.BICUBIC) -> Image.Image:
+    """Resize so the short side is `resolution`, then crop a square (random when `rng` is given).
+
+    The random draws depend only on the image size and `rng`, so an image and its condition map (same size,
+    same seed) get the same crop."""
+    gap = 3.0 if resample == Image.BICUBIC else None
     if crop == "resize":
-        return im.resize((resolution, resolution), Image.BICUBIC, reducing_gap=3.0)
+        return im.resize((resolution, resolution), resample, reducing_gap=gap)
     w, h = im.size
     scale = resolution / min(w, h)
     if scale != 1.0:
-        im = im.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC,
-                       reducing_gap=3.0)
+        im = im.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), resample,
+                       reducing_gap=gap)
     w, h = im.size
     if crop == "random" and rng is not None:
         left, top = rng.randint(0, w - resolution), rng.randint(0, h - resolution)
@@ -121,7 +126,8 @@ class ImageSource:
 
 
 class ImageDataset(Dataset):
-    """Square crops as (3, res, res) tensors in [-1, 1].
+    """Square crops as (3, res, res) tensors in [-1, 1], or condition maps as their tokenizer's input
+    (`kind` segmentation / depth, see data/maps.py).
 
     Augmentation randomness comes from (seed, epoch, index), so an interrupted run that resumes sees the
     same crops, whatever the number of loader workers. Items are dicts: `image`, `index`, `skipped`
@@ -129,7 +135,7 @@ class ImageDataset(Dataset):
     """
 
     def __init__(self, sources: Sequence[ImageSource], resolution: int, crop: str = "random", flip: bool = True,
-                 train: bool = True, seed: int = 0):
+                 train: bool = True, seed: int = 0, kind: str = "rgb", n_labels: int = 0):
         if not sources:
             raise UserError("the data set is empty")
         self.sources = list(sources)
@@ -139,6 +145,8 @@ class ImageDataset(Dataset):
         self.train = train
         self.seed = seed
         self.epoch = 0
+        self.kind = kind
+        self.n_labels = n_labels
 
     @classmethod
     def from_paths(cls, paths: Sequence[Path], **kwargs) -> "ImageDataset":
@@ -156,16 +164,22 @@ class ImageDataset(Dataset):
             i = (index + attempt) % n
             src = self.sources[i]
             try:
-                im = src.load()
-            except Exception as e:  # corrupt / truncated / vanished file
+                x = self.prepare(src.load(), index)
+            except Exception as e:  # corrupt / truncated / vanished file, or a label map with a bad label
                 report_bad_file(src.name, str(e).splitlines()[0] if str(e) else type(e).__name__)
                 continue
-            rng = random.Random(f"{self.seed}/{self.epoch}/{index}") if self.train else None  # stable across processes
-            im = fit_image(im, self.resolution, self.crop, rng)
-            if self.flip and rng is not None and rng.random() < 0.5:
-                im = im.transpose(Image.FLIP_LEFT_RIGHT)
-            return {"image": to_tensor(im), "index": i, "skipped": attempt}
+            return {"image": x, "index": i, "skipped": attempt}
         raise RuntimeError(f"could not load any image near index {index} (50 bad files in a row)")
+
+    def prepare(self, im: Image.Image, index: int) -> torch.Tensor:
+        """Crop (and flip) as item `index` of this epoch, then convert to the model's input tensor."""
+        from .maps import map_to_tensor, resample_for
+
+        rng = random.Random(f"{self.seed}/{self.epoch}/{index}") if self.train else None  # stable across processes
+        im = fit_image(im, self.resolution, self.crop, rng, resample_for(self.kind))
+        if self.flip and rng is not None and rng.random() < 0.5:
+            im = im.transpose(Image.FLIP_LEFT_RIGHT)
+        return to_tensor(im) if self.kind == "rgb" else map_to_tensor(im, self.kind, self.n_labels)
 
     def name(self, index: int) -> str:
         return self.sources[index].name

@@ -23,14 +23,27 @@ def perplexity(counts: torch.Tensor) -> float:
     return math.exp(float(-(p * p.log()).sum()))
 
 
+def label_scores(labels: torch.Tensor, predicted: torch.Tensor, n_labels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image pixel accuracy (B,) and the (n_labels, 2) [intersection, union] pixel counts."""
+    acc = (labels == predicted).double().mean(dim=(1, 2))
+    inter = torch.bincount(labels[labels == predicted].reshape(-1), minlength=n_labels)
+    union = torch.bincount(labels.reshape(-1), minlength=n_labels) + torch.bincount(
+        predicted.reshape(-1), minlength=n_labels) - inter
+    return acc, torch.stack([inter, union], 1)
+
+
 @torch.no_grad()
 def evaluate_reconstruction(model, loader, device: torch.device, max_batches: int | None = None) -> dict:
-    """Held-out PSNR, L1, codebook usage and perplexity (over all latent positions)."""
+    """Held-out PSNR (segmentation maps: pixel accuracy and mean IoU), L1, codebook usage and perplexity
+    (over all latent positions)."""
+    from ..data.maps import to_display
+
     was_training = model.training
     model.eval()
+    kind = model.config.input_kind
     n_embed = model.quantize.n_embed
     counts = torch.zeros(n_embed, dtype=torch.long)
-    psnrs, l1s = [], []
+    psnrs, l1s, iou = [], [], 0
     examples = None
     for b, batch in enumerate(loader):
         if max_batches is not None and b >= max_batches:
@@ -39,13 +52,33 @@ def evaluate_reconstruction(model, loader, device: torch.device, max_batches: in
         tokens = model.encode(x)
         rec = model.decode(tokens)
         counts += torch.bincount(tokens.reshape(-1).cpu(), minlength=n_embed)
-        psnrs.append(psnr_per_image(x, rec).cpu())
-        l1s.append((to_unit(rec) - to_unit(x)).abs().mean(dim=(1, 2, 3)).cpu())
+        if kind == "segmentation":
+            acc, inter_union = label_scores(x.argmax(1).cpu(), rec.argmax(1).cpu(), x.shape[1])
+            psnrs.append(acc)
+            iou = iou + inter_union
+            l1s.append(1.0 - acc)
+        else:
+            psnrs.append(psnr_per_image(x, rec).cpu())
+            l1s.append((to_unit(rec) - to_unit(x)).abs().mean(dim=(1, 2, 3)).cpu())
         if examples is None:
-            examples = (x[:16].cpu(), rec[:16].cpu())
+            examples = (to_display(x[:16], kind).cpu(), to_display(rec[:16], kind).cpu())
     model.train(was_training)
-    psnr = torch.cat(psnrs)
-    return {"psnr": float(psnr.mean()), "psnr_std": float(psnr.std()) if psnr.numel() > 1 else 0.0,
-            "l1": float(torch.cat(l1s).mean()), "codes_used": int((counts > 0).sum()), "n_embed": n_embed,
-            "usage": float((counts > 0).float().mean()), "perplexity": perplexity(counts),
-            "n_images": int(psnr.numel()), "counts": counts, "examples": examples}
+    score = torch.cat(psnrs)
+    result = {"l1": float(torch.cat(l1s).mean()), "codes_used": int((counts > 0).sum()), "n_embed": n_embed,
+              "usage": float((counts > 0).float().mean()), "perplexity": perplexity(counts),
+              "n_images": int(score.numel()), "counts": counts, "examples": examples}
+    if kind == "segmentation":  # "l1" is then the pixel error rate
+        present = iou[:, 1] > 0
+        result.update(accuracy=float(score.mean()),
+                      miou=float((iou[present, 0].double() / iou[present, 1]).mean()))
+    else:
+        result.update(psnr=float(score.mean()), psnr_std=float(score.std()) if score.numel() > 1 else 0.0)
+    return result
+
+
+def quality_summary(result: dict) -> str:
+    """One line for people: PSNR, or pixel accuracy / mIoU for label maps, and codebook use."""
+    head = (f"pixel accuracy {result['accuracy']:.4f}, mIoU {result['miou']:.4f}" if "accuracy" in result
+            else f"PSNR {result['psnr']:.2f} dB")
+    return (f"held-out {head}, codebook usage {result['usage']:.3f} ({result['codes_used']}/{result['n_embed']}), "
+            f"perplexity {result['perplexity']:.1f}")

@@ -143,20 +143,24 @@ def tokenizer_report(run_dir: Path, result: dict, title: str = "VQGAN tokenizer"
         return {k: ([r["step"] for r in rs if k in r], [r[k] for r in rs if k in r]) for k in keys
                 if any(k in r for r in rs)}
 
-    line_plot(series(train, "total", "l1", "lpips", "codebook"), "generator losses", log_y=True).save(
+    labels = "accuracy" in result  # a segmentation-map tokenizer
+    quality = ("accuracy", "miou") if labels else ("psnr",)
+    line_plot(series(train, "total", "l1", "ce", "lpips", "codebook"), "generator losses", log_y=True).save(
         out / "losses.png")
     line_plot(series(train, "disc", "logits_real", "logits_fake", "adaptive_weight"),
               "discriminator: loss, mean logits, adaptive weight").save(out / "gan.png")
     line_plot(series(train, "usage_window", "usage_batch"), "codebook usage (fraction of codes)").save(
         out / "usage.png")
-    line_plot(series(evals, "psnr"), "held-out PSNR (dB)").save(out / "psnr.png")
+    line_plot(series(evals, *quality), "held-out pixel accuracy / mIoU" if labels else "held-out PSNR (dB)").save(
+        out / "psnr.png")
     x, rec = result["examples"]
     pairs_grid(x, rec, scale=3).save(out / "reconstructions.png")
     counts = sorted(result["counts"].tolist(), reverse=True)
     bar_plot(counts, f"held-out code histogram, sorted: {result['codes_used']} of {result['n_embed']} codes used"
              ).save(out / "codebook_histogram.png")
-    summary = [{"held-out images": result["n_images"], "PSNR (dB)": round(result["psnr"], 3),
-                "L1 [0,1]": round(result["l1"], 5),
+    head = ({"pixel accuracy": round(result["accuracy"], 4), "mIoU": round(result["miou"], 4)} if labels else
+            {"PSNR (dB)": round(result["psnr"], 3), "L1 [0,1]": round(result["l1"], 5)})
+    summary = [{"held-out images": result["n_images"], **head,
                 "codes used (held-out)": f"{result['codes_used']}/{result['n_embed']}",
                 "usage (held-out)": round(result["usage"], 4),
                 "usage (last epoch)": (round(result["epoch_usage"], 4) if result.get("epoch_usage") == result.get(
@@ -171,6 +175,6 @@ def tokenizer_report(run_dir: Path, result: dict, title: str = "VQGAN tokenizer"
         ("Losses", "<img src='report/losses.png'><img src='report/gan.png'>"),
         ("Codebook", "<img src='report/usage.png'><img src='report/codebook_histogram.png'>"),
         ("Quality over training", "<img src='report/psnr.png'>" + table(
-            [{k: r.get(k) for k in ("step", "psnr", "l1", "usage", "codes_used", "perplexity")} for r in evals])),
+            [{k: r.get(k) for k in ("step", *quality, "l1", "usage", "codes_used", "perplexity")} for r in evals])),
     ]
     return write_report(run_dir / "report.html", title, sections)

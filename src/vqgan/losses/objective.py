@@ -1,6 +1,6 @@
 """The VQGAN objective (Esser et al. 2021, eq. 5-7).
 
-generator:      L = pixel_w * |x - x^| + perceptual_w * LPIPS(x, x^) + codebook_w * L_VQ
+generator:      L = pixel_w * |x - x^| (cross-entropy for segmentation maps) + perceptual_w * LPIPS(x, x^) + codebook_w * L_VQ
                     + lambda * disc_factor * (-mean D(x^))
 lambda:         ||grad_W L_rec|| / (||grad_W L_gan|| + 1e-4), clamped to [0, 1e4], times disc_weight,
                 W = the decoder's last conv weight, detached.
@@ -37,9 +37,10 @@ class GeneratorResult:
 
 
 class VQGANLoss(nn.Module):
-    def __init__(self, config: LossConfig, perceptual: LPIPS | None, in_channels: int = 3):
+    def __init__(self, config: LossConfig, perceptual: LPIPS | None, in_channels: int = 3, input_kind: str = "rgb"):
         super().__init__()
         self.config = config
+        self.input_kind = input_kind
         self.perceptual = perceptual if config.perceptual_weight > 0 else None
         self.discriminator = NLayerDiscriminator(in_channels, config.disc_ndf, config.disc_layers,
                                                  config.disc_norm)
@@ -60,6 +61,9 @@ class VQGANLoss(nn.Module):
 
     # -- terms -----------------------------------------------------------------------------------
     def reconstruction_loss(self, x: torch.Tensor, rec: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        if self.input_kind == "segmentation":  # one-hot labels in, logits out
+            ce = F.cross_entropy(rec.float(), x.argmax(1))
+            return self.config.pixel_weight * ce, {"ce": ce.detach()}
         l1 = (x - rec).abs().mean()
         loss = self.config.pixel_weight * l1
         logs = {"l1": l1.detach()}

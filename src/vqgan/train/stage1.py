@@ -58,7 +58,7 @@ def build_loss(cfg: TokenizerTrainConfig, lpips_state: dict[str, torch.Tensor] |
     if cfg.loss.perceptual_weight > 0:
         perceptual = build_lpips(cfg.loss.vgg_weights, cfg.loss.lpips_heads, cfg.loss.allow_random_perceptual,
                                  state_dict=lpips_state, state_source=lpips_source)
-    return VQGANLoss(cfg.loss, perceptual, cfg.model.out_ch)
+    return VQGANLoss(cfg.loss, perceptual, cfg.model.out_ch, cfg.model.input_kind)
 
 
 def adam(params, lr: float) -> torch.optim.Adam:
@@ -121,7 +121,8 @@ class TokenizerTrainer:
     # -- data ------------------------------------------------------------------------------------
     def _build_data(self) -> None:
         cfg = self.cfg
-        sources, n_bad = image_sources(cfg.data.path, cfg.data.builtin_count, cfg.model.resolution)
+        sources, n_bad = image_sources(cfg.data.path, cfg.data.builtin_count, cfg.model.resolution,
+                                       cfg.model.input_kind)
         self.n_unreadable = n_bad
         holdout = cfg.data.holdout
         if holdout >= len(sources):
@@ -130,7 +131,8 @@ class TokenizerTrainer:
                         holdout)
         train_sources = sources[:len(sources) - holdout] if holdout else sources
         eval_sources = sources[len(sources) - holdout:] if holdout else sources[:16]
-        common = dict(resolution=cfg.model.resolution, crop=cfg.data.crop, seed=cfg.train.seed)
+        common = dict(resolution=cfg.model.resolution, crop=cfg.data.crop, seed=cfg.train.seed,
+                      kind=cfg.model.input_kind, n_labels=cfg.model.in_channels)
         self.train_set = ImageDataset(train_sources, flip=cfg.data.flip, train=True, **common)
         self.eval_set = ImageDataset(eval_sources, flip=False, train=False, **common)
         self.sampler = ResumableSampler(len(self.train_set), cfg.train.batch_size, self.rt.rank, self.rt.world_size,
@@ -301,8 +303,9 @@ class TokenizerTrainer:
             images.mkdir(parents=True, exist_ok=True)
             x, rec = result["examples"]
             pairs_grid(x, rec).save(images / f"step_{self.step:08d}.png")
-            self.metrics.write(self.step, {k: result[k] for k in ("psnr", "l1", "usage", "codes_used",
-                                                                   "perplexity")}, kind="eval")
+            self.metrics.write(self.step, {k: result[k] for k in ("psnr", "accuracy", "miou", "l1", "usage",
+                                                                   "codes_used", "perplexity") if k in result},
+                               kind="eval")
         return result
 
     def _handle_signal(self, signum, frame) -> None:
@@ -344,7 +347,7 @@ class TokenizerTrainer:
                     t0, steps_timed = time.perf_counter(), 0
                     logs.update(it_per_s=rate, lr=self.opt_ae.param_groups[0]["lr"], skipped_files=self.skipped_files)
                     self.metrics.write(self.step, logs)
-                    bar.set_postfix(loss=f"{logs['total']:.3f}", l1=f"{logs['l1']:.3f}",
+                    bar.set_postfix(loss=f"{logs['total']:.3f}", rec=f"{logs['rec']:.3f}",
                                     usage=f"{logs['usage_window']:.2f}", refresh=False)
                 if self.step % t.eval_every == 0 and self.step < t.steps:
                     self.evaluate()

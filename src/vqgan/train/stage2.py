@@ -21,7 +21,7 @@ from tqdm import tqdm
 from ..checkpoint import (CONFIG_FILE, WEIGHTS_FILE, atomic_directory, check_state_dict, latest_checkpoint,
                           load_state_dict_file, prune_checkpoints, safe_torch_load, save_model, save_tensors,
                           write_yaml)
-from ..data.tokens import TokenStore
+from ..data.tokens import UNUSABLE, TokenStore
 from ..errors import UserError
 from ..prior import TokenLayout, sample_images_tokens
 from ..transformer import GPT, GPTConfig
@@ -44,7 +44,9 @@ class PriorModelConfig:
 class PriorDataConfig:
     tokens: str = ""  # a token store directory
     holdout: int = 64  # the last N rows are held out
-    conditional: bool = True  # class-conditional when the store has labels
+    # auto: on the store's condition maps when it has them, else on its class labels when it has them;
+    # or force one of: spatial, class, none
+    conditioning: str = "auto"
 
 
 @dataclass
@@ -77,6 +79,8 @@ class TransformerTrainConfig:
             raise UserError("data.tokens is not set: give a token store made by `vqgan tokenize`")
         if self.train.steps < 1 or self.train.batch_size < 1:
             raise UserError("train.steps and train.batch_size must be >= 1")
+        if self.data.conditioning not in ("auto", "spatial", "class", "none"):
+            raise UserError(f"data.conditioning must be auto, spatial, class or none, got {self.data.conditioning!r}")
 
 
 def adamw(model: GPT, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -109,33 +113,60 @@ class PriorTrainer:
         self.progress = progress
         seed_everything(cfg.train.seed)
         self.store = TokenStore(cfg.data.tokens)
-        n_classes = len(self.store.class_names) if cfg.data.conditional and (self.store.labels >= 0).any() else 0
-        self.layout = TokenLayout(self.store.n_embed, n_classes)
+        self.layout = self._layout(cfg.data.conditioning)
         h, w = self.store.grid
         self.n_tokens = h * w
         m = cfg.model
-        self.gpt_config = GPTConfig(vocab_size=self.layout.vocab_size, block_size=self.n_tokens, n_layer=m.n_layer,
+        self.gpt_config = GPTConfig(vocab_size=self.layout.vocab_size,
+                                    block_size=self.layout.prefix_len + self.n_tokens - 1, n_layer=m.n_layer,
                                     n_head=m.n_head, n_embd=m.n_embd, dropout=m.dropout)
         self.model = GPT(self.gpt_config).to(self.rt.device)
         self.opt = adamw(self.model, cfg.train.learning_rate, cfg.train.weight_decay)
         self.dtype = resolve_precision(cfg.train.precision, self.rt.device)
         self.scaler = torch.amp.GradScaler(self.rt.device.type, enabled=self.dtype == torch.float16)
-        holdout = min(cfg.data.holdout, len(self.store) // 5)
-        self.train_rows = list(range(len(self.store) - holdout))
-        self.eval_rows = list(range(len(self.store) - holdout, len(self.store))) or self.train_rows[:16]
+        usable = [r for r in range(len(self.store)) if self.store.labels[r] != UNUSABLE]
+        if not usable:
+            raise UserError(f"{cfg.data.tokens} has no usable rows")
+        holdout = min(cfg.data.holdout, len(usable) // 5)
+        self.train_rows = usable[:len(usable) - holdout]
+        self.eval_rows = usable[len(usable) - holdout:] or self.train_rows[:16]
         self.sampler = ResumableSampler(len(self.train_rows), cfg.train.batch_size, seed=cfg.train.seed)
         self.step = 0
         if existing is not None and resume:
             self._load(existing)
         self.metrics = MetricsLog(self.run_dir / "logs")
 
+    def _layout(self, choice: str) -> TokenLayout:
+        store = self.store
+        has_labels = bool((store.labels >= 0).any()) and bool(store.class_names)
+        if choice == "auto":
+            choice = "spatial" if store.condition else "class" if has_labels else "none"
+        if choice == "spatial":
+            if not store.condition:
+                raise UserError(f"data.conditioning=spatial: {self.cfg.data.tokens} has no condition maps; make it "
+                                "with `vqgan tokenize ... --cond-maps DIR --cond-tokenizer MODEL`")
+            c = store.condition
+            return TokenLayout(store.n_embed, cond_n_embed=int(c["tokenizer"]["n_embed"]),
+                               cond_len=int(c["grid"][0] * c["grid"][1]))
+        if choice == "class":
+            if not has_labels:
+                raise UserError(f"data.conditioning=class: {self.cfg.data.tokens} has no class labels; make it with "
+                                "`vqgan tokenize ... --labels folders` (or a CSV/JSON file)")
+            return TokenLayout(store.n_embed, len(store.class_names))
+        return TokenLayout(store.n_embed)
+
     # -- checkpoints -----------------------------------------------------------------------------
     def config_dict(self) -> dict[str, Any]:
-        return {**self.model.config_dict(), "conditioning": {
-            "kind": "class" if self.layout.n_classes else "unconditional", "n_classes": self.layout.n_classes,
-            "n_embed": self.layout.n_embed, "layout": "vqgan", "class_names": self.store.class_names,
-            "grid": list(self.store.grid), "tokenizer": self.store.meta["tokenizer"]["path"],
-            "tokenizer_fingerprint": self.store.meta["tokenizer"]["fingerprint"]}}
+        kind = "spatial" if self.layout.spatial else "class" if self.layout.n_classes else "unconditional"
+        meta = self.store.meta
+        cond = {"kind": kind, **self.layout.to_dict(), "grid": list(self.store.grid),
+                "class_names": self.store.class_names if self.layout.n_classes else [],
+                "tokenizer": meta["tokenizer"]["path"], "tokenizer_fingerprint": meta["tokenizer"]["fingerprint"]}
+        if self.layout.spatial:
+            c = meta["condition"]
+            cond.update(cond_kind=c["kind"], cond_grid=c["grid"], cond_tokenizer=c["tokenizer"]["path"],
+                        cond_tokenizer_fingerprint=c["tokenizer"]["fingerprint"])
+        return {**self.model.config_dict(), "conditioning": cond}
 
     def save(self) -> Path:
         target = self.ckpt_dir / f"step_{self.step:08d}"
@@ -160,18 +191,19 @@ class PriorTrainer:
 
     # -- steps -----------------------------------------------------------------------------------
     def _sequences(self, batch: dict, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs (B, prefix + h*w - 1) and targets (B, h*w): every image token after its condition."""
         tokens = batch["tokens"].to(self.rt.device).reshape(batch["tokens"].shape[0], -1)  # (B, h*w)
         labels = batch["label"].to(self.rt.device) if self.layout.n_classes else None
         if labels is not None and train and self.cfg.train.label_dropout > 0:
             drop = torch.rand(labels.shape, device=labels.device) < self.cfg.train.label_dropout
             labels = torch.where(drop, torch.full_like(labels, -1), labels)
-        cond = self.layout.condition_tokens(labels, tokens.shape[0], self.rt.device)
-        return torch.cat([cond, tokens[:, :-1]], 1), tokens  # inputs (B, h*w), targets (B, h*w)
+        prefix = self.layout.condition_tokens(labels, tokens.shape[0], self.rt.device, batch.get("cond"))
+        return torch.cat([prefix, tokens[:, :-1]], 1), tokens
 
     def loss(self, batch: dict, train: bool = True) -> torch.Tensor:
         inputs, targets = self._sequences(batch, train)
         with autocast(self.rt.device, self.dtype):
-            logits = self.model(inputs)
+            logits = self.model(inputs)[:, self.layout.prefix_len - 1:]  # the positions that predict image tokens
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
     @torch.no_grad()
@@ -221,18 +253,88 @@ class PriorTrainer:
                     bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)
                 if self.step % t.eval_every == 0 and self.step < t.steps:
                     self.metrics.write(self.step, {"nll": self.evaluate()}, kind="eval")
+                    self.write_samples()
                 if self.step % t.ckpt_every == 0 or self.step == t.steps:
                     self.save()
                 if self.step >= t.steps:
                     break
         bar.close()
         final_nll = self.evaluate()
-        save_model(self.model, self.run_dir / "model", self.config_dict())
+        self.metrics.write(self.step, {"nll": final_nll}, kind="eval")
+        samples = self.write_samples()
+        self.save_final()
         self.metrics.close()
-        return {"step": self.step, "nll": final_nll, "out": str(self.run_dir)}
+        return {"step": self.step, "nll": final_nll, "out": str(self.run_dir), "samples": samples}
 
-    def sample(self, batch: int, labels: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    def save_final(self) -> Path:
+        """`model/`: the prior, and copies of its tokenizers (when they still match the store's tokens), so
+        the directory samples on its own."""
+        target = self.run_dir / "model"
+        tokenizer, cond_tokenizer = self.tokenizers()
+        with atomic_directory(target) as tmp:
+            save_tensors(self.model.state_dict(), tmp / WEIGHTS_FILE)
+            write_yaml(self.config_dict(), tmp / CONFIG_FILE)
+            for sub, model in (("tokenizer", tokenizer), ("cond_tokenizer", cond_tokenizer)):
+                if model is not None:
+                    save_model(model, tmp / sub)
+        return target
+
+    def tokenizers(self):
+        """(tokenizer, condition tokenizer) recorded by the store, each None when missing or changed since."""
+        if not hasattr(self, "_tokenizers"):
+            from ..checkpoint import fingerprint, load_model
+
+            def load(info: dict | None):
+                if not info:
+                    return None
+                try:
+                    model = load_model(info["path"]).eval()
+                except (UserError, OSError) as e:
+                    log.warning("cannot load tokenizer %s (%s): no decoded samples", info["path"], e)
+                    return None
+                if fingerprint(model) != info["fingerprint"]:
+                    log.warning("tokenizer %s changed since the token store was made: not used", info["path"])
+                    return None
+                return model
+
+            cond = self.store.condition
+            self._tokenizers = (load(self.store.meta["tokenizer"]), load(cond["tokenizer"] if cond else None))
+        return self._tokenizers
+
+    def sample(self, batch: int, labels: torch.Tensor | None = None, cond: torch.Tensor | None = None,
+               **kwargs) -> torch.Tensor:
         """(B, h, w) sampled token grids."""
         self.model.eval()
-        tokens = sample_images_tokens(self.model, self.layout, self.n_tokens, batch, labels, **kwargs)
+        tokens = sample_images_tokens(self.model, self.layout, self.n_tokens, batch, labels, cond, **kwargs)
+        self.model.train()
         return tokens.reshape(batch, *self.store.grid)
+
+    @torch.no_grad()
+    def write_samples(self, per_row: int = 8) -> str | None:
+        """images/step_N.png: samples per class; for a spatial prior, held-out condition maps, samples
+        on them, and the real images; unconditional: two rows. Needs the tokenizer."""
+        tokenizer, cond_tokenizer = self.tokenizers()
+        if tokenizer is None:
+            return None
+        from ..data.maps import to_display
+        from ..eval.report import image_grid
+
+        g = torch.Generator(device=self.rt.device).manual_seed(self.cfg.train.seed)
+        rows = []
+        if self.layout.spatial:
+            items = [self.store[r] for r in self.eval_rows[:per_row]]
+            cond = torch.stack([it["cond"] for it in items]).to(self.rt.device)
+            if cond_tokenizer is not None:
+                rows.append(to_display(cond_tokenizer.decode(cond), cond_tokenizer.config.input_kind))
+            rows.append(tokenizer.decode(self.sample(len(items), cond=cond, generator=g)))
+            rows.append(tokenizer.decode(torch.stack([it["tokens"] for it in items]).to(self.rt.device)))
+        elif self.layout.n_classes:
+            for c in range(min(self.layout.n_classes, 8)):
+                labels = torch.full((per_row,), c, device=self.rt.device)
+                rows.append(tokenizer.decode(self.sample(per_row, labels, generator=g)))
+        else:
+            rows += list(tokenizer.decode(self.sample(2 * per_row, generator=g)).split(per_row))
+        out = self.run_dir / "images" / f"step_{self.step:08d}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        image_grid([r.cpu() for r in rows], scale=2).save(out)
+        return str(out)

@@ -1,0 +1,131 @@
+"""Generating images with a prior: samples (any size, any conditioning) and completions, written as PNGs.
+
+Behind `vqgan sample` and `vqgan complete`; the demo uses the same functions.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .errors import UserError
+from .eval.report import image_grid, to_uint8
+from .prior import Prior
+
+
+def parse_size(text: str | None, factor: int) -> tuple[int, int] | None:
+    """'HxW' (or one number for a square) in pixels -> a token grid; each side a multiple of `factor`."""
+    if not text:
+        return None
+    try:
+        parts = [int(v) for v in text.lower().split("x")]
+        h, w = (parts * 2)[:2] if len(parts) == 1 else parts
+    except ValueError:
+        raise UserError(f"--size {text!r}: expected HEIGHTxWIDTH in pixels, e.g. 128x256") from None
+    if h <= 0 or w <= 0 or h % factor or w % factor:
+        raise UserError(f"--size {text}: both sides must be positive multiples of the tokenizer's factor {factor}")
+    return h // factor, w // factor
+
+
+def load_cond_map(prior: Prior, path: str, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """A segmentation / depth map file -> the condition tokenizer's input (1, C, H, W), resized to `size`
+    (pixels) when given, else kept at its own size cropped to multiples of the factor."""
+    from .data.maps import load_depth_map, load_label_map, map_to_tensor, resample_for
+
+    ct = prior.cond_tokenizer
+    if ct is None:
+        raise UserError("this prior is not conditioned on maps; leave out --cond-map")
+    kind = ct.config.input_kind
+    try:
+        im = (load_label_map if kind == "segmentation" else load_depth_map)(path)
+    except FileNotFoundError:
+        raise UserError(f"--cond-map {path}: no such file") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"--cond-map {path}: {e}") from None
+    f = ct.downsample_factor
+    if size is not None:
+        im = im.resize((size[1], size[0]), resample_for(kind))
+    else:
+        im = im.crop((0, 0, im.width // f * f, im.height // f * f))
+    if im.width < f or im.height < f:
+        raise UserError(f"--cond-map {path}: smaller than one token ({f} px)")
+    try:
+        return map_to_tensor(im, kind, ct.config.in_channels)[None]
+    except ValueError as e:
+        raise UserError(f"--cond-map {path}: {e}") from None
+
+
+def sample_images(prior: Prior, n: int, label: str | None = None, size: str | None = None,
+                  cond_map: str | None = None, seed: int = 0, progress: bool = True,
+                  **sampling) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(images (n, 3, H, W), the condition map shown as RGB or None)."""
+    from .data.maps import to_display
+
+    device = next(prior.gpt.parameters()).device
+    f = prior.tokenizer.downsample_factor
+    labels = torch.full((n,), prior.label_id(label), device=device) if label is not None else None
+    if prior.layout.n_classes and labels is None and prior.layout.taming:
+        raise UserError("this class-conditional prior needs --label")
+    cond, shown = None, None
+    if prior.layout.spatial:
+        if not cond_map:
+            raise UserError(f"this prior is conditioned on {prior.cond_tokenizer.config.input_kind} maps: pass "
+                            "--cond-map FILE")
+        grid_px = (lambda g: (g[0] * f, g[1] * f))(parse_size(size, f)) if size else None
+        maps = load_cond_map(prior, cond_map, grid_px)
+        cond = prior.encode_maps(maps).expand(n, -1, -1)
+        shown = to_display(maps, prior.cond_tokenizer.config.input_kind)
+        grid = tuple(cond.shape[1:])
+    else:
+        if cond_map:
+            raise UserError("this prior is not conditioned on maps; leave out --cond-map")
+        grid = parse_size(size, f) or prior.grid
+    if grid[0] < prior.grid[0] or grid[1] < prior.grid[1]:
+        raise UserError(f"--size: the output must be at least the training size {prior.grid[0] * f}x{prior.grid[1] * f}")
+    g = torch.Generator(device=device).manual_seed(seed)
+    tokens = prior.sample(n, grid, labels, cond, generator=g, progress=progress, **sampling)
+    return prior.tokenizer.decode(tokens), shown
+
+
+def complete_images(prior: Prior, images: torch.Tensor, n: int = 4, keep_rows: float = 0.5,
+                    box: tuple[float, float, float, float] | None = None, label: str | None = None, seed: int = 0,
+                    **sampling) -> tuple[torch.Tensor, torch.Tensor]:
+    """Completions of each image: keep the top `keep_rows` fraction of its token rows (or everything outside
+    `box` = top, left, bottom, right as fractions) and sample the rest. Returns (masked views
+    (B, 3, H, W), completions (B, n, 3, H, W))."""
+    device = next(prior.gpt.parameters()).device
+    tokens = prior.tokenizer.encode(images.to(device))
+    b, h, w = tokens.shape
+    keep = torch.ones(h, w, dtype=torch.bool)
+    if box is not None:
+        t, l, bt, r = box
+        keep[round(t * h):max(round(bt * h), round(t * h) + 1), round(l * w):max(round(r * w), round(l * w) + 1)] = False
+    else:
+        keep[max(0, min(h - 1, round(keep_rows * h))):] = False
+    labels = torch.full((n,), prior.label_id(label), device=device) if label is not None else None
+    g = torch.Generator(device=device).manual_seed(seed)
+    outs = []
+    for i in range(b):
+        known = tokens[i:i + 1].expand(n, h, w)
+        outs.append(prior.tokenizer.decode(prior.sample(n, (h, w), labels, known=known, keep=keep, generator=g,
+                                                        **sampling)))
+    f = prior.tokenizer.downsample_factor
+    pixel_keep = keep.repeat_interleave(f, 0).repeat_interleave(f, 1).to(device)
+    masked = torch.where(pixel_keep, prior.tokenizer.decode(tokens), torch.full_like(images.to(device), 0.6))
+    return masked, torch.stack(outs)
+
+
+def write_images(images: torch.Tensor, out: Path, stem: str = "sample") -> list[str]:
+    out.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i, img in enumerate(to_uint8(images)):
+        Image.fromarray(img).save(out / f"{stem}_{i:03d}.png")
+        names.append(f"{stem}_{i:03d}.png")
+    return names
+
+
+def write_grid(rows: list[torch.Tensor], path: Path, scale: int = 1) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid([r.detach().cpu() for r in rows], scale=scale).save(path)
+    return path
