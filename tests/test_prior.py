@@ -6,22 +6,28 @@ import numpy as np
 import pytest
 import torch
 
-from vqgan.data.tokens import LABELS_FILE, META_FILE, TOKENS_BIN, TokenStore
+from vqgan.data.tokens import COND_BIN, LABELS_FILE, META_FILE, TOKENS_BIN, TokenStore
 from vqgan.prior import TokenLayout, sample_images_tokens
 from vqgan.train.stage2 import PriorTrainer, TransformerTrainConfig
 from vqgan.config import load_config
 
 
-def write_store(path, tokens, labels, class_names=()):
+def write_store(path, tokens, labels, class_names=(), cond=None):
     path.mkdir(parents=True)
     n, h, w = tokens.shape
-    mm = np.memmap(path / TOKENS_BIN, dtype="uint16", mode="w+", shape=tokens.shape)
-    mm[:] = tokens
-    mm.flush()
+    for name, array in ((TOKENS_BIN, tokens), (COND_BIN, cond)):
+        if array is not None:
+            mm = np.memmap(path / name, dtype="uint16", mode="w+", shape=array.shape)
+            mm[:] = array
+            mm.flush()
     np.save(path / LABELS_FILE, np.asarray(labels, dtype=np.int64))
     meta = {"tokenizer": {"path": "synthetic", "fingerprint": "none", "n_embed": int(tokens.max()) + 1},
             "grid": [h, w], "dtype": "uint16", "count": n, "class_names": list(class_names), "done": n,
             "complete": True}
+    if cond is not None:
+        meta["condition"] = {"kind": "segmentation", "grid": list(cond.shape[1:]), "dtype": "uint16",
+                             "tokenizer": {"path": "synthetic-cond", "fingerprint": "none",
+                                           "n_embed": int(cond.max()) + 1}}
     (path / META_FILE).write_text(json.dumps(meta))
     return TokenStore(path)
 
@@ -73,6 +79,44 @@ def test_class_conditional_samples_follow_the_asked_class(tmp_path):
         assert inside > 0.95, (cls, inside)
     model_dir = tmp_path / "run" / "model"
     assert (model_dir / "model.safetensors").is_file() and "class_names" in (model_dir / "config.yaml").read_text()
+
+
+def test_spatial_prior_follows_its_condition_map(tmp_path):
+    rng = np.random.default_rng(0)
+    cond = rng.integers(0, 4, (384, 3, 3))
+    tokens = 2 * cond + rng.integers(0, 2, cond.shape)  # each condition token allows two image tokens
+    write_store(tmp_path / "store", tokens, [-1] * 384, cond=cond)
+    trainer = PriorTrainer(config(tmp_path, tmp_path / "store", steps=150), progress=False)
+    assert trainer.layout.spatial and trainer.gpt_config.block_size == 9 + 9 - 1
+    trainer.fit()
+    test_cond = torch.from_numpy(rng.integers(0, 4, (16, 3, 3)))
+    grid = trainer.sample(16, cond=test_cond, generator=torch.Generator().manual_seed(0))
+    assert (grid // 2 == test_cond).float().mean() > 0.95
+    conditioning = (tmp_path / "run" / "model" / "config.yaml").read_text()
+    assert "cond_n_embed: 4" in conditioning and "cond_len: 9" in conditioning
+
+
+def test_prior_training_resumes_exactly(tmp_path):
+    tokens = markov_tokens(96, 9, 6, 1).reshape(96, 3, 3)
+    write_store(tmp_path / "store", tokens, [-1] * 96)
+    settings = dict(steps=6, batch_size=8, ckpt_every=3, warmup_steps=2)
+    straight = PriorTrainer(config(tmp_path / "a", tmp_path / "store", **settings), progress=False)
+    straight.fit()
+    first = PriorTrainer(config(tmp_path / "b", tmp_path / "store", **settings), progress=False)
+    save = first.save
+
+    def killed_after_checkpoint():
+        save()
+        raise KeyboardInterrupt
+
+    first.save = killed_after_checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        first.fit()
+    resumed = PriorTrainer(config(tmp_path / "b", tmp_path / "store", **settings), resume=True, progress=False)
+    assert resumed.step == 3
+    resumed.fit()
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_guided_completion_cached_sampling_equals_uncached():

@@ -1,0 +1,107 @@
+"""Condition maps end to end: a segmentation tokenizer, a paired token store, map-conditioned sampling at
+the training size and larger, completion, and the commands around them."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vqgan.autoencoder import VQModel
+from vqgan.cli import main
+from vqgan.config import QuantizerConfig, VQGANConfig
+from vqgan.data.maps import one_hot
+from vqgan.data.scenes import SEGMENT_CLASSES, render_scene
+from vqgan.data.tokens import TokenStore
+
+from conftest import tiny_train_config
+
+
+def f4(**kw) -> VQGANConfig:
+    return VQGANConfig(resolution=32, ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[8],
+                       z_channels=32, quantizer=QuantizerConfig(n_embed=32, embed_dim=16), **kw)
+
+
+def seg_config() -> VQGANConfig:
+    n = len(SEGMENT_CLASSES)
+    return f4(input_kind="segmentation", in_channels=n, out_ch=n)
+
+
+def test_segmentation_tokenizer_learns(tmp_path):
+    from vqgan.train.stage1 import train_tokenizer
+
+    def run(name, steps):
+        return train_tokenizer(tiny_train_config(
+            tmp_path / name, model={"input_kind": "segmentation", "in_channels": 8, "out_ch": 8, "ch_mult": [1, 2, 2],
+                                    "attn_resolutions": []},
+            loss={"disc_factor": 0.0}, data={"path": "builtin:scenes-seg", "builtin_count": 96},
+            train={"steps": steps, "batch_size": 8, "base_learning_rate": 5e-5, "eval_every": 1000,
+                   "ckpt_every": 1000}), progress=False)
+
+    first, result = run("one", 1), run("forty", 40)
+    assert result["accuracy"] > first["accuracy"] + 0.1 and result["accuracy"] > 0.6, (first, result)
+    assert 0 < result["miou"] <= 1
+
+
+def test_map_tokenizer_settings_are_checked(tmp_path):
+    from vqgan.errors import UserError
+
+    with pytest.raises(UserError, match="perceptual_weight=0"):
+        tiny_train_config(tmp_path, model={"input_kind": "depth", "in_channels": 1, "out_ch": 1},
+                          loss={"perceptual_weight": 1.0}).validate()
+    with pytest.raises(UserError, match="number of"):
+        VQGANConfig(input_kind="segmentation", in_channels=3, out_ch=8).validate()
+
+
+@pytest.fixture
+def conditioned_prior(tmp_path):
+    VQModel(f4()).save_pretrained(tmp_path / "tok")
+    VQModel(seg_config()).save_pretrained(tmp_path / "segtok")
+    assert main(["tokenize", str(tmp_path / "tok"), "builtin:scenes", str(tmp_path / "store"), "--count", "40",
+                 "--cond-maps", "builtin:scenes-seg", "--cond-tokenizer", str(tmp_path / "segtok"),
+                 "--no-progress"]) == 0
+    assert main(["train-transformer", "-", f"data.tokens={tmp_path / 'store'}", "model.n_layer=1",
+                 "model.n_embd=32", "model.n_head=2", "train.steps=3", "train.batch_size=8", "data.holdout=8",
+                 f"train.out_dir={tmp_path / 'prior'}", "--no-progress"]) == 0
+    return tmp_path
+
+
+def test_paired_store_holds_the_maps_tokens(conditioned_prior):
+    tmp = conditioned_prior
+    store = TokenStore(tmp / "store")
+    assert store.condition["grid"] == [8, 8] and store.cond_tokens.shape == (40, 8, 8)
+    segtok = VQModel.from_pretrained(tmp / "segtok").eval()
+    seg = torch.from_numpy(np.asarray(render_scene(7, 32)[1], dtype=np.int64))
+    assert torch.equal(store[7]["cond"], segtok.encode(one_hot(seg, 8)[None])[0])
+    assert (tmp / "prior" / "model" / "cond_tokenizer" / "model.safetensors").is_file()
+    assert "kind: spatial" in (tmp / "prior" / "model" / "config.yaml").read_text()
+
+
+def test_sample_on_a_segmentation_map_at_and_beyond_the_training_size(conditioned_prior):
+    tmp = conditioned_prior
+    Image.fromarray(np.asarray(render_scene(3, 32)[1])).save(tmp / "small.png")
+    Image.fromarray(np.asarray(render_scene(3, 64)[1])[:48]).save(tmp / "large.png")  # 48x64 px: 12x16 tokens
+    assert main(["sample", str(tmp / "prior"), str(tmp / "a"), "--cond-map", str(tmp / "small.png"), "--n", "2",
+                 "--no-progress"]) == 0
+    assert Image.open(tmp / "a" / "sample_001.png").size == (32, 32)
+    assert main(["sample", str(tmp / "prior"), str(tmp / "b"), "--cond-map", str(tmp / "large.png"), "--n", "1",
+                 "--no-progress"]) == 0
+    assert Image.open(tmp / "b" / "sample_000.png").size == (64, 48)
+    assert main(["sample", str(tmp / "prior"), str(tmp / "c"), "--n", "1"]) == 2  # no map given: a clear error
+    Image.fromarray(np.full((32, 32), 9, np.uint8)).save(tmp / "bad.png")
+    assert main(["sample", str(tmp / "prior"), str(tmp / "c"), "--cond-map", str(tmp / "bad.png")]) == 2
+
+
+def test_unconditional_large_samples_and_completions(tmp_path):
+    VQModel(f4()).save_pretrained(tmp_path / "tok")
+    assert main(["tokenize", str(tmp_path / "tok"), "builtin:scenes", str(tmp_path / "store"), "--count", "24",
+                 "--no-progress"]) == 0
+    assert main(["train-transformer", "-", f"data.tokens={tmp_path / 'store'}", "model.n_layer=1",
+                 "model.n_embd=32", "model.n_head=2", "train.steps=2", "train.batch_size=4", "data.holdout=4",
+                 f"train.out_dir={tmp_path / 'prior'}", "--no-progress"]) == 0
+    assert main(["sample", str(tmp_path / "prior"), str(tmp_path / "big"), "--n", "1", "--size", "32x96",
+                 "--no-progress"]) == 0
+    assert Image.open(tmp_path / "big" / "sample_000.png").size == (96, 32)
+    assert main(["sample", str(tmp_path / "prior"), str(tmp_path / "x"), "--size", "30x30"]) == 2
+    assert main(["complete", str(tmp_path / "prior"), "builtin:scenes", str(tmp_path / "done"), "--n", "2",
+                 "--n-images", "2", "--box", "0.25,0.25,0.75,0.75"]) == 0
+    assert (tmp_path / "done" / "completions.png").is_file()
+    assert (tmp_path / "done" / "completion_001_001.png").is_file()
