@@ -105,3 +105,51 @@ def test_unconditional_large_samples_and_completions(tmp_path):
                  "--n-images", "2", "--box", "0.25,0.25,0.75,0.75"]) == 0
     assert (tmp_path / "done" / "completions.png").is_file()
     assert (tmp_path / "done" / "completion_001_001.png").is_file()
+
+
+def taming_vq_params(model: VQModel) -> dict:
+    c = model.config
+    return {"embed_dim": c.quantizer.embed_dim, "n_embed": c.quantizer.n_embed,
+            "lossconfig": {"target": "taming.modules.losses.vqperceptual.DummyLoss"},
+            "ddconfig": {"double_z": False, "z_channels": c.z_channels, "resolution": c.resolution,
+                         "in_channels": c.in_channels, "out_ch": c.out_ch, "ch": c.ch, "ch_mult": c.ch_mult,
+                         "num_res_blocks": c.num_res_blocks, "attn_resolutions": c.attn_resolutions, "dropout": 0.0}}
+
+
+def test_segmentation_conditioned_taming_transformer_converts_and_samples(tmp_path):
+    """A checkpoint in the layout of taming's S-FLCKR model: transformer.*, first_stage_model.*, and a
+    VQModel condition stage on one-hot segmentation maps (cond_stage_model.*, with its `colorize` buffer)."""
+    import yaml
+
+    from vqgan.prior import load_prior
+    from vqgan.transformer import GPT, GPTConfig
+
+    first, cond_stage = VQModel(f4()).eval(), VQModel(seg_config()).eval()
+    gpt = GPT(GPTConfig(vocab_size=32, block_size=127, n_layer=1, n_head=2, n_embd=32)).eval()
+    sd = {f"transformer.{k}": v for k, v in gpt.state_dict().items()}
+    sd["transformer.blocks.0.attn.mask"] = torch.tril(torch.ones(127, 127)).view(1, 1, 127, 127)
+    sd.update({f"first_stage_model.{k}": v for k, v in first.state_dict().items()})
+    sd.update({f"cond_stage_model.{k}": v for k, v in cond_stage.state_dict().items()})
+    sd["cond_stage_model.colorize"] = torch.randn(3, 8, 1, 1)
+    torch.save({"state_dict": sd, "global_step": 0}, tmp_path / "last.ckpt")
+    config = {"model": {"target": "taming.models.cond_transformer.Net2NetTransformer", "params": {
+        "cond_stage_key": "segmentation",
+        "transformer_config": {"target": "taming.modules.transformer.mingpt.GPT", "params": {
+            "vocab_size": 32, "block_size": 127, "n_layer": 1, "n_head": 2, "n_embd": 32}},
+        "first_stage_config": {"target": "taming.models.vqgan.VQModel", "params": taming_vq_params(first)},
+        "cond_stage_config": {"target": "taming.models.vqgan.VQModel", "params": taming_vq_params(cond_stage)}}}}
+    (tmp_path / "model.yaml").write_text(yaml.safe_dump(config))
+    assert main(["convert", str(tmp_path / "last.ckpt"), str(tmp_path / "prior")]) == 0
+    for source in (tmp_path / "prior", tmp_path / "last.ckpt"):
+        prior = load_prior(str(source))
+        assert prior.layout.spatial and prior.layout.taming and prior.layout.cond_len == 64
+        assert prior.cond_tokenizer.config.input_kind == "segmentation"
+        seg = torch.from_numpy(np.asarray(render_scene(1, 32)[1], dtype=np.int64))
+        cond = prior.encode_maps(one_hot(seg, 8)[None])
+        assert torch.equal(cond, cond_stage.encode(one_hot(seg, 8)[None]))
+        seq = torch.cat([cond.reshape(1, -1), torch.randint(0, 32, (1, 63))], 1)  # taming: no offsets, no start
+        with torch.no_grad():
+            assert torch.equal(prior.gpt(seq), gpt(seq))
+    Image.fromarray(np.asarray(render_scene(1, 32)[1])).save(tmp_path / "map.png")
+    assert main(["sample", str(tmp_path / "prior"), str(tmp_path / "out"), "--cond-map", str(tmp_path / "map.png"),
+                 "--n", "1", "--no-progress"]) == 0

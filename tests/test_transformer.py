@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from vqgan.cli import main
 from vqgan.convert.taming import load_taming_transformer
 from vqgan.sampling import filter_logits, sample
 from vqgan.transformer import GPT, GPTConfig
@@ -50,9 +51,9 @@ def test_filter_logits():
 
 def test_taming_transformer_reproduces_reference_logits_and_greedy_samples(fixtures_dir):
     io = {k: torch.from_numpy(v) for k, v in np.load(fixtures_dir / "io.npz").items()}
-    gpt, first_stage, conditioning = load_taming_transformer(fixtures_dir / "transformer.ckpt",
+    gpt, first_stage, conditioning, _ = load_taming_transformer(fixtures_dir / "transformer.ckpt",
                                                              fixtures_dir / "transformer.yaml")
-    assert conditioning == {"kind": "unconditional", "sos_token": 0}
+    assert conditioning["kind"] == "unconditional" and conditioning["sos_token"] == 0
     z = first_stage.encode(io["images"]).reshape(4, -1)
     assert torch.equal(z, io["tr_z_indices"])
     with torch.no_grad():
@@ -70,7 +71,6 @@ def test_convert_transformer_command(fixtures_dir, tmp_path):
     import shutil
 
     import vqgan
-    from vqgan.cli import main
 
     io = {k: torch.from_numpy(v) for k, v in np.load(fixtures_dir / "io.npz").items()}
     assert main(["convert", str(fixtures_dir / "transformer.ckpt"), str(tmp_path / "tr"), "--config",
@@ -93,3 +93,37 @@ def test_sample_command_from_a_converted_taming_transformer(fixtures_dir, tmp_pa
                  str(fixtures_dir / "transformer.yaml")]) == 0
     assert main(["sample", str(tmp_path / "tr"), str(tmp_path / "s"), "--n", "3", "--top-k", "10"]) == 0
     assert len(list((tmp_path / "s").glob("sample_*.png"))) == 3 and (tmp_path / "s" / "samples.png").is_file()
+
+
+def test_finetune_a_converted_taming_transformer_on_new_tokens(fixtures_dir, tmp_path):
+    from vqgan.errors import UserError
+    from vqgan.train.stage2 import PriorTrainer, TransformerTrainConfig
+    from vqgan.config import load_config
+
+    assert main(["convert", str(fixtures_dir / "transformer.ckpt"), str(tmp_path / "conv"), "--config",
+                 str(fixtures_dir / "transformer.yaml")]) == 0
+    assert main(["tokenize", str(tmp_path / "conv" / "tokenizer"), "builtin:scenes", str(tmp_path / "store"),
+                 "--count", "24", "--no-progress"]) == 0
+
+    def cfg(init, out):
+        return load_config(TransformerTrainConfig, {"data": {"tokens": str(tmp_path / "store"), "holdout": 4},
+                                                    "train": {"out_dir": str(tmp_path / out), "steps": 2,
+                                                              "batch_size": 4, "init_from": str(init)}})
+
+    trainer = PriorTrainer(cfg(tmp_path / "conv", "ft"), progress=False)
+    original = load_taming_transformer(fixtures_dir / "transformer.ckpt", fixtures_dir / "transformer.yaml")[0]
+    assert trainer.layout.taming and trainer.layout.start_token == 0
+    for k, v in original.state_dict().items():
+        assert torch.equal(trainer.model.state_dict()[k], v), k
+    trainer.fit()
+    assert main(["sample", str(tmp_path / "ft"), str(tmp_path / "out"), "--n", "1"]) == 0
+    from vqgan.autoencoder import VQModel
+    from conftest import tiny_model_config
+
+    VQModel(tiny_model_config()).save_pretrained(tmp_path / "other")
+    assert main(["tokenize", str(tmp_path / "other"), "builtin:scenes", str(tmp_path / "store2"), "--count", "8",
+                 "--no-progress"]) == 0
+    with pytest.raises(UserError, match="not the one that made"):
+        PriorTrainer(load_config(TransformerTrainConfig, {"data": {"tokens": str(tmp_path / "store2")},
+                                                          "train": {"out_dir": str(tmp_path / "x"),
+                                                                    "init_from": str(tmp_path / "conv")}}))

@@ -29,10 +29,11 @@ def _train_tokenizer(args) -> dict:
 
 
 def _demo(args) -> dict:
-    args.config = "demo"
-    args.overrides = [f"train.out_dir={args.out}"] + (
-        [f"train.steps={args.steps}"] if args.steps else []) + args.overrides
-    return _train_tokenizer(args)
+    from .demo import run_demo
+
+    result = run_demo(args.out, args.steps, progress=not args.no_progress, overrides=args.overrides, quick=args.quick)
+    print(f"report: {Path(result['report']).resolve()}")
+    return {}
 
 
 def _encode(args) -> dict:
@@ -61,7 +62,9 @@ def _train_transformer(args) -> dict:
     from .config import load_config
     from .train.stage2 import PriorTrainer, TransformerTrainConfig
 
-    source = args.config if args.config.endswith((".yaml", ".yml")) else {}
+    from .presets import resolve_config_path
+
+    source = {} if args.config == "-" else resolve_config_path(args.config)
     cfg = load_config(TransformerTrainConfig, source, args.overrides)
     result = PriorTrainer(cfg, resume=args.resume, progress=not args.no_progress).fit()
     print(f"held-out NLL {result['nll']:.4f} nats/token; model: {Path(result['out']) / 'model'}")
@@ -153,10 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=_train_tokenizer)
 
-    d = sub.add_parser("demo", help="train the small tokenizer on the built-in scenes and write a report")
+    d = sub.add_parser("demo", help="both stages on the built-in scenes, with samples and an HTML report")
     d.add_argument("--out", default="runs/demo")
-    d.add_argument("--steps", type=int, default=0)
-    d.add_argument("--resume", action="store_true")
+    d.add_argument("--steps", type=int, default=0, help="image tokenizer steps (default: the preset's)")
+    d.add_argument("--resume", action="store_true", help="(always on: finished stages are skipped)")
+    d.add_argument("--quick", action="store_true", help="a few steps per stage: checks the pipeline, not a result")
     d.add_argument("--no-progress", action="store_true")
     d.add_argument("overrides", nargs="*")
     d.set_defaults(func=_demo)

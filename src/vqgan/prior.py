@@ -229,6 +229,15 @@ def load_prior(path: str, tokenizer: str | None = None, device: str | torch.devi
     from .errors import UserError
 
     p = Path(path)
+    if p.is_file():  # an original .ckpt: converted in memory
+        from .convert.taming import load_taming_transformer
+
+        gpt, vq, conditioning, cond_vq = load_taming_transformer(p)
+        vq = load_model(tokenizer).eval() if tokenizer else vq
+        grid = (vq.config.latent_size, vq.config.latent_size)
+        layout = TokenLayout.from_dict({"n_embed": vq.quantize.n_embed, **conditioning})
+        return Prior(gpt.to(device), layout, vq.to(device), grid, conditioning,
+                     cond_vq.to(device) if cond_vq is not None else None)
     model_dir = p / "model" if (p / "model" / "config.yaml").is_file() else p
     gpt = load_model(model_dir, map_location=device)
     if not isinstance(gpt, GPT):

@@ -4,9 +4,11 @@ Conversion is a pure `state_dict -> state_dict` split with strict key and shape 
 taming's module names, so weights copy as they are. The converter switches on the compatibility quirks
 that change numbers (`quantizer.legacy_beta`). Checkpoints are read with `torch.load(weights_only=True)`.
 
-Supported now: `taming.models.vqgan.VQModel` (with its `loss.*` weights: the PatchGAN discriminator and
-the LPIPS network, which load into the training objective when fine-tuning) and `GumbelVQ` (its eval-mode
-tokens are the noise-free argmax here; see quantizers/gumbel.py).
+Supported: `taming.models.vqgan.VQModel` (with its `loss.*` weights: the PatchGAN discriminator and
+the LPIPS network, which load into the training objective when fine-tuning), `GumbelVQ` (its eval-mode
+tokens are the noise-free argmax here; see quantizers/gumbel.py), and `Net2NetTransformer` priors:
+unconditional, class-conditional, and conditioned on segmentation / depth maps through a VQModel condition
+stage, in raster order (taming's Identity permuter).
 """
 from __future__ import annotations
 
@@ -138,13 +140,15 @@ def convert(ckpt: str | Path, out_dir: str | Path, config: str | Path | None = N
     transformer, its tokenizer in tokenizer/)."""
     cfg_path = Path(config) if config else find_config(Path(ckpt))
     if cfg_path is not None and read_taming_config(cfg_path)["target"] == TRANSFORMER_TARGET:
-        gpt, first_stage, conditioning = load_taming_transformer(ckpt, cfg_path)
+        from ..checkpoint import save_model
+
+        gpt, first_stage, conditioning, cond_stage = load_taming_transformer(ckpt, cfg_path)
         with atomic_directory(out_dir) as tmp:
             save_tensors(gpt.state_dict(), tmp / WEIGHTS_FILE)
             write_yaml({**gpt.config_dict(), "conditioning": conditioning}, tmp / CONFIG_FILE)
-            (tmp / "tokenizer").mkdir()
-            save_tensors(first_stage.state_dict(), tmp / "tokenizer" / WEIGHTS_FILE)
-            write_yaml(first_stage.config_dict(), tmp / "tokenizer" / CONFIG_FILE)
+            save_model(first_stage, tmp / "tokenizer")
+            if cond_stage is not None:
+                save_model(cond_stage, tmp / "cond_tokenizer")
         return {"out": str(out_dir), "kind": "gpt", "conditioning": conditioning, "tokenizer": str(Path(out_dir) /
                                                                                                   "tokenizer")}
     model, loss_cfg, disc_sd, lpips_sd = load_taming_vqgan(ckpt, cfg_path)
@@ -182,13 +186,29 @@ def load_for_finetuning(path: str | Path) -> tuple[VQModel, dict[str, torch.Tens
 
 
 TRANSFORMER_TARGET = "taming.models.cond_transformer.Net2NetTransformer"
+COND_STAGE_TARGETS = (VQ_TARGET, "taming.models.vqgan.VQSegmentationModel")
+
+
+def cond_stage_config(params: dict[str, Any], where: str) -> VQGANConfig:
+    """A taming condition stage (a VQModel on segmentation or depth maps) -> our config with its input kind:
+    more than 3 input channels are one-hot labels (taming feeds them so), one channel is depth."""
+    cfg = vqgan_config(params, where)
+    channels = cfg.in_channels
+    if channels == 3:
+        raise UserError(f"{where}: an RGB condition stage (e.g. super-resolution) is not supported yet")
+    cfg.input_kind = "depth" if channels == 1 else "segmentation"
+    if cfg.input_kind == "segmentation" and cfg.out_ch != channels:
+        raise UserError(f"{where}: a segmentation stage needs out_ch == in_channels (got {cfg.out_ch}, {channels})")
+    return cfg
 
 
 def load_taming_transformer(ckpt: str | Path, config: str | Path | None = None):
-    """(GPT, first-stage tokenizer, conditioning) from a taming Net2NetTransformer checkpoint.
+    """(GPT, first-stage tokenizer, conditioning, condition tokenizer or None) from a taming
+    Net2NetTransformer checkpoint.
 
-    Conditioning is {"kind": "unconditional", "sos_token": s} or {"kind": "class", "n_classes": n}: in taming
-    both are a single condition token that shares the vocabulary with the image codes.
+    Conditioning (a TokenLayout dict with layout "taming"): unconditional (the `sos_token`), class (the class
+    id), or spatial (the tokens of a segmentation / depth map from the condition stage `cond_stage_model.*`).
+    In taming all of them share the vocabulary with the image codes.
     """
     from ..transformer import GPT, GPTConfig
 
@@ -204,22 +224,30 @@ def load_taming_transformer(ckpt: str | Path, config: str | Path | None = None):
     if not permuter.endswith("Identity"):
         raise UserError(f"{cfg_path}: permuter {permuter} is not supported yet (only raster order)")
     cond = params.get("cond_stage_config")
+    fs = params["first_stage_config"]
+    fs_params = fs.get("params") or {}
+    cond_stage = None
     if cond == "__is_unconditional__" or params.get("unconditional"):
         conditioning = {"kind": "unconditional", "sos_token": int(params.get("sos_token", 0))}
     elif isinstance(cond, dict) and str(cond.get("target", "")).endswith("Labelator"):
         conditioning = {"kind": "class", "n_classes": int((cond.get("params") or {}).get("n_classes", 1000))}
+    elif isinstance(cond, dict) and cond.get("target") in COND_STAGE_TARGETS:
+        cond_stage = VQModel(cond_stage_config(cond.get("params") or {}, f"{cfg_path} cond_stage_config"))
+        side = fs_params["ddconfig"]["resolution"] // cond_stage.downsample_factor  # maps as large as the images
+        conditioning = {"kind": "spatial", "cond_kind": cond_stage.config.input_kind,
+                        "cond_n_embed": cond_stage.quantize.n_embed, "cond_len": side * side, "cond_grid": [side, side]}
     else:
-        raise UserError(f"{cfg_path}: cond_stage_config {cond!r} is not supported yet (unconditional and class-"
-                        "conditional are)")
+        raise UserError(f"{cfg_path}: cond_stage_config {cond!r} is not supported (supported: unconditional, class "
+                        "labels, and VQModel condition stages for segmentation or depth maps)")
     tp = (params.get("transformer_config") or {}).get("params") or {}
     gpt = GPT(GPTConfig(vocab_size=tp["vocab_size"], block_size=tp["block_size"], n_layer=tp["n_layer"],
                         n_head=tp["n_head"], n_embd=tp["n_embd"], dropout=float(tp.get("resid_pdrop", 0.0)),
                         n_unmasked=int(tp.get("n_unmasked", 0))))
-    fs = params["first_stage_config"]
-    first_stage = VQModel(vqgan_config(fs.get("params") or {}, f"{cfg_path} first_stage_config",
+    first_stage = VQModel(vqgan_config(fs_params, f"{cfg_path} first_stage_config",
                                        gumbel=fs["target"] == GUMBEL_TARGET))
+    conditioning.update(layout="taming", n_embed=first_stage.quantize.n_embed)
     sd = _taming_state_dict(ckpt)
-    gpt_sd, fs_sd, unknown = {}, {}, []
+    gpt_sd, fs_sd, cond_sd, unknown = {}, {}, {}, []
     for key, value in sd.items():
         if key.startswith("transformer."):
             name = key[len("transformer."):]
@@ -228,13 +256,21 @@ def load_taming_transformer(ckpt: str | Path, config: str | Path | None = None):
             gpt_sd[name] = value
         elif key.startswith("first_stage_model."):
             fs_sd[key[len("first_stage_model."):]] = value
+        elif key.startswith("cond_stage_model.") and cond_stage is not None:
+            cond_sd[key[len("cond_stage_model."):]] = value
         else:
             unknown.append(key)
     if unknown:
         raise UserError(f"{ckpt}: keys this converter does not handle yet: {unknown[:5]}")
     check_state_dict(gpt, gpt_sd, f"{ckpt} (transformer.*)")
     gpt.load_state_dict(gpt_sd)
-    fs_sd = {k: v for k, v in fs_sd.items() if not k.startswith("loss.")}
-    check_state_dict(first_stage, fs_sd, f"{ckpt} (first_stage_model.*)")
-    first_stage.load_state_dict(fs_sd)
-    return gpt.eval(), first_stage.eval(), conditioning
+    for model, part, name in ((first_stage, fs_sd, "first_stage_model"), (cond_stage, cond_sd, "cond_stage_model")):
+        if model is None:
+            continue
+        # the loss weights and the segmentation model's `colorize` projection (pictures only) are not the model
+        part = {k: v for k, v in part.items() if not k.startswith("loss.") and k != "colorize"}
+        check_state_dict(model, part, f"{ckpt} ({name}.*)")
+        model.load_state_dict(part)
+    if cond_stage is not None:
+        cond_stage.eval()
+    return gpt.eval(), first_stage.eval(), conditioning, cond_stage

@@ -123,6 +123,7 @@ class ImageSource:
 
     name: str
     load: Callable[[], Image.Image]
+    label: int | None = None  # a class id the data set itself knows (the built-in scenes)
 
 
 class ImageDataset(Dataset):

@@ -189,7 +189,7 @@ def tokenize_folder(tokenizer_path: str, data: str, out: str, batch_size: int = 
     and `cond_tokenizer` (a stage-1 model trained on such maps), each row also gets the condition tokens."""
     from ..checkpoint import fingerprint, load_model
     from .images import ImageDataset
-    from .sources import image_sources
+    from .sources import BUILTIN_PREFIX, image_sources
 
     if bool(cond_maps) != bool(cond_tokenizer):
         raise UserError("--cond-maps and --cond-tokenizer go together: the maps and the tokenizer trained on them")
@@ -210,6 +210,10 @@ def tokenize_folder(tokenizer_path: str, data: str, out: str, batch_size: int = 
         label_ids, class_names = folder_labels(names, Path(data))
     elif labels:
         label_ids, class_names = mapping_labels(names, Path(data), Path(labels))
+    elif data.startswith(BUILTIN_PREFIX):  # the built-in scenes know their classes
+        from .scenes import SCENE_CLASSES
+
+        label_ids, class_names = [s.label for s in sources], list(SCENE_CLASSES)
     crop = "random" if crops_per_image > 1 else "center"
     common = dict(resolution=model.config.resolution, crop=crop, flip=crops_per_image > 1, train=crops_per_image > 1)
     images = ImageDataset(sources, **common)

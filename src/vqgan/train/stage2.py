@@ -60,6 +60,9 @@ class PriorTrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     label_dropout: float = 0.1  # classifier-free guidance: train the "no class" token too
+    # start from a trained prior (a train-transformer run or model/, a converted or original taming
+    # transformer): its architecture and token layout are kept; model.* settings are then ignored
+    init_from: str = ""
     precision: str = "auto"
     seed: int = 0
     log_every: int = 10
@@ -113,14 +116,18 @@ class PriorTrainer:
         self.progress = progress
         seed_everything(cfg.train.seed)
         self.store = TokenStore(cfg.data.tokens)
-        self.layout = self._layout(cfg.data.conditioning)
         h, w = self.store.grid
         self.n_tokens = h * w
+        init = self._init_prior(cfg.train.init_from) if cfg.train.init_from else None
+        self.layout = init.layout if init else self._layout(cfg.data.conditioning)
         m = cfg.model
-        self.gpt_config = GPTConfig(vocab_size=self.layout.vocab_size,
-                                    block_size=self.layout.prefix_len + self.n_tokens - 1, n_layer=m.n_layer,
-                                    n_head=m.n_head, n_embd=m.n_embd, dropout=m.dropout)
+        self.gpt_config = init.gpt.config if init else GPTConfig(
+            vocab_size=self.layout.vocab_size, block_size=self.layout.prefix_len + self.n_tokens - 1,
+            n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd, dropout=m.dropout)
         self.model = GPT(self.gpt_config).to(self.rt.device)
+        if init:
+            self.model.load_state_dict(init.gpt.state_dict())
+            log.info("initialised from %s", cfg.train.init_from)
         self.opt = adamw(self.model, cfg.train.learning_rate, cfg.train.weight_decay)
         self.dtype = resolve_precision(cfg.train.precision, self.rt.device)
         self.scaler = torch.amp.GradScaler(self.rt.device.type, enabled=self.dtype == torch.float16)
@@ -135,6 +142,29 @@ class PriorTrainer:
         if existing is not None and resume:
             self._load(existing)
         self.metrics = MetricsLog(self.run_dir / "logs")
+
+    def _init_prior(self, path: str):
+        """The prior to fine-tune; it must speak the store's tokens (same tokenizer, same conditioning)."""
+        from ..checkpoint import fingerprint
+        from ..prior import load_prior
+
+        prior = load_prior(path)
+        store, layout = self.store, prior.layout
+        if fingerprint(prior.tokenizer) != store.meta["tokenizer"]["fingerprint"]:
+            raise UserError(f"train.init_from {path}: its tokenizer is not the one that made {self.cfg.data.tokens}; "
+                            f"tokenize the images with {path}'s tokenizer first")
+        if layout.spatial and not store.condition:
+            raise UserError(f"train.init_from {path} is conditioned on maps but {self.cfg.data.tokens} has none")
+        if layout.spatial and layout.cond_len != store.condition["grid"][0] * store.condition["grid"][1]:
+            raise UserError(f"train.init_from {path}: condition grid of {layout.cond_len} tokens, the store has "
+                            f"{store.condition['grid']}")
+        if layout.n_classes and len(store.class_names) > layout.n_classes:
+            raise UserError(f"train.init_from {path} knows {layout.n_classes} classes, the store has "
+                            f"{len(store.class_names)}")
+        if layout.prefix_len + self.n_tokens - 1 > prior.gpt.config.block_size:
+            raise UserError(f"train.init_from {path}: block_size {prior.gpt.config.block_size} is too short for "
+                            f"{self.n_tokens} image tokens")
+        return prior
 
     def _layout(self, choice: str) -> TokenLayout:
         store = self.store
