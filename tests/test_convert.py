@@ -139,3 +139,32 @@ def test_convert_refuses_a_malicious_checkpoint(fixtures_dir, tmp_path, capsys):
     assert main(["convert", str(evil), str(tmp_path / "out"), "--config", str(fixtures_dir / "vqgan.yaml")]) == 2
     assert "refused for safety" in capsys.readouterr().err
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("unknown", ["extra", "5"])
+def test_remap_option_numbers_tokens_by_the_used_list(fixtures_dir, io, tmp_path, unknown):
+    """taming's `remap`: tokens index a list of used codes; codes outside it become `unknown_index`."""
+    import yaml
+
+    used = np.arange(0, 64, 2)  # the even codes
+    np.save(tmp_path / "used.npy", used)
+    cfg = yaml.safe_load((fixtures_dir / "vqgan.yaml").read_text())
+    cfg["model"]["params"].update(remap="used.npy", unknown_index=unknown if unknown == "extra" else int(unknown))
+    (tmp_path / "remap.yaml").write_text(yaml.safe_dump(cfg))
+    model = load_taming_vqgan(fixtures_dir / "vqgan.ckpt", tmp_path / "remap.yaml")[0]
+    codes = io["vq_indices_bhw"]
+    expect = torch.where(codes % 2 == 0, codes // 2, torch.full_like(codes, 32 if unknown == "extra" else 5))
+    assert torch.equal(model.encode(io["images"]), expect)
+    assert model.quantize.n_embed == (33 if unknown == "extra" else 32)
+    even = codes % 2 == 0  # known tokens decode to their own code vectors
+    vectors = model.quantize.decode_indices(expect).permute(0, 2, 3, 1)[even]
+    assert torch.equal(vectors, model.quantize.embedding.weight[codes[even]])
+    # a checkpoint that carries the list as the buffer `quantize.used` needs no file
+    sd = torch.load(fixtures_dir / "vqgan.ckpt", weights_only=True)
+    sd["state_dict"]["quantize.used"] = torch.from_numpy(used)
+    torch.save(sd, tmp_path / "with_buffer.ckpt")
+    (tmp_path / "used.npy").unlink()
+    model = load_taming_vqgan(tmp_path / "with_buffer.ckpt", tmp_path / "remap.yaml")[0]
+    assert torch.equal(model.encode(io["images"]), expect)
+    with pytest.raises(UserError, match="remap file used.npy is not found"):
+        load_taming_vqgan(fixtures_dir / "vqgan.ckpt", tmp_path / "remap.yaml")

@@ -151,3 +151,40 @@ def test_end_to_end_tokenize_train_sample_commands(tmp_path):
                  "--no-progress"]) == 0
     assert main(["sample", str(tmp_path / "prior"), str(tmp_path / "out"), "--n", "2"]) == 0
     assert (tmp_path / "out" / "sample_001.png").is_file()
+
+
+@pytest.mark.slow
+def test_two_process_prior_training_keeps_replicas_identical(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    write_store(tmp_path / "store", markov_tokens(64, 9, 6, 2).reshape(64, 3, 3), [0, 1] * 32, ["a", "b"])
+    script = tmp_path / "ddp_prior.py"
+    script.write_text(f"""
+import sys, torch, torch.distributed as dist
+from pathlib import Path
+sys.path.insert(0, {str(tests)!r})
+from test_prior import config
+from vqgan.train.stage2 import PriorTrainer
+from vqgan.train.common import setup_runtime
+rt = setup_runtime()
+trainer = PriorTrainer(config(Path({str(tmp_path)!r}), Path({str(tmp_path / 'store')!r}), steps=4, batch_size=4),
+                       runtime=rt, progress=False)
+trainer.fit()
+flat = torch.cat([t.detach().reshape(-1) for t in trainer.model.state_dict().values()])
+gathered = [torch.zeros_like(flat) for _ in range(rt.world_size)]
+dist.all_gather(gathered, flat)
+assert torch.equal(gathered[0], gathered[1]), "replicas diverged"
+if rt.rank == 0:
+    print("REPLICAS_IDENTICAL", trainer.step)
+dist.destroy_process_group()
+""")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script)], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "REPLICAS_IDENTICAL 4" in proc.stdout
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()

@@ -87,7 +87,6 @@ def test_convert_transformer_command(fixtures_dir, tmp_path):
 
 
 def test_sample_command_from_a_converted_taming_transformer(fixtures_dir, tmp_path):
-    from vqgan.cli import main
 
     assert main(["convert", str(fixtures_dir / "transformer.ckpt"), str(tmp_path / "tr"), "--config",
                  str(fixtures_dir / "transformer.yaml")]) == 0

@@ -60,14 +60,15 @@ def _reconstruct(args) -> dict:
 
 def _train_transformer(args) -> dict:
     from .config import load_config
-    from .train.stage2 import PriorTrainer, TransformerTrainConfig
+    from .train.stage2 import TransformerTrainConfig, train_prior
 
     from .presets import resolve_config_path
 
     source = {} if args.config == "-" else resolve_config_path(args.config)
     cfg = load_config(TransformerTrainConfig, source, args.overrides)
-    result = PriorTrainer(cfg, resume=args.resume, progress=not args.no_progress).fit()
-    print(f"held-out NLL {result['nll']:.4f} nats/token; model: {Path(result['out']) / 'model'}")
+    result = train_prior(cfg, resume=args.resume, progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"held-out NLL {result['nll']:.4f} nats/token; model: {Path(result['out']) / 'model'}")
     return {}
 
 

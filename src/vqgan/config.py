@@ -30,6 +30,11 @@ class QuantizerConfig:
     # taming-transformers quirk: its VectorQuantizer2(legacy=True) puts beta on the codebook term
     # and weight 1 on the commitment term. The converter switches this on for released checkpoints.
     legacy_beta: bool = False
+    # taming's `remap` quirk: tokens number only the `remap_codes` codes listed in the buffer `quantize.used`
+    # (a code outside that list becomes `unknown_index`: "random" (taming's default), "extra" (one more
+    # token id) or an integer). 0: off. The converter sets it.
+    remap_codes: int = 0
+    unknown_index: str = "random"
     # gumbel only
     temperature: float = 1.0
     kl_weight: float = 5e-4

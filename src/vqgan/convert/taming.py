@@ -57,24 +57,52 @@ def read_taming_config(path: Path) -> dict[str, Any]:
     return model
 
 
-def vqgan_config(params: dict[str, Any], where: str = "config", gumbel: bool = False) -> VQGANConfig:
+def vqgan_config(params: dict[str, Any], where: str = "config", gumbel: bool = False,
+                 used: torch.Tensor | None = None) -> VQGANConfig:
+    """`used`: the checkpoint's `quantize.used` buffer when it has one (a remapped quantizer)."""
     dd = dict(params["ddconfig"])
     if gumbel and params["embed_dim"] != dd["z_channels"]:
         raise UserError(f"{where}: taming's GumbelVQ only runs with embed_dim == z_channels")
     if dd.get("double_z"):
         raise UserError(f"{where}: ddconfig.double_z is true, which a VQ model never uses")
+    remap_codes, unknown = 0, "random"
     if params.get("remap") is not None:
-        raise UserError(f"{where}: the `remap` option of the quantizer is not supported yet")
+        if gumbel:
+            raise UserError(f"{where}: `remap` on a GumbelVQ is not supported")
+        remap_codes = len(used) if used is not None else len(_remap_codes(params["remap"], where))
+        unknown = str(params.get("unknown_index", "random"))
     return VQGANConfig(resolution=dd["resolution"], in_channels=dd["in_channels"], out_ch=dd["out_ch"], ch=dd["ch"],
                        ch_mult=list(dd["ch_mult"]), num_res_blocks=dd["num_res_blocks"],
                        attn_resolutions=list(dd["attn_resolutions"]), dropout=float(dd.get("dropout", 0.0)),
                        z_channels=dd["z_channels"],
                        # taming's VectorQuantizer2(legacy=True) weights the codebook term by beta = 0.25
                        quantizer=QuantizerConfig(n_embed=params["n_embed"], embed_dim=params["embed_dim"], beta=0.25,
-                                                 legacy_beta=True) if not gumbel else
+                                                 legacy_beta=True, remap_codes=remap_codes, unknown_index=unknown)
+                       if not gumbel else
                        # taming's temperature after loading is its initial 1.0 (not stored in the weights)
                        QuantizerConfig(kind="gumbel", n_embed=params["n_embed"], embed_dim=params["embed_dim"],
                                        kl_weight=float(params.get("kl_weight", 5e-4)), temperature=1.0))
+
+
+def _remap_codes(path: str, where: str):
+    """The code ids of taming's `remap` .npy file (a path as the config gives it: absolute, relative to the
+    working directory, or its file name beside the config)."""
+    import numpy as np
+
+    base = Path(where.split(" ")[0]).parent
+    for candidate in (Path(path), base / path, base / Path(path).name):
+        if candidate.is_file():
+            try:
+                return np.load(candidate, allow_pickle=False).reshape(-1)
+            except (OSError, ValueError) as e:
+                raise UserError(f"{where}: cannot read the remap file {candidate}: {e}") from None
+    raise UserError(f"{where}: the quantizer's remap file {path} is not found; put it beside the config")
+
+
+def _add_remap_codes(model: VQModel, sd: dict[str, torch.Tensor], params: dict[str, Any], where: str) -> None:
+    """taming keeps the remap list as the buffer `quantize.used`; a checkpoint without it gets the file's."""
+    if model.config.quantizer.remap_codes and "quantize.used" not in sd:
+        sd["quantize.used"] = torch.from_numpy(_remap_codes(params["remap"], where).astype("int64"))
 
 
 def loss_config(params: dict[str, Any]) -> LossConfig | None:
@@ -128,8 +156,10 @@ def load_taming_vqgan(ckpt: str | Path, config: str | Path | None = None
         raise UserError(f"{cfg_path}: model.target {target} is not supported yet (supported: {VQ_TARGET}, "
                         f"{GUMBEL_TARGET})")
     params = params_all.get("params") or {}
-    model = VQModel(vqgan_config(params, str(cfg_path), gumbel=target == GUMBEL_TARGET))
     model_sd, disc_sd, lpips_sd = split_vqgan_state_dict(_taming_state_dict(ckpt), str(ckpt))
+    model = VQModel(vqgan_config(params, str(cfg_path), gumbel=target == GUMBEL_TARGET,
+                                 used=model_sd.get("quantize.used")))
+    _add_remap_codes(model, model_sd, params, str(cfg_path))
     check_state_dict(model, model_sd, str(ckpt))
     model.load_state_dict(model_sd)
     return model.eval(), loss_config(params), disc_sd, lpips_sd
@@ -189,10 +219,10 @@ TRANSFORMER_TARGET = "taming.models.cond_transformer.Net2NetTransformer"
 COND_STAGE_TARGETS = (VQ_TARGET, "taming.models.vqgan.VQSegmentationModel")
 
 
-def cond_stage_config(params: dict[str, Any], where: str) -> VQGANConfig:
+def cond_stage_config(params: dict[str, Any], where: str, used: torch.Tensor | None = None) -> VQGANConfig:
     """A taming condition stage (a VQModel on segmentation or depth maps) -> our config with its input kind:
     more than 3 input channels are one-hot labels (taming feeds them so), one channel is depth."""
-    cfg = vqgan_config(params, where)
+    cfg = vqgan_config(params, where, used=used)
     channels = cfg.in_channels
     if channels == 3:
         raise UserError(f"{where}: an RGB condition stage (e.g. super-resolution) is not supported yet")
@@ -223,6 +253,7 @@ def load_taming_transformer(ckpt: str | Path, config: str | Path | None = None):
     permuter = (params.get("permuter_config") or {}).get("target", "taming.modules.transformer.permuter.Identity")
     if not permuter.endswith("Identity"):
         raise UserError(f"{cfg_path}: permuter {permuter} is not supported yet (only raster order)")
+    sd = _taming_state_dict(ckpt)
     cond = params.get("cond_stage_config")
     fs = params["first_stage_config"]
     fs_params = fs.get("params") or {}
@@ -232,7 +263,8 @@ def load_taming_transformer(ckpt: str | Path, config: str | Path | None = None):
     elif isinstance(cond, dict) and str(cond.get("target", "")).endswith("Labelator"):
         conditioning = {"kind": "class", "n_classes": int((cond.get("params") or {}).get("n_classes", 1000))}
     elif isinstance(cond, dict) and cond.get("target") in COND_STAGE_TARGETS:
-        cond_stage = VQModel(cond_stage_config(cond.get("params") or {}, f"{cfg_path} cond_stage_config"))
+        cond_stage = VQModel(cond_stage_config(cond.get("params") or {}, f"{cfg_path} cond_stage_config",
+                                               used=sd.get("cond_stage_model.quantize.used")))
         side = fs_params["ddconfig"]["resolution"] // cond_stage.downsample_factor  # maps as large as the images
         conditioning = {"kind": "spatial", "cond_kind": cond_stage.config.input_kind,
                         "cond_n_embed": cond_stage.quantize.n_embed, "cond_len": side * side, "cond_grid": [side, side]}
@@ -244,9 +276,8 @@ def load_taming_transformer(ckpt: str | Path, config: str | Path | None = None):
                         n_head=tp["n_head"], n_embd=tp["n_embd"], dropout=float(tp.get("resid_pdrop", 0.0)),
                         n_unmasked=int(tp.get("n_unmasked", 0))))
     first_stage = VQModel(vqgan_config(fs_params, f"{cfg_path} first_stage_config",
-                                       gumbel=fs["target"] == GUMBEL_TARGET))
+                                       gumbel=fs["target"] == GUMBEL_TARGET, used=sd.get("first_stage_model.quantize.used")))
     conditioning.update(layout="taming", n_embed=first_stage.quantize.n_embed)
-    sd = _taming_state_dict(ckpt)
     gpt_sd, fs_sd, cond_sd, unknown = {}, {}, {}, []
     for key, value in sd.items():
         if key.startswith("transformer."):
@@ -269,6 +300,8 @@ def load_taming_transformer(ckpt: str | Path, config: str | Path | None = None):
             continue
         # the loss weights and the segmentation model's `colorize` projection (pictures only) are not the model
         part = {k: v for k, v in part.items() if not k.startswith("loss.") and k != "colorize"}
+        stage_params = (fs if name == "first_stage_model" else cond).get("params") or {}
+        _add_remap_codes(model, part, stage_params, str(cfg_path))
         check_state_dict(model, part, f"{ckpt} ({name}.*)")
         model.load_state_dict(part)
     if cond_stage is not None:

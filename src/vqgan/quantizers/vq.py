@@ -46,6 +46,31 @@ class VectorQuantizer(Quantizer):
         self.embedding = nn.Embedding(config.n_embed, config.embed_dim)
         # taming's init; training normally re-seeds the codes from encoder outputs (train/codebook.py)
         nn.init.uniform_(self.embedding.weight, -1.0 / config.n_embed, 1.0 / config.n_embed)
+        if config.remap_codes:  # tokens index `used`, not the codebook (n_embed: the token vocabulary)
+            self.register_buffer("used", torch.zeros(config.remap_codes, dtype=torch.long))
+            extra = config.unknown_index == "extra"
+            self.n_embed = config.remap_codes + int(extra)
+            self.unknown = config.remap_codes if extra else (
+                None if config.unknown_index == "random" else int(config.unknown_index))
+
+    def _to_tokens(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codebook ids -> token ids (their place in `used`; `unknown_index` for the rest)."""
+        if not self.config.remap_codes:
+            return codes
+        match = codes[:, None] == self.used[None, :]
+        tokens = match.long().argmax(1)
+        unknown = ~match.any(1)
+        if self.unknown is None:
+            fill = torch.randint(0, self.n_embed, codes.shape, device=codes.device)
+        else:
+            fill = torch.full_like(codes, self.unknown)
+        return torch.where(unknown, fill, tokens)
+
+    def _to_codes(self, tokens: torch.Tensor) -> torch.Tensor:
+        if not self.config.remap_codes:
+            return tokens
+        tokens = torch.where(tokens >= len(self.used), torch.zeros_like(tokens), tokens)  # "extra" -> code used[0]
+        return self.used[tokens]
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         b, d, h, w = z.shape
@@ -60,11 +85,11 @@ class VectorQuantizer(Quantizer):
         else:
             loss = codebook_term + self.config.beta * commitment_term
         quantized = z + (z_q - z).detach()  # straight-through estimator
-        indices = indices.view(b, h, w)
+        indices = self._to_tokens(indices).view(b, h, w)
         stats = codebook_stats(indices, self.n_embed)
         return QuantizerOutput(quantized, indices, loss, stats)
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         if indices.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise TypeError(f"indices must be integers, got {indices.dtype}")
-        return self.embedding(indices.long()).permute(0, 3, 1, 2).contiguous()
+        return self.embedding(self._to_codes(indices.long())).permute(0, 3, 1, 2).contiguous()

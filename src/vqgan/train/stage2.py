@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
@@ -25,8 +26,8 @@ from ..data.tokens import UNUSABLE, TokenStore
 from ..errors import UserError
 from ..prior import TokenLayout, sample_images_tokens
 from ..transformer import GPT, GPTConfig
-from .common import (MetricsLog, ResumableSampler, autocast, resolve_precision, rng_state, seed_everything,
-                     set_rng_state, setup_runtime)
+from .common import (MetricsLog, ResumableSampler, Runtime, autocast, cleanup_runtime, resolve_precision, rng_state,
+                     seed_everything, set_rng_state, setup_runtime)
 
 log = logging.getLogger("vqgan.train")
 STATE_FILE = "training_state.pt"
@@ -103,18 +104,22 @@ def lr_at(step: int, cfg: PriorTrainConfig) -> float:
 
 
 class PriorTrainer:
-    def __init__(self, cfg: TransformerTrainConfig, resume: bool = False, progress: bool = True):
+    """One process, or many under torchrun (DistributedDataParallel; each rank reads its shard of the store;
+    rank 0 logs, samples and writes checkpoints)."""
+
+    def __init__(self, cfg: TransformerTrainConfig, resume: bool = False, progress: bool = True,
+                 runtime: Runtime | None = None):
         cfg.validate()
         self.cfg = cfg
-        self.rt = setup_runtime()
+        self.rt = runtime or setup_runtime()
         self.run_dir = Path(cfg.train.out_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         existing = latest_checkpoint(self.ckpt_dir)
         if existing is not None and not resume:
             raise UserError(f"{self.run_dir} already holds checkpoints (latest {existing.name}); pass --resume to "
                             "continue, or set train.out_dir to a new directory")
-        self.progress = progress
-        seed_everything(cfg.train.seed)
+        self.progress = progress and self.rt.is_main
+        seed_everything(cfg.train.seed)  # the same initial weights on every rank
         self.store = TokenStore(cfg.data.tokens)
         h, w = self.store.grid
         self.n_tokens = h * w
@@ -137,11 +142,15 @@ class PriorTrainer:
         holdout = min(cfg.data.holdout, len(usable) // 5)
         self.train_rows = usable[:len(usable) - holdout]
         self.eval_rows = usable[len(usable) - holdout:] or self.train_rows[:16]
-        self.sampler = ResumableSampler(len(self.train_rows), cfg.train.batch_size, seed=cfg.train.seed)
+        self.sampler = ResumableSampler(len(self.train_rows), cfg.train.batch_size, self.rt.rank, self.rt.world_size,
+                                        seed=cfg.train.seed)
         self.step = 0
         if existing is not None and resume:
             self._load(existing)
-        self.metrics = MetricsLog(self.run_dir / "logs")
+        self.net = (DistributedDataParallel(self.model, device_ids=[self.rt.device.index]
+                                            if self.rt.device.type == "cuda" else None)
+                    if self.rt.distributed else self.model)
+        self.metrics = MetricsLog(self.run_dir / "logs", enabled=self.rt.is_main)
 
     def _init_prior(self, path: str):
         """The prior to fine-tune; it must speak the store's tokens (same tokenizer, same conditioning)."""
@@ -198,13 +207,15 @@ class PriorTrainer:
                         cond_tokenizer_fingerprint=c["tokenizer"]["fingerprint"])
         return {**self.model.config_dict(), "conditioning": cond}
 
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        if not self.rt.is_main:
+            return None
         target = self.ckpt_dir / f"step_{self.step:08d}"
         with atomic_directory(target) as tmp:
             save_tensors(self.model.state_dict(), tmp / WEIGHTS_FILE)
             write_yaml(self.config_dict(), tmp / CONFIG_FILE)
             torch.save({"step": self.step, "opt": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
-                        "rng": rng_state()}, tmp / STATE_FILE)
+                        "rng": rng_state(), "world_size": self.rt.world_size}, tmp / STATE_FILE)
             write_yaml(asdict(self.cfg), tmp / "train_config.yaml")
         prune_checkpoints(self.ckpt_dir, self.cfg.train.keep_last)
         return target
@@ -218,6 +229,9 @@ class PriorTrainer:
         self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         self.step = int(state["step"])
+        if int(state.get("world_size", 1)) != self.rt.world_size:
+            log.warning("resuming with %d processes instead of %d: the data order changes", self.rt.world_size,
+                        state.get("world_size", 1))
 
     # -- steps -----------------------------------------------------------------------------------
     def _sequences(self, batch: dict, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,7 +247,7 @@ class PriorTrainer:
     def loss(self, batch: dict, train: bool = True) -> torch.Tensor:
         inputs, targets = self._sequences(batch, train)
         with autocast(self.rt.device, self.dtype):
-            logits = self.model(inputs)[:, self.layout.prefix_len - 1:]  # the positions that predict image tokens
+            logits = (self.net if train else self.model)(inputs)[:, self.layout.prefix_len - 1:]  # the positions that predict image tokens
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
     @torch.no_grad()
@@ -281,7 +295,7 @@ class PriorTrainer:
                     self.metrics.write(self.step, {"loss": float(loss.detach()), "grad_norm": float(grad_norm),
                                                    "lr": self.opt.param_groups[0]["lr"], "tokens_per_s": rate})
                     bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)
-                if self.step % t.eval_every == 0 and self.step < t.steps:
+                if self.step % t.eval_every == 0 and self.step < t.steps and self.rt.is_main:
                     self.metrics.write(self.step, {"nll": self.evaluate()}, kind="eval")
                     self.write_samples()
                 if self.step % t.ckpt_every == 0 or self.step == t.steps:
@@ -289,10 +303,12 @@ class PriorTrainer:
                 if self.step >= t.steps:
                     break
         bar.close()
-        final_nll = self.evaluate()
-        self.metrics.write(self.step, {"nll": final_nll}, kind="eval")
-        samples = self.write_samples()
-        self.save_final()
+        final_nll, samples = float("nan"), None
+        if self.rt.is_main:
+            final_nll = self.evaluate()
+            self.metrics.write(self.step, {"nll": final_nll}, kind="eval")
+            samples = self.write_samples()
+            self.save_final()
         self.metrics.close()
         return {"step": self.step, "nll": final_nll, "out": str(self.run_dir), "samples": samples}
 
@@ -368,3 +384,11 @@ class PriorTrainer:
         out.parent.mkdir(parents=True, exist_ok=True)
         image_grid([r.cpu() for r in rows], scale=2).save(out)
         return str(out)
+
+
+def train_prior(cfg: TransformerTrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    rt = setup_runtime()
+    try:
+        return PriorTrainer(cfg, resume=resume, progress=progress, runtime=rt).fit()
+    finally:
+        cleanup_runtime(rt)
