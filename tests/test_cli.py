@@ -84,3 +84,13 @@ def test_train_tokenizer_command_writes_model_and_report(tmp_path):
               "logs/metrics.jsonl", "logs/train.log", "config.yaml"):
         assert (run / f).is_file(), f
     assert "Perceptual network: none" in (run / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_both_stages_and_writes_the_report(tmp_path):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--quick", "--no-progress"]) == 0
+    report = (tmp_path / "demo" / "report.html").read_text()
+    for picture in ("class_samples", "completions", "seg_to_image", "large_mountains", "large_from_seg"):
+        assert (tmp_path / "demo" / "samples" / f"{picture}.png").is_file() and picture in report
+    # a second run finds every stage done and only redraws the pictures
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--quick", "--no-progress"]) == 0

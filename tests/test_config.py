@@ -7,8 +7,11 @@ from vqgan.presets import preset_names, resolve_config_path
 
 def test_presets_load_and_overrides_apply():
     assert {"small-cpu", "f16-1024", "f16-16384", "demo"} <= set(preset_names())
-    for name in preset_names():
-        cfg = load_config(TokenizerTrainConfig, resolve_config_path(name))
+    from vqgan.train.stage2 import TransformerTrainConfig
+
+    for name in preset_names():  # tokenizer presets, and the prior's ("*-prior")
+        cfg = load_config(TransformerTrainConfig if name.endswith("prior") else TokenizerTrainConfig,
+                          resolve_config_path(name))
         cfg.validate()
     cfg = load_config(TokenizerTrainConfig, resolve_config_path("f16-16384"),
                       ["train.steps=7", "model.quantizer.n_embed=512", "loss.disc_weight=0.5", "data.path=/x"])
