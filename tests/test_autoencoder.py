@@ -1,12 +1,11 @@
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_model_config
 
 from vqgan.autoencoder import VQModel
 from vqgan.config import QuantizerConfig, VQGANConfig
 from vqgan.errors import UserError
-
-from conftest import tiny_model_config
 
 
 @pytest.mark.parametrize("ch_mult,f", [([1, 2], 2), ([1, 1, 2], 4), ([1, 1, 2, 2], 8), ([1, 1, 1, 2, 2], 16),

@@ -2,12 +2,16 @@ import pickle
 
 import pytest
 import torch
+from conftest import tiny_model_config
 
 from vqgan.autoencoder import VQModel
-from vqgan.checkpoint import check_state_dict, load_model, load_state_dict_file, safe_torch_load
+from vqgan.checkpoint import (
+    check_state_dict,
+    load_model,
+    load_state_dict_file,
+    safe_torch_load,
+)
 from vqgan.errors import UserError
-
-from conftest import tiny_model_config
 
 
 class _RunsCommand:

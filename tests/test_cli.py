@@ -4,12 +4,11 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import tiny_model_config
 from PIL import Image
 
 from vqgan.autoencoder import VQModel
 from vqgan.cli import main
-
-from conftest import tiny_model_config
 
 
 @pytest.fixture

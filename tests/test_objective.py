@@ -3,13 +3,12 @@ import warnings
 
 import pytest
 import torch
+from conftest import tiny_model_config
 
 from vqgan.autoencoder import VQModel
 from vqgan.config import LossConfig
 from vqgan.losses import VQGANLoss, build_lpips
 from vqgan.losses.discriminator import NLayerDiscriminator
-
-from conftest import tiny_model_config
 
 
 def make_pair(disc_start=0, perceptual_weight=1.0, disc_norm="batch"):

@@ -1,12 +1,11 @@
 import pytest
 import torch
+from conftest import tiny_model_config
 
 from vqgan.autoencoder import VQModel
 from vqgan.config import QuantizerConfig
 from vqgan.quantizers import VectorQuantizer, nearest_code
 from vqgan.quantizers import vq as vq_module
-
-from conftest import tiny_model_config
 
 
 def brute_force(z, codebook):
@@ -92,6 +91,7 @@ def test_gumbel_quantizer_contract_training_and_eval():
 
 def test_gumbel_model_trains(tmp_path):
     from conftest import tiny_train_config
+
     from vqgan.train.stage1 import TokenizerTrainer
 
     cfg = tiny_train_config(tmp_path, model={"quantizer": {"kind": "gumbel", "n_embed": 32, "embed_dim": 16}},

@@ -3,14 +3,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_model_config
 from PIL import Image
 
 from vqgan.autoencoder import VQModel
 from vqgan.cli import main
 from vqgan.data.tokens import TokenStore, tokenize_folder
 from vqgan.errors import UserError
-
-from conftest import tiny_model_config
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -7,13 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_train_config
 from PIL import Image
 
 from vqgan.checkpoint import load_model, load_state_dict_file
 from vqgan.errors import UserError
 from vqgan.train.stage1 import TokenizerTrainer
-
-from conftest import tiny_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,8 +32,8 @@ def test_killed_run_resumes_bit_exactly(tmp_path):
 
     def stop_after_three(batches):
         out = step(batches)
-        if interrupted.step == 2:  # the third step: as if SIGTERM arrived now
-            interrupted._stop_requested = True
+        if interrupted.step == 2:  # the third step: SIGTERM arrives now
+            os.kill(os.getpid(), signal.SIGTERM)
         return out
 
     interrupted.train_step = stop_after_three

@@ -95,9 +95,9 @@ def test_sample_command_from_a_converted_taming_transformer(fixtures_dir, tmp_pa
 
 
 def test_finetune_a_converted_taming_transformer_on_new_tokens(fixtures_dir, tmp_path):
+    from vqgan.config import load_config
     from vqgan.errors import UserError
     from vqgan.train.stage2 import PriorTrainer, TransformerTrainConfig
-    from vqgan.config import load_config
 
     assert main(["convert", str(fixtures_dir / "transformer.ckpt"), str(tmp_path / "conv"), "--config",
                  str(fixtures_dir / "transformer.yaml")]) == 0
@@ -116,8 +116,9 @@ def test_finetune_a_converted_taming_transformer_on_new_tokens(fixtures_dir, tmp
         assert torch.equal(trainer.model.state_dict()[k], v), k
     trainer.fit()
     assert main(["sample", str(tmp_path / "ft"), str(tmp_path / "out"), "--n", "1"]) == 0
-    from vqgan.autoencoder import VQModel
     from conftest import tiny_model_config
+
+    from vqgan.autoencoder import VQModel
 
     VQModel(tiny_model_config()).save_pretrained(tmp_path / "other")
     assert main(["tokenize", str(tmp_path / "other"), "builtin:scenes", str(tmp_path / "store2"), "--count", "8",

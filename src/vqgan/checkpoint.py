@@ -154,8 +154,13 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> to
         if not path.exists():
             raise UserError(f"model path {path} does not exist")
         if path.suffix in (".ckpt", ".pt", ".pth"):  # an original taming-transformers checkpoint
-            from .convert.taming import TRANSFORMER_TARGET, find_config, load_taming_transformer, load_taming_vqgan
-            from .convert.taming import read_taming_config
+            from .convert.taming import (
+                TRANSFORMER_TARGET,
+                find_config,
+                load_taming_transformer,
+                load_taming_vqgan,
+                read_taming_config,
+            )
 
             cfg = find_config(path)
             if cfg is not None and read_taming_config(cfg)["target"] == TRANSFORMER_TARGET:

@@ -60,9 +60,8 @@ def _reconstruct(args) -> dict:
 
 def _train_transformer(args) -> dict:
     from .config import load_config
-    from .train.stage2 import TransformerTrainConfig, train_prior
-
     from .presets import resolve_config_path
+    from .train.stage2 import TransformerTrainConfig, train_prior
 
     source = {} if args.config == "-" else resolve_config_path(args.config)
     cfg = load_config(TransformerTrainConfig, source, args.overrides)

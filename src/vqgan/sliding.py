@@ -50,7 +50,7 @@ def sample_sliding_window(gpt: GPT, layout: TokenLayout, grid: tuple[int, int], 
         keep_mask = (torch.ones(H, W, dtype=torch.bool) if keep is None else keep.bool()).reshape(-1, H, W)
         keep_mask = keep_mask.expand(batch, H, W).to(device)
     picks = dict(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, generator=generator)
-    cache, cached_origin, cached_len = None, None, -1
+    cache, cached_origin, cached_len, guided = None, None, -1, False  # `guided` is set with the first window
     bar = tqdm(total=H * W, desc="sliding window", disable=not progress)
     for i in range(H):
         for j in range(W):

@@ -20,8 +20,16 @@ import torch
 import yaml
 
 from ..autoencoder import VQModel
-from ..checkpoint import (CONFIG_FILE, DISC_FILE, WEIGHTS_FILE, atomic_directory, check_state_dict, load_state_dict_file,
-                          save_tensors, write_yaml)
+from ..checkpoint import (
+    CONFIG_FILE,
+    DISC_FILE,
+    WEIGHTS_FILE,
+    atomic_directory,
+    check_state_dict,
+    load_state_dict_file,
+    save_tensors,
+    write_yaml,
+)
 from ..config import LossConfig, QuantizerConfig, VQGANConfig
 from ..errors import UserError
 

@@ -164,6 +164,27 @@ def _boat(c: _Canvas, rng: random.Random, x: float, y: float, size: float) -> No
               "building")
 
 
+def depth_from_segmentation(seg: Image.Image) -> Image.Image:
+    """A plausible depth map (mode "F", 0 near ... 1 far) from a scene's labels: sky, sun and clouds are
+    farthest, mountains far, ground and water recede from the bottom edge towards the horizon, and trees,
+    houses and boats stand at the depth of the ground under them."""
+    labels = np.asarray(seg)
+    h, w = labels.shape
+    depth = np.ones((h, w), dtype=np.float32)
+    below = np.zeros(w, dtype=np.float32)  # depth of the ground under each column, carried upwards
+    for y in range(h - 1, -1, -1):
+        row = labels[y]
+        ground = np.isin(row, (_SEG["ground"], _SEG["water"]))
+        standing = np.isin(row, (_SEG["tree"], _SEG["building"]))
+        d = np.full(w, 1.0, dtype=np.float32)
+        d[row == _SEG["mountain"]] = 0.85
+        d[ground] = min(0.75, 1.6 * (h - y) / h)
+        d[standing] = below[standing]
+        below = np.where(ground | standing, d, below)
+        depth[y] = d
+    return Image.fromarray(depth, "F")
+
+
 def render_scene(index: int, size: int = 64, seed: int = 0, label: int | None = None
                  ) -> tuple[Image.Image, Image.Image, int]:
     """Draw scene `index`: (RGB image, segmentation map with values in SEGMENT_CLASSES, class label)."""

@@ -1,8 +1,8 @@
 """Turn `data.path` into a list of image sources: a folder (recursive) or the built-in scenes.
 
 `kind` picks how files are read: RGB images, or label / depth maps for condition tokenizers. The built-in
-scenes come with their class labels (`SCENE_CLASSES`) and their segmentation maps (`builtin:scenes-seg`),
-row for row.
+scenes come with their class labels (`SCENE_CLASSES`), their segmentation maps (`builtin:scenes-seg`) and
+depth maps derived from those (`builtin:scenes-depth`), row for row.
 """
 from __future__ import annotations
 
@@ -10,11 +10,16 @@ from pathlib import Path
 
 from .images import ImageSource, load_rgb, scan_images
 from .maps import load_depth_map, load_label_map
-from .scenes import SCENE_CLASSES, render_scene
+from .scenes import SCENE_CLASSES, depth_from_segmentation, render_scene
 
 BUILTIN_PREFIX = "builtin:"
-BUILTIN_SETS = {"scenes": 0, "scenes-seg": 1}  # name -> which part of render_scene's output
+BUILTIN_SETS = {"scenes": "rgb", "scenes-seg": "segmentation", "scenes-depth": "depth"}  # name -> kind
 _LOADERS = {"rgb": load_rgb, "segmentation": load_label_map, "depth": load_depth_map}
+
+
+def _builtin_scene(index: int, size: int, kind: str):
+    image, seg, _ = render_scene(index, size)
+    return {"rgb": image, "segmentation": seg, "depth": depth_from_segmentation(seg)}[kind]
 
 
 def image_sources(path: str, builtin_count: int = 1024, builtin_size: int = 64, kind: str = "rgb"
@@ -26,13 +31,12 @@ def image_sources(path: str, builtin_count: int = 1024, builtin_size: int = 64, 
         raise UserError("data.path is not set: give a folder of images (data.path=DIR) or builtin:scenes")
     if path.startswith(BUILTIN_PREFIX):
         name = path[len(BUILTIN_PREFIX):]
-        part = BUILTIN_SETS.get(name)
-        if part is None or (part == 1) != (kind == "segmentation"):
+        if BUILTIN_SETS.get(name) != kind:
             from ..errors import UserError
 
-            fits = [f"builtin:{n}" for n, k in BUILTIN_SETS.items() if (k == 1) == (kind == "segmentation")]
+            fits = [f"builtin:{n}" for n, k in BUILTIN_SETS.items() if k == kind]
             raise UserError(f"built-in data set {path!r} does not fit input kind {kind!r}; use {', '.join(fits)}")
-        return [ImageSource(f"scene_{i:05d}", (lambda i=i: render_scene(i, builtin_size)[part]),
+        return [ImageSource(f"scene_{i:05d}", (lambda i=i: _builtin_scene(i, builtin_size, kind)),
                             label=i % len(SCENE_CLASSES)) for i in range(builtin_count)], 0
     good, bad = scan_images(Path(path).expanduser())
     load = _LOADERS[kind]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import signal
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -23,9 +22,20 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from ..autoencoder import VQModel
-from ..checkpoint import (CONFIG_FILE, DISC_FILE, WEIGHTS_FILE, atomic_directory, check_state_dict, latest_checkpoint,
-                          load_state_dict_file, prune_checkpoints, safe_torch_load, save_model, save_tensors,
-                          write_yaml)
+from ..checkpoint import (
+    CONFIG_FILE,
+    DISC_FILE,
+    WEIGHTS_FILE,
+    atomic_directory,
+    check_state_dict,
+    latest_checkpoint,
+    load_state_dict_file,
+    prune_checkpoints,
+    safe_torch_load,
+    save_model,
+    save_tensors,
+    write_yaml,
+)
 from ..config import TokenizerTrainConfig
 from ..convert.taming import load_for_finetuning
 from ..data.images import ImageDataset
@@ -34,8 +44,21 @@ from ..errors import UserError
 from ..eval.metrics import evaluate_reconstruction
 from ..losses import VQGANLoss, build_lpips
 from .codebook import CodebookCare
-from .common import (MetricsLog, ResumableSampler, Runtime, all_reduce_grads, autocast, average_buffers,
-                     cleanup_runtime, resolve_precision, rng_state, seed_everything, set_rng_state, setup_runtime)
+from .common import (
+    MetricsLog,
+    ResumableSampler,
+    Runtime,
+    StopOnSignal,
+    all_reduce_grads,
+    autocast,
+    average_buffers,
+    cleanup_runtime,
+    resolve_precision,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    setup_runtime,
+)
 
 log = logging.getLogger("vqgan.train")
 STATE_FILE = "training_state.pt"
@@ -116,7 +139,6 @@ class TokenizerTrainer:
                                            else None, broadcast_buffers=False)
                    if self.rt.distributed else self.model)
         self.metrics = MetricsLog(self.run_dir / "logs", enabled=self.rt.is_main)
-        self._stop_requested = False
 
     # -- data ------------------------------------------------------------------------------------
     def _build_data(self) -> None:
@@ -308,10 +330,6 @@ class TokenizerTrainer:
                                kind="eval")
         return result
 
-    def _handle_signal(self, signum, frame) -> None:
-        self._stop_requested = True
-        log.warning("signal %d: writing a checkpoint and stopping", signum)
-
     # -- the loop --------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         cfg, t = self.cfg, self.cfg.train
@@ -327,8 +345,7 @@ class TokenizerTrainer:
         if not self.care.initialized and t.codebook.init_from_data and self._codebook is not None:
             self._initialize_codebook()
         self.care.initialized = True
-        old_handlers = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGTERM, signal.SIGINT)} \
-            if self.rt.is_main and not self.rt.distributed else {}
+        self.stop = StopOnSignal(self.rt.is_main and not self.rt.distributed)
         self.last_epoch_usage = float("nan")
         bar = tqdm(total=t.steps, initial=self.step, disable=not self.progress, dynamic_ncols=True,
                    desc="train-tokenizer")
@@ -337,7 +354,8 @@ class TokenizerTrainer:
         self.loss.train()
         t0, steps_timed = time.perf_counter(), 0
         try:
-            while self.step < t.steps and not self._stop_requested:
+            self.stop.__enter__()
+            while self.step < t.steps and not self.stop.requested:
                 logs = self.train_step([next(batches) for _ in range(t.grad_accum)])
                 self.step += 1
                 steps_timed += 1
@@ -359,8 +377,7 @@ class TokenizerTrainer:
                 save_model(self.model, self.run_dir / "model")
         finally:
             bar.close()
-            for s, h in old_handlers.items():
-                signal.signal(s, h)
+            self.stop.__exit__()
             self.metrics.close()
             self.tap.handle.remove()
         final.update(step=self.step, skipped_files=self.skipped_files + self.n_unreadable,

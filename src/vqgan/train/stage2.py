@@ -19,15 +19,36 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from ..checkpoint import (CONFIG_FILE, WEIGHTS_FILE, atomic_directory, check_state_dict, latest_checkpoint,
-                          load_state_dict_file, prune_checkpoints, safe_torch_load, save_model, save_tensors,
-                          write_yaml)
+from ..checkpoint import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    atomic_directory,
+    check_state_dict,
+    latest_checkpoint,
+    load_state_dict_file,
+    prune_checkpoints,
+    safe_torch_load,
+    save_model,
+    save_tensors,
+    write_yaml,
+)
 from ..data.tokens import UNUSABLE, TokenStore
 from ..errors import UserError
 from ..prior import TokenLayout, sample_images_tokens
 from ..transformer import GPT, GPTConfig
-from .common import (MetricsLog, ResumableSampler, Runtime, autocast, cleanup_runtime, resolve_precision, rng_state,
-                     seed_everything, set_rng_state, setup_runtime)
+from .common import (
+    MetricsLog,
+    ResumableSampler,
+    Runtime,
+    StopOnSignal,
+    autocast,
+    cleanup_runtime,
+    resolve_precision,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    setup_runtime,
+)
 
 log = logging.getLogger("vqgan.train")
 STATE_FILE = "training_state.pt"
@@ -270,8 +291,27 @@ class PriorTrainer:
                           f"training sequences of {self.n_tokens} tokens")
         bar = tqdm(total=t.steps, initial=self.step, desc="train-transformer", disable=not self.progress)
         self.model.train()
+        with StopOnSignal(self.rt.is_main and not self.rt.distributed) as stop:
+            self._loop(bar, stop)
+        bar.close()
+        if stop.requested:  # a checkpoint to resume from, no final model
+            self.save()
+            self.metrics.close()
+            return {"step": self.step, "nll": float("nan"), "out": str(self.run_dir), "samples": None,
+                    "stopped": True}
+        final_nll, samples = float("nan"), None
+        if self.rt.is_main:
+            final_nll = self.evaluate()
+            self.metrics.write(self.step, {"nll": final_nll}, kind="eval")
+            samples = self.write_samples()
+            self.save_final()
+        self.metrics.close()
+        return {"step": self.step, "nll": final_nll, "out": str(self.run_dir), "samples": samples}
+
+    def _loop(self, bar, stop: StopOnSignal) -> None:
+        t = self.cfg.train
         t0, tokens_seen = time.perf_counter(), 0
-        while self.step < t.steps:
+        while self.step < t.steps and not stop.requested:
             epoch, offset = divmod(self.step, self.sampler.batches_per_epoch)
             self.sampler.set_position(epoch, offset)
             loader = DataLoader(Subset(self.store, self.train_rows), batch_size=t.batch_size, sampler=self.sampler,
@@ -300,17 +340,8 @@ class PriorTrainer:
                     self.write_samples()
                 if self.step % t.ckpt_every == 0 or self.step == t.steps:
                     self.save()
-                if self.step >= t.steps:
+                if self.step >= t.steps or stop.requested:
                     break
-        bar.close()
-        final_nll, samples = float("nan"), None
-        if self.rt.is_main:
-            final_nll = self.evaluate()
-            self.metrics.write(self.step, {"nll": final_nll}, kind="eval")
-            samples = self.write_samples()
-            self.save_final()
-        self.metrics.close()
-        return {"step": self.step, "nll": final_nll, "out": str(self.run_dir), "samples": samples}
 
     def save_final(self) -> Path:
         """`model/`: the prior, and copies of its tokenizers (when they still match the store's tokens), so
