@@ -62,6 +62,44 @@ def child(kind: str, iters: int) -> dict:
     return {"seconds": statistics.median(times), "tokens_per_s": 16 * 256 / statistics.median(times)}
 
 
+REF_TRAIN = """
+import json, statistics, sys, time
+sys.path.insert(0, {ref_dir!r})
+import taming_bench
+taming_bench.install_shims()
+import torch
+from taming.modules.transformer.mingpt import GPT
+torch.set_num_threads({threads})
+torch.manual_seed(0)
+model = GPT(**{gpt!r})
+opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+x = torch.randint(0, 1024, (16, 257))
+times = []
+for i in range({iters} + 2):
+    t0 = time.perf_counter()
+    logits, _ = model(x[:, :-1])
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 1024), x[:, 1:].reshape(-1))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    if i >= 2:
+        times.append(time.perf_counter() - t0)
+print(json.dumps({{"seconds": statistics.median(times), "tokens_per_s": 16 * 256 / statistics.median(times)}}))
+"""
+
+
+def run_reference_train(iters: int) -> dict:
+    """The reference's minGPT, same config, batch, optimiser step (timed here: its bench script has no
+    transformer-training benchmark)."""
+    if not Path(REF_PYTHON).is_file():
+        return {"error": "reference not set up"}
+    code = REF_TRAIN.format(ref_dir=str(REF_DIR), threads=os.cpu_count() or 1, gpt=GPT, iters=iters)
+    proc = subprocess.run([REF_PYTHON, "-c", code], capture_output=True, text=True)
+    if proc.returncode:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def run_ours(kind: str, iters: int) -> dict:
     python = OUR_PYTHON if Path(OUR_PYTHON).is_file() else sys.executable
     proc = subprocess.run([python, __file__, "--child", kind, "--iters", str(iters)], capture_output=True, text=True)
@@ -99,13 +137,14 @@ def main() -> int:
         print(json.dumps(child(args.child, args.iters)))
         return 0
     best = lambda runs: min((r for r in runs if "error" not in r), key=lambda r: r["seconds"], default=runs[0])  # noqa: E731
-    ours, ref_full, ref_cached, train = [], [], [], []
+    ours, ref_full, ref_cached, train, ref_train = [], [], [], [], []
     for _ in range(args.rounds):
         ours.append(run_ours("sample", args.iters))
         ref_full.append(run_reference("sample", args.iters))
         ref_cached.append(run_reference("sample-cached", args.iters))
         train.append(run_ours("train", 5))
-    o, rf, rc, tr = best(ours), best(ref_full), best(ref_cached), best(train)
+        ref_train.append(run_reference_train(5))
+    o, rf, rc, tr, rt = best(ours), best(ref_full), best(ref_cached), best(train), best(ref_train)
     print(f"\nsampling {STEPS} tokens (16x16 grid), batch {BATCH}, top-k {TOP_K}, GPT {GPT}; best of {args.rounds}\n")
     print("| what | ours (s) | reference (s) | speed-up |\n|---|---|---|---|")
     for name, r in (("vs Net2NetTransformer.sample (no cache)", rf), ("vs sample_with_past (cached)", rc)):
@@ -113,8 +152,13 @@ def main() -> int:
             print(f"| {name} | {o.get('seconds', 'n/a')} | {r.get('error', r.get('seconds'))} | n/a |")
         else:
             print(f"| {name} | {o['seconds']:.3f} | {r['seconds']:.3f} | {r['seconds'] / o['seconds']:.1f}x |")
-    if "error" not in tr:
-        print(f"\nour transformer training: {tr['tokens_per_s']:.0f} tokens/s (batch 16 x 256 tokens, AdamW step included)")
+    print("\ntransformer training, batch 16 x 256 tokens, AdamW step included\n")
+    print("| what | ours | reference | ratio |\n|---|---|---|---|")
+    if "error" in tr or "error" in rt:
+        print(f"| tokens/s | {tr.get('tokens_per_s', tr.get('error'))} | {rt.get('tokens_per_s', rt.get('error'))} | n/a |")
+    else:
+        print(f"| tokens/s | {tr['tokens_per_s']:.0f} | {rt['tokens_per_s']:.0f} | "
+              f"{tr['tokens_per_s'] / rt['tokens_per_s']:.2f}x |")
     return 0
 
 
