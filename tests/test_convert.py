@@ -168,3 +168,36 @@ def test_remap_option_numbers_tokens_by_the_used_list(fixtures_dir, io, tmp_path
     assert torch.equal(model.encode(io["images"]), expect)
     with pytest.raises(UserError, match="remap file used.npy is not found"):
         load_taming_vqgan(fixtures_dir / "vqgan.ckpt", tmp_path / "remap.yaml")
+
+
+def test_full_size_released_layouts_match_key_for_key(fixtures_dir):
+    """The state-dict layouts of full-size models built from taming's own imagenet_vqgan.yaml and
+    faceshq_transformer.yaml (recorded in real_config_keys.json): every key and shape has its place here."""
+    import json
+
+    from vqgan.autoencoder import VQModel
+    from vqgan.config import QuantizerConfig, VQGANConfig
+    from vqgan.convert.taming import split_vqgan_state_dict
+    from vqgan.losses.discriminator import NLayerDiscriminator
+    from vqgan.losses.lpips import LPIPS
+    from vqgan.transformer import GPT, GPTConfig
+
+    layouts = json.loads((fixtures_dir / "real_config_keys.json").read_text())
+    f16 = VQGANConfig(resolution=256, ch=128, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=2, attn_resolutions=[16],
+                      z_channels=256, quantizer=QuantizerConfig(n_embed=1024, embed_dim=256))
+
+    def shapes(module, prefix=""):
+        return {prefix + k: list(v.shape) for k, v in module.state_dict().items()}
+
+    with torch.device("meta"):
+        real = layouts["configs/imagenet_vqgan.yaml:VQModel"]
+        model, disc, lpips = split_vqgan_state_dict({k: torch.empty(s) for k, s in real.items()}, "real")
+        assert shapes(VQModel(f16)) == {k: list(v.shape) for k, v in model.items()}
+        assert shapes(NLayerDiscriminator(3, 64, 3, "batch")) == {k: list(v.shape) for k, v in disc.items()}
+        assert shapes(LPIPS()) == {k: list(v.shape) for k, v in lpips.items()}
+
+        real = layouts["configs/faceshq_transformer.yaml:Net2NetTransformer"]
+        gpt = GPT(GPTConfig(vocab_size=1024, block_size=512, n_layer=24, n_head=16, n_embd=1024))
+        ours = {**shapes(gpt, "transformer."), **shapes(VQModel(f16), "first_stage_model.")}
+        theirs = {k: v for k, v in real.items() if not k.endswith(".attn.mask")}  # a derived buffer
+        assert ours == theirs
