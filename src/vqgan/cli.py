@@ -85,7 +85,7 @@ def _sample(args) -> dict:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     prior = load_prior(args.model, args.tokenizer, device)
     images, shown = sample_images(prior, args.n, args.label, args.size, args.cond_map, args.seed,
-                                  progress=not args.no_progress, **_sampling_options(args))
+                                  progress=not args.no_progress, batch_size=args.batch_size, **_sampling_options(args))
     out = Path(args.out)
     write_images(images, out)
     write_grid(([shown] if shown is not None else []) + [images], out / "samples.png")
@@ -189,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("model", help="prior directory (a train-transformer run or `vqgan convert` output)")
     m.add_argument("out", help="output directory for PNGs")
     m.add_argument("--n", type=int, default=8)
+    m.add_argument("--batch-size", type=int, default=16, help="samples drawn together")
     m.add_argument("--label", default=None, help="class name or id (class-conditional priors)")
     m.add_argument("--size", default=None,
                    help="HEIGHTxWIDTH in pixels; larger than the training size samples with a sliding window")

@@ -57,9 +57,9 @@ def load_cond_map(prior: Prior, path: str, size: tuple[int, int] | None = None) 
 
 
 def sample_images(prior: Prior, n: int, label: str | None = None, size: str | None = None,
-                  cond_map: str | None = None, seed: int = 0, progress: bool = True,
+                  cond_map: str | None = None, seed: int = 0, progress: bool = True, batch_size: int = 16,
                   **sampling) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(images (n, 3, H, W), the condition map shown as RGB or None)."""
+    """(images (n, 3, H, W), the condition map shown as RGB or None), sampled `batch_size` at a time."""
     from .data.maps import to_display
 
     device = next(prior.gpt.parameters()).device
@@ -84,8 +84,13 @@ def sample_images(prior: Prior, n: int, label: str | None = None, size: str | No
     if grid[0] < prior.grid[0] or grid[1] < prior.grid[1]:
         raise UserError(f"--size: the output must be at least the training size {prior.grid[0] * f}x{prior.grid[1] * f}")
     g = torch.Generator(device=device).manual_seed(seed)
-    tokens = prior.sample(n, grid, labels, cond, generator=g, progress=progress, **sampling)
-    return prior.tokenizer.decode(tokens), shown
+    images = []
+    for start in range(0, n, max(1, batch_size)):
+        b = min(batch_size, n - start)
+        tokens = prior.sample(b, grid, None if labels is None else labels[:b], None if cond is None else cond[:b],
+                              generator=g, progress=progress, **sampling)
+        images.append(prior.tokenizer.decode(tokens))
+    return torch.cat(images), shown
 
 
 def complete_images(prior: Prior, images: torch.Tensor, n: int = 4, keep_rows: float = 0.5,
