@@ -204,7 +204,7 @@ def main() -> int:
                     print(f"# {name}/{kind} {side}: {r['error']}", file=sys.stderr)
     print(f"\nCPU threads {os.cpu_count()}; LPIPS on random VGG16 on both sides; GAN active from step 0; "
           f"best of {args.rounds} alternating rounds\n")
-    print(f"| config | metric | ours | reference | ratio |\n|---|---|---|---|---|")
+    print("| config | metric | ours | reference | ratio |\n|---|---|---|---|---|")
     for name, label, o, r, ratio, higher in rows:
         note = "" if ratio is None else (" (higher is better)" if higher else " (lower is better)")
         print(f"| {name} | {label} | {_fmt(o)} | {_fmt(r)} | {_fmt(ratio)}x{note} |")

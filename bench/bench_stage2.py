@@ -32,7 +32,8 @@ def child(kind: str, iters: int) -> dict:
 
     sys.path.insert(0, str(ROOT / "src"))
     from vqgan.sampling import sample
-    from vqgan.transformer import GPT as Model, GPTConfig
+    from vqgan.transformer import GPT as Model
+    from vqgan.transformer import GPTConfig
 
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
@@ -48,11 +49,20 @@ def child(kind: str, iters: int) -> dict:
             sample(model, prefix, STEPS, temperature=1.0, top_k=TOP_K, generator=g)
             times.append(time.perf_counter() - t0)
         return {"seconds": statistics.median(times), "tokens_per_s": BATCH * STEPS / statistics.median(times)}
+    return time_training(model, iters)
+
+
+def time_training(model, iters: int, logits_of=lambda out: out) -> dict:
+    """Median seconds of one step (forward, cross-entropy, backward, AdamW) on 16 x 256 random tokens; the
+    same loop times both sides (`logits_of` unwraps the reference's (logits, loss) output)."""
+    import torch
+
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randint(0, 1024, (16, 257))
+    times = []
     for i in range(iters + 2):
         t0 = time.perf_counter()
-        logits = model(x[:, :-1])
+        logits = logits_of(model(x[:, :-1]))
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 1024), x[:, 1:].reshape(-1))
         opt.zero_grad()
         loss.backward()
@@ -63,28 +73,16 @@ def child(kind: str, iters: int) -> dict:
 
 
 REF_TRAIN = """
-import json, statistics, sys, time
-sys.path.insert(0, {ref_dir!r})
+import json, sys
+sys.path[:0] = [{ref_dir!r}, {bench_dir!r}]
 import taming_bench
 taming_bench.install_shims()
 import torch
 from taming.modules.transformer.mingpt import GPT
+from bench_stage2 import time_training
 torch.set_num_threads({threads})
 torch.manual_seed(0)
-model = GPT(**{gpt!r})
-opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-x = torch.randint(0, 1024, (16, 257))
-times = []
-for i in range({iters} + 2):
-    t0 = time.perf_counter()
-    logits, _ = model(x[:, :-1])
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 1024), x[:, 1:].reshape(-1))
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    if i >= 2:
-        times.append(time.perf_counter() - t0)
-print(json.dumps({{"seconds": statistics.median(times), "tokens_per_s": 16 * 256 / statistics.median(times)}}))
+print(json.dumps(time_training(GPT(**{gpt!r}), {iters}, logits_of=lambda out: out[0])))
 """
 
 
@@ -93,7 +91,8 @@ def run_reference_train(iters: int) -> dict:
     transformer-training benchmark)."""
     if not Path(REF_PYTHON).is_file():
         return {"error": "reference not set up"}
-    code = REF_TRAIN.format(ref_dir=str(REF_DIR), threads=os.cpu_count() or 1, gpt=GPT, iters=iters)
+    code = REF_TRAIN.format(ref_dir=str(REF_DIR), bench_dir=str(Path(__file__).parent), threads=os.cpu_count() or 1,
+                            gpt=GPT, iters=iters)
     proc = subprocess.run([REF_PYTHON, "-c", code], capture_output=True, text=True)
     if proc.returncode:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}

@@ -3,13 +3,7 @@ import warnings
 import pytest
 import torch
 
-from vqgan.losses.lpips import (
-    CHANNELS,
-    LPIPS,
-    PerceptualWeightsMissing,
-    build_lpips,
-    default_vgg16_path,
-)
+from vqgan.losses.lpips import CHANNELS, LPIPS, PerceptualWeightsMissing, build_lpips, default_vgg16_path
 
 
 def torchvision_vgg16_state_dict():

@@ -158,10 +158,9 @@ def test_end_to_end_tokenize_train_sample_commands(tmp_path):
 
 @pytest.mark.slow
 def test_two_process_prior_training_keeps_replicas_identical(tmp_path):
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
+
+    from conftest import run_two_processes
 
     tests = Path(__file__).resolve().parent
     write_store(tmp_path / "store", markov_tokens(64, 9, 6, 2).reshape(64, 3, 3), [0, 1] * 32, ["a", "b"])
@@ -185,9 +184,5 @@ if rt.rank == 0:
     print("REPLICAS_IDENTICAL", trainer.step)
 dist.destroy_process_group()
 """)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script)], capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "REPLICAS_IDENTICAL 4" in proc.stdout
+    assert "REPLICAS_IDENTICAL 4" in run_two_processes(script)
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()

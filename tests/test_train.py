@@ -1,14 +1,12 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_train_config
+from conftest import run_two_processes, tiny_train_config
 from PIL import Image
 
 from vqgan.checkpoint import load_model, load_state_dict_file
@@ -132,7 +130,7 @@ def test_two_process_ddp_keeps_replicas_identical(tmp_path):
     script.write_text(f"""
 import sys, torch, torch.distributed as dist
 sys.path.insert(0, {str(ROOT / 'tests')!r})
-from conftest import tiny_train_config
+from conftest import run_two_processes, tiny_train_config
 from pathlib import Path
 from vqgan.train.stage1 import TokenizerTrainer
 from vqgan.train.common import setup_runtime
@@ -150,11 +148,7 @@ if rt.rank == 0:
     print("REPLICAS_IDENTICAL", trainer.step)
 dist.destroy_process_group()
 """)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script)], capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "REPLICAS_IDENTICAL 4" in proc.stdout
+    assert "REPLICAS_IDENTICAL 4" in run_two_processes(script)
 
 
 def test_gradient_accumulation_runs_and_logs_once_per_step(tmp_path):

@@ -1,13 +1,7 @@
 """vqgan: VQGAN ("Taming Transformers") image tokenizers and the models around them."""
 from .autoencoder import Decoder, Encoder, VQModel
 from .checkpoint import load_model as load
-from .config import (
-           LossConfig,
-           QuantizerConfig,
-           TokenizerTrainConfig,
-           VQGANConfig,
-           load_config,
-)
+from .config import LossConfig, QuantizerConfig, TokenizerTrainConfig, VQGANConfig, load_config
 from .errors import UserError
 
 __version__ = "0.1.0"

@@ -189,9 +189,7 @@ class MetricsLog:
         self.jsonl = open(directory / "metrics.jsonl", "a", buffering=1)
         self.text = open(directory / "train.log", "a", buffering=1)
         try:
-            from torch.utils.tensorboard import (
-                SummaryWriter,  # needs the `tensorboard` package
-            )
+            from torch.utils.tensorboard import SummaryWriter  # needs the `tensorboard` package
 
             self.tb = SummaryWriter(str(directory / "tensorboard"))
         except Exception:
