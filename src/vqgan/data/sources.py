@@ -6,6 +6,7 @@ depth maps derived from those (`builtin:scenes-depth`), row for row.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from .images import ImageSource, load_rgb, scan_images
@@ -17,8 +18,13 @@ BUILTIN_SETS = {"scenes": "rgb", "scenes-seg": "segmentation", "scenes-depth": "
 _LOADERS = {"rgb": load_rgb, "segmentation": load_label_map, "depth": load_depth_map}
 
 
+@functools.lru_cache(maxsize=16)
+def _render(index: int, size: int):
+    return render_scene(index, size)  # a scene and its maps are read together: draw it once
+
+
 def _builtin_scene(index: int, size: int, kind: str):
-    image, seg, _ = render_scene(index, size)
+    image, seg, _ = _render(index, size)
     return {"rgb": image, "segmentation": seg, "depth": depth_from_segmentation(seg)}[kind]
 
 
