@@ -71,7 +71,7 @@ def run_demo(out: str = "runs/demo", tokenizer_steps: int = 0, progress: bool = 
             f"data.tokens={root / 'tokens'}", f"train.out_dir={root / ('prior_' + kind)}",
             f"data.conditioning={'class' if kind == 'class' else 'spatial'}",
             # sequences of 64 map + 64 image tokens cost twice the class prior's per step
-            *(["train.steps=400"] if kind == "seg" else []),
+            *(["train.steps=300"] if kind == "seg" else []),
             *(["train.steps=2", "data.holdout=8"] if quick else [])])
         results[f"prior_{kind}"] = _stage(f"{kind}-conditioned prior", root / f"prior_{kind}" / "model" / "config.yaml",
                                           timings, lambda cfg=cfg: PriorTrainer(cfg, resume=True, progress=progress).fit())
