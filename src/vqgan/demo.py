@@ -86,6 +86,7 @@ def run_demo(out: str = "runs/demo", tokenizer_steps: int = 0, progress: bool = 
 @torch.no_grad()
 def generate_pictures(root: Path, progress: bool = True) -> dict[str, Any]:
     """PNG grids under root/samples: class samples, completions, segmentation-to-image, large images."""
+    from .data.images import to_tensor
     from .data.maps import one_hot, to_display
     from .data.scenes import SCENE_CLASSES, render_scene
     from .data.tokens import TokenStore
@@ -105,7 +106,7 @@ def generate_pictures(root: Path, progress: bool = True) -> dict[str, Any]:
             for c in range(len(SCENE_CLASSES))]
     made["classes"] = write_grid(rows, out / "class_samples.png", scale=2)
 
-    images = torch.stack([_to_tensor(render_scene(i, 64)[0]) for i in held_out])
+    images = torch.stack([to_tensor(render_scene(i, 64)[0]) for i in held_out])
     labels = [SCENE_CLASSES[i % len(SCENE_CLASSES)] for i in held_out]
     rows = []
     for img, label in zip(images, labels):
@@ -136,12 +137,6 @@ def generate_pictures(root: Path, progress: bool = True) -> dict[str, Any]:
     made["class_names"] = list(SCENE_CLASSES)
     made["completion_labels"] = labels
     return made
-
-
-def _to_tensor(im: Image.Image) -> torch.Tensor:
-    from .data.images import to_tensor
-
-    return to_tensor(im)
 
 
 def demo_report(root: Path, timings: dict, pictures: dict) -> Path:

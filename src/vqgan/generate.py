@@ -31,14 +31,15 @@ def parse_size(text: str | None, factor: int) -> tuple[int, int] | None:
 def load_cond_map(prior: Prior, path: str, size: tuple[int, int] | None = None) -> torch.Tensor:
     """A segmentation / depth map file -> the condition tokenizer's input (1, C, H, W), resized to `size`
     (pixels) when given, else kept at its own size cropped to multiples of the factor."""
-    from .data.maps import load_depth_map, load_label_map, map_to_tensor, resample_for
+    from .data.maps import map_to_tensor, resample_for
+    from .data.sources import LOADERS
 
     ct = prior.cond_tokenizer
     if ct is None:
         raise UserError("this prior is not conditioned on maps; leave out --cond-map")
     kind = ct.config.input_kind
     try:
-        im = (load_label_map if kind == "segmentation" else load_depth_map)(path)
+        im = LOADERS[kind](path)
     except FileNotFoundError:
         raise UserError(f"--cond-map {path}: no such file") from None
     except (OSError, ValueError) as e:

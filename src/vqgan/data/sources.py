@@ -15,7 +15,7 @@ from .scenes import SCENE_CLASSES, depth_from_segmentation, render_scene
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_SETS = {"scenes": "rgb", "scenes-seg": "segmentation", "scenes-depth": "depth"}  # name -> kind
-_LOADERS = {"rgb": load_rgb, "segmentation": load_label_map, "depth": load_depth_map}
+LOADERS = {"rgb": load_rgb, "segmentation": load_label_map, "depth": load_depth_map}
 
 
 @functools.lru_cache(maxsize=16)
@@ -45,5 +45,5 @@ def image_sources(path: str, builtin_count: int = 1024, builtin_size: int = 64, 
         return [ImageSource(f"scene_{i:05d}", (lambda i=i: _builtin_scene(i, builtin_size, kind)),
                             label=i % len(SCENE_CLASSES)) for i in range(builtin_count)], 0
     good, bad = scan_images(Path(path).expanduser())
-    load = _LOADERS[kind]
+    load = LOADERS[kind]
     return [ImageSource(str(p), (lambda p=p: load(p))) for p in good], len(bad)

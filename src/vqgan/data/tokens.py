@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..errors import UserError
+
+log = logging.getLogger("vqgan.data")
 
 TOKENS_BIN = "tokens.bin"
 LABELS_FILE = "labels.npy"
@@ -171,9 +174,7 @@ def match_maps(sources: list, data: str, maps: str, kind: str, size: int) -> tup
         raise UserError(f"no condition map in {maps} has the file stem of an image in {data} (e.g. "
                         f"{key(sources[0].name, data)}.png)")
     if len(kept) < len(pairs):
-        import logging
-
-        logging.getLogger("vqgan.data").warning("%d of %d images have no condition map in %s and are left out",
+        log.warning("%d of %d images have no condition map in %s and are left out",
                                                 len(pairs) - len(kept), len(pairs), maps)
     return [s for s, _ in kept], [m for _, m in kept]
 
