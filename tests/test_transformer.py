@@ -5,7 +5,7 @@ import torch
 from vqgan.cli import main
 from vqgan.convert.taming import load_taming_transformer
 from vqgan.sampling import filter_logits, sample
-from vqgan.transformer import GPT, GPTConfig
+from vqgan.transformer import GPT, GPTConfig, linear
 
 
 def tiny_gpt(**kw):
@@ -22,6 +22,25 @@ def test_cached_forward_equals_full_forward(n_unmasked):
     start = max(n_unmasked, 1)  # the unmasked prefix must arrive in one piece
     pieces = [gpt(idx[:, :start], cache)] + [gpt(idx[:, i:i + 1], cache) for i in range(start, 20)]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 70])  # one row, the transposed small-batch product, F.linear again
+def test_one_position_inference_path_equals_full_forward(batch):
+    gpt = tiny_gpt()
+    idx = torch.randint(0, 50, (batch, 12))
+    with torch.no_grad():
+        full = gpt(idx)
+        cache = gpt.new_cache()
+        pieces = [gpt(idx[:, :2], cache)] + [gpt(idx[:, i:i + 1], cache) for i in range(2, 12)]
+    assert cache.weights is not None  # the one-position path ran
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 24), (4, 24), (64, 24), (65, 24), (2, 3, 24), (3, 40, 24)])
+def test_small_batch_linear_equals_f_linear(shape):
+    x, weight, bias = torch.randn(shape), torch.randn(40, 24), torch.randn(40)
+    torch.testing.assert_close(linear(x, weight, bias), torch.nn.functional.linear(x, weight, bias))
+    torch.testing.assert_close(linear(x, weight), torch.nn.functional.linear(x, weight))
 
 
 def test_causality():

@@ -33,6 +33,33 @@ class GPTConfig:
             raise UserError(f"gpt.n_embd {self.n_embd} must be divisible by gpt.n_head {self.n_head}")
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear`, computed as (W @ x^T)^T on CPU when x has 2-64 rows (a KV-cached sampling step).
+
+    Measured on a 2-core AMD Zen 3 with MKL: a (4, 256) @ (256, 1024)^T product runs 2-2.5x faster in that
+    orientation, because MKL's kernels are poor at streaming a weight matrix past a handful of rows; one row is
+    a GEMV already, and from ~128 rows on the two agree. The result is the same up to float rounding.
+    """
+    if x.device.type != "cpu":
+        return F.linear(x, weight, bias)
+    if x.dim() == 2:  # the sampling step's case, without reshapes
+        if not 2 <= x.shape[0] <= 64:
+            return F.linear(x, weight, bias)
+        out = torch.mm(weight, x.t()) if bias is None else torch.addmm(bias[:, None], weight, x.t())
+        return out.t()
+    rows = x.numel() // x.shape[-1]
+    if not 2 <= rows <= 64:
+        return F.linear(x, weight, bias)
+    return linear(x.reshape(rows, x.shape[-1]), weight, bias).reshape(*x.shape[:-1], weight.shape[0])
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state-dict keys) with the small-batch CPU path of `linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 class KVCache:
     """Per-layer keys and values of the positions seen so far, in buffers allocated once for `capacity`
     positions: (B, n_head, capacity, head_dim) each; new positions are written in place."""
@@ -42,6 +69,7 @@ class KVCache:
         self.keys: list[torch.Tensor | None] = [None] * n_layer
         self.values: list[torch.Tensor | None] = [None] * n_layer
         self.length = 0  # positions stored (advanced by `advance` once every layer has appended)
+        self.weights: list[tuple[torch.Tensor, ...]] | None = None  # GPT._next_position's, gathered once
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.keys[layer] is None:
@@ -62,10 +90,10 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head = cfg.n_head
         self.n_unmasked = cfg.n_unmasked
-        self.key = nn.Linear(cfg.n_embd, cfg.n_embd)
-        self.query = nn.Linear(cfg.n_embd, cfg.n_embd)
-        self.value = nn.Linear(cfg.n_embd, cfg.n_embd)
-        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.key = Linear(cfg.n_embd, cfg.n_embd)
+        self.query = Linear(cfg.n_embd, cfg.n_embd)
+        self.value = Linear(cfg.n_embd, cfg.n_embd)
+        self.proj = Linear(cfg.n_embd, cfg.n_embd)
         self.attn_dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
 
@@ -73,7 +101,7 @@ class CausalSelfAttention(nn.Module):
         """`past`: how many positions precede x (all in `cache`)."""
         b, t, c = x.shape
         # one matmul for the three projections: (B, T, 3, nh, hd)
-        qkv = F.linear(x, *self._qkv_weights()).view(b, t, 3, self.n_head, c // self.n_head)
+        qkv = linear(x, *self._qkv_weights()).view(b, t, 3, self.n_head, c // self.n_head)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hd)
         if cache is not None:
             k, v = cache.append(layer, k, v)
@@ -111,8 +139,8 @@ class Block(nn.Module):
         self.ln1 = nn.LayerNorm(cfg.n_embd)
         self.ln2 = nn.LayerNorm(cfg.n_embd)
         self.attn = CausalSelfAttention(cfg)
-        self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(),
-                                 nn.Linear(4 * cfg.n_embd, cfg.n_embd), nn.Dropout(cfg.dropout))
+        self.mlp = nn.Sequential(Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(),
+                                 Linear(4 * cfg.n_embd, cfg.n_embd), nn.Dropout(cfg.dropout))
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, past: int = 0) -> torch.Tensor:
         x = x + self.attn(self.ln1(x), cache, layer, past)
@@ -131,7 +159,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd)
-        self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.head = Linear(config.n_embd, config.vocab_size, bias=False)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -153,12 +181,38 @@ class GPT(nn.Module):
         start = cache.length if cache is not None else 0
         if start + t > self.config.block_size:
             raise ValueError(f"sequence of {start + t} tokens exceeds block_size {self.config.block_size}")
+        if cache is not None and t == 1 and start >= self.config.n_unmasked and not self.training \
+                and not torch.is_grad_enabled():
+            return self._next_position(idx, cache)
         x = self.drop(self.tok_emb(idx) + self.pos_emb[:, start:start + t])
         for i, block in enumerate(self.blocks):
             x = block(x, cache, i, start)
         if cache is not None:
             cache.advance(t)
         return self.head(self.ln_f(x))
+
+    def _next_position(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """`forward` for one new position after cached ones, at inference: the same arithmetic without the module
+        calls and attribute lookups, which cost a third as much as the arithmetic in a small model's sampling step
+        on CPU. The weights are gathered once per cache: a cache serves one set of weights."""
+        b, c, n_head = idx.shape[0], self.config.n_embd, self.config.n_head
+        if cache.weights is None:
+            cache.weights = [(*attn._qkv_weights(), attn.proj.weight, attn.proj.bias, block.ln1.weight, block.ln1.bias,
+                              block.ln2.weight, block.ln2.bias, *block.mlp[0].parameters(), *block.mlp[2].parameters())
+                             for block in self.blocks for attn in [block.attn]]
+        x = self.tok_emb.weight[idx[:, 0]] + self.pos_emb[0, cache.length]  # (B, C)
+        for i, (w_qkv, b_qkv, w_proj, b_proj, w_ln1, b_ln1, w_ln2, b_ln2, w_fc1, b_fc1, w_fc2, b_fc2) \
+                in enumerate(cache.weights):
+            h = F.layer_norm(x, (c,), w_ln1, b_ln1, 1e-5)
+            q, k, v = linear(h, w_qkv, b_qkv).reshape(b, 3, n_head, 1, c // n_head).unbind(1)
+            k, v = cache.append(i, k, v)
+            y = F.scaled_dot_product_attention(q.contiguous(), k, v).view(b, c)  # contiguous q: the fused kernel
+            x = x + linear(y, w_proj, b_proj)
+            h = F.layer_norm(x, (c,), w_ln2, b_ln2, 1e-5)
+            x = x + linear(F.gelu(linear(h, w_fc1, b_fc1)), w_fc2, b_fc2)
+        cache.advance(1)
+        x = F.layer_norm(x, (c,), self.ln_f.weight, self.ln_f.bias, 1e-5)
+        return linear(x, self.head.weight)[:, None]
 
     def config_dict(self) -> dict[str, Any]:
         return {"kind": "gpt", **asdict(self.config)}
