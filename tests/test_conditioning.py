@@ -89,6 +89,16 @@ def test_sample_on_a_segmentation_map_at_and_beyond_the_training_size(conditione
     assert main(["sample", str(tmp / "prior"), str(tmp / "c"), "--cond-map", str(tmp / "bad.png")]) == 2
 
 
+def test_complete_with_a_segmentation_conditioned_prior(conditioned_prior):
+    tmp = conditioned_prior
+    out = tmp / "completed"
+    assert main(["complete", str(tmp / "prior"), "builtin:scenes", str(out), "--n", "2", "--n-images", "3",
+                 "--cond-maps", "builtin:scenes-seg"]) == 0
+    assert Image.open(out / "completions.png").size[0] == 5 * 32 + 6 * 2  # 5 tiles: map, image, masked, 2 completions
+    assert (out / "completion_002_001.png").is_file()
+    assert main(["complete", str(tmp / "prior"), "builtin:scenes", str(tmp / "x")]) == 2  # the maps are needed
+
+
 def test_unconditional_large_samples_and_completions(tmp_path):
     VQModel(f4()).save_pretrained(tmp_path / "tok")
     assert main(["tokenize", str(tmp_path / "tok"), "builtin:scenes", str(tmp_path / "store"), "--count", "24",

@@ -92,20 +92,31 @@ def _sample(args) -> dict:
     return {"out": str(out), "count": args.n, "size": list(images.shape[2:])}
 
 
+def _maps_or_none(items: list) -> dict | None:
+    """Collate a batch of condition maps, or stand in for the maps a prior without them does not have."""
+    from torch.utils.data import default_collate
+
+    return None if items[0] is None else default_collate(items)
+
+
 def _complete(args) -> dict:
     import torch
     from torch.utils.data import DataLoader
 
     from .data.images import ImageDataset
+    from .data.maps import to_display
     from .data.sources import image_sources
+    from .data.tokens import match_maps
     from .generate import complete_images, write_grid, write_images
     from .prior import load_prior
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     prior = load_prior(args.model, args.tokenizer, device)
-    if prior.layout.spatial:
-        raise UserError("completion with a map-conditioned prior is not supported by this command; use a class-"
-                        "conditional or unconditional prior")
+    if prior.layout.spatial and not args.cond_maps:
+        raise UserError(f"this prior is conditioned on {prior.cond_tokenizer.config.input_kind} maps: pass "
+                        "--cond-maps DIR (maps named like the images, or builtin:scenes-seg)")
+    if args.cond_maps and not prior.layout.spatial:
+        raise UserError("this prior is not conditioned on maps; leave out --cond-maps")
     box = None
     if args.box:
         try:
@@ -117,14 +128,24 @@ def _complete(args) -> dict:
         raise UserError(f"--keep {args.keep}: expected a fraction of the rows between 0 and 1")
     f = prior.tokenizer.downsample_factor
     sources, _ = image_sources(args.images, builtin_count=args.n_images, builtin_size=prior.grid[0] * f)
-    ds = ImageDataset(sources[:args.n_images], resolution=prior.grid[0] * f, crop="center", flip=False, train=False)
+    sources, common = sources[:args.n_images], dict(resolution=prior.grid[0] * f, crop="center", flip=False,
+                                                    train=False)
+    ds = ImageDataset(sources, **common)
+    maps = [None] * len(ds)
+    if args.cond_maps:  # each image's map, cropped alike
+        kind = prior.cond_tokenizer.config.input_kind
+        sources, map_sources = match_maps(sources, args.images, args.cond_maps, kind, common["resolution"])
+        ds = ImageDataset(sources, **common)
+        maps = ImageDataset(map_sources, kind=kind, n_labels=prior.cond_tokenizer.config.in_channels, **common)
     out = Path(args.out)
     rows = []
-    for batch in DataLoader(ds, batch_size=8):
+    for batch, map_batch in zip(DataLoader(ds, batch_size=8), DataLoader(maps, batch_size=8, collate_fn=_maps_or_none)):
+        map_images = None if map_batch is None else map_batch["image"]
         masked, outs = complete_images(prior, batch["image"], args.n, args.keep, box, args.label, args.seed,
-                                       **_sampling_options(args))
+                                       maps=map_images, **_sampling_options(args))
         for i in range(masked.shape[0]):
-            rows.append(torch.cat([batch["image"][i:i + 1].to(masked.device), masked[i:i + 1], outs[i]]))
+            shown = [] if map_images is None else [to_display(map_images[i:i + 1], kind).to(masked.device)]
+            rows.append(torch.cat([*shown, batch["image"][i:i + 1].to(masked.device), masked[i:i + 1], outs[i]]))
             write_images(outs[i], out, stem=f"completion_{len(rows) - 1:03d}")
     write_grid(rows, out / "completions.png")
     return {"out": str(out), "images": len(rows), "completions_per_image": args.n}
@@ -207,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--keep", type=float, default=0.5, help="fraction of token rows kept from the top")
     c.add_argument("--box", default=None, help="TOP,LEFT,BOTTOM,RIGHT fractions: regenerate this box instead")
     c.add_argument("--label", default=None)
+    c.add_argument("--cond-maps", default=None,
+                   help="for a map-conditioned prior: the images' segmentation/depth maps (same file stems), "
+                        "or builtin:scenes-seg / builtin:scenes-depth")
     c.add_argument("--tokenizer", default=None)
     for parser in (m, c):
         parser.add_argument("--temperature", type=float, default=1.0)

@@ -96,11 +96,15 @@ def sample_images(prior: Prior, n: int, label: str | None = None, size: str | No
 
 def complete_images(prior: Prior, images: torch.Tensor, n: int = 4, keep_rows: float = 0.5,
                     box: tuple[float, float, float, float] | None = None, label: str | None = None, seed: int = 0,
-                    **sampling) -> tuple[torch.Tensor, torch.Tensor]:
+                    maps: torch.Tensor | None = None, **sampling) -> tuple[torch.Tensor, torch.Tensor]:
     """Completions of each image: keep the top `keep_rows` fraction of its token rows (or everything outside
-    `box` = top, left, bottom, right as fractions) and sample the rest. Returns (masked views
+    `box` = top, left, bottom, right as fractions) and sample the rest; a map-conditioned prior needs each
+    image's condition map in `maps` (the condition tokenizer's input, B, C, H, W). Returns (masked views
     (B, 3, H, W), completions (B, n, 3, H, W))."""
     device = next(prior.gpt.parameters()).device
+    if prior.layout.spatial and maps is None:
+        raise UserError("this prior is conditioned on maps: completion needs each image's condition map")
+    cond = prior.encode_maps(maps) if maps is not None and prior.layout.spatial else None
     tokens = prior.tokenizer.encode(images.to(device))
     b, h, w = tokens.shape
     keep = torch.ones(h, w, dtype=torch.bool)
@@ -114,8 +118,9 @@ def complete_images(prior: Prior, images: torch.Tensor, n: int = 4, keep_rows: f
     outs = []
     for i in range(b):
         known = tokens[i:i + 1].expand(n, h, w)
-        outs.append(prior.tokenizer.decode(prior.sample(n, (h, w), labels, known=known, keep=keep, generator=g,
-                                                        **sampling)))
+        cond_i = None if cond is None else cond[i:i + 1].expand(n, *cond.shape[1:])
+        outs.append(prior.tokenizer.decode(prior.sample(n, (h, w), labels, cond_i, known=known, keep=keep,
+                                                        generator=g, **sampling)))
     f = prior.tokenizer.downsample_factor
     pixel_keep = keep.repeat_interleave(f, 0).repeat_interleave(f, 1).to(device)
     masked = torch.where(pixel_keep, prior.tokenizer.decode(tokens), torch.full_like(images.to(device), 0.6))
