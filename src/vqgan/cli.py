@@ -92,14 +92,9 @@ def _sample(args) -> dict:
     return {"out": str(out), "count": args.n, "size": list(images.shape[2:])}
 
 
-def _maps_or_none(items: list) -> dict | None:
-    """Collate a batch of condition maps, or stand in for the maps a prior without them does not have."""
-    from torch.utils.data import default_collate
-
-    return None if items[0] is None else default_collate(items)
-
-
 def _complete(args) -> dict:
+    import itertools
+
     import torch
     from torch.utils.data import DataLoader
 
@@ -128,18 +123,17 @@ def _complete(args) -> dict:
         raise UserError(f"--keep {args.keep}: expected a fraction of the rows between 0 and 1")
     f = prior.tokenizer.downsample_factor
     sources, _ = image_sources(args.images, builtin_count=args.n_images, builtin_size=prior.grid[0] * f)
-    sources, common = sources[:args.n_images], dict(resolution=prior.grid[0] * f, crop="center", flip=False,
-                                                    train=False)
-    ds = ImageDataset(sources, **common)
-    maps = [None] * len(ds)
+    sources = sources[:args.n_images]
+    common = dict(resolution=prior.grid[0] * f, crop="center", flip=False, train=False)
+    map_batches = itertools.repeat(None)
     if args.cond_maps:  # each image's map, cropped alike
         kind = prior.cond_tokenizer.config.input_kind
         sources, map_sources = match_maps(sources, args.images, args.cond_maps, kind, common["resolution"])
-        ds = ImageDataset(sources, **common)
-        maps = ImageDataset(map_sources, kind=kind, n_labels=prior.cond_tokenizer.config.in_channels, **common)
+        map_batches = DataLoader(ImageDataset(map_sources, kind=kind, n_labels=prior.cond_tokenizer.config.in_channels,
+                                              **common), batch_size=8)
     out = Path(args.out)
     rows = []
-    for batch, map_batch in zip(DataLoader(ds, batch_size=8), DataLoader(maps, batch_size=8, collate_fn=_maps_or_none)):
+    for batch, map_batch in zip(DataLoader(ImageDataset(sources, **common), batch_size=8), map_batches):
         map_images = None if map_batch is None else map_batch["image"]
         masked, outs = complete_images(prior, batch["image"], args.n, args.keep, box, args.label, args.seed,
                                        maps=map_images, **_sampling_options(args))

@@ -40,17 +40,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     orientation, because MKL's kernels are poor at streaming a weight matrix past a handful of rows; one row is
     a GEMV already, and from ~128 rows on the two agree. The result is the same up to float rounding.
     """
-    if x.device.type != "cpu":
+    rows = x.numel() // max(x.shape[-1], 1)
+    if x.device.type != "cpu" or not 2 <= rows <= 64:
         return F.linear(x, weight, bias)
-    if x.dim() == 2:  # the sampling step's case, without reshapes
-        if not 2 <= x.shape[0] <= 64:
-            return F.linear(x, weight, bias)
-        out = torch.mm(weight, x.t()) if bias is None else torch.addmm(bias[:, None], weight, x.t())
-        return out.t()
-    rows = x.numel() // x.shape[-1]
-    if not 2 <= rows <= 64:
-        return F.linear(x, weight, bias)
-    return linear(x.reshape(rows, x.shape[-1]), weight, bias).reshape(*x.shape[:-1], weight.shape[0])
+    if x.dim() != 2:
+        return linear(x.reshape(rows, x.shape[-1]), weight, bias).reshape(*x.shape[:-1], weight.shape[0])
+    out = torch.mm(weight, x.t()) if bias is None else torch.addmm(bias[:, None], weight, x.t())
+    return out.t()
 
 
 class Linear(nn.Linear):
@@ -195,7 +191,7 @@ class GPT(nn.Module):
         """`forward` for one new position after cached ones, at inference: the same arithmetic without the module
         calls and attribute lookups, which cost a third as much as the arithmetic in a small model's sampling step
         on CPU. The weights are gathered once per cache: a cache serves one set of weights."""
-        b, c, n_head = idx.shape[0], self.config.n_embd, self.config.n_head
+        b, c, n_head, eps = idx.shape[0], self.config.n_embd, self.config.n_head, self.ln_f.eps
         if cache.weights is None:
             cache.weights = [(*attn._qkv_weights(), attn.proj.weight, attn.proj.bias, block.ln1.weight, block.ln1.bias,
                               block.ln2.weight, block.ln2.bias, *block.mlp[0].parameters(), *block.mlp[2].parameters())
@@ -203,15 +199,15 @@ class GPT(nn.Module):
         x = self.tok_emb.weight[idx[:, 0]] + self.pos_emb[0, cache.length]  # (B, C)
         for i, (w_qkv, b_qkv, w_proj, b_proj, w_ln1, b_ln1, w_ln2, b_ln2, w_fc1, b_fc1, w_fc2, b_fc2) \
                 in enumerate(cache.weights):
-            h = F.layer_norm(x, (c,), w_ln1, b_ln1, 1e-5)
+            h = F.layer_norm(x, (c,), w_ln1, b_ln1, eps)
             q, k, v = linear(h, w_qkv, b_qkv).reshape(b, 3, n_head, 1, c // n_head).unbind(1)
             k, v = cache.append(i, k, v)
             y = F.scaled_dot_product_attention(q.contiguous(), k, v).view(b, c)  # contiguous q: the fused kernel
             x = x + linear(y, w_proj, b_proj)
-            h = F.layer_norm(x, (c,), w_ln2, b_ln2, 1e-5)
+            h = F.layer_norm(x, (c,), w_ln2, b_ln2, eps)
             x = x + linear(F.gelu(linear(h, w_fc1, b_fc1)), w_fc2, b_fc2)
         cache.advance(1)
-        x = F.layer_norm(x, (c,), self.ln_f.weight, self.ln_f.bias, 1e-5)
+        x = F.layer_norm(x, (c,), self.ln_f.weight, self.ln_f.bias, eps)
         return linear(x, self.head.weight)[:, None]
 
     def config_dict(self) -> dict[str, Any]:
