@@ -174,8 +174,8 @@ def match_maps(sources: list, data: str, maps: str, kind: str, size: int) -> tup
         raise UserError(f"no condition map in {maps} has the file stem of an image in {data} (e.g. "
                         f"{key(sources[0].name, data)}.png)")
     if len(kept) < len(pairs):
-        log.warning("%d of %d images have no condition map in %s and are left out",
-                                                len(pairs) - len(kept), len(pairs), maps)
+        log.warning("%d of %d images have no condition map in %s and are left out", len(pairs) - len(kept),
+                    len(pairs), maps)
     return [s for s, _ in kept], [m for _, m in kept]
 
 
