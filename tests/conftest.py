@@ -4,6 +4,7 @@ from pathlib import Path
 # No test may download anything: an accidental hub access fails fast.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TORCH_HOME", str(Path(__file__).resolve().parent.parent / ".cache" / "torch-tests"))
+os.environ.setdefault("VQGAN_CACHE", str(Path(__file__).resolve().parent.parent / ".cache" / "vqgan-tests"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
