@@ -3,6 +3,7 @@
 1024-code vocabulary, top-k 100, temperature 1: our KV-cached sampler against the reference's two samplers
 (`Net2NetTransformer.sample`, which recomputes the whole prefix every step, and the cached
 `sample_with_past` of its sample_fast.py), timed by ../shared/reference/taming_bench.py in the same run.
+Ours twice: with the C sampling step (vqgan.native, the default on CPU) and with VQGAN_NATIVE=0 (PyTorch ops).
 Also our transformer training throughput (tokens/s) on the same model.
 
     python bench/bench_stage2.py [--rounds 2]
@@ -48,7 +49,10 @@ def child(kind: str, iters: int) -> dict:
             t0 = time.perf_counter()
             sample(model, prefix, STEPS, temperature=1.0, top_k=TOP_K, generator=g)
             times.append(time.perf_counter() - t0)
-        return {"seconds": statistics.median(times), "tokens_per_s": BATCH * STEPS / statistics.median(times)}
+        from vqgan.native import load
+        step = "C step (vqgan.native)" if load("decode_step") is not None else "PyTorch step"
+        return {"seconds": statistics.median(times), "tokens_per_s": BATCH * STEPS / statistics.median(times),
+                "step": step}
     return time_training(model, iters)
 
 
@@ -99,9 +103,11 @@ def run_reference_train(iters: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run_ours(kind: str, iters: int) -> dict:
+def run_ours(kind: str, iters: int, native: bool = True) -> dict:
     python = OUR_PYTHON if Path(OUR_PYTHON).is_file() else sys.executable
-    proc = subprocess.run([python, __file__, "--child", kind, "--iters", str(iters)], capture_output=True, text=True)
+    env = {**os.environ, "VQGAN_NATIVE": "1" if native else "0"}
+    proc = subprocess.run([python, __file__, "--child", kind, "--iters", str(iters)], capture_output=True, text=True,
+                          env=env)
     if proc.returncode:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -136,21 +142,25 @@ def main() -> int:
         print(json.dumps(child(args.child, args.iters)))
         return 0
     best = lambda runs: min((r for r in runs if "error" not in r), key=lambda r: r["seconds"], default=runs[0])  # noqa: E731
-    ours, ref_full, ref_cached, train, ref_train = [], [], [], [], []
+    ours, ours_torch, ref_full, ref_cached, train, ref_train = [], [], [], [], [], []
     for _ in range(args.rounds):
         ours.append(run_ours("sample", args.iters))
+        ours_torch.append(run_ours("sample", args.iters, native=False))
         ref_full.append(run_reference("sample", args.iters))
         ref_cached.append(run_reference("sample-cached", args.iters))
         train.append(run_ours("train", 5))
         ref_train.append(run_reference_train(5))
-    o, rf, rc, tr, rt = best(ours), best(ref_full), best(ref_cached), best(train), best(ref_train)
+    rf, rc, tr, rt = best(ref_full), best(ref_cached), best(train), best(ref_train)
     print(f"\nsampling {STEPS} tokens (16x16 grid), batch {BATCH}, top-k {TOP_K}, GPT {GPT}; best of {args.rounds}\n")
-    print("| what | ours (s) | reference (s) | speed-up |\n|---|---|---|---|")
-    for name, r in (("vs Net2NetTransformer.sample (no cache)", rf), ("vs sample_with_past (cached)", rc)):
-        if "error" in o or "error" in r:
-            print(f"| {name} | {o.get('seconds', 'n/a')} | {r.get('error', r.get('seconds'))} | n/a |")
-        else:
-            print(f"| {name} | {o['seconds']:.3f} | {r['seconds']:.3f} | {r['seconds'] / o['seconds']:.1f}x |")
+    print("| what | our step | ours (s) | reference (s) | speed-up |\n|---|---|---|---|---|")
+    for o in (best(ours), best(ours_torch)):
+        for name, r in (("vs Net2NetTransformer.sample (no cache)", rf), ("vs sample_with_past (cached)", rc)):
+            if "error" in o or "error" in r:
+                print(f"| {name} | {o.get('step', 'n/a')} | {o.get('seconds', o.get('error'))} | "
+                      f"{r.get('error', r.get('seconds'))} | n/a |")
+            else:
+                print(f"| {name} | {o['step']} | {o['seconds']:.3f} | {r['seconds']:.3f} | "
+                      f"{r['seconds'] / o['seconds']:.1f}x |")
     print("\ntransformer training, batch 16 x 256 tokens, AdamW step included\n")
     print("| what | ours | reference | ratio |\n|---|---|---|---|")
     if "error" in tr or "error" in rt:

@@ -59,8 +59,9 @@ def _packed(lib: ctypes.CDLL, gpt, weights: list[tuple[torch.Tensor, ...]]) -> l
 
 
 class DecodeStep:
-    """`step(idx, pos)`: the logits (B, vocab) of one new position, whose keys and values join the cache at
-    `pos`, as `GPT.forward(idx, cache)` computes them up to float rounding. Holds the tensors it points at."""
+    """Called with token ids (B,) and their position: the logits (B, vocab) there, as `GPT.forward(idx, cache)`
+    computes them up to float rounding; their keys and values join the cache. Holds the tensors it points at.
+    The packed weights stay on the model (one extra copy of its matrices) until a parameter changes."""
 
     def __init__(self, lib: ctypes.CDLL, gpt, weights: list[tuple[torch.Tensor, ...]], keys: list[torch.Tensor],
                  values: list[torch.Tensor], batch: int):
