@@ -60,13 +60,15 @@ def test_matches_taming_reference_outputs(fixtures_dir):
                                atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("channels,size", [(32, 8), (64, 5)])
-def test_subpixel_upsample_equals_upsample_then_conv(channels, size):
+@pytest.mark.parametrize("channels,size,layout", [(32, 8, torch.contiguous_format), (64, 5, torch.contiguous_format),
+                                                   (32, 6, torch.channels_last)])
+def test_subpixel_upsample_equals_upsample_then_conv(channels, size, layout):
     from vqgan.nn import Upsample
 
     up = Upsample(channels)
-    x = torch.randn(2, channels, size, size + 2, requires_grad=True)
+    x = torch.randn(2, channels, size, size + 2).contiguous(memory_format=layout).requires_grad_(True)
     fast, slow = up(x), up.forward_reference(x)
+    assert fast.is_contiguous(memory_format=layout)  # channels-last stays so for the convolutions after it
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
     g_fast = torch.autograd.grad(fast.square().sum(), [x, up.conv.weight, up.conv.bias])
     g_slow = torch.autograd.grad(slow.square().sum(), [x, up.conv.weight, up.conv.bias])
