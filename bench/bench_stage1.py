@@ -86,6 +86,9 @@ def child(kind: str, name: str, warmup: int, iters: int) -> dict:
     """One benchmark in this (fresh) process; prints JSON."""
     import torch
 
+    from vqgan.native.malloc import keep_freed_memory
+
+    keep_freed_memory()  # as the vqgan command does at start
     torch.set_num_threads(os.cpu_count() or 1)
     spec = CONFIGS[name]
     batch = spec["batch"]["train" if kind == "train" else "codec"]

@@ -34,8 +34,10 @@ def child(kind: str, iters: int) -> dict:
     sys.path.insert(0, str(ROOT / "src"))
     from vqgan.sampling import sample
     from vqgan.transformer import GPT as Model
+    from vqgan.native.malloc import keep_freed_memory
     from vqgan.transformer import GPTConfig
 
+    keep_freed_memory()  # as the vqgan command does at start
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
     model = Model(GPTConfig(**GPT))

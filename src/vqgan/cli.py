@@ -271,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .native.malloc import keep_freed_memory
     from .train.common import configure_logging
 
     parser = build_parser()
@@ -282,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     configure_logging(args.verbose)
+    keep_freed_memory()
     try:
         result = args.func(args)
     except UserError as e:
