@@ -193,7 +193,7 @@ class GPT(nn.Module):
         """`forward` for one new position after cached ones, at inference: the same arithmetic without the module
         calls and attribute lookups, which cost a third as much as the arithmetic in a small model's sampling step
         on CPU. The weights are gathered once per cache: a cache serves one set of weights. On CPU the whole step
-        runs in C where the kernel can be built (vqgan.native.decode), 2.5x faster than these PyTorch ops."""
+        runs in C where the kernel can be built (vqgan.native.decode), 2-4x faster than these PyTorch ops."""
         b, c, n_head, eps = idx.shape[0], self.config.n_embd, self.config.n_head, self.ln_f.eps
         if cache.weights is None:
             cache.weights = [(*attn._qkv_weights(), attn.proj.weight, attn.proj.bias, block.ln1.weight, block.ln1.bias,
