@@ -24,8 +24,13 @@ log = logging.getLogger(__name__)
 SOURCES = Path(__file__).resolve().parent
 
 
+def switched_on(variable: str) -> bool:
+    """An on/off environment setting, on unless set to 0, false, no or off."""
+    return os.environ.get(variable, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def enabled() -> bool:
-    return os.environ.get("VQGAN_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+    return switched_on("VQGAN_NATIVE")
 
 
 def cache_dir() -> Path:

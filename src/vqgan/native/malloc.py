@@ -10,8 +10,9 @@ stays with the process. The CLI calls this once at start; scripts may too. `VQGA
 from __future__ import annotations
 
 import ctypes
-import os
 import sys
+
+from . import switched_on
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLD = 32 << 20  # the largest glibc accepts on 64-bit
@@ -20,9 +21,7 @@ TRIM_THRESHOLD = 1 << 30
 
 def keep_freed_memory() -> bool:
     """Apply the setting; True where it took effect (Linux with glibc), False elsewhere or when turned off."""
-    if os.environ.get("VQGAN_MALLOC", "1").strip().lower() in ("0", "false", "no", "off"):
-        return False
-    if not sys.platform.startswith("linux"):
+    if not switched_on("VQGAN_MALLOC") or not sys.platform.startswith("linux"):
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt  # glibc; musl has no mallopt
