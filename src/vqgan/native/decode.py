@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from functools import cache
 
 import torch
 
@@ -36,6 +37,19 @@ def _threads() -> int:
     return max(1, min(torch.get_num_threads(), cores))
 
 
+@cache
+def _library() -> ctypes.CDLL | None:
+    """The compiled kernel with its two functions' signatures declared once."""
+    lib = load("decode_step")
+    if lib is not None:
+        lib.vqgan_decode_step.restype = ctypes.c_int
+        lib.vqgan_decode_step.argtypes = [ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                                          ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+        lib.vqgan_pack.restype = None
+        lib.vqgan_pack.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    return lib
+
+
 def _pack(lib: ctypes.CDLL, w: torch.Tensor) -> torch.Tensor:
     n, k = w.shape
     out = torch.empty((n + 15) // 16 * 16 * k)
@@ -67,9 +81,6 @@ class DecodeStep:
                  values: list[torch.Tensor], batch: int):
         cfg = gpt.config
         self._fn = lib.vqgan_decode_step
-        self._fn.restype = ctypes.c_int
-        self._fn.argtypes = [ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
-                             ctypes.c_void_p, ctypes.c_int]
         layers, head = _packed(lib, gpt, weights)
         hidden = weights[0][8].shape[0]
         self._keep = [layers, head, keys, values, gpt.tok_emb.weight, gpt.pos_emb, gpt.ln_f.weight, gpt.ln_f.bias]
@@ -97,7 +108,7 @@ class DecodeStep:
 def decode_step(gpt, weights: list[tuple[torch.Tensor, ...]], cache, batch: int) -> DecodeStep | None:
     """The C step for this model and cache, or None where it does not apply: the library cannot be built here,
     or the tensors are not contiguous float32 on the CPU. Allocates the cache's buffers if it has none yet."""
-    lib = load("decode_step")
+    lib = _library()
     if lib is None:
         return None
     cfg = gpt.config
