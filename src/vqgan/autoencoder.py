@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .config import QuantizerConfig, VQGANConfig, from_dict
-from .nn import AttnBlock, Downsample, ResnetBlock, Upsample, normalize, swish
+from .nn import AttnBlock, Downsample, ResnetBlock, Upsample, norm_swish, normalize
 from .quantizers import QuantizerOutput, build_quantizer
 
 
@@ -58,7 +58,7 @@ class Encoder(nn.Module):
             if hasattr(stage, "downsample"):
                 h = stage.downsample(h)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        return self.conv_out(swish(self.norm_out(h)))
+        return self.conv_out(norm_swish(self.norm_out, h))
 
 
 class Decoder(nn.Module):
@@ -106,7 +106,7 @@ class Decoder(nn.Module):
                     h = stage.attn[i](h)
             if hasattr(stage, "upsample"):
                 h = stage.upsample(h)
-        return self.conv_out(swish(self.norm_out(h)))
+        return self.conv_out(norm_swish(self.norm_out, h))
 
     @property
     def last_layer(self) -> nn.Conv2d:

@@ -33,6 +33,17 @@ def enabled() -> bool:
     return switched_on("VQGAN_NATIVE")
 
 
+def threads() -> int:
+    """Threads for a kernel: PyTorch's intra-op count, at most the cores this process may run on."""
+    import torch
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, min(torch.get_num_threads(), cores))
+
+
 def cache_dir() -> Path:
     root = os.environ.get("VQGAN_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "vqgan")

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import ctypes
-import os
 from functools import cache
 
 import torch
 
-from . import load
+from . import load, threads
 
 _F = ctypes.POINTER(ctypes.c_float)
 _MATRICES = (0, 2, 8, 10)  # in GPT._next_position's per-layer weight tuple: qkv, proj, fc1, fc2
@@ -27,14 +26,6 @@ class _Model(ctypes.Structure):
 
 def _ptr(t: torch.Tensor):
     return ctypes.cast(t.data_ptr(), _F)
-
-
-def _threads() -> int:
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return max(1, min(torch.get_num_threads(), cores))
 
 
 @cache
@@ -91,7 +82,7 @@ class DecodeStep:
                              _ptr(gpt.ln_f.bias), _ptr(head), self._layers)
         self.batch = batch
         self._scratch = torch.empty(batch * (6 * cfg.n_embd + hidden))
-        self._threads = _threads()
+        self._threads = threads()
 
     def __call__(self, idx: torch.Tensor, pos: int) -> torch.Tensor:
         idx = idx.contiguous()

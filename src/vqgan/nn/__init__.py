@@ -1,4 +1,4 @@
 """Neural-network building blocks shared by the models."""
-from .blocks import AttnBlock, Downsample, ResnetBlock, Upsample, normalize, swish
+from .blocks import AttnBlock, Downsample, ResnetBlock, Upsample, norm_swish, normalize, swish
 
-__all__ = ["AttnBlock", "Downsample", "ResnetBlock", "Upsample", "normalize", "swish"]
+__all__ = ["AttnBlock", "Downsample", "ResnetBlock", "Upsample", "norm_swish", "normalize", "swish"]

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..native.norm import group_norm_nhwc
+
 
 def normalize(channels: int) -> nn.GroupNorm:
     """GroupNorm with 32 groups and eps 1e-6, as in the paper's code (channels must divide by 32)."""
@@ -20,6 +22,17 @@ def normalize(channels: int) -> nn.GroupNorm:
 def swish(x: torch.Tensor) -> torch.Tensor:
     """x * sigmoid(x); in place when no graph is recorded (callers pass fresh tensors: norm outputs)."""
     return F.silu(x, inplace=not torch.is_grad_enabled())
+
+
+def norm_swish(norm: nn.GroupNorm, x: torch.Tensor, activate: bool = True) -> torch.Tensor:
+    """swish(norm(x)), or norm(x) when not `activate`; one C pass for channels-last inference on the CPU, where
+    PyTorch's GroupNorm is slow."""
+    out = group_norm_nhwc(norm, x, activate)
+    if out is None:
+        out = norm(x)
+        if activate:
+            out = swish(out)
+    return out
 
 
 class ResnetBlock(nn.Module):
@@ -37,8 +50,8 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(swish(self.norm1(x)))
-        h = self.conv2(self.dropout(swish(self.norm2(h))))
+        h = self.conv1(norm_swish(self.norm1, x))
+        h = self.conv2(self.dropout(norm_swish(self.norm2, h)))
         if self.nin_shortcut is not None:
             x = self.nin_shortcut(x)
         return x + h
@@ -57,7 +70,7 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        n = self.norm(x)
+        n = norm_swish(self.norm, x, activate=False)
         # (B, C, H, W) -> (B, 1, HW, C): one head of width C; SDPA's default scale is C**-0.5
         q, k, v = (t(n).reshape(b, 1, c, h * w).transpose(-1, -2) for t in (self.q, self.k, self.v))
         out = F.scaled_dot_product_attention(q, k, v)
