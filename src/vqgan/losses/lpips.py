@@ -98,17 +98,23 @@ class LPIPS(nn.Module):
     def train(self, mode: bool = True) -> "LPIPS":
         return super().train(False)
 
+    def _scaled(self, x: torch.Tensor) -> torch.Tensor:
+        """VGG's input; channels-last on the CPU, where oneDNN's convolutions (forward and input gradient, all
+        that LPIPS needs) run faster in that layout and nothing else in VGG is slower."""
+        x = self.scaling_layer(x)
+        return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
+
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if x.requires_grad == y.requires_grad:
             # one VGG pass over both batches: (2B, 3, H, W)
-            fx, fy = zip(*(f.chunk(2) for f in self.net(self.scaling_layer(torch.cat([x, y])))))
+            fx, fy = zip(*(f.chunk(2) for f in self.net(self._scaled(torch.cat([x, y])))))
         else:
             # training: only the reconstruction needs gradients, so the target's features are taken without a
             # graph and the backward pass runs over half the batch
             need, other = (x, y) if x.requires_grad else (y, x)
             with torch.no_grad():
-                f_other = self.net(self.scaling_layer(other))
-            f_need = self.net(self.scaling_layer(need))
+                f_other = self.net(self._scaled(other))
+            f_need = self.net(self._scaled(need))
             fx, fy = (f_need, f_other) if x.requires_grad else (f_other, f_need)
         total = 0.0
         for i, (a, b) in enumerate(zip(fx, fy)):
