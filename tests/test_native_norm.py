@@ -67,6 +67,9 @@ def test_not_used_where_it_does_not_apply():
         assert group_norm_nhwc(norm, x, True) is None  # NCHW
         assert group_norm_nhwc(norm, x.contiguous(memory_format=torch.channels_last).double(), True) is None
     assert group_norm_nhwc(norm, x.contiguous(memory_format=torch.channels_last), True) is None  # autograd on
+    with torch.no_grad():
+        empty = torch.randn(0, 64, 4, 4).contiguous(memory_format=torch.channels_last)
+        assert group_norm_nhwc(norm, empty, True) is None  # PyTorch's answer for an empty batch
 
 
 def test_blocks_use_it_in_channels_last_inference(monkeypatch):
