@@ -60,6 +60,7 @@ static inline v8 exp8(v8 x) {
 typedef struct {
     const float *x, *gamma, *beta;
     float *y, *affine; /* affine: (batch, 2, C): per-channel scale and shift */
+    float *partial;    /* (n_threads, 2, C): one block's sums, per thread */
     double *sums;      /* (n_threads, batch, 2, C) */
     int64_t batch, pixels, channels, groups;
     float eps;
@@ -74,7 +75,7 @@ static void share(int64_t n, int tid, int n_threads, int64_t *lo, int64_t *hi) {
 /* this thread's share of every image's pixels: sums of (x - x[first pixel]) and of its square, per channel */
 static void gather(const Norm *s, int tid) {
     const int64_t c = s->channels;
-    float *fs = malloc(2 * c * sizeof(float)), *fq = fs + c;
+    float *fs = s->partial + (int64_t)tid * 2 * c, *fq = fs + c;
     int64_t lo, hi;
     share(s->pixels, tid, s->n_threads, &lo, &hi);
     for (int64_t b = 0; b < s->batch; b++) {
@@ -101,7 +102,6 @@ static void gather(const Norm *s, int tid) {
             for (int64_t k = 0; k < c; k++) ds[k] += fs[k], dq[k] += fq[k];
         }
     }
-    free(fs);
 }
 
 /* per channel: the scale and shift that normalise its group, from every thread's sums */
@@ -166,12 +166,14 @@ int vqgan_group_norm_nhwc(const float *x, float *y, const float *gamma, const fl
     if (n_threads > 256) n_threads = 256;
     double *sums = malloc((size_t)n_threads * batch * 2 * channels * sizeof(double));
     float *affine = malloc((size_t)batch * 2 * channels * sizeof(float));
-    if (!sums || !affine) {
+    float *partial = malloc((size_t)n_threads * 2 * channels * sizeof(float));
+    if (!sums || !affine || !partial) {
         free(sums);
         free(affine);
+        free(partial);
         return -1;
     }
-    Norm s = {x, gamma, beta, y, affine, sums, batch, pixels, channels, groups, eps, silu, n_threads};
+    Norm s = {x, gamma, beta, y, affine, partial, sums, batch, pixels, channels, groups, eps, silu, n_threads};
 #ifdef _OPENMP
 #pragma omp parallel num_threads(n_threads)
     {
@@ -191,5 +193,6 @@ int vqgan_group_norm_nhwc(const float *x, float *y, const float *gamma, const fl
 #endif
     free(sums);
     free(affine);
+    free(partial);
     return 0;
 }
