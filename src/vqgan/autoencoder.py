@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .config import QuantizerConfig, VQGANConfig, from_dict
-from .nn import AttnBlock, Downsample, ResnetBlock, Upsample, norm_swish, normalize
+from .nn import AttnBlock, Conv2d, Downsample, ResnetBlock, Upsample, norm_swish, normalize
 from .quantizers import QuantizerOutput, build_quantizer
 
 
@@ -23,7 +23,7 @@ class Encoder(nn.Module):
 
     def __init__(self, cfg: VQGANConfig):
         super().__init__()
-        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
         in_mult = [1, *cfg.ch_mult]
         res = cfg.resolution
         self.down = nn.ModuleList()
@@ -46,7 +46,7 @@ class Encoder(nn.Module):
         self.mid.attn_1 = AttnBlock(block_in)
         self.mid.block_2 = ResnetBlock(block_in, block_in, cfg.dropout)
         self.norm_out = normalize(block_in)
-        self.conv_out = nn.Conv2d(block_in, cfg.z_channels, 3, padding=1)
+        self.conv_out = Conv2d(block_in, cfg.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
@@ -72,7 +72,7 @@ class Decoder(nn.Module):
         super().__init__()
         block_in = cfg.ch * cfg.ch_mult[-1]
         res = cfg.resolution // cfg.downsample_factor
-        self.conv_in = nn.Conv2d(cfg.z_channels, block_in, 3, padding=1)
+        self.conv_in = Conv2d(cfg.z_channels, block_in, 3, padding=1)
         self.mid = nn.Module()
         self.mid.block_1 = ResnetBlock(block_in, block_in, cfg.dropout)
         self.mid.attn_1 = AttnBlock(block_in)
@@ -94,7 +94,7 @@ class Decoder(nn.Module):
             up.insert(0, stage)
         self.up = nn.ModuleList(up)
         self.norm_out = normalize(block_in)
-        self.conv_out = nn.Conv2d(block_in, cfg.out_ch, 3, padding=1)
+        self.conv_out = Conv2d(block_in, cfg.out_ch, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(z)

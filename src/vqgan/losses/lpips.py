@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..native import winograd
+from ..nn.conv import Conv2d
 
 VGG16_FILE = "vgg16-397923af.pth"  # torchvision's file name for the ImageNet VGG16
 # VGG16 configuration "D"; LPIPS taps relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
@@ -42,7 +44,7 @@ class VGG16Features(nn.Module):
             if v == "M":
                 layers.append(nn.MaxPool2d(2, 2))
             else:
-                layers += [nn.Conv2d(in_ch, v, 3, padding=1), nn.ReLU(inplace=True)]
+                layers += [Conv2d(in_ch, v, 3, padding=1), nn.ReLU(inplace=True)]
                 in_ch = v
         start = 0
         for k, end in enumerate(_SLICE_ENDS, 1):
@@ -99,10 +101,12 @@ class LPIPS(nn.Module):
         return super().train(False)
 
     def _scaled(self, x: torch.Tensor) -> torch.Tensor:
-        """VGG's input; channels-last on the CPU, where oneDNN's convolutions (forward and input gradient, all
-        that LPIPS needs) run faster in that layout and nothing else in VGG is slower."""
+        """VGG's input. On the CPU its 3x3 convolutions run fastest by Winograd (default layout); without that
+        kernel, channels-last, where oneDNN's forward and input gradient (all that LPIPS needs) are faster."""
         x = self.scaling_layer(x)
-        return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
+        if x.device.type == "cpu" and not winograd.available():
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if x.requires_grad == y.requires_grad:

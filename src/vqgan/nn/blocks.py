@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..native.norm import group_norm_nhwc
+from .conv import Conv2d
 
 
 def normalize(channels: int) -> nn.GroupNorm:
@@ -42,10 +43,10 @@ class ResnetBlock(nn.Module):
         super().__init__()
         out_channels = out_channels or in_channels
         self.norm1 = normalize(in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         self.norm2 = normalize(out_channels)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
         # 1x1 projection only when the channel count changes
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 

@@ -1,0 +1,19 @@
+"""The convolution layer the models build on: nn.Conv2d, with a faster path for 3x3 convolutions on the CPU."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..native import winograd
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d (same parameters, same state-dict keys) whose 3x3 "same" convolutions of float32 NCHW tensors on
+    the CPU run by Winograd's F(4x4, 3x3) (`vqgan.native.winograd`) where the image is large enough to gain:
+    forward and both gradients 1.5-3x faster than oneDNN's at the sizes VQGAN and LPIPS train at. Everything
+    else (GPU, channels-last, other shapes) is nn.Conv2d's own forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if winograd.applies(self, x):
+            return winograd.conv3x3(x, self.weight, self.bias)
+        return super().forward(x)
