@@ -112,3 +112,30 @@ def test_a_resnet_block_trains_the_same(monkeypatch):
     theirs = run()
     for a, b in zip([ours[0], ours[1], *ours[2]], [theirs[0], theirs[1], *theirs[2]]):
         assert relative_error(a, b) < 2e-5
+
+
+@pytest.mark.parametrize("shape,out_channels", [
+    ((2, 16, 13, 10), 24),   # partial edge tiles
+    ((3, 20, 35, 70), 16),   # 20 channels: a tail past the 8-lane vectors
+    ((2, 64, 64, 64), 64),
+])
+@pytest.mark.parametrize("piece_bytes", [1 << 12, 4 << 20])
+def test_channels_last_inference_equals_the_direct_convolution(shape, out_channels, piece_bytes, monkeypatch):
+    monkeypatch.setattr(winograd, "PIECE_BYTES", piece_bytes)
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64)
+    w = torch.randn(out_channels, shape[1], 3, 3, dtype=torch.float64) / (3 * shape[1] ** 0.5)
+    b = torch.randn(out_channels, dtype=torch.float64)
+    exact = F.conv2d(x, w, b, padding=1)
+    ours = winograd.conv3x3_channels_last(x.float().contiguous(memory_format=torch.channels_last), w.float(), b.float())
+    assert ours.is_contiguous(memory_format=torch.channels_last)
+    assert relative_error(ours, exact) < 2e-5
+
+
+def test_channels_last_only_outside_autograd():
+    conv = Conv2d(32, 32, 3, padding=1)
+    x = torch.randn(2, 32, 32, 32).contiguous(memory_format=torch.channels_last)
+    assert not winograd.applies_channels_last(conv, x)  # the weight wants a gradient
+    with torch.no_grad():
+        assert winograd.applies_channels_last(conv, x)
+        torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1), atol=1e-5, rtol=1e-4)

@@ -333,3 +333,70 @@ int vqgan_winograd_weight_adjoint(const float *du, float *dw, int64_t filters, i
     }
     return 0;
 }
+
+/* Channels-last (NHWC) versions, for inference: eight channels of one pixel are one vector, so a tile's 36
+ * values load and store whole, no shuffles. V and M are (36, tiles, channels), planes `plane` floats apart. */
+
+/* V (36, T, C) from x (N, H, W, C) for tile rows [first, last) */
+int vqgan_winograd_input_nhwc(const float *x, float *v, int64_t channels, int64_t height, int64_t width,
+                              int64_t tiles_h, int64_t tiles_w, int64_t first, int64_t last, int64_t plane,
+                              int n_threads) {
+    const int64_t tiles = (last - first) * tiles_w;
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int64_t t = 0; t < tiles; t++) {
+        const int64_t row = first + t / tiles_w, j = t % tiles_w, i = row % tiles_h, n = row / tiles_h;
+        const float *image = x + n * height * width * channels;
+        for (int64_t c0 = 0; c0 < channels; c0 += LANES) {
+            const int lanes = channels - c0 < LANES ? (int)(channels - c0) : LANES;
+            v8 half[6][6]; /* [a][s]: B' down each column s */
+            for (int s = 0; s < 6; s++) {
+                const int64_t col = 4 * j - 1 + s;
+                v8 d[6], out[6];
+                for (int r = 0; r < 6; r++) {
+                    const int64_t y = 4 * i - 1 + r;
+                    d[r] = (y >= 0 && y < height && col >= 0 && col < width)
+                               ? load_lanes(image + (y * width + col) * channels + c0, lanes)
+                               : (v8){0};
+                }
+                input_1d(d, out);
+                for (int a = 0; a < 6; a++) half[a][s] = out[a];
+            }
+            for (int a = 0; a < 6; a++) {
+                v8 out[6];
+                input_1d(half[a], out);
+                for (int b = 0; b < 6; b++) store_lanes(v + (a * 6 + b) * plane + t * channels + c0, out[b], lanes);
+            }
+        }
+    }
+    return 0;
+}
+
+/* y (N, H, W, C) = A' m A per tile of M (36, T, C), plus the bias when given, for tile rows [first, last) */
+int vqgan_winograd_output_nhwc(const float *m, float *y, const float *bias, int64_t channels, int64_t height,
+                               int64_t width, int64_t tiles_h, int64_t tiles_w, int64_t first, int64_t last,
+                               int64_t plane, int n_threads) {
+    const int64_t tiles = (last - first) * tiles_w;
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int64_t t = 0; t < tiles; t++) {
+        const int64_t row = first + t / tiles_w, j = t % tiles_w, i = row % tiles_h, n = row / tiles_h;
+        float *image = y + n * height * width * channels;
+        for (int64_t c0 = 0; c0 < channels; c0 += LANES) {
+            const int lanes = channels - c0 < LANES ? (int)(channels - c0) : LANES;
+            const v8 b0 = bias ? load_lanes(bias + c0, lanes) : (v8){0};
+            v8 half[4][6]; /* [a][eta]: A' along the first axis */
+            for (int eta = 0; eta < 6; eta++) {
+                v8 col[6], out[4];
+                for (int xi = 0; xi < 6; xi++) col[xi] = load_lanes(m + (xi * 6 + eta) * plane + t * channels + c0, lanes);
+                output_1d(col, out);
+                for (int a = 0; a < 4; a++) half[a][eta] = out[a];
+            }
+            for (int a = 0; a < 4 && 4 * i + a < height; a++) {
+                v8 out[4];
+                output_1d(half[a], out);
+                for (int b = 0; b < 4 && 4 * j + b < width; b++)
+                    store_lanes(image + ((4 * i + a) * width + 4 * j + b) * channels + c0, out[b] + b0, lanes);
+            }
+        }
+    }
+    return 0;
+}

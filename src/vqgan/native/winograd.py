@@ -24,10 +24,12 @@ from torch import nn
 from . import load, switched_on, threads
 
 # Below these the work saved does not pay for the transforms (measured on a Zen 3 CPU): matrix products
-# thinner than MIN_CHANNELS, fewer than MIN_TILES 4x4 output tiles per call (the products then read the 4x-sized
-# transformed filters for little work), rows narrower than MIN_WIDTH (the kernels take eight tiles of a row at once).
+# thinner than MIN_CHANNELS, fewer 4x4 output tiles per call than MIN_TILES (the products then read the 4x-sized
+# transformed filters for little work), NCHW rows narrower than MIN_WIDTH (its kernels take eight tiles of a row
+# at once; the channels-last ones take eight channels, any width).
 MIN_CHANNELS = 16
 MIN_TILES = 64
+MIN_TILES_CHANNELS_LAST = 32
 MIN_WIDTH = 16
 
 # Tile rows go through in pieces whose transformed tiles take about this many bytes, so that the transform, the
@@ -45,6 +47,8 @@ def _library() -> ctypes.CDLL | None:
         lib.vqgan_winograd_input.argtypes = [ptr, ptr] + [i64] * 8 + [i32]
         lib.vqgan_winograd_output.argtypes = [ptr, ptr, ptr] + [i64] * 8 + [i32]
         lib.vqgan_winograd_output_adjoint.argtypes = [ptr, ptr] + [i64] * 8 + [i32]
+        lib.vqgan_winograd_input_nhwc.argtypes = [ptr, ptr] + [i64] * 8 + [i32]
+        lib.vqgan_winograd_output_nhwc.argtypes = [ptr, ptr, ptr] + [i64] * 8 + [i32]
         lib.vqgan_winograd_weight.argtypes = [ptr, ptr, i64, i64, i32, i32]
         lib.vqgan_winograd_weight_adjoint.argtypes = [ptr, ptr, i64, i32]
     return lib
@@ -69,23 +73,24 @@ class _Tiling:
             yield first, last, (last - first) * self.tw
 
     def buffer(self, channels: int) -> torch.Tensor:
-        """Room for one piece's (36, channels, tiles)."""
-        return torch.empty(36 * self._plane(channels, self.rows * self.tw, padded=True))
+        """Room for one piece's transformed tiles, `channels` each."""
+        return torch.empty(36 * self._plane(channels * self.rows * self.tw, padded=True))
 
     @staticmethod
-    def _plane(channels: int, tiles: int, padded: bool) -> int:
+    def _plane(size: int, padded: bool) -> int:
         # a kernel writing 36 planes 4 KiB apart thrashes a few cache sets: padded planes lie 64 bytes past a
         # multiple of 4 KiB apart. PyTorch writes the matrix products' results, which must be unpadded (with
         # out= in a strided tensor it computes elsewhere and copies).
-        return -(-channels * tiles // 1024) * 1024 + 16 if padded else channels * tiles
+        return -(-size // 1024) * 1024 + 16 if padded else size
 
-    def view(self, buffer: torch.Tensor, channels: int, tiles: int, padded: bool) -> torch.Tensor:
-        """The (36, channels, tiles) piece in `buffer`."""
-        return buffer.as_strided((36, channels, tiles), (self._plane(channels, tiles, padded), tiles, 1))
+    def view(self, buffer: torch.Tensor, rows: int, cols: int, padded: bool) -> torch.Tensor:
+        """A piece's (36, rows, cols) matrices in `buffer`: (36, channels, tiles), or (36, tiles, channels) for
+        channels-last images."""
+        return buffer.as_strided((36, rows, cols), (self._plane(rows * cols, padded), cols, 1))
 
-    def args(self, piece: torch.Tensor, first: int, last: int) -> tuple[int, ...]:
+    def args(self, piece: torch.Tensor, channels: int, first: int, last: int) -> tuple[int, ...]:
         """The C kernels' geometry arguments for `piece`, a view of tile rows [first, last)."""
-        return piece.shape[1], self.h, self.w, self.th, self.tw, first, last, piece.stride(0)
+        return channels, self.h, self.w, self.th, self.tw, first, last, piece.stride(0)
 
 
 def _weight(lib: ctypes.CDLL, weight: torch.Tensor, flip: bool) -> torch.Tensor:
@@ -104,9 +109,25 @@ def _convolve(lib: ctypes.CDLL, x: torch.Tensor, u: torch.Tensor, bias: torch.Te
     v_buffer, m_buffer = tiling.buffer(inp), tiling.buffer(out)
     for first, last, tiles in tiling.pieces():
         v, m = tiling.view(v_buffer, inp, tiles, padded=True), tiling.view(m_buffer, out, tiles, padded=False)
-        lib.vqgan_winograd_input(_ptr(x), _ptr(v), *tiling.args(v, first, last), threads())
+        lib.vqgan_winograd_input(_ptr(x), _ptr(v), *tiling.args(v, inp, first, last), threads())
         torch.bmm(u, v, out=m)
-        lib.vqgan_winograd_output(_ptr(m), _ptr(y), _ptr(bias), *tiling.args(m, first, last), threads())
+        lib.vqgan_winograd_output(_ptr(m), _ptr(y), _ptr(bias), *tiling.args(m, out, first, last), threads())
+    return y
+
+
+def _convolve_channels_last(lib: ctypes.CDLL, x: torch.Tensor, u: torch.Tensor,
+                            bias: torch.Tensor | None) -> torch.Tensor:
+    """`_convolve` for channels-last x: transformed tiles are (36, tiles, channels), the product V U'."""
+    out, inp = u.shape[1:]
+    tiling = _Tiling(x, max(out, inp))
+    y = torch.empty(tiling.n, tiling.h, tiling.w, out).permute(0, 3, 1, 2)
+    v_buffer, m_buffer = tiling.buffer(inp), tiling.buffer(out)
+    u = u.transpose(1, 2)
+    for first, last, tiles in tiling.pieces():
+        v, m = tiling.view(v_buffer, tiles, inp, padded=True), tiling.view(m_buffer, tiles, out, padded=False)
+        lib.vqgan_winograd_input_nhwc(_ptr(x), _ptr(v), *tiling.args(v, inp, first, last), threads())
+        torch.bmm(v, u, out=m)
+        lib.vqgan_winograd_output_nhwc(_ptr(m), _ptr(y), _ptr(bias), *tiling.args(m, out, first, last), threads())
     return y
 
 
@@ -118,8 +139,8 @@ def _weight_grad(lib: ctypes.CDLL, x: torch.Tensor, grad_out: torch.Tensor) -> t
     grad_u = torch.zeros(36, out, inp)
     for first, last, tiles in tiling.pieces():
         v, m = tiling.view(v_buffer, inp, tiles, padded=True), tiling.view(m_buffer, out, tiles, padded=True)
-        lib.vqgan_winograd_input(_ptr(x), _ptr(v), *tiling.args(v, first, last), threads())
-        lib.vqgan_winograd_output_adjoint(_ptr(grad_out), _ptr(m), *tiling.args(m, first, last), threads())
+        lib.vqgan_winograd_input(_ptr(x), _ptr(v), *tiling.args(v, inp, first, last), threads())
+        lib.vqgan_winograd_output_adjoint(_ptr(grad_out), _ptr(m), *tiling.args(m, out, first, last), threads())
         grad_u.baddbmm_(m, v.transpose(1, 2))
     grad_w = torch.empty(out, inp, 3, 3)
     lib.vqgan_winograd_weight_adjoint(_ptr(grad_u), _ptr(grad_w), out * inp, threads())
@@ -157,17 +178,31 @@ def available() -> bool:
     return _library() is not None
 
 
-def applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
-    """Whether `conv(x)` runs here: a float32 NCHW CPU input to a 3x3, stride-1, padding-1 convolution, with
-    enough channels and tiles (at least `MIN_TILES`, rows of at least `MIN_WIDTH`) to gain."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and x.is_contiguous()
+def _pays(conv: nn.Conv2d, x: torch.Tensor, min_tiles: int, min_width: int) -> bool:
+    """A float32 CPU input to a 3x3, stride-1, padding-1 convolution with enough channels and tiles to gain,
+    the kernel here."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
             and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
             and conv.in_channels >= MIN_CHANNELS and conv.out_channels >= MIN_CHANNELS
-            and x.shape[-1] >= MIN_WIDTH and x.shape[0] * ((x.shape[-2] + 3) // 4) * ((x.shape[-1] + 3) // 4) >= MIN_TILES
+            and x.shape[-1] >= min_width
+            and x.shape[0] * ((x.shape[-2] + 3) // 4) * ((x.shape[-1] + 3) // 4) >= min_tiles
             and conv.weight.dtype == torch.float32 and conv.weight.device.type == "cpu"
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
             and available())
+
+
+def applies(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    """Whether `conv3x3` runs `conv(x)`: see `_pays`, for an NCHW input."""
+    return x.is_contiguous() and _pays(conv, x, MIN_TILES, MIN_WIDTH)
+
+
+def applies_channels_last(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    """Whether `conv3x3_channels_last` runs `conv(x)`: see `_pays`, for a channels-last input outside autograd
+    (inference)."""
+    return (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            and not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad))
+            and _pays(conv, x, MIN_TILES_CHANNELS_LAST, 1))
 
 
 def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -176,3 +211,14 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     if _library() is None:
         return F.conv2d(x, weight, bias, padding=1)
     return _Winograd3x3.apply(x.contiguous(), weight, bias)
+
+
+def conv3x3_channels_last(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.conv2d(x, weight, bias, padding=1) by Winograd for a channels-last float32 CPU x, channels-last out;
+    no gradients (inference)."""
+    lib = _library()
+    if lib is None:
+        return F.conv2d(x, weight, bias, padding=1)
+    weight = weight.detach().contiguous()
+    return _convolve_channels_last(lib, x, _weight(lib, weight, flip=False),
+                                   None if bias is None else bias.detach().contiguous())

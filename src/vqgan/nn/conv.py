@@ -8,12 +8,14 @@ from ..native import winograd
 
 
 class Conv2d(nn.Conv2d):
-    """nn.Conv2d (same parameters, same state-dict keys) whose 3x3 "same" convolutions of float32 NCHW tensors on
-    the CPU run by Winograd's F(4x4, 3x3) (`vqgan.native.winograd`) where the image is large enough to gain:
-    forward and both gradients 1.5-3x faster than oneDNN's at the sizes VQGAN and LPIPS train at. Everything
-    else (GPU, channels-last, other shapes) is nn.Conv2d's own forward."""
+    """nn.Conv2d (same parameters, same state-dict keys) whose 3x3 "same" convolutions of float32 tensors on the
+    CPU run by Winograd's F(4x4, 3x3) (`vqgan.native.winograd`) where the image is large enough to gain: NCHW
+    with both gradients (training; 1.5-3x faster than oneDNN at the sizes VQGAN and LPIPS train at), channels-
+    last outside autograd (inference). Everything else (GPU, other shapes) is nn.Conv2d's own forward."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if winograd.applies(self, x):
             return winograd.conv3x3(x, self.weight, self.bias)
+        if winograd.applies_channels_last(self, x):
+            return winograd.conv3x3_channels_last(x, self.weight, self.bias)
         return super().forward(x)
