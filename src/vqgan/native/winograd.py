@@ -179,6 +179,13 @@ def available() -> bool:
     return _library() is not None
 
 
+def _cpu_autocast() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled()
+
+
 def _pays(conv: nn.Conv2d, x: torch.Tensor, min_tiles: int, min_width: int) -> bool:
     """A float32 CPU input to a 3x3, stride-1, padding-1 convolution with enough channels and tiles to gain,
     the kernel here."""
@@ -189,7 +196,7 @@ def _pays(conv: nn.Conv2d, x: torch.Tensor, min_tiles: int, min_width: int) -> b
             and x.shape[-1] >= min_width
             and x.shape[0] * ((x.shape[-2] + 3) // 4) * ((x.shape[-1] + 3) // 4) >= min_tiles
             and conv.weight.dtype == torch.float32 and conv.weight.device.type == "cpu"
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+            and not _cpu_autocast() and not torch.compiler.is_compiling()
             and available())
 
 
