@@ -139,3 +139,11 @@ def test_channels_last_only_outside_autograd():
     with torch.no_grad():
         assert winograd.applies_channels_last(conv, x)
         torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1), atol=1e-5, rtol=1e-4)
+
+
+def test_outside_the_kernels_contract_it_is_f_conv2d():
+    x = torch.randn(1, 16, 16, 16, dtype=torch.float64)
+    w = torch.randn(16, 16, 3, 3, dtype=torch.float64)
+    torch.testing.assert_close(winograd.conv3x3(x, w), F.conv2d(x, w, padding=1))  # float64
+    with pytest.raises(RuntimeError):  # channel mismatch: PyTorch's own error, not a read past the buffer
+        winograd.conv3x3(torch.randn(1, 8, 16, 16), torch.randn(16, 16, 3, 3))

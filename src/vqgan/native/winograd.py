@@ -3,14 +3,14 @@
 A "same" 3x3 convolution is, per 4x4 output tile, y = A'[(G w G') * (B' d B)]A with d the 6x6 input tile: the
 channel-mixing work becomes 36 matrix products (one per point of the 6x6 transformed tile) of a quarter of the
 direct method's size, which PyTorch's batched matrix product (MKL/oneDNN) runs near this CPU's peak. The data
-transforms are fused C passes (winograd.c). Both gradients stay in the Winograd domain: the weight gradient
-is G'(dM V')G with dM = A dy A' per output tile, the input gradient a forward Winograd convolution of dy with
-the flipped, transposed filter. Exact in exact arithmetic; in float32 the result differs from the direct
-convolution by ~1e-6 of its scale (the direct one by ~1e-7).
+transforms are fused C passes (winograd.c), over one cache-sized piece of the image at a time. Both gradients
+stay in the Winograd domain: the weight gradient is G'(sum dM V')G with dM = A dy A' per output tile, the input
+gradient a Winograd convolution of dy with the flipped, transposed filters. Exact in exact arithmetic; in
+float32 the result differs from the direct convolution by ~1e-6 of its scale (the direct one by ~1e-7).
 
-Used for float32 NCHW CPU tensors with at least `MIN_CHANNELS` channels in and out; anything else (GPU, channels-
-last, other dtypes, strides, small channel counts, no compiler, VQGAN_NATIVE=0 or VQGAN_WINOGRAD=0) runs
-`F.conv2d` as before.
+`conv3x3` (NCHW, differentiable) is what training uses, `conv3x3_channels_last` (no gradients) what encoding and
+decoding use; `applies` and `applies_channels_last` say where each pays (`vqgan.nn.Conv2d` asks them). Off
+with VQGAN_NATIVE=0 or VQGAN_WINOGRAD=0, or without a C compiler: then everything is `F.conv2d`.
 """
 from __future__ import annotations
 
@@ -152,7 +152,8 @@ class _Winograd3x3(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         lib = _library()
         weight = weight.contiguous()
-        ctx.save_for_backward(x, weight)
+        # the input is only needed for the weight gradient (LPIPS' frozen VGG asks for none: less memory)
+        ctx.save_for_backward(x if weight.requires_grad else None, weight)
         ctx.has_bias = bias is not None
         return _convolve(lib, x, _weight(lib, weight, flip=False), None if bias is None else bias.contiguous())
 
@@ -178,6 +179,13 @@ def available() -> bool:
     return _library() is not None
 
 
+def _cpu_autocast() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled()
+
+
 def _pays(conv: nn.Conv2d, x: torch.Tensor, min_tiles: int, min_width: int) -> bool:
     """A float32 CPU input to a 3x3, stride-1, padding-1 convolution with enough channels and tiles to gain,
     the kernel here."""
@@ -188,7 +196,7 @@ def _pays(conv: nn.Conv2d, x: torch.Tensor, min_tiles: int, min_width: int) -> b
             and x.shape[-1] >= min_width
             and x.shape[0] * ((x.shape[-2] + 3) // 4) * ((x.shape[-1] + 3) // 4) >= min_tiles
             and conv.weight.dtype == torch.float32 and conv.weight.device.type == "cpu"
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+            and not _cpu_autocast() and not torch.compiler.is_compiling()
             and available())
 
 
@@ -205,20 +213,27 @@ def applies_channels_last(conv: nn.Conv2d, x: torch.Tensor) -> bool:
             and _pays(conv, x, MIN_TILES_CHANNELS_LAST, 1))
 
 
+def _runs_here(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """The kernels' contract: float32 CPU tensors, (out, in, 3, 3) filters matching x's channels."""
+    tensors = [x, weight] if bias is None else [x, weight, bias]
+    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and x.dim() == 4
+            and weight.dim() == 4 and weight.shape[1:] == (x.shape[1], 3, 3)
+            and (bias is None or bias.shape == (weight.shape[0],)) and available())
+
+
 def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.conv2d(x, weight, bias, padding=1) by Winograd, differentiable (once) in all three: float32 NCHW CPU
-    tensors, 3x3 filters; `applies` says when it pays."""
-    if _library() is None:
+    """F.conv2d(x, weight, bias, padding=1) by Winograd, differentiable (once) in all three; NCHW out. Anything
+    outside the kernels' contract (see `_runs_here`) goes to F.conv2d; `applies` says where Winograd pays."""
+    if not _runs_here(x, weight, bias):
         return F.conv2d(x, weight, bias, padding=1)
     return _Winograd3x3.apply(x.contiguous(), weight, bias)
 
 
 def conv3x3_channels_last(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.conv2d(x, weight, bias, padding=1) by Winograd for a channels-last float32 CPU x, channels-last out;
-    no gradients (inference)."""
-    lib = _library()
-    if lib is None:
+    """F.conv2d(x, weight, bias, padding=1) by Winograd for inference (no gradients), channels-last in and out."""
+    if not _runs_here(x, weight, bias):
         return F.conv2d(x, weight, bias, padding=1)
-    weight = weight.detach().contiguous()
-    return _convolve_channels_last(lib, x, _weight(lib, weight, flip=False),
+    lib = _library()
+    x = x.contiguous(memory_format=torch.channels_last)
+    return _convolve_channels_last(lib, x, _weight(lib, weight.detach().contiguous(), flip=False),
                                    None if bias is None else bias.detach().contiguous())
