@@ -101,33 +101,31 @@ def _weight(lib: ctypes.CDLL, weight: torch.Tensor, flip: bool) -> torch.Tensor:
     return u
 
 
-def _convolve(lib: ctypes.CDLL, x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The "same" 3x3 convolution of x (N, C, H, W) with transformed filters u (36, out, C)."""
+def _convolve(lib: ctypes.CDLL, x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None,
+              channels_last: bool = False) -> torch.Tensor:
+    """The "same" 3x3 convolution of x (N, C, H, W) with transformed filters u (36, out, C), in pieces: per
+    piece V = B' d B, M = U V, y = A' m A. Channels-last x (and y) keep their tiles as (36, tiles, channels)
+    and take the product the other way round, M' = V' U'."""
     out, inp = u.shape[1:]
     tiling = _Tiling(x, max(out, inp))
-    y = torch.empty(tiling.n, out, tiling.h, tiling.w)
+    if channels_last:
+        y = torch.empty(tiling.n, tiling.h, tiling.w, out).permute(0, 3, 1, 2)
+        transform_in, transform_out = lib.vqgan_winograd_input_nhwc, lib.vqgan_winograd_output_nhwc
+        u = u.transpose(1, 2)
+    else:
+        y = torch.empty(tiling.n, out, tiling.h, tiling.w)
+        transform_in, transform_out = lib.vqgan_winograd_input, lib.vqgan_winograd_output
     v_buffer, m_buffer = tiling.buffer(inp), tiling.buffer(out)
     for first, last, tiles in tiling.pieces():
-        v, m = tiling.view(v_buffer, inp, tiles, padded=True), tiling.view(m_buffer, out, tiles, padded=False)
-        lib.vqgan_winograd_input(_ptr(x), _ptr(v), *tiling.args(v, inp, first, last), threads())
-        torch.bmm(u, v, out=m)
-        lib.vqgan_winograd_output(_ptr(m), _ptr(y), _ptr(bias), *tiling.args(m, out, first, last), threads())
-    return y
-
-
-def _convolve_channels_last(lib: ctypes.CDLL, x: torch.Tensor, u: torch.Tensor,
-                            bias: torch.Tensor | None) -> torch.Tensor:
-    """`_convolve` for channels-last x: transformed tiles are (36, tiles, channels), the product V U'."""
-    out, inp = u.shape[1:]
-    tiling = _Tiling(x, max(out, inp))
-    y = torch.empty(tiling.n, tiling.h, tiling.w, out).permute(0, 3, 1, 2)
-    v_buffer, m_buffer = tiling.buffer(inp), tiling.buffer(out)
-    u = u.transpose(1, 2)
-    for first, last, tiles in tiling.pieces():
-        v, m = tiling.view(v_buffer, tiles, inp, padded=True), tiling.view(m_buffer, tiles, out, padded=False)
-        lib.vqgan_winograd_input_nhwc(_ptr(x), _ptr(v), *tiling.args(v, inp, first, last), threads())
-        torch.bmm(v, u, out=m)
-        lib.vqgan_winograd_output_nhwc(_ptr(m), _ptr(y), _ptr(bias), *tiling.args(m, out, first, last), threads())
+        if channels_last:
+            v, m = tiling.view(v_buffer, tiles, inp, padded=True), tiling.view(m_buffer, tiles, out, padded=False)
+            transform_in(_ptr(x), _ptr(v), *tiling.args(v, inp, first, last), threads())
+            torch.bmm(v, u, out=m)
+        else:
+            v, m = tiling.view(v_buffer, inp, tiles, padded=True), tiling.view(m_buffer, out, tiles, padded=False)
+            transform_in(_ptr(x), _ptr(v), *tiling.args(v, inp, first, last), threads())
+            torch.bmm(u, v, out=m)
+        transform_out(_ptr(m), _ptr(y), _ptr(bias), *tiling.args(m, out, first, last), threads())
     return y
 
 
@@ -235,5 +233,5 @@ def conv3x3_channels_last(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
         return F.conv2d(x, weight, bias, padding=1)
     lib = _library()
     x = x.contiguous(memory_format=torch.channels_last)
-    return _convolve_channels_last(lib, x, _weight(lib, weight.detach().contiguous(), flip=False),
-                                   None if bias is None else bias.detach().contiguous())
+    return _convolve(lib, x, _weight(lib, weight.detach().contiguous(), flip=False),
+                     None if bias is None else bias.detach().contiguous(), channels_last=True)
