@@ -13,7 +13,7 @@
  * t = (r - first) * tiles_w + j, their 36 planes `plane` floats apart: the caller pads that so that the 36
  * streams each pass reads or writes do not fall on the same cache sets (4 KiB apart, they thrash). Tile (i, j) covers output rows 4i..4i+3 and columns 4j..4j+3, its input rows
  * 4i-1..4i+4 (zero padding outside the image). Eight neighbouring tiles of one row go through together, one per
- * vector lane, gathered from and scattered to image rows by shuffles. GCC vector extensions (GCC 12+, Clang),
+ * vector lane, gathered from and scattered to image rows by shuffles. GCC vector extensions (GCC, Clang),
  * any architecture; threads are OpenMP threads where the compiler has it.
  */
 #include <stdint.h>
@@ -83,7 +83,12 @@ static inline void adjoint_1d(const v8 y[4], v8 out[6]) {
 /* The 4x8 <-> 8x4 transposes between eight 4-float groups in a row (q0 = groups 0-1, ..., q3 = groups 6-7) and
  * four vectors of one element from each group, in the shapes that map to single AVX instructions: 128-bit
  * half swaps (vperm2f128), then in-half unpacks and moves. */
-#define SHUF __builtin_shufflevector
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12 && !defined(VQGAN_GCC_SHUFFLE))
+#define SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else /* GCC before 12 */
+typedef int32_t v8i __attribute__((vector_size(32)));
+#define SHUF(a, b, ...) __builtin_shuffle(a, b, (v8i){__VA_ARGS__})
+#endif
 
 static inline void deinterleave4(v8 q0, v8 q1, v8 q2, v8 q3, v8 out[4]) {
     const v8 t0 = SHUF(q0, q2, 0, 1, 2, 3, 8, 9, 10, 11), t1 = SHUF(q0, q2, 4, 5, 6, 7, 12, 13, 14, 15);
