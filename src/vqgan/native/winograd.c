@@ -20,7 +20,6 @@
 #include <string.h>
 
 typedef float v8 __attribute__((vector_size(32)));
-typedef float v4 __attribute__((vector_size(16)));
 enum { LANES = 8 };
 
 static inline v8 load8(const float *p) {

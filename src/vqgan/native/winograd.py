@@ -116,15 +116,14 @@ def _convolve(lib: ctypes.CDLL, x: torch.Tensor, u: torch.Tensor, bias: torch.Te
         y = torch.empty(tiling.n, out, tiling.h, tiling.w)
         transform_in, transform_out = lib.vqgan_winograd_input, lib.vqgan_winograd_output
     v_buffer, m_buffer = tiling.buffer(inp), tiling.buffer(out)
+    def matrices(channels: int, tiles: int) -> tuple[int, int]:
+        return (tiles, channels) if channels_last else (channels, tiles)
+
     for first, last, tiles in tiling.pieces():
-        if channels_last:
-            v, m = tiling.view(v_buffer, tiles, inp, padded=True), tiling.view(m_buffer, tiles, out, padded=False)
-            transform_in(_ptr(x), _ptr(v), *tiling.args(v, inp, first, last), threads())
-            torch.bmm(v, u, out=m)
-        else:
-            v, m = tiling.view(v_buffer, inp, tiles, padded=True), tiling.view(m_buffer, out, tiles, padded=False)
-            transform_in(_ptr(x), _ptr(v), *tiling.args(v, inp, first, last), threads())
-            torch.bmm(u, v, out=m)
+        v = tiling.view(v_buffer, *matrices(inp, tiles), padded=True)
+        m = tiling.view(m_buffer, *matrices(out, tiles), padded=False)
+        transform_in(_ptr(x), _ptr(v), *tiling.args(v, inp, first, last), threads())
+        torch.bmm(v, u, out=m) if channels_last else torch.bmm(u, v, out=m)
         transform_out(_ptr(m), _ptr(y), _ptr(bias), *tiling.args(m, out, first, last), threads())
     return y
 
