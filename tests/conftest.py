@@ -47,13 +47,13 @@ def fixtures_dir():
     return FIXTURES
 
 
-def run_two_processes(script: Path) -> str:
-    """Run `script` under `torchrun --standalone --nproc_per_node=2` (gloo on CPU); its stdout."""
+def run_two_processes(*args: str | Path) -> str:
+    """Run a script (or `-m module ...`) under `torchrun --standalone --nproc_per_node=2` (gloo on CPU); its stdout."""
     import subprocess
     import sys
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script)], capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+                           *map(str, args)], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, f"stdout: {proc.stdout[-1000:]}\nstderr: {proc.stderr[-3000:]}"
     return proc.stdout

@@ -171,7 +171,7 @@ from pathlib import Path
 sys.path.insert(0, {str(tests)!r})
 from test_prior import config
 from vqgan.train.stage2 import PriorTrainer
-from vqgan.train.common import setup_runtime
+from vqgan.train.common import cleanup_runtime, leave_worker, setup_runtime
 rt = setup_runtime()
 trainer = PriorTrainer(config(Path({str(tmp_path)!r}), Path({str(tmp_path / 'store')!r}), steps=4, batch_size=4),
                        runtime=rt, progress=False)
@@ -182,7 +182,21 @@ dist.all_gather(gathered, flat)
 assert torch.equal(gathered[0], gathered[1]), "replicas diverged"
 if rt.rank == 0:
     print("REPLICAS_IDENTICAL", trainer.step)
-dist.destroy_process_group()
+cleanup_runtime(rt)
+leave_worker(0)
 """)
     assert "REPLICAS_IDENTICAL 4" in run_two_processes(script)
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_train_transformer_command_under_torchrun(tmp_path):
+    """The user's path: `torchrun -m vqgan.cli train-transformer`, every worker exiting 0."""
+    from conftest import run_two_processes
+
+    write_store(tmp_path / "store", markov_tokens(64, 9, 6, 2).reshape(64, 3, 3), [0, 1] * 32, ["a", "b"])
+    out = run_two_processes("-m", "vqgan.cli", "train-transformer", "-", f"data.tokens={tmp_path / 'store'}",
+                            "data.holdout=16", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
+                            "train.steps=3", "train.batch_size=8", f"train.out_dir={tmp_path / 'run'}", "--no-progress")
+    assert out.count("held-out NLL") == 1  # rank 0 reports
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()

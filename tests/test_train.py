@@ -133,7 +133,7 @@ sys.path.insert(0, {str(ROOT / 'tests')!r})
 from conftest import run_two_processes, tiny_train_config
 from pathlib import Path
 from vqgan.train.stage1 import TokenizerTrainer
-from vqgan.train.common import setup_runtime
+from vqgan.train.common import cleanup_runtime, leave_worker, setup_runtime
 rt = setup_runtime()
 cfg = tiny_train_config(Path({str(tmp_path)!r}), train={{"steps": 4, "batch_size": 2}})
 trainer = TokenizerTrainer(cfg, runtime=rt, progress=False)
@@ -146,7 +146,8 @@ for module in (trainer.model, trainer.loss.discriminator):
     assert not torch.equal(flat, torch.zeros_like(flat))
 if rt.rank == 0:
     print("REPLICAS_IDENTICAL", trainer.step)
-dist.destroy_process_group()
+cleanup_runtime(rt)
+leave_worker(0)
 """)
     assert "REPLICAS_IDENTICAL 4" in run_two_processes(script)
 

@@ -298,5 +298,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def entry() -> None:
+    """The `vqgan` command. A torchrun worker leaves without interpreter finalization (see `leave_worker`)."""
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from .train.common import leave_worker
+
+        leave_worker(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

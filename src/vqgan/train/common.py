@@ -68,6 +68,20 @@ def cleanup_runtime(rt: Runtime) -> None:
         dist.destroy_process_group()
 
 
+def leave_worker(code: int) -> None:
+    """End a torchrun worker process without Python's interpreter finalization.
+
+    Once DistributedDataParallel has been built, PyTorch keeps the gloo process group and its worker threads
+    alive past `destroy_process_group`. A worker thread that drops a finished collective while the interpreter
+    finalizes must take the GIL to release the tensors' Python objects, and that aborts the process
+    ("terminate called without an active exception") after all the work is done. Everything has been written
+    by now, so flush and exit directly."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     """fp32 on CPU (bf16/fp16 are slow there without hardware support); bf16 on GPU by default."""
     if precision == "auto":
