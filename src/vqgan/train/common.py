@@ -12,7 +12,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NoReturn
 
 import numpy as np
 import torch
@@ -68,7 +68,7 @@ def cleanup_runtime(rt: Runtime) -> None:
         dist.destroy_process_group()
 
 
-def leave_worker(code: int) -> None:
+def leave_worker(code: int) -> NoReturn:
     """End a torchrun worker process without Python's interpreter finalization.
 
     Once DistributedDataParallel has been built, PyTorch keeps the gloo process group and its worker threads
