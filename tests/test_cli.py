@@ -85,6 +85,19 @@ def test_train_tokenizer_command_writes_model_and_report(tmp_path):
     assert "Perceptual network: none" in (run / "report.html").read_text()
 
 
+
+def test_a_torchrun_worker_leaves_with_its_code_and_flushed_output(tmp_path):
+    """Under torchrun (WORLD_SIZE > 1) the command exits by `leave_worker`: same exit code, nothing lost."""
+    import os
+
+    cmd = [sys.executable, "-m", "vqgan.cli", "decode", str(tmp_path / "nope"), str(tmp_path / "t"), str(tmp_path / "o")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "WORLD_SIZE": "2"})
+    assert proc.returncode == 2
+    assert "vqgan decode: error:" in proc.stderr
+    script = "import sys; from vqgan.train.common import leave_worker; print('all written', end=''); leave_worker(3)"
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stdout) == (3, "all written")
+
 @pytest.mark.slow
 def test_quick_demo_runs_both_stages_and_writes_the_report(tmp_path):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--quick", "--no-progress"]) == 0
