@@ -91,11 +91,12 @@ def test_a_torchrun_worker_leaves_with_its_code_and_flushed_output(tmp_path):
     import os
 
     cmd = [sys.executable, "-m", "vqgan.cli", "decode", str(tmp_path / "nope"), str(tmp_path / "t"), str(tmp_path / "o")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "WORLD_SIZE": "2"})
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # buffered, as a pipe is by default
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**env, "WORLD_SIZE": "2"})
     assert proc.returncode == 2
     assert "vqgan decode: error:" in proc.stderr
     script = "import sys; from vqgan.train.common import leave_worker; print('all written', end=''); leave_worker(3)"
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert (proc.returncode, proc.stdout) == (3, "all written")
 
 @pytest.mark.slow
