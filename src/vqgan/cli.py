@@ -20,12 +20,23 @@ def _train_tokenizer(args) -> dict:
 
     cfg = load_config(TokenizerTrainConfig, resolve_config_path(args.config), args.overrides)
     result = train_tokenizer(cfg, resume=args.resume, progress=not args.no_progress)
+    if result.get("stopped"):
+        return _stopped(result, args)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 reports
         report = tokenizer_report(cfg.train.out_dir, result)
         print(quality_summary(result))
         print(f"report: {report.resolve()}")
         print(f"model:  {(report.parent / 'model').resolve()}")
     return {}
+
+
+def _stopped(result: dict, args) -> dict:
+    """A run stopped by a signal (or its launcher gone) before its last step: no final model, a checkpoint."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        again = " ".join(["vqgan", args.command, args.config, *args.overrides, "--resume"])
+        print(f"stopped at step {result['step']} before the end: no final model yet; checkpoint "
+              f"{result['checkpoint']}\ncontinue with: {again}", file=sys.stderr)
+    return {"exit_code": result["exit_code"]}
 
 
 def _demo(args) -> dict:
@@ -66,6 +77,8 @@ def _train_transformer(args) -> dict:
     source = {} if args.config == "-" else resolve_config_path(args.config)
     cfg = load_config(TransformerTrainConfig, source, args.overrides)
     result = train_prior(cfg, resume=args.resume, progress=not args.no_progress)
+    if result.get("stopped"):
+        return _stopped(result, args)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"held-out NLL {result['nll']:.4f} nats/token; model: {Path(result['out']) / 'model'}")
     return {}
@@ -292,10 +305,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    code = result.pop("exit_code", 0) if result else 0
     if result:
         print(json.dumps(result, indent=1, default=str))
     logging.shutdown()
-    return 0
+    return code
 
 
 def entry() -> None:

@@ -137,6 +137,11 @@ class DataConfig:
     def validate(self) -> None:
         if self.crop not in ("random", "center", "resize"):
             raise UserError(f"data.crop must be 'random', 'center' or 'resize', got {self.crop!r}")
+        for name in ("holdout", "num_workers"):
+            if getattr(self, name) < 0:
+                raise UserError(f"data.{name} must be >= 0, got {getattr(self, name)}")
+        if self.builtin_count < 1:
+            raise UserError(f"data.builtin_count must be >= 1, got {self.builtin_count}")
 
 
 @dataclass
@@ -167,14 +172,29 @@ class TrainConfig:
     keep_last: int = 3
     init_from: str | None = None  # a checkpoint to fine-tune from
     reset_codebook: bool = False  # with init_from: re-initialise the codebook from data
+    # with init_from: load its discriminator too, in the shape it was saved with (loss.disc_layers, disc_ndf,
+    # disc_norm are taken from its loss.yaml / train_config.yaml); false: a fresh one from this config's loss
+    init_discriminator: bool = True
+    # a step whose loss or gradients are not finite is skipped; this many in a row stop the run
+    max_nonfinite_steps: int = 20
     codebook: CodebookCareConfig = field(default_factory=CodebookCareConfig)
 
     def validate(self) -> None:
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise UserError(f"train.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
-        for name in ("steps", "batch_size", "grad_accum", "log_every", "keep_last"):
-            if getattr(self, name) < 1:
-                raise UserError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        validate_loop(self, "train", ("steps", "batch_size", "grad_accum", "log_every", "image_every", "eval_every",
+                                      "ckpt_every", "keep_last", "max_nonfinite_steps"))
+        if self.base_learning_rate <= 0:
+            raise UserError(f"train.base_learning_rate must be > 0, got {self.base_learning_rate}")
+        if self.warmup_steps < 0:
+            raise UserError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+def validate_loop(cfg: Any, where: str, at_least_one: tuple[str, ...]) -> None:
+    """The checks every training loop's settings share: precision, and counts and intervals >= 1."""
+    if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise UserError(f"{where}.precision must be auto, fp32, bf16 or fp16, got {cfg.precision!r}")
+    for name in at_least_one:
+        if getattr(cfg, name) < 1:
+            raise UserError(f"{where}.{name} must be >= 1, got {getattr(cfg, name)}")
 
 
 @dataclass
@@ -268,7 +288,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type, where
                 raise UserError(f"unknown key {prefix}.{part} in override {item!r}; valid keys of {prefix}: "
                                 f"{', '.join(types_)}")
             if i == len(parts) - 1:
-                node[part] = yaml.safe_load(raw) if raw.strip() else None
+                try:
+                    node[part] = yaml.safe_load(raw) if raw.strip() else None
+                except yaml.YAMLError as e:
+                    raise UserError(f"override {item!r}: the value is not valid YAML ({str(e).splitlines()[0]}); "
+                                    "quote strings, write lists as [1,2]") from None
             else:
                 node = node.setdefault(part, {})
                 node_cls = types_[part]

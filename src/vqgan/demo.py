@@ -54,7 +54,7 @@ def run_demo(out: str = "runs/demo", tokenizer_steps: int = 0, progress: bool = 
     def tokenizer(preset: str, sub: str, extra: list[str]):
         cfg = load_config(TokenizerTrainConfig, resolve_config_path(preset),
                           [f"train.out_dir={root / sub}", *fast, *extra])
-        result = train_tokenizer(cfg, resume=True, progress=progress)
+        result = train_tokenizer(cfg, resume="auto", progress=progress)
         tokenizer_report(root / sub, result, title=f"demo: {sub}")
         return result
 
@@ -74,7 +74,7 @@ def run_demo(out: str = "runs/demo", tokenizer_steps: int = 0, progress: bool = 
             *(["train.steps=300"] if kind == "seg" else []),
             *(["train.steps=2", "data.holdout=8"] if quick else [])])
         results[f"prior_{kind}"] = _stage(f"{kind}-conditioned prior", root / f"prior_{kind}" / "model" / "config.yaml",
-                                          timings, lambda cfg=cfg: PriorTrainer(cfg, resume=True, progress=progress).fit())
+                                          timings, lambda cfg=cfg: PriorTrainer(cfg, resume="auto", progress=progress).fit())
     print("== demo: samples", flush=True)
     t0 = time.perf_counter()
     pictures = generate_pictures(root, progress)

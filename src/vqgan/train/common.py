@@ -6,7 +6,6 @@ import logging
 import math
 import os
 import random
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -261,26 +260,3 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 def configure_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
-
-
-class StopOnSignal:
-    """While active, SIGTERM / SIGINT set `requested` instead of killing the process, so a training loop can
-    write a checkpoint and stop (single process only: under torchrun the launcher handles signals)."""
-
-    def __init__(self, enabled: bool = True):
-        self.enabled = enabled
-        self.requested = False
-        self._old: dict = {}
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-        logging.getLogger("vqgan.train").warning("signal %d: writing a checkpoint and stopping", signum)
-
-    def __enter__(self) -> "StopOnSignal":
-        if self.enabled:
-            self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)

@@ -26,14 +26,9 @@ from ..checkpoint import (
     CONFIG_FILE,
     DISC_FILE,
     WEIGHTS_FILE,
-    atomic_directory,
     check_state_dict,
     latest_checkpoint,
-    load_state_dict_file,
-    prune_checkpoints,
-    safe_torch_load,
     save_model,
-    save_tensors,
     write_yaml,
 )
 from ..config import TokenizerTrainConfig
@@ -48,7 +43,6 @@ from .common import (
     MetricsLog,
     ResumableSampler,
     Runtime,
-    StopOnSignal,
     all_reduce_grads,
     autocast,
     average_buffers,
@@ -59,9 +53,10 @@ from .common import (
     set_rng_state,
     setup_runtime,
 )
+from .guard import StepGuard, all_finite
+from .run import STATE_FILE, CheckpointParts, Resume, RunFolder, read_checkpoint, require_finite
 
 log = logging.getLogger("vqgan.train")
-STATE_FILE = "training_state.pt"
 
 
 class _InputTap:
@@ -73,6 +68,40 @@ class _InputTap:
 
     def _hook(self, module, args):
         self.value = args[0]
+
+
+DISC_SHAPE_KEYS = ("disc_layers", "disc_ndf", "disc_norm")
+
+
+def saved_loss_settings(path: str) -> dict[str, Any] | None:
+    """The loss settings a tokenizer was trained with, where it records them: `loss.yaml` (written by `vqgan
+    convert`), a checkpoint's `train_config.yaml`, a run's `config.yaml`, or a taming `.ckpt`'s project YAML."""
+    from ..convert.taming import LOSS_CONFIG_FILE, find_config, loss_config, read_taming_config
+
+    p = Path(path)
+    if p.is_file():
+        found = find_config(p)
+        loss = loss_config(read_taming_config(found).get("params") or {}) if found else None
+        return asdict(loss) if loss else None
+    latest = latest_checkpoint(p / "checkpoints")
+    for f in (p / LOSS_CONFIG_FILE, p / "train_config.yaml", p / "config.yaml",
+              *([latest / "train_config.yaml"] if latest else [])):
+        data = yaml.safe_load(f.read_text()) if f.is_file() else None
+        if isinstance(data, dict) and isinstance(data.get("loss", data if f.name == LOSS_CONFIG_FILE else None), dict):
+            return data.get("loss", data)
+    return None
+
+
+def _take_discriminator_shape(cfg: TokenizerTrainConfig, init_from: str) -> None:
+    """Fine-tuning keeps the saved discriminator, so its shape comes from the settings it was saved with."""
+    saved = saved_loss_settings(init_from) or {}
+    changed = {k: saved[k] for k in DISC_SHAPE_KEYS if k in saved and saved[k] != getattr(cfg.loss, k)}
+    for k, v in changed.items():
+        setattr(cfg.loss, k, v)
+    if changed:
+        log.info("%s: its discriminator is loaded, so its shape is kept: %s (with train.init_from, "
+                 "train.init_discriminator=false starts a fresh one)", init_from,
+                 ", ".join(f"loss.{k}={v}" for k, v in changed.items()))
 
 
 def build_loss(cfg: TokenizerTrainConfig, lpips_state: dict[str, torch.Tensor] | None = None,
@@ -98,25 +127,25 @@ def learning_rate(cfg: TokenizerTrainConfig, world_size: int) -> float:
 
 
 class TokenizerTrainer:
-    def __init__(self, cfg: TokenizerTrainConfig, resume: bool = False, runtime: Runtime | None = None,
+    def __init__(self, cfg: TokenizerTrainConfig, resume: Resume | bool = False, runtime: Runtime | None = None,
                  progress: bool = True):
         cfg.validate()
         self.cfg = cfg
         self.rt = runtime or setup_runtime()
         self.run_dir = Path(cfg.train.out_dir)
-        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.folder = RunFolder(self.run_dir, owner=self.rt.is_main, keep_last=cfg.train.keep_last)
         self.progress = progress and self.rt.is_main
-        existing = latest_checkpoint(self.ckpt_dir)
-        if existing is not None and not resume:
-            raise UserError(f"{self.run_dir} already holds checkpoints (latest {existing.name}); pass --resume to "
-                            "continue that run, or set train.out_dir to a new directory")
-        self.resume_from = existing if resume else None
+        resuming = self.folder.check(resume)
 
         seed_everything(cfg.train.seed)  # same initial weights on every rank
         self.dtype = resolve_precision(cfg.train.precision, self.rt.device)
         self._build_data()
         self.model = VQModel(cfg.model).to(self.rt.device)
-        init = load_for_finetuning(cfg.train.init_from) if cfg.train.init_from and not self.resume_from else None
+        init = load_for_finetuning(cfg.train.init_from) if cfg.train.init_from and not resuming else None
+        if resuming:  # the discriminator in the checkpoint has the shape this run was started with
+            _take_discriminator_shape(cfg, str(self.run_dir))
+        elif init is not None and init[1] is not None and cfg.train.init_discriminator:
+            _take_discriminator_shape(cfg, cfg.train.init_from)
         # a released checkpoint carries the LPIPS network it was trained with: use it unless told otherwise
         self.loss = build_loss(cfg, init[2] if init else None, cfg.train.init_from or "").to(self.rt.device)
         self.lr = learning_rate(cfg, self.rt.world_size)
@@ -128,10 +157,11 @@ class TokenizerTrainer:
         self.care = CodebookCare(cfg.model.quantizer.n_embed, cfg.model.quantizer.embed_dim, cfg.train.codebook,
                                  cfg.train.steps, seed=cfg.train.seed)
         self.step = 0
-        if self.resume_from is not None:
-            self._load_checkpoint(self.resume_from)
-        elif init is not None:
-            self._init_from(cfg.train.init_from, init[0], init[1])
+        self.nonfinite_steps = 0
+        self.resume_from = self.folder.open(resuming, self._load_checkpoint)
+        if self.resume_from is None and init is not None:
+            self._init_from(cfg.train.init_from, init[0], init[1] if cfg.train.init_discriminator else None)
+        self.guard = StepGuard(self.rt, cfg.train.max_nonfinite_steps)
         self.tap = _InputTap(self.model.decoder.last_layer)
         # nearest-neighbour codebooks get data init and dead-code restarts; Gumbel codes are chosen by logits
         self._codebook = self.model.quantize.embedding.weight if cfg.model.quantizer.kind == "vq" else None
@@ -193,40 +223,37 @@ class TokenizerTrainer:
         return {"step": self.step, "opt_ae": self.opt_ae.state_dict(), "opt_d": self.opt_d.state_dict(),
                 "scaler_ae": self.scaler_ae.state_dict(), "scaler_d": self.scaler_d.state_dict(),
                 "codebook_care": self.care.state_dict(), "rng": rng_state(), "skipped_files": self.skipped_files,
-                "world_size": self.rt.world_size}
+                "nonfinite_steps": self.nonfinite_steps, "world_size": self.rt.world_size}
 
     def save_checkpoint(self) -> Path | None:
         if not self.rt.is_main:
             return None
-        target = self.ckpt_dir / f"step_{self.step:08d}"
-        with atomic_directory(target) as tmp:
-            save_tensors(self.model.state_dict(), tmp / WEIGHTS_FILE)
-            write_yaml(self.model.config_dict(), tmp / CONFIG_FILE)
-            save_tensors(self.loss.discriminator.state_dict(), tmp / DISC_FILE)
-            torch.save(self._state(), tmp / STATE_FILE)
-            write_yaml(asdict(self.cfg), tmp / "train_config.yaml")
-        prune_checkpoints(self.ckpt_dir, self.cfg.train.keep_last)
+        parts = CheckpointParts(
+            tensors={WEIGHTS_FILE: self.model.state_dict(), DISC_FILE: self.loss.discriminator.state_dict()},
+            yaml={CONFIG_FILE: self.model.config_dict(), "train_config.yaml": asdict(self.cfg)},
+            state=self._state())
+        target = self.folder.write_checkpoint(self.step, parts)
         self.metrics.note(f"checkpoint written: {target}")
         return target
 
     def _load_checkpoint(self, path: Path) -> None:
-        saved_model_cfg = yaml.safe_load((path / CONFIG_FILE).read_text())
+        parts = read_checkpoint(path, (WEIGHTS_FILE, CONFIG_FILE, DISC_FILE, STATE_FILE))
+        saved_model_cfg = parts.yaml[CONFIG_FILE]
         if {k: v for k, v in saved_model_cfg.items() if k != "kind"} != asdict(self.cfg.model):
             raise UserError(f"{path}: the model config differs from the checkpoint's; resume with the same model "
                             "section (see its config.yaml)")
-        sd = load_state_dict_file(path / WEIGHTS_FILE)
+        sd, dsd, state = parts.tensors[WEIGHTS_FILE], parts.tensors[DISC_FILE], parts.state
         check_state_dict(self.model, sd, str(path / WEIGHTS_FILE))
-        self.model.load_state_dict(sd)
-        dsd = load_state_dict_file(path / DISC_FILE)
         check_state_dict(self.loss.discriminator, dsd, str(path / DISC_FILE))
+        self.model.load_state_dict(sd)
         self.loss.discriminator.load_state_dict(dsd)
-        state = safe_torch_load(path / STATE_FILE, map_location="cpu")
         self.opt_ae.load_state_dict(state["opt_ae"])
         self.opt_d.load_state_dict(state["opt_d"])
         self.scaler_ae.load_state_dict(state["scaler_ae"])
         self.scaler_d.load_state_dict(state["scaler_d"])
         self.care.load_state_dict(state["codebook_care"])
         self.skipped_files = int(state.get("skipped_files", 0))
+        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
         self.step = int(state["step"])
         if int(state.get("world_size", 1)) == self.rt.world_size:
             set_rng_state(state["rng"])
@@ -281,6 +308,8 @@ class TokenizerTrainer:
         self.opt_d.zero_grad(set_to_none=True)
         disc_trains = self.loss.disc_trains(step)
         logs: dict[str, torch.Tensor] = {}
+        finite = torch.tensor(True, device=self.rt.device)
+        disc_buffers = [b.clone() for b in self.loss.discriminator.buffers()]  # restored if the step is skipped
         for j, batch in enumerate(micro_batches):
             x = batch["image"].to(self.rt.device, non_blocking=True)
             self.skipped_files += int(batch["skipped"].sum())
@@ -290,14 +319,25 @@ class TokenizerTrainer:
                 gen = self.loss.generator_loss(x, rec, codebook_loss, self.model.decoder.last_layer, self.tap.value,
                                                step)
                 self.scaler_ae.scale(gen.loss / accum).backward()
+            finite &= torch.isfinite(gen.loss.detach())
             logs = {k: logs.get(k, 0) + v.float() / accum for k, v in gen.logs.items()}
             if disc_trains:
                 with autocast(self.rt.device, self.dtype):
                     d_loss, d_logs = self.loss.discriminator_loss_step(x, rec, gen.logits_fake)
                 d_params = [p for p in self.loss.discriminator.parameters()]
                 self.scaler_d.scale(d_loss / accum).backward(inputs=d_params)
+                finite &= torch.isfinite(d_loss.detach())
                 logs.update({k: logs.get(k, 0) + v.float() / accum for k, v in d_logs.items()})
             self.tap.value = None
+        if self.dtype != torch.float16:  # with fp16 the gradient scalers skip overflowing steps themselves
+            finite &= all_finite(p.grad for p in self.parameters_with_grad())
+        if not self.guard.after_step(step, finite):
+            self.nonfinite_steps += 1
+            self.opt_ae.zero_grad(set_to_none=True)
+            self.opt_d.zero_grad(set_to_none=True)
+            for b, saved in zip(self.loss.discriminator.buffers(), disc_buffers):
+                b.copy_(saved)
+            return {k: float(v) for k, v in logs.items()} | {"nonfinite_steps": self.nonfinite_steps}
         self.scaler_ae.step(self.opt_ae)
         self.scaler_ae.update()
         if disc_trains:
@@ -314,6 +354,10 @@ class TokenizerTrainer:
         out.update(usage_batch=float(info["usage"]), perplexity=float(info["perplexity"]),
                    usage_window=self.care.window_usage(step), restarted=restarted)
         return out
+
+    def parameters_with_grad(self):
+        for module in (self.model, self.loss.discriminator):
+            yield from (p for p in module.parameters() if p.grad is not None)
 
     # -- evaluation and pictures -----------------------------------------------------------------
     def evaluate(self) -> dict[str, Any]:
@@ -345,7 +389,6 @@ class TokenizerTrainer:
         if not self.care.initialized and t.codebook.init_from_data and self._codebook is not None:
             self._initialize_codebook()
         self.care.initialized = True
-        self.stop = StopOnSignal(self.rt.is_main and not self.rt.distributed)
         self.last_epoch_usage = float("nan")
         bar = tqdm(total=t.steps, initial=self.step, disable=not self.progress, dynamic_ncols=True,
                    desc="train-tokenizer")
@@ -354,38 +397,45 @@ class TokenizerTrainer:
         self.loss.train()
         t0, steps_timed = time.perf_counter(), 0
         try:
-            self.stop.__enter__()
-            while self.step < t.steps and not self.stop.requested:
-                logs = self.train_step([next(batches) for _ in range(t.grad_accum)])
-                self.step += 1
-                steps_timed += 1
-                bar.update(1)
-                if self.step % t.log_every == 0 or self.step == t.steps:
-                    rate = steps_timed / (time.perf_counter() - t0)
-                    t0, steps_timed = time.perf_counter(), 0
-                    logs.update(it_per_s=rate, lr=self.opt_ae.param_groups[0]["lr"], skipped_files=self.skipped_files)
-                    self.metrics.write(self.step, logs)
-                    bar.set_postfix(loss=f"{logs['total']:.3f}", rec=f"{logs['rec']:.3f}",
-                                    usage=f"{logs['usage_window']:.2f}", refresh=False)
-                if self.step % t.eval_every == 0 and self.step < t.steps:
-                    self.evaluate()
-                if self.step % t.ckpt_every == 0 and self.step < t.steps:
-                    self.save_checkpoint()
-            self.save_checkpoint()
+            with self.guard:
+                while self.step < t.steps and not self.guard.stop_requested:
+                    logs = self.train_step([next(batches) for _ in range(t.grad_accum)])
+                    self.step += 1
+                    steps_timed += 1
+                    bar.update(1)
+                    if self.step % t.log_every == 0 or self.step == t.steps:
+                        rate = steps_timed / (time.perf_counter() - t0)
+                        t0, steps_timed = time.perf_counter(), 0
+                        logs.update(it_per_s=rate, lr=self.opt_ae.param_groups[0]["lr"],
+                                    skipped_files=self.skipped_files, nonfinite_steps=self.nonfinite_steps)
+                        self.metrics.write(self.step, logs)
+                        bar.set_postfix(loss=f"{logs['total']:.3f}", rec=f"{logs['rec']:.3f}",
+                                        usage=f"{logs.get('usage_window', float('nan')):.2f}", refresh=False)
+                    if self.step % t.eval_every == 0 and self.step < t.steps:
+                        self.evaluate()
+                    if self.step % t.ckpt_every == 0 and self.step < t.steps:
+                        self.save_checkpoint()
+            checkpoint = self.save_checkpoint()
+            if self.guard.stop_requested and self.step < t.steps:  # a checkpoint to resume from, no final model
+                self.metrics.note(f"stopped at step {self.step}: checkpoint {checkpoint}")
+                return {"step": self.step, "stopped": True, "exit_code": self.guard.exit_code,
+                        "checkpoint": str(checkpoint) if checkpoint else None}
             final = self.evaluate()
-            if self.rt.is_main and self.step >= t.steps:
+            if self.rt.is_main:
+                require_finite(self.model.state_dict(), "the final model")
                 save_model(self.model, self.run_dir / "model")
         finally:
             bar.close()
-            self.stop.__exit__()
             self.metrics.close()
             self.tap.handle.remove()
+            self.folder.unlock()
         final.update(step=self.step, skipped_files=self.skipped_files + self.n_unreadable,
-                     epoch_usage=self.last_epoch_usage, perceptual=self.loss.perceptual_description)
+                     nonfinite_steps=self.nonfinite_steps, epoch_usage=self.last_epoch_usage,
+                     perceptual=self.loss.perceptual_description)
         return final
 
 
-def train_tokenizer(cfg: TokenizerTrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+def train_tokenizer(cfg: TokenizerTrainConfig, resume: Resume | bool = False, progress: bool = True) -> dict[str, Any]:
     rt = setup_runtime()
     try:
         return TokenizerTrainer(cfg, resume=resume, runtime=rt, progress=progress).fit()

@@ -24,14 +24,11 @@ from ..checkpoint import (
     WEIGHTS_FILE,
     atomic_directory,
     check_state_dict,
-    latest_checkpoint,
-    load_state_dict_file,
-    prune_checkpoints,
-    safe_torch_load,
     save_model,
     save_tensors,
     write_yaml,
 )
+from ..config import validate_loop
 from ..data.tokens import UNUSABLE, TokenStore
 from ..errors import UserError
 from ..prior import TokenLayout, sample_images_tokens
@@ -40,7 +37,6 @@ from .common import (
     MetricsLog,
     ResumableSampler,
     Runtime,
-    StopOnSignal,
     autocast,
     cleanup_runtime,
     resolve_precision,
@@ -49,9 +45,10 @@ from .common import (
     set_rng_state,
     setup_runtime,
 )
+from .guard import StepGuard, all_finite
+from .run import STATE_FILE, CheckpointParts, Resume, RunFolder, read_checkpoint, require_finite
 
 log = logging.getLogger("vqgan.train")
-STATE_FILE = "training_state.pt"
 
 
 @dataclass
@@ -91,6 +88,18 @@ class PriorTrainConfig:
     eval_every: int = 500
     ckpt_every: int = 500
     keep_last: int = 3
+    max_nonfinite_steps: int = 20  # a step with a non-finite loss or gradient is skipped; this many in a row stop
+
+    def validate(self) -> None:
+        validate_loop(self, "train", ("steps", "batch_size", "log_every", "eval_every", "ckpt_every", "keep_last",
+                                      "max_nonfinite_steps"))
+        for name in ("learning_rate", "grad_clip"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"train.{name} must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.min_lr_ratio <= 1 or not 0 <= self.label_dropout < 1:
+            raise UserError("train.min_lr_ratio must be in [0, 1] and train.label_dropout in [0, 1)")
+        if self.warmup_steps < 0 or self.weight_decay < 0:
+            raise UserError("train.warmup_steps and train.weight_decay must be >= 0")
 
 
 @dataclass
@@ -102,8 +111,9 @@ class TransformerTrainConfig:
     def validate(self) -> None:
         if not self.data.tokens:
             raise UserError("data.tokens is not set: give a token store made by `vqgan tokenize`")
-        if self.train.steps < 1 or self.train.batch_size < 1:
-            raise UserError("train.steps and train.batch_size must be >= 1")
+        self.train.validate()
+        if self.data.holdout < 0:
+            raise UserError(f"data.holdout must be >= 0, got {self.data.holdout}")
         if self.data.conditioning not in ("auto", "spatial", "class", "none"):
             raise UserError(f"data.conditioning must be auto, spatial, class or none, got {self.data.conditioning!r}")
 
@@ -128,17 +138,14 @@ class PriorTrainer:
     """One process, or many under torchrun (DistributedDataParallel; each rank reads its shard of the store;
     rank 0 logs, samples and writes checkpoints)."""
 
-    def __init__(self, cfg: TransformerTrainConfig, resume: bool = False, progress: bool = True,
+    def __init__(self, cfg: TransformerTrainConfig, resume: Resume | bool = False, progress: bool = True,
                  runtime: Runtime | None = None):
         cfg.validate()
         self.cfg = cfg
         self.rt = runtime or setup_runtime()
         self.run_dir = Path(cfg.train.out_dir)
-        self.ckpt_dir = self.run_dir / "checkpoints"
-        existing = latest_checkpoint(self.ckpt_dir)
-        if existing is not None and not resume:
-            raise UserError(f"{self.run_dir} already holds checkpoints (latest {existing.name}); pass --resume to "
-                            "continue, or set train.out_dir to a new directory")
+        self.folder = RunFolder(self.run_dir, owner=self.rt.is_main, keep_last=cfg.train.keep_last)
+        resuming = self.folder.check(resume)
         self.progress = progress and self.rt.is_main
         seed_everything(cfg.train.seed)  # the same initial weights on every rank
         self.store = TokenStore(cfg.data.tokens)
@@ -166,8 +173,9 @@ class PriorTrainer:
         self.sampler = ResumableSampler(len(self.train_rows), cfg.train.batch_size, self.rt.rank, self.rt.world_size,
                                         seed=cfg.train.seed)
         self.step = 0
-        if existing is not None and resume:
-            self._load(existing)
+        self.nonfinite_steps = 0
+        self.resume_from = self.folder.open(resuming, self._load)
+        self.guard = StepGuard(self.rt, cfg.train.max_nonfinite_steps)
         self.net = (DistributedDataParallel(self.model, device_ids=[self.rt.device.index]
                                             if self.rt.device.type == "cuda" else None)
                     if self.rt.distributed else self.model)
@@ -231,28 +239,31 @@ class PriorTrainer:
     def save(self) -> Path | None:
         if not self.rt.is_main:
             return None
-        target = self.ckpt_dir / f"step_{self.step:08d}"
-        with atomic_directory(target) as tmp:
-            save_tensors(self.model.state_dict(), tmp / WEIGHTS_FILE)
-            write_yaml(self.config_dict(), tmp / CONFIG_FILE)
-            torch.save({"step": self.step, "opt": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
-                        "rng": rng_state(), "world_size": self.rt.world_size}, tmp / STATE_FILE)
-            write_yaml(asdict(self.cfg), tmp / "train_config.yaml")
-        prune_checkpoints(self.ckpt_dir, self.cfg.train.keep_last)
-        return target
+        return self.folder.write_checkpoint(self.step, CheckpointParts(
+            tensors={WEIGHTS_FILE: self.model.state_dict()},
+            yaml={CONFIG_FILE: self.config_dict(), "train_config.yaml": asdict(self.cfg)},
+            state={"step": self.step, "opt": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
+                   "rng": rng_state(), "world_size": self.rt.world_size, "nonfinite_steps": self.nonfinite_steps}))
 
     def _load(self, path: Path) -> None:
-        sd = load_state_dict_file(path / WEIGHTS_FILE)
+        parts = read_checkpoint(path, (WEIGHTS_FILE, CONFIG_FILE, STATE_FILE))
+        saved = {k: v for k, v in parts.yaml[CONFIG_FILE].items() if k != "conditioning"}
+        if saved != self.model.config_dict():
+            raise UserError(f"{path}: the prior's model settings differ from the checkpoint's ({CONFIG_FILE}); resume "
+                            "with the same model section")
+        sd, state = parts.tensors[WEIGHTS_FILE], parts.state
         check_state_dict(self.model, sd, str(path / WEIGHTS_FILE))
         self.model.load_state_dict(sd)
-        state = safe_torch_load(path / STATE_FILE)
         self.opt.load_state_dict(state["opt"])
         self.scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
         self.step = int(state["step"])
-        if int(state.get("world_size", 1)) != self.rt.world_size:
+        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
+        if int(state.get("world_size", 1)) == self.rt.world_size:
+            set_rng_state(state["rng"])
+        else:  # the sampler's order changes with the process count; each rank's RNG stream cannot be kept
             log.warning("resuming with %d processes instead of %d: the data order changes", self.rt.world_size,
                         state.get("world_size", 1))
+        log.info("resumed from %s (step %d)", path, self.step)
 
     # -- steps -----------------------------------------------------------------------------------
     def _sequences(self, batch: dict, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -291,27 +302,32 @@ class PriorTrainer:
                           f"training sequences of {self.n_tokens} tokens")
         bar = tqdm(total=t.steps, initial=self.step, desc="train-transformer", disable=not self.progress)
         self.model.train()
-        with StopOnSignal(self.rt.is_main and not self.rt.distributed) as stop:
-            self._loop(bar, stop)
-        bar.close()
-        if stop.requested:  # a checkpoint to resume from, no final model
-            self.save()
+        try:
+            with self.guard:
+                self._loop(bar)
+            bar.close()
+            if self.guard.stop_requested and self.step < t.steps:  # a checkpoint to resume from, no final model
+                checkpoint = self.save()
+                return {"step": self.step, "nll": float("nan"), "out": str(self.run_dir), "samples": None,
+                        "stopped": True, "exit_code": self.guard.exit_code,
+                        "checkpoint": str(checkpoint) if checkpoint else None}
+            final_nll, samples = float("nan"), None
+            if self.rt.is_main:
+                final_nll = self.evaluate()
+                self.metrics.write(self.step, {"nll": final_nll}, kind="eval")
+                samples = self.write_samples()
+                self.save_final()
+            return {"step": self.step, "nll": final_nll, "out": str(self.run_dir), "samples": samples,
+                    "nonfinite_steps": self.nonfinite_steps}
+        finally:
+            bar.close()
             self.metrics.close()
-            return {"step": self.step, "nll": float("nan"), "out": str(self.run_dir), "samples": None,
-                    "stopped": True}
-        final_nll, samples = float("nan"), None
-        if self.rt.is_main:
-            final_nll = self.evaluate()
-            self.metrics.write(self.step, {"nll": final_nll}, kind="eval")
-            samples = self.write_samples()
-            self.save_final()
-        self.metrics.close()
-        return {"step": self.step, "nll": final_nll, "out": str(self.run_dir), "samples": samples}
+            self.folder.unlock()
 
-    def _loop(self, bar, stop: StopOnSignal) -> None:
+    def _loop(self, bar) -> None:
         t = self.cfg.train
         t0, tokens_seen = time.perf_counter(), 0
-        while self.step < t.steps and not stop.requested:
+        while self.step < t.steps and not self.guard.stop_requested:
             epoch, offset = divmod(self.step, self.sampler.batches_per_epoch)
             self.sampler.set_position(epoch, offset)
             loader = DataLoader(Subset(self.store, self.train_rows), batch_size=t.batch_size, sampler=self.sampler,
@@ -324,8 +340,14 @@ class PriorTrainer:
                 self.scaler.scale(loss).backward()
                 self.scaler.unscale_(self.opt)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
-                self.scaler.step(self.opt)
-                self.scaler.update()
+                # with fp16 the scaler skips overflowing steps itself; otherwise a non-finite step is skipped here
+                finite = all_finite([loss.detach()] + ([] if self.scaler.is_enabled() else [grad_norm]))
+                if self.guard.after_step(self.step, finite):
+                    self.scaler.step(self.opt)
+                    self.scaler.update()
+                else:
+                    self.nonfinite_steps += 1
+                    self.opt.zero_grad(set_to_none=True)
                 self.step += 1
                 tokens_seen += batch["tokens"].numel()
                 bar.update(1)
@@ -333,20 +355,22 @@ class PriorTrainer:
                     rate = tokens_seen / (time.perf_counter() - t0)
                     t0, tokens_seen = time.perf_counter(), 0
                     self.metrics.write(self.step, {"loss": float(loss.detach()), "grad_norm": float(grad_norm),
-                                                   "lr": self.opt.param_groups[0]["lr"], "tokens_per_s": rate})
+                                                   "lr": self.opt.param_groups[0]["lr"], "tokens_per_s": rate,
+                                                   "nonfinite_steps": self.nonfinite_steps})
                     bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)
                 if self.step % t.eval_every == 0 and self.step < t.steps and self.rt.is_main:
                     self.metrics.write(self.step, {"nll": self.evaluate()}, kind="eval")
                     self.write_samples()
                 if self.step % t.ckpt_every == 0 or self.step == t.steps:
                     self.save()
-                if self.step >= t.steps or stop.requested:
+                if self.step >= t.steps or self.guard.stop_requested:
                     break
 
     def save_final(self) -> Path:
         """`model/`: the prior, and copies of its tokenizers (when they still match the store's tokens), so
         the directory samples on its own."""
         target = self.run_dir / "model"
+        require_finite(self.model.state_dict(), "the final prior")
         tokenizer, cond_tokenizer = self.tokenizers()
         with atomic_directory(target) as tmp:
             save_tensors(self.model.state_dict(), tmp / WEIGHTS_FILE)

@@ -1,0 +1,103 @@
+"""Decisions a training loop takes after each step, the same on every rank: was the step finite (else it is
+skipped, and too many in a row stop the run), and should the run stop now (SIGTERM / SIGINT, or the torchrun
+launcher gone)? Under torchrun the ranks agree through one small all-reduce, so they stop at the same step
+and rank 0's checkpoint matches every replica."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+
+from ..errors import UserError
+from .common import Runtime
+
+log = logging.getLogger("vqgan.train")
+
+
+class Diverged(UserError):
+    """Too many steps in a row had non-finite losses or gradients."""
+
+
+def all_finite(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """One boolean tensor: every value of every tensor is finite (one fused norm per group, no sync)."""
+    tensors = [t for t in tensors if t is not None]
+    if not tensors:
+        return torch.tensor(True)
+    norms = torch._foreach_norm(tensors) if hasattr(torch, "_foreach_norm") else [t.norm() for t in tensors]
+    return torch.isfinite(torch.stack([n.float() for n in norms])).all()
+
+
+class StepGuard:
+    """Use as a context manager around the loop; call `after_step(finite)` once per step."""
+
+    def __init__(self, rt: Runtime, max_nonfinite: int, handle_signals: bool = True):
+        self.rt = rt
+        self.max_nonfinite = max_nonfinite
+        self.handle_signals = handle_signals
+        self.signal: int | None = None  # the signal that asked to stop
+        self.launcher_gone = False
+        self.nonfinite_in_row = 0
+        self.nonfinite_total = 0
+        self._parent = os.getppid()
+        self._old: dict = {}
+        self._agreed_stop = False
+
+    # -- stop requests -----------------------------------------------------------------------------
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+        log.warning("signal %d: writing a checkpoint and stopping", signum)
+
+    def __enter__(self) -> "StepGuard":
+        if self.handle_signals:
+            self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old = {}
+
+    def _local_stop(self) -> bool:
+        # a torchrun worker whose launcher died is re-parented: stop with a checkpoint, not run on unsupervised
+        if self.rt.distributed and not self.launcher_gone and os.getppid() != self._parent:
+            self.launcher_gone = True
+            log.warning("the torchrun launcher (pid %d) is gone: writing a checkpoint and stopping", self._parent)
+        return self.signal is not None or self.launcher_gone
+
+    @property
+    def stop_requested(self) -> bool:
+        """Stop before the next step: as soon as asked in a single process; under torchrun once every rank
+        has heard of it (at the end of a step), so that all stop at the same one."""
+        return self._agreed_stop or (not self.rt.distributed and self._local_stop())
+
+    @property
+    def exit_code(self) -> int:
+        """What the command exits with after a requested stop: 128 + the signal, as a shell reports it."""
+        return 128 + (self.signal or signal.SIGTERM)
+
+    # -- once per step -----------------------------------------------------------------------------
+    def after_step(self, step: int, finite: torch.Tensor | bool) -> bool:
+        """Agree on this step across ranks. Returns whether the step was finite (apply it) or not (skip it);
+        sets `stop_requested`; raises `Diverged` after `max_nonfinite` non-finite steps in a row."""
+        flags = torch.tensor([0.0 if bool(finite) else 1.0, 1.0 if self._local_stop() else 0.0])
+        if self.rt.distributed:
+            flags = flags.to(self.rt.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            flags = flags.cpu()
+        bad, stop = bool(flags[0]), bool(flags[1])
+        self._agreed_stop = self._agreed_stop or stop
+        if not bad:
+            self.nonfinite_in_row = 0
+            return True
+        self.nonfinite_in_row += 1
+        self.nonfinite_total += 1
+        log.warning("step %d: non-finite loss or gradients, step skipped (%d in a row)", step, self.nonfinite_in_row)
+        if self.max_nonfinite and self.nonfinite_in_row >= self.max_nonfinite:
+            raise Diverged(f"training diverged: {self.nonfinite_in_row} steps in a row (to step {step}) had "
+                           "non-finite losses or gradients; the last checkpoint was kept. Lower the learning rate "
+                           "(or raise train.max_nonfinite_steps) and start again or --resume")
+        return False
