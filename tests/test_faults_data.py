@@ -114,7 +114,68 @@ def test_tokenize_with_maps_never_pairs_a_map_with_another_images_tokens(tmp_pat
         assert torch.equal(store[row]["cond"], own_map_tokens(seg, tmp_path / "maps" / f"{row}.png"))
 
 
-# -- paths that hold from any working directory ---------------------------------------------------------------
+def test_encode_gives_an_unreadable_image_no_row_and_names_each_rows_own_file(tmp_path, tok):
+    model, tok_dir = tok
+    for name in ("a", "b", "c"):
+        write_png(tmp_path / "imgs" / f"{name}.png", seed=ord(name))
+    truncate(tmp_path / "imgs" / "b.png")
+    assert main(["encode", str(tok_dir), str(tmp_path / "imgs"), str(tmp_path / "tokens"), "--batch-size", "2",
+                 "--no-progress"]) == 0
+    tokens = np.load(tmp_path / "tokens" / "tokens.npy")
+    meta = json.loads((tmp_path / "tokens" / "tokens.json").read_text())
+    assert meta["files"] == [str(tmp_path / "imgs" / "a.png"), str(tmp_path / "imgs" / "c.png")]
+    assert meta["skipped_files"] == 1 and tokens.shape[0] == 2
+    for row, file in enumerate(meta["files"]):
+        assert torch.equal(torch.from_numpy(tokens[row].astype(np.int64)), own_tokens(model, file))
+
+
+# -- per-image outputs never overwrite each other -------------------------------------------------------------
+
+
+def test_reconstruct_mirrors_sub_folders_so_same_named_images_stay_apart(tmp_path, tok):
+    model, tok_dir = tok
+    sources = ["a/x.png", "b/x.png", "a/y.png", "a/y.jpg"]
+    for i, rel in enumerate(sources):
+        write_png(tmp_path / "imgs" / rel, seed=i)
+    assert main(["reconstruct", str(tok_dir), str(tmp_path / "imgs"), str(tmp_path / "rec"), "--no-progress"]) == 0
+    with open(tmp_path / "rec" / "psnr.csv", newline="") as f:
+        rows = {os.path.relpath(r["file"], tmp_path / "imgs"): r["reconstruction"] for r in csv.DictReader(f)}
+    rec = tmp_path / "rec"
+    assert rows == {"a/x.png": str(rec / "a" / "x_rec.png"), "b/x.png": str(rec / "b" / "x_rec.png"),
+                    "a/y.png": str(rec / "a" / "y_png_rec.png"), "a/y.jpg": str(rec / "a" / "y_jpg_rec.png")}
+    for source, output in rows.items():  # each file holds its own image's reconstruction
+        x = ImageDataset.from_paths([tmp_path / "imgs" / source], resolution=32, train=False)[0]["image"][None]
+        expected = to_uint8(model.decode(model.encode(x)))[0].astype(np.int16)
+        assert np.abs(np.asarray(Image.open(output), dtype=np.int16) - expected).mean() < 1.0, source
+
+
+def test_decode_writes_one_file_per_row_for_same_named_sources(tmp_path, tok):
+    _, tok_dir = tok
+    for i, rel in enumerate(["a/x.png", "b/x.png"]):
+        write_png(tmp_path / "imgs" / rel, seed=i)
+    main(["encode", str(tok_dir), str(tmp_path / "imgs"), str(tmp_path / "tokens"), "--no-progress"])
+    assert main(["decode", str(tok_dir), str(tmp_path / "tokens"), str(tmp_path / "dec"), "--no-progress"]) == 0
+    assert sorted(p.name for p in (tmp_path / "dec").glob("*.png")) == ["000000_x.png", "000001_x.png"]
+
+
+# -- paths that hold from any working directory --------------------------------------------------------------
+
+
+def test_stores_record_absolute_tokenizer_paths_that_load_from_any_folder(tmp_path, tok, monkeypatch):
+    model, _ = tok
+    (tmp_path / "elsewhere").mkdir()
+    for i in range(3):
+        write_png(tmp_path / "imgs" / f"{i}.png", seed=i)
+    monkeypatch.chdir(tmp_path)
+    tokenize_folder("tok/", "imgs", "store", progress=False)
+    main(["encode", "tok", "imgs", "tokens", "--no-progress"])
+    store = json.loads((tmp_path / "store" / "meta.json").read_text())
+    tokens = json.loads((tmp_path / "tokens" / "tokens.json").read_text())
+    assert store["tokenizer"]["path"] == tokens["tokenizer"]["path"] == str(tmp_path / "tok")
+    assert store["files"][0] == tokens["files"][0] == str(tmp_path / "imgs" / "0.png")
+    monkeypatch.chdir(tmp_path / "elsewhere")  # where a prior is trained: it loads the recorded tokenizer
+    assert fingerprint(load_model(store["tokenizer"]["path"])) == store["tokenizer"]["fingerprint"] == \
+        fingerprint(model)
 
 
 def test_the_condition_tokenizer_path_is_absolute(tmp_path, tok, monkeypatch):
@@ -180,6 +241,54 @@ def test_symlinked_sub_folders_are_followed_loops_are_not_and_both_are_logged(tm
 
 
 # -- bad input: one line, exit code 2, before any work ---------------------------------------------------------
+
+
+@pytest.fixture
+def inputs(tmp_path, tok):
+    write_png(tmp_path / "imgs" / "cats" / "0.png", seed=0)
+    gpt = GPT(GPTConfig(vocab_size=66, block_size=8, n_layer=1, n_head=1, n_embd=8))
+    save_model(gpt, tmp_path / "prior" / "model")
+    (tmp_path / "file").write_text("not a folder")
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "one.csv").write_text("file\ncats/0.png\n")
+    return tmp_path
+
+
+RUNS = ("encode", "reconstruct", "tokenize")  # TOKENIZER IMAGES OUT
+BAD_INPUT = [
+    *[(cmd, ["{tok}", "{imgs}", "{out}", "--batch-size", "0"], "--batch-size 0") for cmd in RUNS],
+    ("decode", ["{tok}", "{tokens}", "{out}", "--batch-size", "0"], "--batch-size 0"),
+    *[(cmd, ["{tok}", "{imgs}", "{out}", "--device", "gpu"], "PyTorch calls a GPU 'cuda'") for cmd in RUNS],
+    ("decode", ["{tok}", "{tokens}", "{out}", "--device", "gpu"], "PyTorch calls a GPU 'cuda'"),
+    *[(cmd, ["{tok}", "{imgs}", "{file}"], "is an existing file") for cmd in RUNS],
+    ("decode", ["{tok}", "{tokens}", "{file}"], "is an existing file"),
+    ("encode", ["{tok}", "{imgs}", "{file}/out"], "is a file"),
+    *[(cmd, ["{prior}", "{imgs}", "{out}"], "is a transformer prior") for cmd in RUNS],
+    ("decode", ["{prior}", "{tokens}", "{out}"], "is a transformer prior"),
+    ("tokenize", ["{tok}", "{imgs}", "{out}", "--cond-maps", "{imgs}", "--cond-tokenizer", "{prior}"],
+     "--cond-tokenizer"),
+    *[(cmd, ["{tok}", "{imgs}", "{out}", "--resolution", r], f"--resolution {r}")
+      for cmd in ("encode", "reconstruct") for r in ("0", "-16")],
+    ("tokenize", ["{tok}", "{imgs}", "{out}", "--crops", "0"], "--crops 0"),
+    ("tokenize", ["{tok}", "{imgs}", "{out}", "--count", "0"], "--count 0"),
+    ("tokenize", ["{tok}", "{imgs}", "{out}", "--labels", "folder"], "neither 'folders'"),
+    ("tokenize", ["{tok}", "{imgs}", "{out}", "--labels", "{dir}/missing.csv"], "neither 'folders'"),
+    ("tokenize", ["{tok}", "{imgs}", "{out}", "--labels", "{dir}/bad.json"], "is not valid JSON"),
+    ("tokenize", ["{tok}", "{imgs}", "{out}", "--labels", "{dir}/list.json"], "expected a JSON object"),
+    ("tokenize", ["{tok}", "{imgs}", "{out}", "--labels", "{dir}/one.csv"], "line 2: expected two columns"),
+]
+
+
+@pytest.mark.parametrize("command, args, message", BAD_INPUT)
+def test_bad_input_is_one_line_and_exit_code_2_before_any_work(inputs, capsys, command, args, message):
+    paths = {"tok": inputs / "tok", "imgs": inputs / "imgs", "out": inputs / "out", "tokens": inputs / "tokens",
+             "file": inputs / "file", "prior": inputs / "prior", "dir": inputs}
+    argv = [command, *(a.format(**paths) for a in args), "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"vqgan {command}: error: ") and message in err[0], err
+    assert not (inputs / "out").exists()
 
 
 def test_labels_keyed_by_a_shared_file_name_or_naming_no_image_are_refused(tmp_path, tok):
