@@ -273,6 +273,7 @@ BAD_INPUT = [
     ("tokenize", ["{tok}", "{imgs}", "{out}", "--crops", "0"], "--crops 0"),
     ("tokenize", ["{tok}", "{imgs}", "{out}", "--count", "0"], "--count 0"),
     ("tokenize", ["{tok}", "{imgs}", "{out}", "--labels", "folder"], "neither 'folders'"),
+    ("tokenize", ["{tok}", "{imgs}/cats/0.png", "{out}", "--labels", "folders"], "inside a class sub-folder"),
     ("tokenize", ["{tok}", "{imgs}", "{out}", "--labels", "{dir}/missing.csv"], "neither 'folders'"),
     ("tokenize", ["{tok}", "{imgs}", "{out}", "--labels", "{dir}/bad.json"], "is not valid JSON"),
     ("tokenize", ["{tok}", "{imgs}", "{out}", "--labels", "{dir}/list.json"], "expected a JSON object"),

@@ -169,9 +169,10 @@ def check_labels_option(labels: str | None, data: str) -> None:
 
 def folder_labels(names: list[str], root: Path) -> tuple[list[int], list[str]]:
     """ImageFolder convention: the first sub-folder under `root` names the class."""
-    parts = [relative_source(n, root).parts for n in names]
+    parts = [Path(n).relative_to(root).parts for n in names]  # an image file as the data: no parts, refused
     if not parts or any(len(p) < 2 for p in parts):
-        raise UserError(f"labels=folders needs every image of {root} inside a class sub-folder")
+        raise UserError(f"--labels folders needs every image of {root} inside a class sub-folder "
+                        f"({root}/CLASS/image.png)")
     classes = sorted({p[0] for p in parts})
     index = {c: i for i, c in enumerate(classes)}
     return [index[p[0]] for p in parts], classes
