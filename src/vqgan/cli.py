@@ -64,9 +64,8 @@ def _decode(args) -> dict:
 def _reconstruct(args) -> dict:
     from .inference import reconstruct_folder
 
-    r = reconstruct_folder(args.model, args.images, args.out, args.batch_size, args.crop, args.resolution,
-                           args.device, progress=not args.no_progress)
-    return r
+    return reconstruct_folder(args.model, args.images, args.out, args.batch_size, args.crop, args.resolution,
+                              args.device, progress=not args.no_progress)
 
 
 def _train_transformer(args) -> dict:
@@ -198,11 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
         e = sub.add_parser(name, help=helptext)
         e.add_argument("model", help="tokenizer directory (a run, a checkpoint, or a converted model)")
         e.add_argument("images", help="image file or folder (recursive), or builtin:scenes")
-        e.add_argument("out", help="output directory")
+        e.add_argument("out", help="output directory (reconstruct: mirrors the input's sub-folders)")
         e.add_argument("--batch-size", type=int, default=16)
         e.add_argument("--crop", choices=["center", "resize"], default="center")
         e.add_argument("--resolution", type=int, default=None, help="default: the tokenizer's training resolution")
-        e.add_argument("--device", default=None)
+        e.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when there is one)")
         e.add_argument("--no-progress", action="store_true")
         e.set_defaults(func=fn)
 
@@ -254,14 +253,15 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("images", help="image folder (recursive) or builtin:scenes")
     k.add_argument("out", help="token store directory (an interrupted run resumes there)")
     k.add_argument("--labels", default=None,
-                   help="'folders' (sub-folder names are classes) or a CSV/JSON file mapping files to labels")
+                   help="'folders' (sub-folder names are classes) or a CSV (file,label) / JSON ({file: label}) "
+                        "file; files are keyed by their path under IMAGES or by file name")
     k.add_argument("--crops", type=int, default=1, help="random crops per image (1: one centre crop)")
     k.add_argument("--cond-maps", default=None,
                    help="folder of segmentation / depth maps named like the images (or builtin:scenes-seg)")
     k.add_argument("--cond-tokenizer", default=None, help="the stage-1 model trained on those maps")
     k.add_argument("--count", type=int, default=1024, help="images taken from built-in data")
     k.add_argument("--batch-size", type=int, default=32)
-    k.add_argument("--device", default=None)
+    k.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when there is one)")
     k.add_argument("--no-progress", action="store_true")
     k.set_defaults(func=_tokenize)
 
@@ -276,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("tokens", help="directory written by `vqgan encode` (or its tokens.npy)")
     c.add_argument("out")
     c.add_argument("--batch-size", type=int, default=16)
-    c.add_argument("--device", default=None)
+    c.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when there is one)")
     c.add_argument("--force", action="store_true", help="decode even if another tokenizer made the tokens")
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=_decode)

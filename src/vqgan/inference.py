@@ -1,12 +1,15 @@
 """Using a trained tokenizer: images -> token files, token files -> images, reconstructions with PSNR.
 
 A token directory holds `tokens.npy` ((N, h, w), uint16 when the codebook fits, else int32) and
-`tokens.json` (the tokenizer's fingerprint and config, the grid, and the source file of each row).
+`tokens.json` (the tokenizer's absolute path, fingerprint and config, the grid, and the absolute path of the
+source file of each row). An unreadable image gets no row (and no reconstruction): it is counted in `skipped`.
+Per-image outputs mirror the input's sub-folders, so images that share a file name never overwrite each other.
 """
 from __future__ import annotations
 
 import csv
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -16,58 +19,67 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .autoencoder import VQModel
-from .checkpoint import fingerprint, load_model
-from .data.images import ImageDataset
+from .checkpoint import fingerprint
+from .data.images import ImageDataset, ReadableItems, collate_readable
 from .data.sources import image_sources
+from .data.tokens import (
+    absolute_source,
+    check_output_dir,
+    check_resolution,
+    load_tokenizer,
+    relative_source,
+    tokenizer_record,
+)
 from .errors import UserError
 from .eval.metrics import psnr_per_image
 from .eval.report import to_uint8
+from .userinput import at_least, resolve_device
 
 TOKENS_FILE = "tokens.npy"
 META_FILE = "tokens.json"
 
 
-def _device(name: str | None) -> torch.device:
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _load_tokenizer(path: str, device: torch.device) -> VQModel:
-    model = load_model(path, map_location=device)
-    if not isinstance(model, VQModel):
-        raise UserError(f"{path} is not an image tokenizer")
-    return model
-
-
 def _image_loader(model: VQModel, images: str, batch_size: int, crop: str, resolution: int | None):
+    """(data set, loader of its readable items, unreadable files skipped while scanning). Unreadable items are
+    left out of the batches, never replaced by another image: each output row names its own file."""
     sources, n_bad = image_sources(images, builtin_size=model.config.resolution)
     res = resolution or model.config.resolution
     if res % model.downsample_factor:
         raise UserError(f"--resolution {res} is not a multiple of the tokenizer's factor {model.downsample_factor}")
     ds = ImageDataset(sources, resolution=res, crop=crop, flip=False, train=False)
-    return ds, DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0), n_bad
+    loader = DataLoader(ReadableItems(ds), batch_size=batch_size, shuffle=False, num_workers=0,
+                        collate_fn=collate_readable)
+    return ds, loader, n_bad
+
+
+def _start(model_path: str, out: str, batch_size: int, device: str | None, resolution: int | None = None
+           ) -> tuple[torch.device, VQModel, Path]:
+    """Check the options every command here shares, before any work; then load the tokenizer."""
+    at_least(batch_size, 1, "--batch-size")
+    check_resolution(resolution)
+    out_dir = check_output_dir(out)
+    dev = resolve_device(device)
+    return dev, load_tokenizer(model_path, dev), out_dir
 
 
 @torch.no_grad()
 def encode_folder(model_path: str, images: str, out: str, batch_size: int = 16, crop: str = "center",
                   resolution: int | None = None, device: str | None = None, progress: bool = True) -> dict:
-    dev = _device(device)
-    model = _load_tokenizer(model_path, dev)
+    dev, model, out_dir = _start(model_path, out, batch_size, device, resolution)
     ds, loader, n_bad = _image_loader(model, images, batch_size, crop, resolution)
     chunks, names, skipped = [], [], n_bad
     for batch in tqdm(loader, desc="encode", disable=not progress):
-        chunks.append(model.encode(batch["image"].to(dev)).cpu())
-        names += [ds.name(int(i)) for i in batch["index"]]
-        skipped += int(batch["skipped"].sum())
+        skipped += batch["skipped"]
+        if batch["image"] is not None:
+            chunks.append(model.encode(batch["image"].to(dev)).cpu())
+            names += [absolute_source(ds.name(i), images) for i in batch["index"]]
+    if not chunks:
+        raise UserError(f"none of the images in {images} could be read (see the warnings above); nothing written")
     tokens = torch.cat(chunks).numpy()
     dtype = np.uint16 if model.quantize.n_embed <= 65536 else np.int32
-    out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     np.save(out_dir / TOKENS_FILE, tokens.astype(dtype))
-    meta = {"format": "vqgan-tokens/1", "tokenizer": {"path": str(model_path), "fingerprint": fingerprint(model),
-                                                      "n_embed": model.quantize.n_embed,
-                                                      "config": model.config_dict()},
+    meta = {"format": "vqgan-tokens/1", "tokenizer": tokenizer_record(model_path, model),
             "grid": list(tokens.shape[1:]), "count": int(tokens.shape[0]), "dtype": np.dtype(dtype).name,
             "resolution": resolution or model.config.resolution, "crop": crop, "files": names,
             "skipped_files": skipped}
@@ -95,8 +107,7 @@ def read_tokens(path: str) -> tuple[np.ndarray, dict]:
 @torch.no_grad()
 def decode_tokens(model_path: str, tokens_path: str, out: str, batch_size: int = 16, device: str | None = None,
                   force: bool = False, progress: bool = True) -> dict:
-    dev = _device(device)
-    model = _load_tokenizer(model_path, dev)
+    dev, model, out_dir = _start(model_path, out, batch_size, device)
     tokens, meta = read_tokens(tokens_path)
     recorded = meta.get("tokenizer", {}).get("fingerprint")
     mine = fingerprint(model)
@@ -107,7 +118,6 @@ def decode_tokens(model_path: str, tokens_path: str, out: str, batch_size: int =
     if tokens.size and (tokens.min() < 0 or tokens.max() >= n):
         raise UserError(f"{tokens_path} has token indices in [{tokens.min()}, {tokens.max()}], outside the "
                         f"tokenizer's codebook [0, {n})")
-    out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = meta.get("files") or [f"{i:06d}" for i in range(len(tokens))]
     written = []
@@ -121,26 +131,39 @@ def decode_tokens(model_path: str, tokens_path: str, out: str, batch_size: int =
     return {"count": len(written), "out": str(out_dir)}
 
 
+def _mirrored_names(ds: ImageDataset, images: str, tail: str) -> list[Path]:
+    """Each source's output path under the output folder: its sub-folders mirrored, so a/x.png and b/x.png
+    stay apart; sources that share a stem in one folder (x.png, x.jpg) keep their extension in the name."""
+    root = Path(images).expanduser()
+    root = root if root.is_dir() else root.parent
+    rel = [relative_source(ds.name(i), root) for i in range(len(ds))]
+    shared = Counter(r.with_suffix("") for r in rel)
+    return [r.with_name(f"{r.stem}{tail}" if shared[r.with_suffix("")] == 1 else f"{r.stem}_{r.suffix[1:]}{tail}")
+            for r in rel]
+
+
 @torch.no_grad()
 def reconstruct_folder(model_path: str, images: str, out: str, batch_size: int = 16, crop: str = "center",
                        resolution: int | None = None, device: str | None = None, progress: bool = True) -> dict:
-    dev = _device(device)
-    model = _load_tokenizer(model_path, dev)
+    dev, model, out_dir = _start(model_path, out, batch_size, device, resolution)
     ds, loader, n_bad = _image_loader(model, images, batch_size, crop, resolution)
-    out_dir = Path(out)
+    outputs = _mirrored_names(ds, images, "_rec.png")
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, skipped = [], n_bad
     for batch in tqdm(loader, desc="reconstruct", disable=not progress):
+        skipped += batch["skipped"]
+        if batch["image"] is None:
+            continue
         x = batch["image"].to(dev)
         rec = model.decode(model.encode(x))
         for i, img, p in zip(batch["index"], to_uint8(rec), psnr_per_image(x, rec).tolist()):
-            name = ds.name(int(i))
-            path = out_dir / f"{Path(name).stem}_rec.png"
+            path = out_dir / outputs[i]
+            path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(img).save(path)
-            rows.append({"file": name, "reconstruction": str(path), "psnr": round(p, 4)})
+            rows.append({"file": ds.name(i), "reconstruction": str(path), "psnr": round(p, 4)})
     with open(out_dir / "psnr.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["file", "reconstruction", "psnr"])
         w.writeheader()
         w.writerows(rows)
     mean = float(np.mean([r["psnr"] for r in rows])) if rows else float("nan")
-    return {"count": len(rows), "psnr_mean": mean, "out": str(out_dir), "skipped": n_bad}
+    return {"count": len(rows), "psnr_mean": mean, "out": str(out_dir), "skipped": skipped}

@@ -7,6 +7,7 @@ name. Any mode (CMYK, palette, 16-bit, RGBA, greyscale) is converted to 8-bit RG
 from __future__ import annotations
 
 import logging
+import os
 import random
 import warnings
 from dataclasses import dataclass
@@ -31,6 +32,11 @@ def report_bad_file(path: str | Path, reason: str) -> None:
     if key not in _reported:
         _reported.add(key)
         log.warning("skipping %s: %s", path, reason)
+
+
+def error_reason(e: BaseException) -> str:
+    """The first line of an exception's message (PIL's can be long), or its type when it has none."""
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def _to_8bit_rgb(im: Image.Image) -> Image.Image:
@@ -59,21 +65,58 @@ def load_rgb(path: str | Path) -> Image.Image:
             return _to_8bit_rgb(im)
 
 
-def scan_images(root: str | Path) -> tuple[list[Path], list[Path]]:
-    """(readable files, unreadable files) under `root`, recursive, sorted by path.
+def _image_files(root: Path) -> tuple[list[Path], list[Path]]:
+    """(image files, broken links to image files) under `root`, sorted by path.
 
-    Only headers are read here; full decoding happens at load time.
+    Symlinked folders are followed, each real folder once: a link back to an ancestor would loop forever,
+    and one to a folder already scanned would list its images twice. Such links are logged with the reason.
+    """
+    files, broken, passed_over = [], [], []
+    seen = {os.stat(root)[1:3]}  # (inode, device) of each folder scanned: links are followed to real folders
+
+    def unreadable(e: OSError) -> None:
+        passed_over.append(f"{e.filename} (cannot be read: {e.strerror})")
+
+    for folder, subfolders, names in os.walk(root, followlinks=True, onerror=unreadable):
+        here = Path(folder)
+        for name in sorted(subfolders, key=lambda n: (os.path.islink(os.path.join(folder, n)), n)):  # real first
+            sub = here / name
+            key = os.stat(sub)[1:3]
+            if key not in seen:
+                seen.add(key)
+                continue
+            subfolders.remove(name)
+            real, real_here = Path(os.path.realpath(sub)), Path(os.path.realpath(here))
+            why = "a link back to its ancestor, a loop" if real in (real_here, *real_here.parents) else \
+                "already scanned under another name"
+            passed_over.append(f"{sub} -> {real} ({why})")
+        for name in names:
+            p = here / name
+            if p.suffix.lower() in IMAGE_EXTENSIONS:
+                (files if p.is_file() else broken).append(p)
+            elif not p.exists():  # a broken link, maybe to a folder of images
+                passed_over.append(f"{p} (a broken link)")
+    if passed_over:
+        log.warning("%d folders or links under %s were not followed: %s", len(passed_over), root,
+                    "; ".join(passed_over))
+    for p in broken:
+        report_bad_file(p, "a broken link (its target does not exist)")
+    return sorted(files), sorted(broken)
+
+
+def scan_images(root: str | Path) -> tuple[list[Path], list[Path]]:
+    """(readable files, unreadable files) under `root`, recursive (following symlinked folders), sorted by path.
+
+    Only headers are read here; full decoding happens at load time. Broken links count as unreadable files.
     """
     root = Path(root)
     if not root.exists():
         raise UserError(f"data folder {root} does not exist")
-    if root.is_file():
-        candidates = [root]
-    else:
-        candidates = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    if not candidates:
+    candidates, bad = ([root], []) if root.is_file() else _image_files(root)
+    total = len(candidates) + len(bad)
+    if not total:
         raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
-    good, bad = [], []
+    good = []
     for p in candidates:
         try:
             if p.stat().st_size == 0:
@@ -82,11 +125,11 @@ def scan_images(root: str | Path) -> tuple[list[Path], list[Path]]:
                 im.size  # noqa: B018 - header only
             good.append(p)
         except Exception as e:  # PIL raises many types for bad files
-            report_bad_file(p, str(e).splitlines()[0] if str(e) else type(e).__name__)
+            report_bad_file(p, error_reason(e))
             bad.append(p)
     if not good:
-        raise UserError(f"none of the {len(candidates)} image files under {root} could be read")
-    return good, bad
+        raise UserError(f"none of the {total} image files under {root} could be read")
+    return good, sorted(bad)
 
 
 def to_tensor(im: Image.Image) -> torch.Tensor:
@@ -163,14 +206,20 @@ class ImageDataset(Dataset):
         n = len(self.sources)
         for attempt in range(min(n, 50)):
             i = (index + attempt) % n
-            src = self.sources[i]
-            try:
-                x = self.prepare(src.load(), index)
-            except Exception as e:  # corrupt / truncated / vanished file, or a label map with a bad label
-                report_bad_file(src.name, str(e).splitlines()[0] if str(e) else type(e).__name__)
-                continue
-            return {"image": x, "index": i, "skipped": attempt}
+            x = self.read(i, crop_index=index)
+            if x is not None:
+                return {"image": x, "index": i, "skipped": attempt}
         raise RuntimeError(f"could not load any image near index {index} (50 bad files in a row)")
+
+    def read(self, index: int, crop_index: int | None = None) -> torch.Tensor | None:
+        """Source `index` prepared as item `crop_index` (default `index`), or None when it cannot be read
+        (reported once): for outputs whose rows name their file, where a stand-in would be mislabelled."""
+        src = self.sources[index]
+        try:
+            return self.prepare(src.load(), index if crop_index is None else crop_index)
+        except Exception as e:  # corrupt / truncated / vanished file, or a label map with a bad label
+            report_bad_file(src.name, error_reason(e))
+            return None
 
     def prepare(self, im: Image.Image, index: int) -> torch.Tensor:
         """Crop (and flip) as item `index` of this epoch, then convert to the model's input tensor."""
@@ -184,3 +233,26 @@ class ImageDataset(Dataset):
 
     def name(self, index: int) -> str:
         return self.sources[index].name
+
+
+class ReadableItems(Dataset):
+    """The items of `images` in order, each prepared from its own file, or None when that cannot be read.
+
+    Use with `collate_readable`, which leaves the unreadable ones out and counts them."""
+
+    def __init__(self, images: ImageDataset):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"image": self.images.read(index), "index": index}
+
+
+def collate_readable(items: list[dict]) -> dict:
+    """`image`: (B, 3, H, W) of the readable items (None if there is none), `index`: their source indices,
+    `skipped`: how many were left out."""
+    good = [it for it in items if it["image"] is not None]
+    return {"image": torch.stack([it["image"] for it in good]) if good else None,
+            "index": [it["index"] for it in good], "skipped": len(items) - len(good)}

@@ -6,9 +6,12 @@ A store is a directory:
 - `labels.npy`: (N,) int64 class ids (-1: none);
 - `cond_tokens.bin` (optional): (N, hc, wc) tokens of each image's condition map (segmentation or depth,
   same file stem in a parallel folder, cropped exactly as the image), made by a condition tokenizer;
-- `meta.json`: the tokenizer (path, weight fingerprint, codebook size), grid, dtype, augmentation, class
-  names, the condition tokenizer and its grid, the source file of each row, and how many rows are done (a
-  killed `vqgan tokenize` resumes there).
+- `meta.json`: the tokenizer (absolute path, weight fingerprint, codebook size), grid, dtype, augmentation,
+  class names, the condition tokenizer and its grid, the absolute source file of each row, and how many rows
+  are done (a killed `vqgan tokenize` resumes there).
+
+A row whose image or condition map cannot be read keeps its place (rows are positions) but gets the label
+`UNUSABLE`, so no label or map is ever paired with another image's tokens; training leaves such rows out.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import csv
 import json
 import logging
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +28,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from ..autoencoder import VQModel
+from ..checkpoint import fingerprint, load_model
 from ..errors import UserError
+from ..userinput import at_least, output_dir, resolve_device
+from .images import ImageDataset, error_reason, report_bad_file
+from .maps import resample_for
+from .scenes import SCENE_CLASSES
+from .sources import BUILTIN_PREFIX, image_sources
 
 log = logging.getLogger("vqgan.data")
 
@@ -38,6 +49,14 @@ UNUSABLE = -2  # label of a row whose image or condition map could not be read: 
 def _write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def _save_labels_atomic(path: Path, labels: np.ndarray) -> None:
+    """A kill while writing must not leave a corrupt labels file for the resumed run to trip over."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:  # a file object: np.save would append .npy to a name
+        np.save(f, labels)
     os.replace(tmp, path)
 
 
@@ -84,41 +103,159 @@ class TokenStore(Dataset):
         return item
 
 
+# -- checks shared by the commands that read images through a tokenizer ----------------------------------
+
+
+def load_tokenizer(path: str, device: torch.device, option: str = "tokenizer") -> VQModel:
+    """The image tokenizer (stage-1 model) at `path`; a prior given in its place is refused, naming the fix."""
+    model = load_model(path, map_location=device)
+    if not isinstance(model, VQModel):
+        bundled = [Path(path) / d / "tokenizer" for d in ("", "model") if (Path(path) / d / "tokenizer").is_dir()]
+        hint = f" (the tokenizer it was trained with is {bundled[0]})" if bundled else ""
+        raise UserError(f"{option} {path} is a transformer prior, not an image tokenizer{hint}; give a stage-1 "
+                        "model: a train-tokenizer run, its model/ folder or a converted VQGAN")
+    return model.eval()
+
+
+def tokenizer_record(path: str, model: VQModel) -> dict[str, Any]:
+    """How a token file names its tokenizer: an absolute path (readable from any working directory) and the
+    weights' fingerprint (which decides whether two tokenizers are the same, however their paths are spelled)."""
+    return {"path": str(Path(path).expanduser().resolve()), "fingerprint": fingerprint(model),
+            "n_embed": model.quantize.n_embed, "config": model.config_dict()}
+
+
+def check_output_dir(path: str, option: str = "output folder") -> Path:
+    """An output folder that is not a file and can be made (no file in the way up its path), before any work."""
+    out = output_dir(path, option)
+    above = next((p for p in out.absolute().parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise UserError(f"{option} {out}: {above} is a file, so no folder can be made there; give another path")
+    return out
+
+
+def check_resolution(resolution: int | None, option: str = "--resolution") -> None:
+    if resolution is not None:
+        at_least(resolution, 1, option)
+
+
+# -- sources and their labels ----------------------------------------------------------------------------------
+
+
+def relative_source(name: str, root: Path) -> Path:
+    """`name` relative to the data root; built-in items have no root and stay as they are."""
+    try:
+        return Path(name).relative_to(root)
+    except ValueError:
+        return Path(name)
+
+
+def absolute_source(name: str, root: str) -> str:
+    """A source as meta.json records it: absolute, so it means the same from any working directory."""
+    return name if root.startswith(BUILTIN_PREFIX) else os.path.abspath(name)
+
+
+def check_labels_option(labels: str | None, data: str) -> None:
+    """`--labels` is 'folders' (with an image folder) or an existing file; checked before any work."""
+    if not labels:
+        return
+    if labels == "folders":
+        if data.startswith(BUILTIN_PREFIX):
+            raise UserError(f"--labels folders needs an image folder; {data} brings its own classes, leave it out")
+        return
+    if not Path(labels).is_file():
+        raise UserError(f"--labels {labels}: neither 'folders' (the sub-folder names are the classes) nor an "
+                        "existing CSV (file,label) or JSON ({file: label}) file")
+
+
 def folder_labels(names: list[str], root: Path) -> tuple[list[int], list[str]]:
     """ImageFolder convention: the first sub-folder under `root` names the class."""
-    parts = [Path(n).relative_to(root).parts for n in names]
+    parts = [Path(n).relative_to(root).parts for n in names]  # an image file as the data: no parts, refused
     if not parts or any(len(p) < 2 for p in parts):
-        raise UserError(f"labels=folders needs every image of {root} inside a class sub-folder")
+        raise UserError(f"--labels folders needs every image of {root} inside a class sub-folder "
+                        f"({root}/CLASS/image.png)")
     classes = sorted({p[0] for p in parts})
     index = {c: i for i, c in enumerate(classes)}
     return [index[p[0]] for p in parts], classes
 
 
-def mapping_labels(names: list[str], root: Path, mapping_file: Path) -> tuple[list[int], list[str]]:
-    """Labels from a CSV (`file,label`) or JSON ({file: label}) keyed by path relative to `root` or file name."""
-    if mapping_file.suffix.lower() == ".json":
+def _read_json_mapping(mapping_file: Path) -> dict[str, str]:
+    try:
         raw = json.loads(mapping_file.read_text())
-    else:
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"labels file {mapping_file} is not valid JSON ({e}); expected {{\"file\": label, ...}}"
+                        ) from None
+    scalar = isinstance(raw, dict) and all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in raw.values())
+    if not scalar:
+        raise UserError(f"labels file {mapping_file}: expected a JSON object {{\"file\": label, ...}} with one class "
+                        "name or id per file")
+    return {str(k).strip(): str(v).strip() for k, v in raw.items()}
+
+
+def _read_csv_mapping(mapping_file: Path) -> dict[str, str]:
+    try:
         with open(mapping_file, newline="") as f:
-            rows = [r for r in csv.reader(f) if r]
-        if rows and rows[0][0].strip().lower() in ("file", "filename", "path"):
-            rows = rows[1:]
-        raw = {r[0].strip(): r[1].strip() for r in rows}
-    classes = sorted({str(v) for v in raw.values()}, key=lambda c: (not c.isdigit(), int(c) if c.isdigit() else 0, c))
+            rows = [(n, r) for n, r in enumerate(csv.reader(f), 1) if any(c.strip() for c in r)]
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f"labels file {mapping_file} is not a readable CSV ({e}); expected file,label rows") from None
+    if rows and rows[0][1][0].strip().lower() in ("file", "filename", "path"):
+        rows = rows[1:]
+    short = next((n for n, r in rows if len(r) < 2 or not r[1].strip()), None)
+    if short is not None:
+        raise UserError(f"labels file {mapping_file}, line {short}: expected two columns, file,label")
+    return {r[0].strip(): r[1].strip() for _, r in rows}
+
+
+def mapping_labels(names: list[str], root: Path, mapping_file: Path) -> tuple[list[int], list[str]]:
+    """Labels from a CSV (`file,label`) or JSON ({file: label}) keyed by path relative to `root` or file name.
+
+    A file name that several images share (a/x.png, b/x.png) is refused as a key: it would give them all one label.
+    """
+    read = _read_json_mapping if mapping_file.suffix.lower() == ".json" else _read_csv_mapping
+    raw = read(mapping_file)
+    if not raw:
+        raise UserError(f"labels file {mapping_file} holds no labels; expected file,label rows (CSV) or "
+                        "{\"file\": label} (JSON)")
+    classes = sorted(set(raw.values()), key=lambda c: (not c.isdigit(), int(c) if c.isdigit() else 0, c))
     index = {c: i for i, c in enumerate(classes)}
+    shared = Counter(Path(n).name for n in names)
     labels = []
     for n in names:
-        rel = str(Path(n).relative_to(root))
-        key = rel if rel in raw else Path(n).name
-        labels.append(index[str(raw[key])] if key in raw else -1)
+        rel, name = str(relative_source(n, root)), Path(n).name
+        key = rel if rel in raw else name
+        if key == name != rel and name in raw and shared[name] > 1:
+            raise UserError(f"labels file {mapping_file} keys {name!r} by file name, but {shared[name]} images have "
+                            f"that name; key them by their path under {root} (e.g. {rel})")
+        labels.append(index[raw[key]] if key in raw else -1)
+    missing = labels.count(-1)
+    if missing == len(labels):
+        raise UserError(f"labels file {mapping_file} names none of the images; key them by their path under {root} "
+                        f"(e.g. {relative_source(names[0], root)}) or by file name")
+    if missing:
+        log.warning("%d of %d images have no label in %s: they train without a class", missing, len(labels),
+                    mapping_file)
     return labels, classes
+
+
+def _labels(names: list[str], sources: list, data: str, labels: str | None) -> tuple[list[int], list[str]]:
+    """(class id per image, -1 for none; class names) from `--labels`, or the built-in scenes' own classes."""
+    if labels == "folders":
+        return folder_labels(names, Path(data))
+    if labels:
+        return mapping_labels(names, Path(data), Path(labels))
+    if data.startswith(BUILTIN_PREFIX):
+        return [s.label for s in sources], list(SCENE_CLASSES)
+    return [-1] * len(names), []
+
+
+# -- making a store -------------------------------------------------------------------------------------------
 
 
 class _Crops(Dataset):
     """Each image `crops` times (crop k of image i is row i * crops + k), with its condition map cropped
-    the same way when `maps` is given."""
+    the same way when `maps` is given. Every row is its own image: an unreadable image (or map) gives a blank
+    row marked `bad`, never a stand-in from another file."""
 
-    def __init__(self, images, crops: int, maps=None):
+    def __init__(self, images: ImageDataset, crops: int, maps: ImageDataset | None = None):
         self.images, self.crops, self.maps = images, crops, maps
 
     def __len__(self) -> int:
@@ -128,31 +265,32 @@ class _Crops(Dataset):
         i, k = divmod(row, self.crops)
         self.images.epoch = k  # a different random crop per k, the same on every run
         if self.maps is None:
-            return {"image": self.images[i]["image"], "cond": False, "row": row}
-        from .images import report_bad_file
+            image, cond = self.images.read(i), False
+        else:
+            self.maps.epoch = k
+            image, cond = self._pair(i)
+        if image is None:
+            side = self.images.resolution
+            return {"image": torch.zeros(3, side, side), "cond": None, "row": row, "bad": True}
+        return {"image": image, "cond": cond, "row": row, "bad": False}
 
-        self.maps.epoch = k
+    def _pair(self, i: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         src, map_src = self.images.sources[i], self.maps.sources[i]
         try:
             im, cond = src.load(), map_src.load()
             if cond.size != im.size:  # maps made at another size: bring them to the image's pixels first
-                from .maps import resample_for
-
                 cond = cond.resize(im.size, resample_for(self.maps.kind))
-            return {"image": self.images.prepare(im, i), "cond": self.maps.prepare(cond, i), "row": row}
-        except Exception as e:
-            # the row must stay (rows are positions); it is marked so training skips it
-            report_bad_file(f"{src.name} / {map_src.name}", str(e).splitlines()[0] if str(e) else type(e).__name__)
-            side = self.images.resolution
-            return {"image": torch.zeros(3, side, side), "cond": None, "row": row}
+            return self.images.prepare(im, i), self.maps.prepare(cond, i)
+        except Exception as e:  # either file: the pair is unusable
+            report_bad_file(f"{src.name} / {map_src.name}", error_reason(e))
+            return None, None
 
 
 def _collate(items: list[dict]) -> dict:
-    """`cond` is False without maps, None for a row that could not be read."""
-    bad = [it["cond"] is None for it in items]
+    """`cond` is False without maps; a bad row gets zeros in place of its map (it is marked unusable)."""
     good = next((it["cond"] for it in items if isinstance(it["cond"], torch.Tensor)), None)
     return {"image": torch.stack([it["image"] for it in items]), "row": torch.tensor([it["row"] for it in items]),
-            "bad": torch.tensor(bad),
+            "bad": torch.tensor([it["bad"] for it in items]),
             "cond": None if good is None else torch.stack([it["cond"] if it["cond"] is not None
                                                              else torch.zeros_like(good) for it in items])}
 
@@ -160,8 +298,6 @@ def _collate(items: list[dict]) -> dict:
 def match_maps(sources: list, data: str, maps: str, kind: str, size: int) -> tuple[list, list]:
     """Pair each image source with the map of the same relative path stem under `maps` (built-in data:
     the same name). Returns (image sources with a map, their maps); images without one are left out."""
-    from .sources import BUILTIN_PREFIX, image_sources
-
     map_sources, _ = image_sources(maps, builtin_count=len(sources), builtin_size=size, kind=kind)
 
     def key(name: str, root: str) -> str:
@@ -179,6 +315,59 @@ def match_maps(sources: list, data: str, maps: str, kind: str, size: int) -> tup
     return [s for s, _ in kept], [m for _, m in kept]
 
 
+def _same_rows(old: dict, new: dict) -> bool:
+    """Whether an existing store's rows mean what this run's would: the same tokenizers by fingerprint (not by
+    how their paths are spelled), the same source files (compared as absolute paths), grid, crops and classes."""
+    def recipe(meta: dict, data: str) -> dict:
+        tokenizer = {k: v for k, v in (meta.get("tokenizer") or {}).items() if k != "path"}
+        cond = meta.get("condition")
+        if cond:
+            maps = str(cond.get("maps", ""))
+            cond = {**cond, "tokenizer": {k: v for k, v in (cond.get("tokenizer") or {}).items() if k != "path"},
+                    "maps": absolute_source(maps, maps),
+                    "map_files": [absolute_source(f, maps) for f in cond.get("map_files", [])]}
+        files = [absolute_source(f, data) for f in meta.get("files", [])]
+        return {"tokenizer": tokenizer, "condition": cond, "files": files,
+                **{k: meta.get(k) for k in ("grid", "count", "crops_per_image", "class_names")}}
+
+    return recipe(old, new["data"]) == recipe(new, new["data"])
+
+
+def _resume_point(out_dir: Path, meta: dict) -> int:
+    """Rows already done by an earlier run of the same command (0 for a new store); refuses a store made
+    differently, and starts over when the earlier run's files are missing or cut short."""
+    meta_path = out_dir / META_FILE
+    if not meta_path.is_file():
+        return 0
+    old = json.loads(meta_path.read_text())
+    if not _same_rows(old, meta):
+        raise UserError(f"{out_dir} holds a token store made differently (other tokenizer, data, crops or labels); "
+                        "choose another output directory")
+    done = int(old.get("done", 0))
+    rows = [(TOKENS_BIN, meta["dtype"], meta["grid"])]
+    if meta["condition"]:
+        rows.append((COND_BIN, meta["condition"]["dtype"], meta["condition"]["grid"]))
+    expected = {name: meta["count"] * int(np.prod(grid)) * np.dtype(dtype).itemsize for name, dtype, grid in rows}
+    intact = all((out_dir / n).is_file() and (out_dir / n).stat().st_size == size for n, size in expected.items())
+    if done and not (intact and (out_dir / LABELS_FILE).is_file()):
+        log.warning("%s: the earlier run's token or label files are missing or cut short; starting over", out_dir)
+        return 0
+    return done
+
+
+def _row_labels(out_dir: Path, label_ids: list[int], crops: int, done: int) -> np.ndarray:
+    """Each row's label; the rows an earlier run did keep theirs (and their `UNUSABLE` marks), which must agree."""
+    rows = np.repeat(np.asarray(label_ids, dtype=np.int64), crops)
+    if not done:
+        return rows
+    old = np.load(out_dir / LABELS_FILE)
+    kept = old[:done] if len(old) == len(rows) else None
+    if kept is None or ((kept != rows[:done]) & (kept != UNUSABLE)).any():
+        raise UserError(f"{out_dir} holds a token store with other labels; choose another output directory")
+    rows[:done] = kept
+    return rows
+
+
 @torch.no_grad()
 def tokenize_folder(tokenizer_path: str, data: str, out: str, batch_size: int = 32, crops_per_image: int = 1,
                     labels: str | None = None, device: str | None = None, progress: bool = True,
@@ -188,33 +377,26 @@ def tokenize_folder(tokenizer_path: str, data: str, out: str, batch_size: int = 
 
     With `cond_maps` (a folder of segmentation / depth maps named like the images, or builtin:scenes-seg)
     and `cond_tokenizer` (a stage-1 model trained on such maps), each row also gets the condition tokens."""
-    from ..checkpoint import fingerprint, load_model
-    from .images import ImageDataset
-    from .sources import BUILTIN_PREFIX, image_sources
-
+    at_least(batch_size, 1, "--batch-size")
+    at_least(crops_per_image, 1, "--crops")
+    at_least(builtin_count, 1, "--count")
+    check_labels_option(labels, data)
     if bool(cond_maps) != bool(cond_tokenizer):
         raise UserError("--cond-maps and --cond-tokenizer go together: the maps and the tokenizer trained on them")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = load_model(tokenizer_path, map_location=dev)
+    out_dir = check_output_dir(out, "token store folder")
+    dev = resolve_device(device)
+    model = load_tokenizer(tokenizer_path, dev)
+    cond_model = load_tokenizer(cond_tokenizer, dev, "--cond-tokenizer") if cond_tokenizer else None
+    if cond_model is not None and cond_model.config.input_kind == "rgb":
+        raise UserError(f"{cond_tokenizer} is an RGB tokenizer; a condition tokenizer has model.input_kind "
+                        "segmentation or depth")
     sources, n_bad = image_sources(data, builtin_count=builtin_count, builtin_size=model.config.resolution)
-    cond_model, map_sources = None, None
-    if cond_maps:
-        cond_model = load_model(cond_tokenizer, map_location=dev)
-        kind = cond_model.config.input_kind
-        if kind == "rgb":
-            raise UserError(f"{cond_tokenizer} is an RGB tokenizer; a condition tokenizer has model.input_kind "
-                            "segmentation or depth")
-        sources, map_sources = match_maps(sources, data, cond_maps, kind, model.config.resolution)
+    map_sources = None
+    if cond_model is not None:
+        sources, map_sources = match_maps(sources, data, cond_maps, cond_model.config.input_kind,
+                                          model.config.resolution)
     names = [s.name for s in sources]
-    label_ids, class_names = [-1] * len(names), []
-    if labels == "folders":
-        label_ids, class_names = folder_labels(names, Path(data))
-    elif labels:
-        label_ids, class_names = mapping_labels(names, Path(data), Path(labels))
-    elif data.startswith(BUILTIN_PREFIX):  # the built-in scenes know their classes
-        from .scenes import SCENE_CLASSES
-
-        label_ids, class_names = [s.label for s in sources], list(SCENE_CLASSES)
+    label_ids, class_names = _labels(names, sources, data, labels)
     crop = "random" if crops_per_image > 1 else "center"
     common = dict(resolution=model.config.resolution, crop=crop, flip=crops_per_image > 1, train=crops_per_image > 1)
     images = ImageDataset(sources, **common)
@@ -226,38 +408,25 @@ def tokenize_folder(tokenizer_path: str, data: str, out: str, batch_size: int = 
     condition = None
     if cond_model is not None:
         side = model.config.resolution // cond_model.config.downsample_factor
-        condition = {"kind": cond_model.config.input_kind, "maps": str(cond_maps),
-                     "tokenizer": {"path": str(cond_tokenizer), "fingerprint": fingerprint(cond_model),
-                                   "n_embed": cond_model.quantize.n_embed, "config": cond_model.config_dict()},
-                     "grid": [side, side], "dtype": _token_dtype(cond_model.quantize.n_embed),
-                     "map_files": [map_sources[r // crops_per_image].name for r in range(count)]}
-    meta = {"format": "vqgan-token-store/1", "condition": condition,
-            "tokenizer": {"path": str(tokenizer_path), "fingerprint": fingerprint(model),
-                          "n_embed": model.quantize.n_embed, "config": model.config_dict()},
+        condition = {"kind": cond_model.config.input_kind, "maps": absolute_source(cond_maps, cond_maps),
+                     "tokenizer": tokenizer_record(cond_tokenizer, cond_model), "grid": [side, side],
+                     "dtype": _token_dtype(cond_model.quantize.n_embed),
+                     "map_files": [absolute_source(map_sources[r // crops_per_image].name, cond_maps)
+                                   for r in range(count)]}
+    meta = {"format": "vqgan-token-store/1", "condition": condition, "data": absolute_source(data, data),
+            "tokenizer": tokenizer_record(tokenizer_path, model),
             "grid": grid, "dtype": dtype, "count": count, "crops_per_image": crops_per_image, "crop": crop,
             "flip": crops_per_image > 1, "resolution": model.config.resolution, "class_names": class_names,
-            "files": [names[r // crops_per_image] for r in range(count)], "unreadable_files_skipped": n_bad,
-            "done": 0, "complete": False}
-    out_dir = Path(out)
+            "files": [absolute_source(names[r // crops_per_image], data) for r in range(count)],
+            "unreadable_files_skipped": n_bad, "done": 0, "complete": False}
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta_path = out_dir / META_FILE
-    done = 0
-    if meta_path.is_file():
-        old = json.loads(meta_path.read_text())
-        keys = ("tokenizer", "grid", "count", "crops_per_image", "files", "condition")
-        same = {k: old.get(k) for k in keys} == {k: meta[k] for k in keys}
-        if not same:
-            raise UserError(f"{out_dir} holds a token store made differently (other tokenizer, data or crops); "
-                            "choose another output directory")
-        done = int(old.get("done", 0))
-    mode = "r+" if done and (out_dir / TOKENS_BIN).is_file() else "w+"
+    meta_path, labels_path = out_dir / META_FILE, out_dir / LABELS_FILE
+    done = _resume_point(out_dir, meta)
+    row_labels = _row_labels(out_dir, label_ids, crops_per_image, done)
+    mode = "r+" if done else "w+"
     tokens = np.memmap(out_dir / TOKENS_BIN, dtype=dtype, mode=mode, shape=(count, *grid))
     cond_tokens = None if condition is None else np.memmap(out_dir / COND_BIN, dtype=condition["dtype"], mode=mode,
                                                            shape=(count, *condition["grid"]))
-    row_labels = np.repeat(np.asarray(label_ids, dtype=np.int64), crops_per_image)
-    labels_path = out_dir / LABELS_FILE
-    if done and labels_path.is_file():
-        row_labels = np.load(labels_path)  # keeps the rows marked unusable (-2) by the earlier part of the run
     loader = DataLoader(torch.utils.data.Subset(_Crops(images, crops_per_image, maps), range(done, count)),
                         batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=_collate)
     bar = tqdm(total=count, initial=done, desc="tokenize", disable=not progress)
@@ -265,21 +434,24 @@ def tokenize_folder(tokenizer_path: str, data: str, out: str, batch_size: int = 
         rows = batch["row"].numpy()
         span = slice(rows[0], rows[-1] + 1)
         tokens[span] = model.encode(batch["image"].to(dev)).cpu().numpy().astype(dtype)
-        if cond_tokens is not None:
-            if batch["cond"] is not None:
-                cond_tokens[span] = cond_model.encode(batch["cond"].to(dev)).cpu().numpy().astype(condition["dtype"])
-            row_labels[rows[batch["bad"].numpy()]] = UNUSABLE
+        if cond_tokens is not None and batch["cond"] is not None:
+            cond_tokens[span] = cond_model.encode(batch["cond"].to(dev)).cpu().numpy().astype(condition["dtype"])
             cond_tokens.flush()
+        row_labels[rows[batch["bad"].numpy()]] = UNUSABLE  # never a label or map with another image's tokens
         tokens.flush()
-        np.save(labels_path, row_labels)
+        _save_labels_atomic(labels_path, row_labels)
         done = int(rows[-1]) + 1
         _write_json_atomic(meta_path, {**meta, "done": done})
         bar.update(len(rows))
     bar.close()
-    np.save(labels_path, row_labels)
-    _write_json_atomic(meta_path, {**meta, "done": count, "complete": True})
+    unusable = np.flatnonzero(row_labels == UNUSABLE)
+    if len(unusable):
+        log.warning("%d rows of %s are marked unusable (their image or map could not be read): training leaves "
+                    "them out", len(unusable), out_dir)
+    _save_labels_atomic(labels_path, row_labels)
+    _write_json_atomic(meta_path, {**meta, "done": count, "complete": True, "unusable_rows": len(unusable)})
     return {"out": str(out_dir), "count": count, "grid": grid, "classes": len(class_names),
-            "skipped": n_bad + int((row_labels == UNUSABLE).sum()),
+            "skipped": n_bad + len(set((unusable // crops_per_image).tolist())), "unusable_rows": len(unusable),
             "condition_grid": condition["grid"] if condition else None}
 
 
