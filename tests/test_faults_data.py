@@ -149,6 +149,16 @@ def test_reconstruct_mirrors_sub_folders_so_same_named_images_stay_apart(tmp_pat
         assert np.abs(np.asarray(Image.open(output), dtype=np.int16) - expected).mean() < 1.0, source
 
 
+def test_reconstruct_into_a_folder_inside_its_input_never_reads_its_own_outputs(tmp_path, tok):
+    _, tok_dir = tok
+    for i in range(2):
+        write_png(tmp_path / "imgs" / f"x{i}.png", seed=i)
+    for _ in range(2):  # the second run must not take the first run's x0_rec.png as an input
+        assert main(["reconstruct", str(tok_dir), str(tmp_path / "imgs"), str(tmp_path / "imgs" / "rec"),
+                     "--no-progress"]) == 0
+    assert sorted(p.name for p in (tmp_path / "imgs" / "rec").rglob("*.png")) == ["x0_rec.png", "x1_rec.png"]
+
+
 def test_decode_writes_one_file_per_row_for_same_named_sources(tmp_path, tok):
     _, tok_dir = tok
     for i, rel in enumerate(["a/x.png", "b/x.png"]):

@@ -39,10 +39,17 @@ TOKENS_FILE = "tokens.npy"
 META_FILE = "tokens.json"
 
 
-def _image_loader(model: VQModel, images: str, batch_size: int, crop: str, resolution: int | None):
+def _image_loader(model: VQModel, images: str, batch_size: int, crop: str, resolution: int | None,
+                  out: Path | None = None):
     """(data set, loader of its readable items, unreadable files skipped while scanning). Unreadable items are
-    left out of the batches, never replaced by another image: each output row names its own file."""
+    left out of the batches, never replaced by another image: each output row names its own file. Files
+    under `out` (an output folder inside the input folder) are not inputs: a second run would read the first's."""
     sources, n_bad = image_sources(images, builtin_size=model.config.resolution)
+    if out is not None and not images.startswith("builtin:"):
+        own = out.resolve()
+        sources = [s for s in sources if own not in Path(s.name).resolve().parents]
+        if not sources:
+            raise UserError(f"{images} holds no images outside the output folder {out}")
     res = resolution or model.config.resolution
     if res % model.downsample_factor:
         raise UserError(f"--resolution {res} is not a multiple of the tokenizer's factor {model.downsample_factor}")
@@ -146,7 +153,7 @@ def _mirrored_names(ds: ImageDataset, images: str, tail: str) -> list[Path]:
 def reconstruct_folder(model_path: str, images: str, out: str, batch_size: int = 16, crop: str = "center",
                        resolution: int | None = None, device: str | None = None, progress: bool = True) -> dict:
     dev, model, out_dir = _start(model_path, out, batch_size, device, resolution)
-    ds, loader, n_bad = _image_loader(model, images, batch_size, crop, resolution)
+    ds, loader, n_bad = _image_loader(model, images, batch_size, crop, resolution, out_dir)
     outputs = _mirrored_names(ds, images, "_rec.png")
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, skipped = [], n_bad
