@@ -156,7 +156,7 @@ def _tokenize(args) -> dict:
 def _convert(args) -> dict:
     from .convert import convert
 
-    return convert(args.checkpoint, args.out, args.config)
+    return convert(args.checkpoint, args.out, args.config, overwrite=args.overwrite)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -255,7 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("convert", help="an original taming-transformers .ckpt -> this project's format")
     v.add_argument("checkpoint", help="the .ckpt file (read safely: tensors and plain values only)")
     v.add_argument("out", help="output directory: model.safetensors, config.yaml (+ loss weights, loss.yaml)")
-    v.add_argument("--config", default=None, help="its model.yaml / *-project.yaml (default: found beside it)")
+    v.add_argument("--config", default=None,
+                   help="its model.yaml / *-project.yaml (default: found beside it, one folder up, or in configs/ "
+                        "there)")
+    v.add_argument("--overwrite", action="store_true",
+                   help="convert into a folder that holds files: replace only the converted model's files there")
     v.set_defaults(func=_convert)
 
     c = sub.add_parser("decode", help="token files -> PNG images")
