@@ -198,6 +198,15 @@ def test_a_prior_given_as_a_tokenizer_is_one_line(fixtures_dir, tmp_path):
             load_for_finetuning(prior)
 
 
+def test_a_tokenizer_given_as_a_prior_is_one_line(fixtures_dir, tmp_path):
+    VQModel(tiny_model_config()).save_pretrained(tmp_path / "tok")
+    shutil.copy(fixtures_dir / "vqgan.ckpt", tmp_path / "v.ckpt")
+    shutil.copy(fixtures_dir / "vqgan.yaml", tmp_path / "v.yaml")
+    for tokenizer in (tmp_path / "tok", tmp_path / "v.ckpt"):
+        with pytest.raises(UserError, match="is a tokenizer.*not a transformer prior"):
+            load_prior(str(tokenizer))
+
+
 def test_train_init_from_a_prior_is_one_line(fixtures_dir, tmp_path, capsys):
     convert(fixtures_dir / "transformer.ckpt", tmp_path / "prior", fixtures_dir / "transformer.yaml")
     assert main(["train-tokenizer", "small-cpu", f"train.init_from={tmp_path / 'prior'}",
