@@ -3,19 +3,24 @@
 Nothing here unpickles with full pickle: `.pt`/`.pth`/`.ckpt` files go through
 `torch.load(weights_only=True)`, which only rebuilds tensors and plain containers, so a malicious
 checkpoint cannot run code. Directories are written to a temporary name and renamed into place, so a
-crash never leaves a half-written checkpoint behind.
+crash never leaves a half-written checkpoint behind; in a folder a user names, only the files written are
+replaced (each with one rename) and nothing else there is removed. Files and folders follow the umask.
 """
 from __future__ import annotations
 
+import io
 import os
 import pickle
+import pickletools
+import re
 import shutil
 import tempfile
 import warnings
 import zipfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO
 
 import torch
 import yaml
@@ -40,12 +45,84 @@ def safe_torch_load(path: str | Path, map_location: str | torch.device = "cpu") 
             warnings.simplefilter("ignore")  # pickle-protocol chatter; the restricted unpickler decides
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"checkpoint {path} holds objects other than tensors and plain values, refused for "
-                        f"safety (it could run code when unpickled): {first[:200]}") from None
+        raise UserError(_refusal(path, str(e))) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"checkpoint {path} is corrupt or truncated: {first[:200]}") from None
+
+
+def _refusal(path: Path, torch_message: str) -> str:
+    """Why a file was refused, naming the global it refers to. PyTorch's own message starts with advice to
+    load with `weights_only=False` (which would run the code) and names builtins without their module."""
+    allowed = _allowed_globals()
+    names = list(dict.fromkeys(g for g in _pickled_globals(path) if g not in allowed))
+    if not names:
+        found = re.search(r"GLOBAL ([\w.]+)", torch_message)
+        names = [found.group(1)] if found else []
+    listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    what = f"refers to {listed}, not tensors or plain values" if names else \
+        "holds objects other than tensors and plain values"
+    return (f"checkpoint {path} {what}: refused for safety (loading it could run code). Use a checkpoint that "
+            "holds only tensors and plain values (a state dict, or a .safetensors file)")
+
+
+def _allowed_globals() -> set[str]:
+    """The globals that `torch.load(weights_only=True)` rebuilds (tensors, storages, dtypes, OrderedDict...)."""
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals
+
+        allowed = set(_get_allowed_globals())
+    except (ImportError, AttributeError):  # a private helper: without it, anything outside torch is suspect
+        allowed = set()
+    allowed.update(f"{g.__module__}.{g.__qualname__}" for g in torch.serialization.get_safe_globals()
+                   if hasattr(g, "__qualname__"))
+    return allowed
+
+
+def _pickled_globals(path: Path) -> list[str]:
+    """The `module.name` globals a checkpoint's pickle refers to (the pickle in a torch zip file, or the
+    pickles of a plain or legacy torch file)."""
+    try:
+        with open(path, "rb") as fh:
+            if not zipfile.is_zipfile(fh):
+                fh.seek(0)  # is_zipfile read the end of the file
+                return _globals_in(fh)
+            with zipfile.ZipFile(fh) as zf:
+                member = next((n for n in zf.namelist() if n.endswith("data.pkl")), None)
+                return _globals_in(io.BytesIO(zf.read(member))) if member else []
+    except (OSError, zipfile.BadZipFile):
+        return []
+
+
+def _globals_in(stream: BinaryIO) -> list[str]:
+    """Read with pickletools, which runs nothing. Pickles one after the other (a legacy torch file holds four
+    before its tensor data) until the stream ends or stops being a pickle."""
+    found: list[str] = []
+    try:
+        for _ in range(4):
+            memo: dict[int, str | None] = {}
+            pushed: list[str | None] = []  # what the ops put on the pickle stack: strings, else None
+            for op, arg, _ in pickletools.genops(stream):
+                if op.name in ("GLOBAL", "INST"):
+                    found.append(_global_name(*str(arg).split(" ", 1)))
+                elif op.name == "STACK_GLOBAL" and len(pushed) >= 2 and None not in pushed[-2:]:
+                    found.append(_global_name(pushed[-2], pushed[-1]))
+                elif op.name == "MEMOIZE":
+                    memo[len(memo)] = pushed[-1] if pushed else None
+                elif op.name.endswith("PUT"):
+                    memo[arg] = pushed[-1] if pushed else None
+                elif op.name.endswith("GET"):
+                    pushed.append(memo.get(arg))
+                elif op.name not in ("PROTO", "FRAME"):
+                    pushed.append(arg if isinstance(arg, str) else None)
+    except (ValueError, EOFError, UnicodeDecodeError):  # the end of the pickles (or damage): what was found
+        return found
+    return found
+
+
+def _global_name(module: str, name: str) -> str:
+    # protocol 2 (torch.save's) spells the builtins module the Python 2 way
+    return f"{'builtins' if module == '__builtin__' else module}.{name}"
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -66,18 +143,43 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where /proc tells it (changing it races with threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _temporary_directory(parent: Path, name: str) -> Path:
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; a model folder follows the umask like any other
+    return tmp
+
+
+def _fsync_files(folder: Path) -> None:
+    """Make the data durable before a rename publishes it."""
+    for f in folder.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
 @contextmanager
 def atomic_directory(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary directory that replaces `target` only once the block finished."""
+    """Yield a temporary directory that replaces `target` wholesale once the block finished. Only for folders
+    this project owns (a run's checkpoints and `model/`); a folder a user names goes through `replace_files`."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = _temporary_directory(target.parent, target.name)
     try:
         yield tmp
-        for f in tmp.rglob("*"):  # make the data durable before the rename publishes it
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
+        _fsync_files(tmp)
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
@@ -90,8 +192,33 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextmanager
+def replace_files(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary directory whose files then take their places in `target`, each with one atomic
+    rename; anything else in `target` stays as it is. A new `target` appears whole, with one rename."""
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise UserError(f"{target} is an existing file, not a folder; give a folder path")
+    if not target.exists():
+        with atomic_directory(target) as tmp:
+            yield tmp
+        return
+    tmp = _temporary_directory(target, "vqgan-write")  # inside: the renames stay on one file system
+    try:
+        yield tmp
+        _fsync_files(tmp)
+        files = sorted((f for f in tmp.rglob("*") if f.is_file()), key=lambda f: f.name == CONFIG_FILE)
+        for f in files:  # each config last: a reader never pairs a new config with old weights
+            dest = target / f.relative_to(tmp)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(f, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def save_tensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())  # safetensors writes 0600 whatever the umask
 
 
 def write_yaml(data: dict[str, Any], path: Path) -> None:
@@ -99,10 +226,27 @@ def write_yaml(data: dict[str, Any], path: Path) -> None:
 
 
 def save_model(model: torch.nn.Module, directory: str | Path, config: dict[str, Any] | None = None) -> None:
-    """`model.safetensors` + `config.yaml` (the model config, with its `kind`; or `config` when given)."""
-    with atomic_directory(directory) as tmp:
+    """`model.safetensors` + `config.yaml` (the model config, with its `kind`; or `config` when given). In an
+    existing folder only these two files are replaced; nothing else there is touched."""
+    with replace_files(directory) as tmp:
         save_tensors(model.state_dict(), tmp / WEIGHTS_FILE)
         write_yaml(config if config is not None else model.config_dict(), tmp / CONFIG_FILE)
+
+
+def read_yaml_mapping(path: Path, what: str = "config") -> dict[str, Any]:
+    """A YAML file that must hold a mapping, with one-line errors naming the file."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"{what} {path} is not valid YAML: {' '.join(str(e).split())[:200]}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {what} {path}: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{what} {path} holds a {type(data).__name__}, not a mapping of settings; it is not a "
+                        "model's config (rewrite it with `save_pretrained` or `vqgan convert`)")
+    return data
 
 
 def _read_model_config(directory: Path) -> dict[str, Any]:
@@ -110,7 +254,7 @@ def _read_model_config(directory: Path) -> dict[str, Any]:
     if not cfg_path.is_file():
         raise UserError(f"{directory} has no {CONFIG_FILE}; expected a directory written by save_pretrained, "
                         "a training checkpoint or `vqgan convert`")
-    data = yaml.safe_load(cfg_path.read_text()) or {}
+    data = read_yaml_mapping(cfg_path, "model config")
     # a training checkpoint stores the whole training config; the model is its `model` section
     if "model" in data and isinstance(data["model"], dict):
         data = {"kind": data.get("kind", "vqgan"), **data["model"]}

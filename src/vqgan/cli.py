@@ -84,21 +84,31 @@ def _train_transformer(args) -> dict:
 
 
 def _sampling_options(args) -> dict:
+    """The sampling options of `sample` and `complete`, checked before any work."""
+    from .userinput import at_least
+
+    at_least(args.n, 1, "--n")
+    if not args.temperature > 0:
+        raise UserError(f"--temperature {args.temperature}: must be > 0 (lower is closer to always taking the most "
+                        "likely token)")
+    at_least(args.top_k, 0, "--top-k")
+    if not 0.0 <= args.top_p <= 1.0:
+        raise UserError(f"--top-p {args.top_p}: must be between 0 and 1 (0: off)")
     return dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p or None,
                 guidance_scale=args.guidance)
 
 
 def _sample(args) -> dict:
-    import torch
-
     from .generate import sample_images, write_grid, write_images
     from .prior import load_prior
+    from .userinput import at_least, output_dir, resolve_device
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    prior = load_prior(args.model, args.tokenizer, device)
+    sampling = _sampling_options(args)
+    at_least(args.batch_size, 1, "--batch-size")
+    device, out = resolve_device(args.device), output_dir(args.out, "output folder")
+    prior = load_prior(args.model, args.tokenizer, device, force=args.force)
     images, shown = sample_images(prior, args.n, args.label, args.size, args.cond_map, args.seed,
-                                  progress=not args.no_progress, batch_size=args.batch_size, **_sampling_options(args))
-    out = Path(args.out)
+                                  progress=not args.no_progress, batch_size=args.batch_size, **sampling)
     write_images(images, out)
     write_grid(([shown] if shown is not None else []) + [images], out / "samples.png")
     return {"out": str(out), "count": args.n, "size": list(images.shape[2:])}
@@ -109,6 +119,7 @@ def _complete(args) -> dict:
 
     import torch
     from torch.utils.data import DataLoader
+    from tqdm import tqdm
 
     from .data.images import ImageDataset
     from .data.maps import to_display
@@ -116,9 +127,12 @@ def _complete(args) -> dict:
     from .data.tokens import match_maps
     from .generate import complete_images, write_grid, write_images
     from .prior import load_prior
+    from .userinput import at_least, output_dir, resolve_device
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    prior = load_prior(args.model, args.tokenizer, device)
+    sampling = _sampling_options(args)
+    at_least(args.n_images, 1, "--n-images")
+    device, out = resolve_device(args.device), output_dir(args.out, "output folder")
+    prior = load_prior(args.model, args.tokenizer, device, force=args.force)
     if prior.layout.spatial and not args.cond_maps:
         raise UserError(f"this prior is conditioned on {prior.cond_tokenizer.config.input_kind} maps: pass "
                         "--cond-maps DIR (maps named like the images, or builtin:scenes-seg)")
@@ -143,16 +157,17 @@ def _complete(args) -> dict:
         sources, map_sources = match_maps(sources, args.images, args.cond_maps, kind, common["resolution"])
         map_batches = DataLoader(ImageDataset(map_sources, kind=kind, n_labels=prior.cond_tokenizer.config.in_channels,
                                               **common), batch_size=8)
-    out = Path(args.out)
     rows = []
+    bar = tqdm(total=len(sources), desc="complete", unit="image", disable=args.no_progress)
     for batch, map_batch in zip(DataLoader(ImageDataset(sources, **common), batch_size=8), map_batches):
         map_images = None if map_batch is None else map_batch["image"]
         masked, outs = complete_images(prior, batch["image"], args.n, args.keep, box, args.label, args.seed,
-                                       maps=map_images, **_sampling_options(args))
+                                       maps=map_images, on_image=bar.update, **sampling)
         for i in range(masked.shape[0]):
             shown = [] if map_images is None else [to_display(map_images[i:i + 1], kind).to(masked.device)]
             rows.append(torch.cat([*shown, batch["image"][i:i + 1].to(masked.device), masked[i:i + 1], outs[i]]))
             write_images(outs[i], out, stem=f"completion_{len(rows) - 1:03d}")
+    bar.close()
     write_grid(rows, out / "completions.png")
     return {"out": str(out), "images": len(rows), "completions_per_image": args.n}
 
@@ -168,7 +183,7 @@ def _tokenize(args) -> dict:
 def _convert(args) -> dict:
     from .convert import convert
 
-    return convert(args.checkpoint, args.out, args.config)
+    return convert(args.checkpoint, args.out, args.config, overwrite=args.overwrite)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,14 +252,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--cond-maps", default=None,
                    help="for a map-conditioned prior: the images' segmentation/depth maps (same file stems), "
                         "or builtin:scenes-seg / builtin:scenes-depth")
-    c.add_argument("--tokenizer", default=None)
+    c.add_argument("--tokenizer", default=None, help="default: the one the prior records")
     for parser in (m, c):
-        parser.add_argument("--temperature", type=float, default=1.0)
-        parser.add_argument("--top-k", type=int, default=0)
-        parser.add_argument("--top-p", type=float, default=0.0)
-        parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
+        parser.add_argument("--force", action="store_true",
+                            help="use --tokenizer even if it is not the tokenizer the prior was trained on")
+        parser.add_argument("--temperature", type=float, default=1.0, help="> 0; lower is closer to greedy")
+        parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely codes (0: all)")
+        parser.add_argument("--top-p", type=float, default=0.0,
+                            help="sample within this much probability mass, 0..1 (0: off)")
+        parser.add_argument("--guidance", type=float, default=1.0,
+                            help="classifier-free guidance scale (1 = none); a class prior trained with label "
+                                 "dropout, with --label")
         parser.add_argument("--seed", type=int, default=0)
-        parser.add_argument("--device", default=None)
+        parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when there is one)")
+    c.add_argument("--no-progress", action="store_true")
     m.set_defaults(func=_sample)
     c.set_defaults(func=_complete)
 
@@ -268,7 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("convert", help="an original taming-transformers .ckpt -> this project's format")
     v.add_argument("checkpoint", help="the .ckpt file (read safely: tensors and plain values only)")
     v.add_argument("out", help="output directory: model.safetensors, config.yaml (+ loss weights, loss.yaml)")
-    v.add_argument("--config", default=None, help="its model.yaml / *-project.yaml (default: found beside it)")
+    v.add_argument("--config", default=None,
+                   help="its model.yaml / *-project.yaml (default: found beside it, one folder up, or in configs/ "
+                        "there)")
+    v.add_argument("--overwrite", action="store_true",
+                   help="convert into a folder that holds files: replace only the converted model's files there")
     v.set_defaults(func=_convert)
 
     c = sub.add_parser("decode", help="token files -> PNG images")

@@ -4,7 +4,9 @@ Behind `vqgan sample` and `vqgan complete`; the demo uses the same functions.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -57,6 +59,25 @@ def load_cond_map(prior: Prior, path: str, size: tuple[int, int] | None = None) 
         raise UserError(f"--cond-map {path}: {e}") from None
 
 
+def check_condition(prior: Prior, label: str | None, guidance_scale: float) -> None:
+    """A label where the prior needs one, and guidance only where it means something: classifier-free
+    guidance mixes the asked class's predictions with the "no class" token's, so it needs both."""
+    layout = prior.layout
+    if layout.n_classes and layout.taming and label is None:
+        raise UserError("this class-conditional prior needs --label")
+    if guidance_scale == 1.0:
+        return
+    if not layout.n_classes:
+        raise UserError(f"--guidance {guidance_scale}: classifier-free guidance needs a class-conditional prior; "
+                        "this one is not (leave out --guidance)")
+    if layout.taming:
+        raise UserError(f"--guidance {guidance_scale}: this converted taming transformer has no 'no class' token, "
+                        "so it cannot be guided (leave out --guidance)")
+    if label is None:
+        raise UserError(f"--guidance {guidance_scale} needs --label: without a class the samples come from the "
+                        "'no class' token and guidance changes nothing")
+
+
 def sample_images(prior: Prior, n: int, label: str | None = None, size: str | None = None,
                   cond_map: str | None = None, seed: int = 0, progress: bool = True, batch_size: int = 16,
                   **sampling) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -65,9 +86,8 @@ def sample_images(prior: Prior, n: int, label: str | None = None, size: str | No
 
     device = next(prior.gpt.parameters()).device
     f = prior.tokenizer.downsample_factor
+    check_condition(prior, label, sampling.get("guidance_scale", 1.0))
     labels = torch.full((n,), prior.label_id(label), device=device) if label is not None else None
-    if prior.layout.n_classes and labels is None and prior.layout.taming:
-        raise UserError("this class-conditional prior needs --label")
     cond, shown = None, None
     if prior.layout.spatial:
         if not cond_map:
@@ -96,12 +116,14 @@ def sample_images(prior: Prior, n: int, label: str | None = None, size: str | No
 
 def complete_images(prior: Prior, images: torch.Tensor, n: int = 4, keep_rows: float = 0.5,
                     box: tuple[float, float, float, float] | None = None, label: str | None = None, seed: int = 0,
-                    maps: torch.Tensor | None = None, **sampling) -> tuple[torch.Tensor, torch.Tensor]:
+                    maps: torch.Tensor | None = None, on_image: Callable[[], Any] | None = None,
+                    **sampling) -> tuple[torch.Tensor, torch.Tensor]:
     """Completions of each image: keep the top `keep_rows` fraction of its token rows (or everything outside
     `box` = top, left, bottom, right as fractions) and sample the rest; a map-conditioned prior needs each
-    image's condition map in `maps` (the condition tokenizer's input, B, C, H, W). Returns (masked views
-    (B, 3, H, W), completions (B, n, 3, H, W))."""
+    image's condition map in `maps` (the condition tokenizer's input, B, C, H, W); `on_image` is called as
+    each image is done (a progress bar). Returns (masked views (B, 3, H, W), completions (B, n, 3, H, W))."""
     device = next(prior.gpt.parameters()).device
+    check_condition(prior, label, sampling.get("guidance_scale", 1.0))
     if prior.layout.spatial and maps is None:
         raise UserError("this prior is conditioned on maps: completion needs each image's condition map")
     cond = prior.encode_maps(maps) if maps is not None and prior.layout.spatial else None
@@ -121,6 +143,8 @@ def complete_images(prior: Prior, images: torch.Tensor, n: int = 4, keep_rows: f
         cond_i = None if cond is None else cond[i:i + 1].expand(n, *cond.shape[1:])
         outs.append(prior.tokenizer.decode(prior.sample(n, (h, w), labels, cond_i, known=known, keep=keep,
                                                         generator=g, **sampling)))
+        if on_image is not None:
+            on_image()
     f = prior.tokenizer.downsample_factor
     pixel_keep = keep.repeat_interleave(f, 0).repeat_interleave(f, 1).to(device)
     masked = torch.where(pixel_keep, prior.tokenizer.decode(tokens), torch.full_like(images.to(device), 0.6))

@@ -29,10 +29,13 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
 
 def pick(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
          greedy: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B, V) logits -> (B,) token ids."""
+    """(B, V) logits -> (B,) token ids. `greedy` takes the most likely token; otherwise `temperature` must be
+    > 0 (clamping it would turn a negative one into greedy sampling without a word)."""
     if greedy:
         return logits.argmax(-1)
-    logits = logits.float() / max(temperature, 1e-8)
+    if not temperature > 0:
+        raise ValueError(f"temperature {temperature}: must be > 0 (greedy=True takes the most likely token)")
+    logits = logits.float() / temperature
     if top_k is not None and 0 < top_k < logits.shape[-1] and not top_p:
         # draw among the k best directly: the same distribution as masking the rest, on k entries, not V
         values, ids = torch.topk(logits, top_k, dim=-1)

@@ -12,6 +12,7 @@ stage, in raster order (taming's Identity permuter).
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,11 @@ from ..checkpoint import (
     CONFIG_FILE,
     DISC_FILE,
     WEIGHTS_FILE,
-    atomic_directory,
     check_state_dict,
+    fingerprint,
     load_state_dict_file,
+    replace_files,
+    save_model,
     save_tensors,
     write_yaml,
 )
@@ -40,29 +43,53 @@ LOSS_CONFIG_FILE = "loss.yaml"
 _MODEL_PREFIXES = ("encoder.", "decoder.", "quantize.", "quant_conv.", "post_quant_conv.")
 
 
-def find_config(ckpt: Path) -> Path | None:
-    """The YAML beside a released checkpoint: `model.yaml`/`project.yaml` next to it or one folder up, or
-    the log layout `<run>/checkpoints/last.ckpt` + `<run>/configs/*-project.yaml`."""
+def _config_candidates(ckpt: Path) -> Iterator[Path]:
+    """Where taming's configs sit: `X.yaml` beside `X.ckpt`; `model.yaml`/`project.yaml` next to it or one
+    folder up; and in `configs/` there, as in the released archives (`<run>/checkpoints/last.ckpt` with
+    `<run>/configs/model.yaml`) and taming's logs (`<run>/configs/<time>-project.yaml`, the newest first)."""
+    yield ckpt.with_suffix(".yaml")
     for folder in (ckpt.parent, ckpt.parent.parent):
         for name in ("model.yaml", "project.yaml", "config.yaml"):
-            if (folder / name).is_file():
-                return folder / name
-        configs = sorted((folder / "configs").glob("*project.yaml")) if (folder / "configs").is_dir() else []
-        if configs:
-            return configs[-1]
-    same_stem = ckpt.with_suffix(".yaml")
-    return same_stem if same_stem.is_file() else None
+            yield folder / name
+        yield folder / "configs" / "model.yaml"
+        yield from sorted((folder / "configs").glob("*project.yaml"), reverse=True)
+
+
+def find_config(ckpt: Path) -> Path | None:
+    """The taming YAML of a checkpoint (see `_config_candidates`). A YAML of another kind (this project's
+    own `config.yaml` of a model converted into that folder) is passed over."""
+    for path in _config_candidates(Path(ckpt)):
+        if path.is_file() and _maybe_taming_config(path):
+            return path
+    return None
+
+
+def _maybe_taming_config(path: Path) -> bool:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return True  # read_taming_config names the file and what is wrong with it
+    return isinstance(data, dict) and isinstance(data.get("model"), dict) and "target" in data["model"]
 
 
 def read_taming_config(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as e:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise UserError(f"cannot read taming config {path}: {str(e).splitlines()[0]}") from None
     model = data.get("model") if isinstance(data, dict) else None
     if not isinstance(model, dict) or "target" not in model:
         raise UserError(f"{path} is not a taming-transformers config (no model.target)")
     return model
+
+
+def _existing_checkpoint(ckpt: str | Path) -> Path:
+    ckpt = Path(ckpt)
+    if ckpt.is_dir():
+        raise UserError(f"{ckpt} is a folder; give the taming-transformers .ckpt file itself")
+    if not ckpt.is_file():
+        raise UserError(f"checkpoint {ckpt} does not exist")
+    return ckpt
 
 
 def vqgan_config(params: dict[str, Any], where: str = "config", gumbel: bool = False,
@@ -97,7 +124,7 @@ def _remap_codes(path: str, where: str):
     working directory, or its file name beside the config)."""
     import numpy as np
 
-    base = Path(where.split(" ")[0]).parent
+    base = Path(where.removesuffix(" first_stage_config").removesuffix(" cond_stage_config")).parent
     for candidate in (Path(path), base / path, base / Path(path).name):
         if candidate.is_file():
             try:
@@ -153,7 +180,7 @@ def _taming_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
 def load_taming_vqgan(ckpt: str | Path, config: str | Path | None = None
                       ) -> tuple[VQModel, LossConfig | None, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(model, loss config, discriminator weights, LPIPS weights) from a taming VQModel checkpoint."""
-    ckpt = Path(ckpt)
+    ckpt = _existing_checkpoint(ckpt)
     cfg_path = Path(config) if config else find_config(ckpt)
     if cfg_path is None:
         raise UserError(f"no taming config found for {ckpt}; pass it with --config (the model.yaml or "
@@ -173,34 +200,81 @@ def load_taming_vqgan(ckpt: str | Path, config: str | Path | None = None
     return model.eval(), loss_config(params), disc_sd, lpips_sd
 
 
-def convert(ckpt: str | Path, out_dir: str | Path, config: str | Path | None = None) -> dict[str, Any]:
+def convert(ckpt: str | Path, out_dir: str | Path, config: str | Path | None = None,
+            overwrite: bool = False) -> dict[str, Any]:
     """Write the project's format: model.safetensors + config.yaml (+ the loss weights and loss.yaml; for a
-    transformer, its tokenizer in tokenizer/)."""
-    cfg_path = Path(config) if config else find_config(Path(ckpt))
-    if cfg_path is not None and read_taming_config(cfg_path)["target"] == TRANSFORMER_TARGET:
-        from ..checkpoint import save_model
+    transformer, its tokenizer in tokenizer/).
 
-        gpt, first_stage, conditioning, cond_stage = load_taming_transformer(ckpt, cfg_path)
-        with atomic_directory(out_dir) as tmp:
-            save_tensors(gpt.state_dict(), tmp / WEIGHTS_FILE)
-            write_yaml({**gpt.config_dict(), "conditioning": conditioning}, tmp / CONFIG_FILE)
-            save_model(first_stage, tmp / "tokenizer")
-            if cond_stage is not None:
-                save_model(cond_stage, tmp / "cond_tokenizer")
-        return {"out": str(out_dir), "kind": "gpt", "conditioning": conditioning, "tokenizer": str(Path(out_dir) /
-                                                                                                  "tokenizer")}
+    `out_dir` must be new or empty unless `overwrite`; then only the files written here are replaced (each
+    with one rename) and nothing else in it is touched. The input checkpoint and config are never replaced."""
+    ckpt, out = _existing_checkpoint(ckpt), Path(out_dir)
+    cfg_path = Path(config) if config else find_config(ckpt)
+    _check_target(out, overwrite, [ckpt] + ([cfg_path] if cfg_path else []))
+    if cfg_path is not None and read_taming_config(cfg_path)["target"] == TRANSFORMER_TARGET:
+        writes, summary = _transformer_files(ckpt, cfg_path)
+    else:
+        writes, summary = _vqgan_files(ckpt, cfg_path)
+    stale = [name for name in _OUTPUT_NAMES if name not in writes and (out / name).exists()]
+    if stale:  # left beside the new weights, they would pass for this model's own
+        raise UserError(f"{out} holds {', '.join(stale)}, which this conversion does not write: beside the new "
+                        "model they would pass for its own; delete them, or convert into another folder")
+    replaced = sorted(name for name in writes if (out / name).exists())
+    with replace_files(out) as tmp:
+        for name, write in writes.items():
+            write(tmp / name)
+    return {"out": str(out), **summary, **({"replaced": replaced} if replaced else {})}
+
+
+# everything `convert` may write in its output folder
+_OUTPUT_NAMES = (WEIGHTS_FILE, CONFIG_FILE, LOSS_CONFIG_FILE, DISC_FILE, LPIPS_FILE, "tokenizer", "cond_tokenizer")
+
+
+def _check_target(out: Path, overwrite: bool, inputs: list[Path]) -> None:
+    """Refuse, before any work, an output folder whose files a conversion would mix with or replace."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output {out} is an existing file, not a folder; give a folder path")
+    for name in _OUTPUT_NAMES:  # never, even with --overwrite: the command would destroy its own input
+        target = (out / name).resolve()
+        for source in inputs:
+            if source.resolve() == target or target in source.resolve().parents:
+                raise UserError(f"converting into {out} would replace {out / name}, an input of this conversion "
+                                "(the checkpoint or its config); convert into another folder")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held and not overwrite:
+        inside = [s for s in inputs if out.resolve() in s.resolve().parents]
+        why = f" (among them the input {inside[0]})" if inside else ""
+        listed = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
+        raise UserError(f"{out} already holds {listed}{why}; convert into a new or empty folder, or pass --overwrite "
+                        "to replace only the converted model's files there (nothing else is touched)")
+
+
+def _vqgan_files(ckpt: Path, cfg_path: Path | None) -> tuple[dict[str, Callable[[Path], None]], dict[str, Any]]:
     model, loss_cfg, disc_sd, lpips_sd = load_taming_vqgan(ckpt, cfg_path)
-    with atomic_directory(out_dir) as tmp:
-        save_tensors(model.state_dict(), tmp / WEIGHTS_FILE)
-        write_yaml(model.config_dict(), tmp / CONFIG_FILE)
-        if loss_cfg is not None:
-            write_yaml(asdict(loss_cfg), tmp / LOSS_CONFIG_FILE)
-        if disc_sd:
-            save_tensors(disc_sd, tmp / DISC_FILE, metadata={"source": str(ckpt)})
-        if lpips_sd:
-            save_tensors(lpips_sd, tmp / LPIPS_FILE, metadata={"source": str(ckpt)})
-    return {"out": str(out_dir), "kind": "vqgan", "codes": model.quantize.n_embed,
-            "downsample_factor": model.downsample_factor, "discriminator": bool(disc_sd), "lpips": bool(lpips_sd)}
+    writes: dict[str, Callable[[Path], None]] = {
+        WEIGHTS_FILE: lambda p: save_tensors(model.state_dict(), p),
+        CONFIG_FILE: lambda p: write_yaml(model.config_dict(), p)}
+    if loss_cfg is not None:
+        writes[LOSS_CONFIG_FILE] = lambda p: write_yaml(asdict(loss_cfg), p)
+    for name, sd in ((DISC_FILE, disc_sd), (LPIPS_FILE, lpips_sd)):
+        if sd:
+            writes[name] = lambda p, sd=sd: save_tensors(sd, p, metadata={"source": str(ckpt)})
+    return writes, {"kind": "vqgan", "codes": model.quantize.n_embed, "downsample_factor": model.downsample_factor,
+                    "discriminator": bool(disc_sd), "lpips": bool(lpips_sd)}
+
+
+def _transformer_files(ckpt: Path, cfg_path: Path) -> tuple[dict[str, Callable[[Path], None]], dict[str, Any]]:
+    gpt, first_stage, conditioning, cond_stage = load_taming_transformer(ckpt, cfg_path)
+    # `sample --tokenizer` compares a tokenizer with these, as it does for a trained prior
+    side = first_stage.config.latent_size
+    recorded = {**conditioning, "grid": [side, side], "tokenizer_fingerprint": fingerprint(first_stage)}
+    writes: dict[str, Callable[[Path], None]] = {
+        WEIGHTS_FILE: lambda p: save_tensors(gpt.state_dict(), p),
+        CONFIG_FILE: lambda p: write_yaml({**gpt.config_dict(), "conditioning": recorded}, p),
+        "tokenizer": lambda p: save_model(first_stage, p)}
+    if cond_stage is not None:
+        recorded["cond_tokenizer_fingerprint"] = fingerprint(cond_stage)
+        writes["cond_tokenizer"] = lambda p: save_model(cond_stage, p)
+    return writes, {"kind": "gpt", "conditioning": conditioning}
 
 
 def load_for_finetuning(path: str | Path) -> tuple[VQModel, dict[str, torch.Tensor] | None, dict[str, torch.Tensor] | None]:
@@ -210,9 +284,14 @@ def load_for_finetuning(path: str | Path) -> tuple[VQModel, dict[str, torch.Tens
 
     p = Path(path)
     if p.is_file():
+        cfg = find_config(p)
+        if cfg is not None and read_taming_config(cfg)["target"] == TRANSFORMER_TARGET:
+            raise UserError(_not_a_tokenizer(p))
         model, _, disc, lpips = load_taming_vqgan(p)
         return model, disc or None, lpips or None
     model = load_model(p)
+    if not isinstance(model, VQModel):
+        raise UserError(_not_a_tokenizer(p))
     folder = p if (p / WEIGHTS_FILE).is_file() else None
     if folder is None:  # a run directory: the weights came from its final model or latest checkpoint
         from ..checkpoint import latest_checkpoint
@@ -221,6 +300,11 @@ def load_for_finetuning(path: str | Path) -> tuple[VQModel, dict[str, torch.Tens
     disc = load_state_dict_file(folder / DISC_FILE) if folder and (folder / DISC_FILE).is_file() else None
     lpips = load_state_dict_file(folder / LPIPS_FILE) if folder and (folder / LPIPS_FILE).is_file() else None
     return model, disc, lpips
+
+
+def _not_a_tokenizer(path: Path) -> str:
+    return (f"{path} is a transformer prior, not a tokenizer; a tokenizer starts from a tokenizer (a taming "
+            "VQModel .ckpt, a converted VQGAN, or a tokenizer's run or checkpoint)")
 
 
 TRANSFORMER_TARGET = "taming.models.cond_transformer.Net2NetTransformer"
@@ -250,11 +334,13 @@ def load_taming_transformer(ckpt: str | Path, config: str | Path | None = None):
     """
     from ..transformer import GPT, GPTConfig
 
-    ckpt = Path(ckpt)
+    ckpt = _existing_checkpoint(ckpt)
     cfg_path = Path(config) if config else find_config(ckpt)
     if cfg_path is None:
         raise UserError(f"no taming config found for {ckpt}; pass it with --config")
     model_cfg = read_taming_config(cfg_path)
+    if model_cfg["target"] in (VQ_TARGET, GUMBEL_TARGET):
+        raise UserError(f"{ckpt} is a tokenizer ({model_cfg['target']}, says {cfg_path}), not a transformer prior")
     if model_cfg["target"] != TRANSFORMER_TARGET:
         raise UserError(f"{cfg_path}: model.target {model_cfg['target']} is not a {TRANSFORMER_TARGET}")
     params = model_cfg.get("params") or {}
