@@ -267,6 +267,19 @@ def test_half_written_folders_of_a_killed_run_are_removed_on_start(tmp_path):
     assert not any(d.exists() for d in leftovers)
 
 
+def test_a_kill_between_the_two_renames_of_a_replaced_folder_loses_nothing(tmp_path):
+    cfg = tiny_train_config(tmp_path, train={"steps": 3})
+    TokenizerTrainer(cfg, progress=False).fit()
+    run = tmp_path / "run"
+    before = load_state_dict_file(run / "model" / "model.safetensors")
+    os.replace(run / "model", run / ".model.old-4242")  # the old copy moved aside, the new one not yet in place
+    folder = RunFolder(run)
+    folder.lock()
+    folder.remove_stale_temporaries()
+    after = load_state_dict_file(run / "model" / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before) and not (run / ".model.old-4242").exists()
+
+
 def test_resume_with_nothing_to_resume_is_an_error_and_creates_nothing(tmp_path, capsys):
     typo = tmp_path / "rnu"
     assert main(["train-tokenizer", "small-cpu", *TINY, f"train.out_dir={typo}", "--resume"]) == 2

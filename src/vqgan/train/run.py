@@ -145,14 +145,23 @@ class RunFolder:
             self._lock_fd = None
 
     def remove_stale_temporaries(self) -> list[Path]:
-        """Half-written folders that a killed run left (`.step_*.tmp-*`, `.model.tmp-*`, `.*.old-*`). Only
-        the lock holder calls this, so no live writer owns them."""
+        """Half-written folders that a killed run left (`.step_*.tmp-*`, `.model.tmp-*`). A `.NAME.old-PID` is
+        the previous copy of NAME, moved aside just before the new one was renamed in: when the kill fell
+        between the two renames NAME is missing and the old copy is put back, else it is removed. Only the
+        lock holder calls this, so no live writer owns them."""
         if not self.owner:
             return []
-        stale = [p for d in (self.root, self.ckpt_dir) if d.is_dir() for p in d.iterdir()
-                 if p.is_dir() and p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name)]
-        for p in stale:
-            shutil.rmtree(p, ignore_errors=True)
+        stale = []
+        for d in (self.root, self.ckpt_dir):
+            for p in sorted(d.iterdir()) if d.is_dir() else []:
+                if not (p.is_dir() and p.name.startswith(".")):
+                    continue
+                if ".old-" in p.name and not (d / p.name[1:p.name.index(".old-")]).exists():
+                    os.replace(p, d / p.name[1:p.name.index(".old-")])
+                    log.warning("%s was missing after an interrupted write: its previous copy is back", p.name)
+                elif ".tmp-" in p.name or ".old-" in p.name:
+                    shutil.rmtree(p, ignore_errors=True)
+                    stale.append(p)
         if stale:
             log.info("removed %d half-written folder(s) left by an interrupted run: %s", len(stale),
                      ", ".join(p.name for p in stale))
