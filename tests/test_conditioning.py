@@ -193,3 +193,28 @@ def test_depth_conditioning_end_to_end(tmp_path):
     assert main(["sample", str(tmp_path / "prior"), str(tmp_path / "out"), "--cond-map", str(tmp_path / "depth16.png"),
                  "--n", "1", "--no-progress"]) == 0
     assert Image.open(tmp_path / "out" / "sample_000.png").size == (32, 32)
+
+
+def test_complete_never_pairs_an_image_with_another_images_map(conditioned_prior):
+    """An unreadable image drops its pair; the next image keeps its own map (they were paired by position)."""
+    from vqgan.data.maps import colorize
+    from vqgan.eval.report import to_uint8
+
+    tmp = conditioned_prior
+    (tmp / "imgs").mkdir()
+    (tmp / "maps").mkdir()
+    for name, scene in (("a", 1), ("b", 2), ("c", 3)):
+        image, seg, _ = render_scene(scene, 32)
+        image.save(tmp / "imgs" / f"{name}.png")
+        Image.fromarray(np.asarray(seg)).save(tmp / "maps" / f"{name}.png")
+    whole = (tmp / "imgs" / "b.png").read_bytes()
+    (tmp / "imgs" / "b.png").write_bytes(whole[: len(whole) // 2])  # truncated
+    out = tmp / "completed_folder"
+    assert main(["complete", str(tmp / "prior"), str(tmp / "imgs"), str(out), "--n", "1", "--cond-maps",
+                 str(tmp / "maps"), "--no-progress"]) == 0
+    grid = np.asarray(Image.open(out / "completions.png"))
+    assert grid.shape[0] == 2 * 34 + 2  # two rows: a and c
+    for row, scene in enumerate((1, 3)):
+        expected = to_uint8(colorize(torch.from_numpy(np.asarray(render_scene(scene, 32)[1], dtype=np.int64))[None]))[0]
+        tile = grid[2 + row * 34: 2 + row * 34 + 32, 2:34]
+        assert np.array_equal(tile, expected), f"row {row} shows another image's map"

@@ -115,10 +115,7 @@ def _sample(args) -> dict:
 
 
 def _complete(args) -> dict:
-    import itertools
-
     import torch
-    from torch.utils.data import DataLoader
     from tqdm import tqdm
 
     from .data.images import ImageDataset
@@ -151,25 +148,32 @@ def _complete(args) -> dict:
     sources, _ = image_sources(args.images, builtin_count=args.n_images, builtin_size=prior.grid[0] * f)
     sources = sources[:args.n_images]
     common = dict(resolution=prior.grid[0] * f, crop="center", flip=False, train=False)
-    map_batches = itertools.repeat(None)
+    kind, maps = None, None
     if args.cond_maps:  # each image's map, cropped alike
         kind = prior.cond_tokenizer.config.input_kind
         sources, map_sources = match_maps(sources, args.images, args.cond_maps, kind, common["resolution"])
-        map_batches = DataLoader(ImageDataset(map_sources, kind=kind, n_labels=prior.cond_tokenizer.config.in_channels,
-                                              **common), batch_size=8)
+        maps = ImageDataset(map_sources, kind=kind, n_labels=prior.cond_tokenizer.config.in_channels, **common)
+    images = ImageDataset(sources, **common)
+    # an image and its map are read together: an unreadable one drops the pair, never shifts the pairing
+    pairs = [(x, m) for x, m in ((images.read(i), maps.read(i) if maps else None) for i in range(len(images)))
+             if x is not None and (maps is None or m is not None)]
+    if not pairs:
+        raise UserError(f"no readable image{' with a readable map' if maps else ''} in {args.images}")
     rows = []
-    bar = tqdm(total=len(sources), desc="complete", unit="image", disable=args.no_progress)
-    for batch, map_batch in zip(DataLoader(ImageDataset(sources, **common), batch_size=8), map_batches):
-        map_images = None if map_batch is None else map_batch["image"]
-        masked, outs = complete_images(prior, batch["image"], args.n, args.keep, box, args.label, args.seed,
+    bar = tqdm(total=len(pairs), desc="complete", unit="image", disable=args.no_progress)
+    for start in range(0, len(pairs), 8):
+        batch = torch.stack([x for x, _ in pairs[start:start + 8]])
+        map_images = torch.stack([m for _, m in pairs[start:start + 8]]) if maps else None
+        # each batch its own seed, so that batches do not repeat one another's noise
+        masked, outs = complete_images(prior, batch, args.n, args.keep, box, args.label, args.seed + start,
                                        maps=map_images, on_image=bar.update, **sampling)
         for i in range(masked.shape[0]):
             shown = [] if map_images is None else [to_display(map_images[i:i + 1], kind).to(masked.device)]
-            rows.append(torch.cat([*shown, batch["image"][i:i + 1].to(masked.device), masked[i:i + 1], outs[i]]))
+            rows.append(torch.cat([*shown, batch[i:i + 1].to(masked.device), masked[i:i + 1], outs[i]]))
             write_images(outs[i], out, stem=f"completion_{len(rows) - 1:03d}")
     bar.close()
     write_grid(rows, out / "completions.png")
-    return {"out": str(out), "images": len(rows), "completions_per_image": args.n}
+    return {"out": str(out), "images": len(rows), "completions_per_image": args.n, "skipped": len(images) - len(pairs)}
 
 
 def _tokenize(args) -> dict:
