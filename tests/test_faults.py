@@ -34,7 +34,6 @@ from vqgan.checkpoint import load_state_dict_file, save_model, save_tensors
 from vqgan.cli import main
 from vqgan.errors import UserError
 from vqgan.losses.discriminator import NLayerDiscriminator
-from vqgan.train import run as run_module
 from vqgan.train.guard import Diverged
 from vqgan.train.run import CheckpointParts, DiskFull, RunFolder
 from vqgan.train.stage1 import TokenizerTrainer
@@ -403,6 +402,7 @@ def test_bad_tokenizer_settings_are_one_line_errors(tmp_path, capsys, override, 
     ("train.eval_every=0", "train.eval_every must be >= 1"),
     ("train.learning_rate=-3e-4", "train.learning_rate must be > 0"),
     ("train.precision=fp8", "train.precision must be auto, fp32, bf16 or fp16"),
+    ("model.n_head=3", "must be a multiple of model.n_head"),
 ])
 def test_bad_prior_settings_are_one_line_errors(tmp_path, capsys, override, message):
     assert main(["train-transformer", "-", "data.tokens=somewhere", override,
@@ -428,8 +428,9 @@ def test_prior_resume_falls_back_and_skips_nonfinite_steps(tmp_path):
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
 
 
-def test_run_module_is_what_both_stages_use():
-    import vqgan.train.stage1 as s1
-    import vqgan.train.stage2 as s2
+def test_both_stages_run_in_the_one_harness():
+    from vqgan.train.loop import TrainingLoop
 
-    assert s1.RunFolder is s2.RunFolder is run_module.RunFolder
+    assert issubclass(TokenizerTrainer, TrainingLoop) and issubclass(PriorTrainer, TrainingLoop)
+    for stage in (TokenizerTrainer, PriorTrainer):  # the loop, checkpoints and resume live once
+        assert not {"fit", "save_checkpoint", "_load_checkpoint"} & set(vars(stage)), stage

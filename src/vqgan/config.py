@@ -320,3 +320,84 @@ def load_config(cls: type[T], source: str | Path | dict[str, Any], overrides: li
     if hasattr(cfg, "validate"):
         cfg.validate()
     return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 2: the transformer prior (`vqgan train-transformer`)
+
+
+@dataclass
+class PriorModelConfig:
+    n_layer: int = 8
+    n_head: int = 8
+    n_embd: int = 512
+    dropout: float = 0.0
+
+    def validate(self) -> None:
+        for name in ("n_layer", "n_head", "n_embd"):
+            if getattr(self, name) < 1:
+                raise UserError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise UserError(f"model.n_embd ({self.n_embd}) must be a multiple of model.n_head ({self.n_head})")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class PriorDataConfig:
+    tokens: str = ""  # a token store directory
+    holdout: int = 64  # the last N rows are held out
+    # auto: on the store's condition maps when it has them, else on its class labels when it has them;
+    # or force one of: spatial, class, none
+    conditioning: str = "auto"
+
+
+@dataclass
+class PriorTrainConfig:
+    out_dir: str = "runs/prior"
+    steps: int = 10_000
+    batch_size: int = 32
+    learning_rate: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 200
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    label_dropout: float = 0.1  # classifier-free guidance: train the "no class" token too
+    # start from a trained prior (a train-transformer run or model/, a converted or original taming
+    # transformer): its architecture and token layout are kept; model.* settings are then ignored
+    init_from: str = ""
+    precision: str = "auto"
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 500
+    ckpt_every: int = 500
+    keep_last: int = 3
+    max_nonfinite_steps: int = 20  # a step with a non-finite loss or gradient is skipped; this many in a row stop
+
+    def validate(self) -> None:
+        validate_loop(self, "train", ("steps", "batch_size", "log_every", "eval_every", "ckpt_every", "keep_last",
+                                      "max_nonfinite_steps"))
+        for name in ("learning_rate", "grad_clip"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"train.{name} must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.min_lr_ratio <= 1 or not 0 <= self.label_dropout < 1:
+            raise UserError("train.min_lr_ratio must be in [0, 1] and train.label_dropout in [0, 1)")
+        if self.warmup_steps < 0 or self.weight_decay < 0:
+            raise UserError("train.warmup_steps and train.weight_decay must be >= 0")
+
+
+@dataclass
+class TransformerTrainConfig:
+    model: PriorModelConfig = field(default_factory=PriorModelConfig)
+    data: PriorDataConfig = field(default_factory=PriorDataConfig)
+    train: PriorTrainConfig = field(default_factory=PriorTrainConfig)
+
+    def validate(self) -> None:
+        if not self.data.tokens:
+            raise UserError("data.tokens is not set: give a token store made by `vqgan tokenize`")
+        self.model.validate()
+        self.train.validate()
+        if self.data.holdout < 0:
+            raise UserError(f"data.holdout must be >= 0, got {self.data.holdout}")
+        if self.data.conditioning not in ("auto", "spatial", "class", "none"):
+            raise UserError(f"data.conditioning must be auto, spatial, class or none, got {self.data.conditioning!r}")

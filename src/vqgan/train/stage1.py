@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -19,7 +18,6 @@ import torch
 import yaml
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
 
 from ..autoencoder import VQModel
 from ..checkpoint import (
@@ -29,7 +27,6 @@ from ..checkpoint import (
     check_state_dict,
     latest_checkpoint,
     save_model,
-    write_yaml,
 )
 from ..config import TokenizerTrainConfig
 from ..convert.taming import load_for_finetuning
@@ -40,7 +37,6 @@ from ..eval.metrics import evaluate_reconstruction
 from ..losses import VQGANLoss, build_lpips
 from .codebook import CodebookCare
 from .common import (
-    MetricsLog,
     ResumableSampler,
     Runtime,
     all_reduce_grads,
@@ -48,13 +44,11 @@ from .common import (
     average_buffers,
     cleanup_runtime,
     resolve_precision,
-    rng_state,
-    seed_everything,
-    set_rng_state,
     setup_runtime,
 )
-from .guard import StepGuard, all_finite
-from .run import STATE_FILE, CheckpointParts, Resume, RunFolder, read_checkpoint, require_finite
+from .guard import all_finite
+from .loop import TrainingLoop
+from .run import STATE_FILE, CheckpointParts, Resume, require_finite
 
 log = logging.getLogger("vqgan.train")
 
@@ -126,18 +120,13 @@ def learning_rate(cfg: TokenizerTrainConfig, world_size: int) -> float:
     return t.base_learning_rate * (t.batch_size * t.grad_accum * world_size if t.scale_lr else 1)
 
 
-class TokenizerTrainer:
+class TokenizerTrainer(TrainingLoop):
+    name = "train-tokenizer"
+    required_files = (WEIGHTS_FILE, CONFIG_FILE, DISC_FILE, STATE_FILE)
+
     def __init__(self, cfg: TokenizerTrainConfig, resume: Resume | bool = False, runtime: Runtime | None = None,
                  progress: bool = True):
-        cfg.validate()
-        self.cfg = cfg
-        self.rt = runtime or setup_runtime()
-        self.run_dir = Path(cfg.train.out_dir)
-        self.folder = RunFolder(self.run_dir, owner=self.rt.is_main, keep_last=cfg.train.keep_last)
-        self.progress = progress and self.rt.is_main
-        resuming = self.folder.check(resume)
-
-        seed_everything(cfg.train.seed)  # same initial weights on every rank
+        resuming = self.start_run(cfg, resume, runtime, progress)
         self.dtype = resolve_precision(cfg.train.precision, self.rt.device)
         self._build_data()
         self.model = VQModel(cfg.model).to(self.rt.device)
@@ -156,19 +145,14 @@ class TokenizerTrainer:
         self.scaler_d = torch.amp.GradScaler(self.rt.device.type, enabled=fp16)
         self.care = CodebookCare(cfg.model.quantizer.n_embed, cfg.model.quantizer.embed_dim, cfg.train.codebook,
                                  cfg.train.steps, seed=cfg.train.seed)
-        self.step = 0
-        self.nonfinite_steps = 0
-        self.resume_from = self.folder.open(resuming, self._load_checkpoint)
-        if self.resume_from is None and init is not None:
+        if self.open_run(resuming) is None and init is not None:
             self._init_from(cfg.train.init_from, init[0], init[1] if cfg.train.init_discriminator else None)
-        self.guard = StepGuard(self.rt, cfg.train.max_nonfinite_steps)
         self.tap = _InputTap(self.model.decoder.last_layer)
         # nearest-neighbour codebooks get data init and dead-code restarts; Gumbel codes are chosen by logits
         self._codebook = self.model.quantize.embedding.weight if cfg.model.quantizer.kind == "vq" else None
         self.ae = (DistributedDataParallel(self.model, device_ids=[self.rt.device.index] if self.rt.device.type == "cuda"
                                            else None, broadcast_buffers=False)
                    if self.rt.distributed else self.model)
-        self.metrics = MetricsLog(self.run_dir / "logs", enabled=self.rt.is_main)
 
     # -- data ------------------------------------------------------------------------------------
     def _build_data(self) -> None:
@@ -194,7 +178,13 @@ class TokenizerTrainer:
                                       num_workers=0)
         self.skipped_files = 0
 
-    def _batches(self):
+    def batches(self):
+        """Endless steps' worth of micro-batches (`train.grad_accum` of them), positioned from `self.step`."""
+        micro = self._micro_batches()
+        while True:
+            yield [next(micro) for _ in range(self.cfg.train.grad_accum)]
+
+    def _micro_batches(self):
         """Endless micro-batches, positioned from `self.step` so a resumed run continues the sequence."""
         t = self.cfg.train
         consumed = self.step * t.grad_accum
@@ -219,25 +209,15 @@ class TokenizerTrainer:
             self.metrics.write(self.step, {"epoch": epoch, "epoch_usage": usage}, kind="epoch")
 
     # -- checkpoints -----------------------------------------------------------------------------
-    def _state(self) -> dict[str, Any]:
-        return {"step": self.step, "opt_ae": self.opt_ae.state_dict(), "opt_d": self.opt_d.state_dict(),
-                "scaler_ae": self.scaler_ae.state_dict(), "scaler_d": self.scaler_d.state_dict(),
-                "codebook_care": self.care.state_dict(), "rng": rng_state(), "skipped_files": self.skipped_files,
-                "nonfinite_steps": self.nonfinite_steps, "world_size": self.rt.world_size}
-
-    def save_checkpoint(self) -> Path | None:
-        if not self.rt.is_main:
-            return None
-        parts = CheckpointParts(
+    def checkpoint_parts(self) -> CheckpointParts:
+        return CheckpointParts(
             tensors={WEIGHTS_FILE: self.model.state_dict(), DISC_FILE: self.loss.discriminator.state_dict()},
             yaml={CONFIG_FILE: self.model.config_dict(), "train_config.yaml": asdict(self.cfg)},
-            state=self._state())
-        target = self.folder.write_checkpoint(self.step, parts)
-        self.metrics.note(f"checkpoint written: {target}")
-        return target
+            state={"opt_ae": self.opt_ae.state_dict(), "opt_d": self.opt_d.state_dict(),
+                   "scaler_ae": self.scaler_ae.state_dict(), "scaler_d": self.scaler_d.state_dict(),
+                   "codebook_care": self.care.state_dict(), "skipped_files": self.skipped_files})
 
-    def _load_checkpoint(self, path: Path) -> None:
-        parts = read_checkpoint(path, (WEIGHTS_FILE, CONFIG_FILE, DISC_FILE, STATE_FILE))
+    def load_parts(self, path: Path, parts: CheckpointParts) -> None:
         saved_model_cfg = parts.yaml[CONFIG_FILE]
         if {k: v for k, v in saved_model_cfg.items() if k != "kind"} != asdict(self.cfg.model):
             raise UserError(f"{path}: the model config differs from the checkpoint's; resume with the same model "
@@ -253,14 +233,6 @@ class TokenizerTrainer:
         self.scaler_d.load_state_dict(state["scaler_d"])
         self.care.load_state_dict(state["codebook_care"])
         self.skipped_files = int(state.get("skipped_files", 0))
-        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
-        self.step = int(state["step"])
-        if int(state.get("world_size", 1)) == self.rt.world_size:
-            set_rng_state(state["rng"])
-        else:
-            log.warning("resuming with %d processes instead of %d: the data order changes", self.rt.world_size,
-                        state.get("world_size"))
-        log.info("resumed from %s (step %d)", path, self.step)
 
     def _init_from(self, path: str, source: VQModel, disc_sd: dict[str, torch.Tensor] | None) -> None:
         if asdict(source.config) != asdict(self.cfg.model):
@@ -337,7 +309,7 @@ class TokenizerTrainer:
             self.opt_d.zero_grad(set_to_none=True)
             for b, saved in zip(self.loss.discriminator.buffers(), disc_buffers):
                 b.copy_(saved)
-            return {k: float(v) for k, v in logs.items()} | {"nonfinite_steps": self.nonfinite_steps}
+            return {k: float(v) for k, v in logs.items()}
         self.scaler_ae.step(self.opt_ae)
         self.scaler_ae.update()
         if disc_trains:
@@ -352,7 +324,8 @@ class TokenizerTrainer:
         restarted = self.care.maybe_restart(self._codebook, step, self.opt_ae) if self._codebook is not None else 0
         out = {k: float(v) for k, v in logs.items()}
         out.update(usage_batch=float(info["usage"]), perplexity=float(info["perplexity"]),
-                   usage_window=self.care.window_usage(step), restarted=restarted)
+                   usage_window=self.care.window_usage(step), restarted=restarted,
+                   lr=self.opt_ae.param_groups[0]["lr"], skipped_files=self.skipped_files)
         return out
 
     def parameters_with_grad(self):
@@ -374,12 +347,13 @@ class TokenizerTrainer:
                                kind="eval")
         return result
 
-    # -- the loop --------------------------------------------------------------------------------
-    def fit(self) -> dict[str, Any]:
-        cfg, t = self.cfg, self.cfg.train
+    def periodic_evaluation(self) -> None:
+        self.evaluate()
+
+    # -- the loop (train/loop.py) ----------------------------------------------------------------
+    def begin(self) -> None:
+        t = self.cfg.train
         if self.rt.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_yaml(asdict(cfg), self.run_dir / "config.yaml")
             self.metrics.note(
                 f"start at step {self.step}/{t.steps}: {len(self.train_set)} training images, "
                 f"{len(self.eval_set)} held out, {self.n_unreadable} unreadable files skipped while scanning; "
@@ -390,47 +364,22 @@ class TokenizerTrainer:
             self._initialize_codebook()
         self.care.initialized = True
         self.last_epoch_usage = float("nan")
-        bar = tqdm(total=t.steps, initial=self.step, disable=not self.progress, dynamic_ncols=True,
-                   desc="train-tokenizer")
-        batches = self._batches()
         self.model.train()
         self.loss.train()
-        t0, steps_timed = time.perf_counter(), 0
+
+    def postfix(self, logs: dict[str, float]) -> dict[str, str]:
+        return {"loss": f"{logs['total']:.3f}", "rec": f"{logs['rec']:.3f}",
+                "usage": f"{logs.get('usage_window', float('nan')):.2f}"}
+
+    def finish(self) -> dict[str, Any]:
         try:
-            with self.guard:
-                while self.step < t.steps and not self.guard.stop_requested:
-                    logs = self.train_step([next(batches) for _ in range(t.grad_accum)])
-                    self.step += 1
-                    steps_timed += 1
-                    bar.update(1)
-                    if self.step % t.log_every == 0 or self.step == t.steps:
-                        rate = steps_timed / (time.perf_counter() - t0)
-                        t0, steps_timed = time.perf_counter(), 0
-                        logs.update(it_per_s=rate, lr=self.opt_ae.param_groups[0]["lr"],
-                                    skipped_files=self.skipped_files, nonfinite_steps=self.nonfinite_steps)
-                        self.metrics.write(self.step, logs)
-                        bar.set_postfix(loss=f"{logs['total']:.3f}", rec=f"{logs['rec']:.3f}",
-                                        usage=f"{logs.get('usage_window', float('nan')):.2f}", refresh=False)
-                    if self.step % t.eval_every == 0 and self.step < t.steps:
-                        self.evaluate()
-                    if self.step % t.ckpt_every == 0 and self.step < t.steps:
-                        self.save_checkpoint()
-            checkpoint = self.save_checkpoint()
-            if self.guard.stop_requested and self.step < t.steps:  # a checkpoint to resume from, no final model
-                self.metrics.note(f"stopped at step {self.step}: checkpoint {checkpoint}")
-                return {"step": self.step, "stopped": True, "exit_code": self.guard.exit_code,
-                        "checkpoint": str(checkpoint) if checkpoint else None}
             final = self.evaluate()
             if self.rt.is_main:
                 require_finite(self.model.state_dict(), "the final model")
                 save_model(self.model, self.run_dir / "model")
         finally:
-            bar.close()
-            self.metrics.close()
             self.tap.handle.remove()
-            self.folder.unlock()
-        final.update(step=self.step, skipped_files=self.skipped_files + self.n_unreadable,
-                     nonfinite_steps=self.nonfinite_steps, epoch_usage=self.last_epoch_usage,
+        final.update(skipped_files=self.skipped_files + self.n_unreadable, epoch_usage=self.last_epoch_usage,
                      perceptual=self.loss.perceptual_description)
         return final
 

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
 
 from ..checkpoint import (
     CONFIG_FILE,
@@ -28,94 +26,24 @@ from ..checkpoint import (
     save_tensors,
     write_yaml,
 )
-from ..config import validate_loop
+from ..config import PriorTrainConfig, TransformerTrainConfig
 from ..data.tokens import UNUSABLE, TokenStore
 from ..errors import UserError
 from ..prior import TokenLayout, sample_images_tokens
 from ..transformer import GPT, GPTConfig
 from .common import (
-    MetricsLog,
     ResumableSampler,
     Runtime,
     autocast,
     cleanup_runtime,
     resolve_precision,
-    rng_state,
-    seed_everything,
-    set_rng_state,
     setup_runtime,
 )
-from .guard import StepGuard, all_finite
-from .run import STATE_FILE, CheckpointParts, Resume, RunFolder, read_checkpoint, require_finite
+from .guard import all_finite
+from .loop import TrainingLoop
+from .run import STATE_FILE, CheckpointParts, Resume, require_finite
 
 log = logging.getLogger("vqgan.train")
-
-
-@dataclass
-class PriorModelConfig:
-    n_layer: int = 8
-    n_head: int = 8
-    n_embd: int = 512
-    dropout: float = 0.0
-
-
-@dataclass
-class PriorDataConfig:
-    tokens: str = ""  # a token store directory
-    holdout: int = 64  # the last N rows are held out
-    # auto: on the store's condition maps when it has them, else on its class labels when it has them;
-    # or force one of: spatial, class, none
-    conditioning: str = "auto"
-
-
-@dataclass
-class PriorTrainConfig:
-    out_dir: str = "runs/prior"
-    steps: int = 10_000
-    batch_size: int = 32
-    learning_rate: float = 3e-4
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 200
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    label_dropout: float = 0.1  # classifier-free guidance: train the "no class" token too
-    # start from a trained prior (a train-transformer run or model/, a converted or original taming
-    # transformer): its architecture and token layout are kept; model.* settings are then ignored
-    init_from: str = ""
-    precision: str = "auto"
-    seed: int = 0
-    log_every: int = 10
-    eval_every: int = 500
-    ckpt_every: int = 500
-    keep_last: int = 3
-    max_nonfinite_steps: int = 20  # a step with a non-finite loss or gradient is skipped; this many in a row stop
-
-    def validate(self) -> None:
-        validate_loop(self, "train", ("steps", "batch_size", "log_every", "eval_every", "ckpt_every", "keep_last",
-                                      "max_nonfinite_steps"))
-        for name in ("learning_rate", "grad_clip"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"train.{name} must be > 0, got {getattr(self, name)}")
-        if not 0 <= self.min_lr_ratio <= 1 or not 0 <= self.label_dropout < 1:
-            raise UserError("train.min_lr_ratio must be in [0, 1] and train.label_dropout in [0, 1)")
-        if self.warmup_steps < 0 or self.weight_decay < 0:
-            raise UserError("train.warmup_steps and train.weight_decay must be >= 0")
-
-
-@dataclass
-class TransformerTrainConfig:
-    model: PriorModelConfig = field(default_factory=PriorModelConfig)
-    data: PriorDataConfig = field(default_factory=PriorDataConfig)
-    train: PriorTrainConfig = field(default_factory=PriorTrainConfig)
-
-    def validate(self) -> None:
-        if not self.data.tokens:
-            raise UserError("data.tokens is not set: give a token store made by `vqgan tokenize`")
-        self.train.validate()
-        if self.data.holdout < 0:
-            raise UserError(f"data.holdout must be >= 0, got {self.data.holdout}")
-        if self.data.conditioning not in ("auto", "spatial", "class", "none"):
-            raise UserError(f"data.conditioning must be auto, spatial, class or none, got {self.data.conditioning!r}")
 
 
 def adamw(model: GPT, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -134,20 +62,16 @@ def lr_at(step: int, cfg: PriorTrainConfig) -> float:
     return cfg.learning_rate * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
-class PriorTrainer:
+class PriorTrainer(TrainingLoop):
     """One process, or many under torchrun (DistributedDataParallel; each rank reads its shard of the store;
     rank 0 logs, samples and writes checkpoints)."""
 
+    name = "train-transformer"
+    required_files = (WEIGHTS_FILE, CONFIG_FILE, STATE_FILE)
+
     def __init__(self, cfg: TransformerTrainConfig, resume: Resume | bool = False, progress: bool = True,
                  runtime: Runtime | None = None):
-        cfg.validate()
-        self.cfg = cfg
-        self.rt = runtime or setup_runtime()
-        self.run_dir = Path(cfg.train.out_dir)
-        self.folder = RunFolder(self.run_dir, owner=self.rt.is_main, keep_last=cfg.train.keep_last)
-        resuming = self.folder.check(resume)
-        self.progress = progress and self.rt.is_main
-        seed_everything(cfg.train.seed)  # the same initial weights on every rank
+        resuming = self.start_run(cfg, resume, runtime, progress)
         self.store = TokenStore(cfg.data.tokens)
         h, w = self.store.grid
         self.n_tokens = h * w
@@ -172,14 +96,10 @@ class PriorTrainer:
         self.eval_rows = usable[len(usable) - holdout:] or self.train_rows[:16]
         self.sampler = ResumableSampler(len(self.train_rows), cfg.train.batch_size, self.rt.rank, self.rt.world_size,
                                         seed=cfg.train.seed)
-        self.step = 0
-        self.nonfinite_steps = 0
-        self.resume_from = self.folder.open(resuming, self._load)
-        self.guard = StepGuard(self.rt, cfg.train.max_nonfinite_steps)
+        self.open_run(resuming)
         self.net = (DistributedDataParallel(self.model, device_ids=[self.rt.device.index]
                                             if self.rt.device.type == "cuda" else None)
                     if self.rt.distributed else self.model)
-        self.metrics = MetricsLog(self.run_dir / "logs", enabled=self.rt.is_main)
 
     def _init_prior(self, path: str):
         """The prior to fine-tune; it must speak the store's tokens (same tokenizer, same conditioning)."""
@@ -236,17 +156,12 @@ class PriorTrainer:
                         cond_tokenizer_fingerprint=c["tokenizer"]["fingerprint"])
         return {**self.model.config_dict(), "conditioning": cond}
 
-    def save(self) -> Path | None:
-        if not self.rt.is_main:
-            return None
-        return self.folder.write_checkpoint(self.step, CheckpointParts(
-            tensors={WEIGHTS_FILE: self.model.state_dict()},
-            yaml={CONFIG_FILE: self.config_dict(), "train_config.yaml": asdict(self.cfg)},
-            state={"step": self.step, "opt": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
-                   "rng": rng_state(), "world_size": self.rt.world_size, "nonfinite_steps": self.nonfinite_steps}))
+    def checkpoint_parts(self) -> CheckpointParts:
+        return CheckpointParts(tensors={WEIGHTS_FILE: self.model.state_dict()},
+                               yaml={CONFIG_FILE: self.config_dict(), "train_config.yaml": asdict(self.cfg)},
+                               state={"opt": self.opt.state_dict(), "scaler": self.scaler.state_dict()})
 
-    def _load(self, path: Path) -> None:
-        parts = read_checkpoint(path, (WEIGHTS_FILE, CONFIG_FILE, STATE_FILE))
+    def load_parts(self, path: Path, parts: CheckpointParts) -> None:
         saved = {k: v for k, v in parts.yaml[CONFIG_FILE].items() if k != "conditioning"}
         if saved != self.model.config_dict():
             raise UserError(f"{path}: the prior's model settings differ from the checkpoint's ({CONFIG_FILE}); resume "
@@ -256,14 +171,6 @@ class PriorTrainer:
         self.model.load_state_dict(sd)
         self.opt.load_state_dict(state["opt"])
         self.scaler.load_state_dict(state["scaler"])
-        self.step = int(state["step"])
-        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
-        if int(state.get("world_size", 1)) == self.rt.world_size:
-            set_rng_state(state["rng"])
-        else:  # the sampler's order changes with the process count; each rank's RNG stream cannot be kept
-            log.warning("resuming with %d processes instead of %d: the data order changes", self.rt.world_size,
-                        state.get("world_size", 1))
-        log.info("resumed from %s (step %d)", path, self.step)
 
     # -- steps -----------------------------------------------------------------------------------
     def _sequences(self, batch: dict, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -293,78 +200,59 @@ class PriorTrainer:
         self.model.train()
         return total / max(n, 1)
 
-    def fit(self) -> dict[str, Any]:
-        t = self.cfg.train
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_yaml(asdict(self.cfg), self.run_dir / "config.yaml")
+    # -- the loop (train/loop.py) ----------------------------------------------------------------
+    def begin(self) -> None:
         self.metrics.note(f"prior: {sum(p.numel() for p in self.model.parameters())} parameters, vocab "
                           f"{self.layout.vocab_size}, {self.layout.n_classes} classes, {len(self.train_rows)} "
                           f"training sequences of {self.n_tokens} tokens")
-        bar = tqdm(total=t.steps, initial=self.step, desc="train-transformer", disable=not self.progress)
         self.model.train()
-        try:
-            with self.guard:
-                self._loop(bar)
-            bar.close()
-            if self.guard.stop_requested and self.step < t.steps:  # a checkpoint to resume from, no final model
-                checkpoint = self.save()
-                return {"step": self.step, "nll": float("nan"), "out": str(self.run_dir), "samples": None,
-                        "stopped": True, "exit_code": self.guard.exit_code,
-                        "checkpoint": str(checkpoint) if checkpoint else None}
-            final_nll, samples = float("nan"), None
-            if self.rt.is_main:
-                final_nll = self.evaluate()
-                self.metrics.write(self.step, {"nll": final_nll}, kind="eval")
-                samples = self.write_samples()
-                self.save_final()
-            return {"step": self.step, "nll": final_nll, "out": str(self.run_dir), "samples": samples,
-                    "nonfinite_steps": self.nonfinite_steps}
-        finally:
-            bar.close()
-            self.metrics.close()
-            self.folder.unlock()
 
-    def _loop(self, bar) -> None:
+    def batches(self):
+        """Endless batches of the training rows, positioned from `self.step`."""
         t = self.cfg.train
-        t0, tokens_seen = time.perf_counter(), 0
-        while self.step < t.steps and not self.guard.stop_requested:
-            epoch, offset = divmod(self.step, self.sampler.batches_per_epoch)
+        epoch, offset = divmod(self.step, self.sampler.batches_per_epoch)
+        while True:
             self.sampler.set_position(epoch, offset)
-            loader = DataLoader(Subset(self.store, self.train_rows), batch_size=t.batch_size, sampler=self.sampler,
-                                drop_last=True, generator=torch.Generator().manual_seed(t.seed + epoch))
-            for batch in loader:
-                for group in self.opt.param_groups:
-                    group["lr"] = lr_at(self.step, t)
-                loss = self.loss(batch)
-                self.opt.zero_grad(set_to_none=True)
-                self.scaler.scale(loss).backward()
-                self.scaler.unscale_(self.opt)
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
-                # with fp16 the scaler skips overflowing steps itself; otherwise a non-finite step is skipped here
-                finite = all_finite([loss.detach()] + ([] if self.scaler.is_enabled() else [grad_norm]))
-                if self.guard.after_step(self.step, finite):
-                    self.scaler.step(self.opt)
-                    self.scaler.update()
-                else:
-                    self.nonfinite_steps += 1
-                    self.opt.zero_grad(set_to_none=True)
-                self.step += 1
-                tokens_seen += batch["tokens"].numel()
-                bar.update(1)
-                if self.step % t.log_every == 0 or self.step == t.steps:
-                    rate = tokens_seen / (time.perf_counter() - t0)
-                    t0, tokens_seen = time.perf_counter(), 0
-                    self.metrics.write(self.step, {"loss": float(loss.detach()), "grad_norm": float(grad_norm),
-                                                   "lr": self.opt.param_groups[0]["lr"], "tokens_per_s": rate,
-                                                   "nonfinite_steps": self.nonfinite_steps})
-                    bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)
-                if self.step % t.eval_every == 0 and self.step < t.steps and self.rt.is_main:
-                    self.metrics.write(self.step, {"nll": self.evaluate()}, kind="eval")
-                    self.write_samples()
-                if self.step % t.ckpt_every == 0 or self.step == t.steps:
-                    self.save()
-                if self.step >= t.steps or self.guard.stop_requested:
-                    break
+            yield from DataLoader(Subset(self.store, self.train_rows), batch_size=t.batch_size, sampler=self.sampler,
+                                  drop_last=True, generator=torch.Generator().manual_seed(t.seed + epoch))
+            epoch, offset = epoch + 1, 0
+
+    def train_step(self, batch: dict) -> dict[str, float]:
+        t = self.cfg.train
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(self.step, t)
+        loss = self.loss(batch)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        # with fp16 the scaler skips overflowing steps itself; otherwise a non-finite step is skipped here
+        finite = all_finite([loss.detach()] + ([] if self.scaler.is_enabled() else [grad_norm]))
+        if self.guard.after_step(self.step, finite):
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.nonfinite_steps += 1
+            self.opt.zero_grad(set_to_none=True)
+        self.tokens_per_step = batch["tokens"].numel() * self.rt.world_size
+        return {"loss": float(loss.detach()), "grad_norm": float(grad_norm), "lr": self.opt.param_groups[0]["lr"]}
+
+    def rates(self, steps_per_s: float) -> dict[str, float]:
+        return {"tokens_per_s": steps_per_s * self.tokens_per_step}
+
+    def periodic_evaluation(self) -> None:
+        if self.rt.is_main:
+            self.metrics.write(self.step, {"nll": self.evaluate()}, kind="eval")
+            self.write_samples()
+
+    def finish(self) -> dict[str, Any]:
+        final_nll, samples = float("nan"), None
+        if self.rt.is_main:
+            final_nll = self.evaluate()
+            self.metrics.write(self.step, {"nll": final_nll}, kind="eval")
+            samples = self.write_samples()
+            self.save_final()
+        return {"nll": final_nll, "out": str(self.run_dir), "samples": samples}
 
     def save_final(self) -> Path:
         """`model/`: the prior, and copies of its tokenizers (when they still match the store's tokens), so
@@ -441,7 +329,7 @@ class PriorTrainer:
         return str(out)
 
 
-def train_prior(cfg: TransformerTrainConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+def train_prior(cfg: TransformerTrainConfig, resume: Resume | bool = False, progress: bool = True) -> dict[str, Any]:
     rt = setup_runtime()
     try:
         return PriorTrainer(cfg, resume=resume, progress=progress, runtime=rt).fit()
