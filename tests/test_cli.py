@@ -1,4 +1,3 @@
-import json
 import subprocess
 import sys
 
@@ -9,6 +8,7 @@ from PIL import Image
 
 from vqgan.autoencoder import VQModel
 from vqgan.cli import main
+from vqgan.data.tokens import TokenStore
 
 
 @pytest.fixture
@@ -31,8 +31,8 @@ def images(tmp_path):
 
 def test_encode_decode_reconstruct(tmp_path, tokenizer, images, capsys):
     assert main(["encode", str(tokenizer), str(images), str(tmp_path / "tokens"), "--no-progress"]) == 0
-    tokens = np.load(tmp_path / "tokens" / "tokens.npy")
-    meta = json.loads((tmp_path / "tokens" / "tokens.json").read_text())
+    store = TokenStore(tmp_path / "tokens")  # encode writes the one token format
+    tokens, meta = np.asarray(store.tokens), store.meta
     assert tokens.shape == (5, 16, 16) and tokens.dtype == np.uint16
     assert meta["grid"] == [16, 16] and meta["tokenizer"]["n_embed"] == 64 and len(meta["files"]) == 5
     assert main(["decode", str(tokenizer), str(tmp_path / "tokens"), str(tmp_path / "dec"), "--no-progress"]) == 0
@@ -107,3 +107,31 @@ def test_quick_demo_runs_both_stages_and_writes_the_report(tmp_path):
         assert (tmp_path / "demo" / "samples" / f"{picture}.png").is_file() and picture in report
     # a second run finds every stage done and only redraws the pictures
     assert main(["demo", "--out", str(tmp_path / "demo"), "--quick", "--no-progress"]) == 0
+
+
+def test_one_token_format_for_encode_tokenize_decode_and_training(tmp_path, tokenizer, images):
+    """`encode` and `tokenize` write the same store; `decode` reads both (and old tokens.npy folders), leaving
+    out rows whose image could not be read; a prior trains on what `encode` wrote."""
+    from vqgan.data.tokens import tokenize_folder
+    from vqgan.train.stage2 import PriorTrainer, TransformerTrainConfig
+    from vqgan.config import load_config
+
+    assert main(["encode", str(tokenizer), str(images), str(tmp_path / "enc"), "--no-progress"]) == 0
+    tokenize_folder(str(tokenizer), str(images), str(tmp_path / "store"), progress=False)
+    encoded, tokenized = TokenStore(tmp_path / "enc"), TokenStore(tmp_path / "store")
+    assert encoded.meta["format"] == tokenized.meta["format"] == "vqgan-token-store/1"
+    usable = tokenized.labels != -2
+    assert np.array_equal(np.asarray(encoded.tokens), np.asarray(tokenized.tokens)[usable])
+    for name, rows in (("enc", 5), ("store", 5)):
+        assert main(["decode", str(tokenizer), str(tmp_path / name), str(tmp_path / f"dec_{name}"),
+                     "--no-progress"]) == 0
+        assert len(list((tmp_path / f"dec_{name}").glob("*.png"))) == rows
+    legacy = tmp_path / "legacy"  # a folder written by an earlier version
+    legacy.mkdir()
+    np.save(legacy / "tokens.npy", np.asarray(encoded.tokens))
+    assert main(["decode", str(tokenizer), str(legacy), str(tmp_path / "dec_legacy"), "--no-progress"]) == 0
+    assert len(list((tmp_path / "dec_legacy").glob("*.png"))) == 5
+    cfg = load_config(TransformerTrainConfig, {
+        "model": {"n_layer": 1, "n_head": 2, "n_embd": 32}, "data": {"tokens": str(tmp_path / "enc"), "holdout": 1},
+        "train": {"out_dir": str(tmp_path / "prior"), "steps": 2, "batch_size": 2}})
+    assert PriorTrainer(cfg, progress=False).fit()["step"] == 2

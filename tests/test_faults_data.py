@@ -121,10 +121,10 @@ def test_encode_gives_an_unreadable_image_no_row_and_names_each_rows_own_file(tm
     truncate(tmp_path / "imgs" / "b.png")
     assert main(["encode", str(tok_dir), str(tmp_path / "imgs"), str(tmp_path / "tokens"), "--batch-size", "2",
                  "--no-progress"]) == 0
-    tokens = np.load(tmp_path / "tokens" / "tokens.npy")
-    meta = json.loads((tmp_path / "tokens" / "tokens.json").read_text())
+    store = TokenStore(tmp_path / "tokens")  # encode writes the one token format
+    tokens, meta = np.asarray(store.tokens), store.meta
     assert meta["files"] == [str(tmp_path / "imgs" / "a.png"), str(tmp_path / "imgs" / "c.png")]
-    assert meta["skipped_files"] == 1 and tokens.shape[0] == 2
+    assert meta["unreadable_files_skipped"] == 1 and tokens.shape[0] == 2
     for row, file in enumerate(meta["files"]):
         assert torch.equal(torch.from_numpy(tokens[row].astype(np.int64)), own_tokens(model, file))
 
@@ -180,7 +180,7 @@ def test_stores_record_absolute_tokenizer_paths_that_load_from_any_folder(tmp_pa
     tokenize_folder("tok/", "imgs", "store", progress=False)
     main(["encode", "tok", "imgs", "tokens", "--no-progress"])
     store = json.loads((tmp_path / "store" / "meta.json").read_text())
-    tokens = json.loads((tmp_path / "tokens" / "tokens.json").read_text())
+    tokens = json.loads((tmp_path / "tokens" / "meta.json").read_text())
     assert store["tokenizer"]["path"] == tokens["tokenizer"]["path"] == str(tmp_path / "tok")
     assert store["files"][0] == tokens["files"][0] == str(tmp_path / "imgs" / "0.png")
     monkeypatch.chdir(tmp_path / "elsewhere")  # where a prior is trained: it loads the recorded tokenizer

@@ -302,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("decode", help="token files -> PNG images")
     c.add_argument("model")
-    c.add_argument("tokens", help="directory written by `vqgan encode` (or its tokens.npy)")
+    c.add_argument("tokens", help="token store from `vqgan encode` or `vqgan tokenize` (or an older tokens.npy folder)")
     c.add_argument("out")
     c.add_argument("--batch-size", type=int, default=16)
     c.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when there is one)")

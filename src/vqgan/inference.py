@@ -1,8 +1,9 @@
 """Using a trained tokenizer: images -> token files, token files -> images, reconstructions with PSNR.
 
-A token directory holds `tokens.npy` ((N, h, w), uint16 when the codebook fits, else int32) and
-`tokens.json` (the tokenizer's absolute path, fingerprint and config, the grid, and the absolute path of the
-source file of each row). An unreadable image gets no row (and no reconstruction): it is counted in `skipped`.
+Tokens are written as a token store (`data/tokens.py`: tokens.bin, labels.npy, meta.json with the tokenizer's
+absolute path, fingerprint and config, the grid, and the absolute path of each row's source file), the same
+format `vqgan tokenize` writes; `decode` also reads the tokens.npy folders of earlier versions. An unreadable
+image gets no row (and no reconstruction): it is counted in `skipped`.
 Per-image outputs mirror the input's sub-folders, so images that share a file name never overwrite each other.
 """
 from __future__ import annotations
@@ -23,20 +24,25 @@ from .checkpoint import fingerprint
 from .data.images import ImageDataset, ReadableItems, collate_readable
 from .data.sources import image_sources
 from .data.tokens import (
+    META_FILE,
+    UNUSABLE,
+    TokenStore,
     absolute_source,
     check_output_dir,
     check_resolution,
     load_tokenizer,
     relative_source,
+    token_dtype,
     tokenizer_record,
+    write_store,
 )
 from .errors import UserError
 from .eval.metrics import psnr_per_image
 from .eval.report import to_uint8
 from .userinput import at_least, resolve_device
 
-TOKENS_FILE = "tokens.npy"
-META_FILE = "tokens.json"
+LEGACY_TOKENS = "tokens.npy"  # `vqgan encode` before token stores (still decoded)
+LEGACY_META = "tokens.json"
 
 
 def _image_loader(model: VQModel, images: str, batch_size: int, crop: str, resolution: int | None,
@@ -72,6 +78,7 @@ def _start(model_path: str, out: str, batch_size: int, device: str | None, resol
 @torch.no_grad()
 def encode_folder(model_path: str, images: str, out: str, batch_size: int = 16, crop: str = "center",
                   resolution: int | None = None, device: str | None = None, progress: bool = True) -> dict:
+    """Images -> a token store (the format `vqgan tokenize` writes; `decode` and `train-transformer` read it)."""
     dev, model, out_dir = _start(model_path, out, batch_size, device, resolution)
     ds, loader, n_bad = _image_loader(model, images, batch_size, crop, resolution)
     chunks, names, skipped = [], [], n_bad
@@ -83,22 +90,17 @@ def encode_folder(model_path: str, images: str, out: str, batch_size: int = 16, 
     if not chunks:
         raise UserError(f"none of the images in {images} could be read (see the warnings above); nothing written")
     tokens = torch.cat(chunks).numpy()
-    dtype = np.uint16 if model.quantize.n_embed <= 65536 else np.int32
-    out_dir.mkdir(parents=True, exist_ok=True)
-    np.save(out_dir / TOKENS_FILE, tokens.astype(dtype))
-    meta = {"format": "vqgan-tokens/1", "tokenizer": tokenizer_record(model_path, model),
-            "grid": list(tokens.shape[1:]), "count": int(tokens.shape[0]), "dtype": np.dtype(dtype).name,
-            "resolution": resolution or model.config.resolution, "crop": crop, "files": names,
-            "skipped_files": skipped}
-    (out_dir / META_FILE).write_text(json.dumps(meta, indent=1))
+    meta = {"format": "vqgan-token-store/1", "condition": None, "data": absolute_source(images, images),
+            "tokenizer": tokenizer_record(model_path, model), "dtype": token_dtype(model.quantize.n_embed),
+            "crops_per_image": 1, "crop": crop, "flip": False, "resolution": resolution or model.config.resolution,
+            "class_names": [], "files": names, "unreadable_files_skipped": skipped}
+    write_store(out_dir, tokens, meta)
     return {"count": int(tokens.shape[0]), "grid": list(tokens.shape[1:]), "out": str(out_dir), "skipped": skipped}
 
 
-def read_tokens(path: str) -> tuple[np.ndarray, dict]:
-    p = Path(path)
-    tokens_path, meta_path = (p / TOKENS_FILE, p / META_FILE) if p.is_dir() else (p, p.with_name(META_FILE))
-    if not tokens_path.is_file():
-        raise UserError(f"no token file at {tokens_path}; pass the directory written by `vqgan encode`")
+def read_legacy_tokens(path: Path) -> tuple[np.ndarray, dict]:
+    """`tokens.npy` + `tokens.json`, as `vqgan encode` wrote them before token stores were the one format."""
+    tokens_path, meta_path = (path / LEGACY_TOKENS, path / LEGACY_META) if path.is_dir() else (path, path.with_name(LEGACY_META))
     try:
         tokens = np.load(tokens_path, allow_pickle=False)
     except ValueError as e:
@@ -111,11 +113,24 @@ def read_tokens(path: str) -> tuple[np.ndarray, dict]:
     return tokens, meta
 
 
+def read_tokens(path: str) -> tuple[np.ndarray, dict, np.ndarray]:
+    """(token grids (N, h, w), their metadata, which rows are usable) from a token store (`encode` or
+    `tokenize`), or from the `tokens.npy` folders of earlier versions."""
+    p = Path(path)
+    if (p / META_FILE).is_file():
+        store = TokenStore(p)
+        return np.asarray(store.tokens), store.meta, store.labels != UNUSABLE
+    if (p / LEGACY_TOKENS).is_file() or (p.is_file() and p.suffix == ".npy"):
+        tokens, meta = read_legacy_tokens(p)
+        return tokens, meta, np.ones(len(tokens), dtype=bool)
+    raise UserError(f"{p} holds no tokens: pass a folder written by `vqgan encode` or `vqgan tokenize`")
+
+
 @torch.no_grad()
 def decode_tokens(model_path: str, tokens_path: str, out: str, batch_size: int = 16, device: str | None = None,
                   force: bool = False, progress: bool = True) -> dict:
     dev, model, out_dir = _start(model_path, out, batch_size, device)
-    tokens, meta = read_tokens(tokens_path)
+    tokens, meta, usable = read_tokens(tokens_path)
     recorded = meta.get("tokenizer", {}).get("fingerprint")
     mine = fingerprint(model)
     if recorded and recorded != mine and not force:
@@ -126,16 +141,18 @@ def decode_tokens(model_path: str, tokens_path: str, out: str, batch_size: int =
         raise UserError(f"{tokens_path} has token indices in [{tokens.min()}, {tokens.max()}], outside the "
                         f"tokenizer's codebook [0, {n})")
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = meta.get("files") or [f"{i:06d}" for i in range(len(tokens))]
+    names = meta.get("files") or []
+    rows = np.flatnonzero(usable)  # rows whose image could not be read hold no tokens of theirs
     written = []
-    for start in tqdm(range(0, len(tokens), batch_size), desc="decode", disable=not progress):
-        t = torch.from_numpy(tokens[start:start + batch_size].astype(np.int64)).to(dev)
-        for j, img in enumerate(to_uint8(model.decode(t))):
-            name = Path(names[start + j]).stem if start + j < len(names) else f"{start + j:06d}"
-            path = out_dir / f"{start + j:06d}_{name}.png"
+    for start in tqdm(range(0, len(rows), batch_size), desc="decode", disable=not progress):
+        chunk = rows[start:start + batch_size]
+        t = torch.from_numpy(tokens[chunk].astype(np.int64)).to(dev)
+        for r, img in zip(chunk.tolist(), to_uint8(model.decode(t))):
+            name = Path(names[r]).stem if r < len(names) else f"{r:06d}"
+            path = out_dir / f"{r:06d}_{name}.png"
             Image.fromarray(img).save(path)
             written.append(str(path))
-    return {"count": len(written), "out": str(out_dir)}
+    return {"count": len(written), "out": str(out_dir), "unusable_rows": int(len(tokens) - len(rows))}
 
 
 def _mirrored_names(ds: ImageDataset, images: str, tail: str) -> list[Path]:

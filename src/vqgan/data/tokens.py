@@ -1,4 +1,5 @@
-"""Token stores: an image folder encoded once, for training the transformer on tokens instead of images.
+"""Token stores: the one file format for tokens. `vqgan tokenize` (for training the transformer: labels,
+crops, condition maps, resumable) and `vqgan encode` write them; `vqgan decode`, training and sampling read them.
 
 A store is a directory:
 - `tokens.bin`: (N, h, w) raw array, uint16 when the codebook has at most 65536 codes, else int32, read
@@ -404,13 +405,13 @@ def tokenize_folder(tokenizer_path: str, data: str, out: str, batch_size: int = 
                                                         n_labels=cond_model.config.in_channels, **common)
     grid = [model.config.latent_size] * 2
     count = len(sources) * crops_per_image
-    dtype = _token_dtype(model.quantize.n_embed)
+    dtype = token_dtype(model.quantize.n_embed)
     condition = None
     if cond_model is not None:
         side = model.config.resolution // cond_model.config.downsample_factor
         condition = {"kind": cond_model.config.input_kind, "maps": absolute_source(cond_maps, cond_maps),
                      "tokenizer": tokenizer_record(cond_tokenizer, cond_model), "grid": [side, side],
-                     "dtype": _token_dtype(cond_model.quantize.n_embed),
+                     "dtype": token_dtype(cond_model.quantize.n_embed),
                      "map_files": [absolute_source(map_sources[r // crops_per_image].name, cond_maps)
                                    for r in range(count)]}
     meta = {"format": "vqgan-token-store/1", "condition": condition, "data": absolute_source(data, data),
@@ -455,5 +456,18 @@ def tokenize_folder(tokenizer_path: str, data: str, out: str, batch_size: int = 
             "condition_grid": condition["grid"] if condition else None}
 
 
-def _token_dtype(n_embed: int) -> str:
+def write_store(out_dir: Path, tokens: np.ndarray, meta: dict[str, Any], labels: np.ndarray | None = None) -> None:
+    """A complete store written in one go (`vqgan encode`). An older store's meta.json goes first and the new
+    one comes last, so a kill midway leaves no meta.json that describes other rows than tokens.bin holds."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / META_FILE).unlink(missing_ok=True)
+    tmp = out_dir / (TOKENS_BIN + ".tmp")
+    tokens.astype(meta["dtype"]).tofile(tmp)
+    os.replace(tmp, out_dir / TOKENS_BIN)
+    _save_labels_atomic(out_dir / LABELS_FILE, labels if labels is not None else np.full(len(tokens), -1, np.int64))
+    _write_json_atomic(out_dir / META_FILE, {**meta, "count": len(tokens), "grid": list(tokens.shape[1:]),
+                                             "done": len(tokens), "complete": True})
+
+
+def token_dtype(n_embed: int) -> str:
     return "uint16" if n_embed <= 65536 else "int32"
