@@ -1,6 +1,7 @@
 """Generating images with a prior: samples (any size, any conditioning) and completions, written as PNGs.
 
-Behind `vqgan sample` and `vqgan complete`; the demo uses the same functions.
+The command layer behind `vqgan sample` and `vqgan complete` (its errors name their flags); the demo uses the
+same functions.
 """
 from __future__ import annotations
 
@@ -13,7 +14,16 @@ from PIL import Image
 
 from .errors import UserError
 from .eval.report import image_grid, to_uint8
-from .prior import Prior
+from .priors.bundle import ArgNames, Prior
+from .priors.load import load_prior
+
+CLI_NAMES = ArgNames(tokenizer="--tokenizer", force="--force", label="--label")
+
+
+def open_prior(path: str, tokenizer: str | None = None, device: str | torch.device = "cpu",
+               force: bool = False) -> Prior:
+    """`load_prior` with errors that name the command's flags."""
+    return load_prior(path, tokenizer, device, force, CLI_NAMES)
 
 
 def parse_size(text: str | None, factor: int) -> tuple[int, int] | None:
@@ -87,7 +97,7 @@ def sample_images(prior: Prior, n: int, label: str | None = None, size: str | No
     device = next(prior.gpt.parameters()).device
     f = prior.tokenizer.downsample_factor
     check_condition(prior, label, sampling.get("guidance_scale", 1.0))
-    labels = torch.full((n,), prior.label_id(label), device=device) if label is not None else None
+    labels = torch.full((n,), prior.label_id(label, CLI_NAMES), device=device) if label is not None else None
     cond, shown = None, None
     if prior.layout.spatial:
         if not cond_map:
@@ -135,7 +145,7 @@ def complete_images(prior: Prior, images: torch.Tensor, n: int = 4, keep_rows: f
         keep[round(t * h):max(round(bt * h), round(t * h) + 1), round(l * w):max(round(r * w), round(l * w) + 1)] = False
     else:
         keep[max(0, min(h - 1, round(keep_rows * h))):] = False
-    labels = torch.full((n,), prior.label_id(label), device=device) if label is not None else None
+    labels = torch.full((n,), prior.label_id(label, CLI_NAMES), device=device) if label is not None else None
     g = torch.Generator(device=device).manual_seed(seed)
     outs = []
     for i in range(b):
