@@ -103,7 +103,7 @@ def sample_images(prior: Prior, n: int, label: str | None = None, size: str | No
         if not cond_map:
             raise UserError(f"this prior is conditioned on {prior.cond_tokenizer.config.input_kind} maps: pass "
                             "--cond-map FILE")
-        grid_px = (lambda g: (g[0] * f, g[1] * f))(parse_size(size, f)) if size else None
+        grid_px = tuple(side * f for side in parse_size(size, f)) if size else None
         maps = load_cond_map(prior, cond_map, grid_px)
         cond = prior.encode_maps(maps).expand(n, -1, -1)
         shown = to_display(maps, prior.cond_tokenizer.config.input_kind)

@@ -26,20 +26,23 @@ class ArgNames:
     label: str = "label"
 
 
+PARAMETER_NAMES = ArgNames()
+
+
 @dataclass
 class Prior:
     gpt: GPT
     layout: TokenLayout
-    tokenizer: "VQModel"
+    tokenizer: VQModel
     grid: tuple[int, int]
     conditioning: dict
-    cond_tokenizer: "VQModel | None" = None
+    cond_tokenizer: VQModel | None = None
 
     @property
     def class_names(self) -> list[str]:
         return list(self.conditioning.get("class_names") or [])
 
-    def label_id(self, label: str, names: ArgNames = ArgNames()) -> int:
+    def label_id(self, label: str, names: ArgNames = PARAMETER_NAMES) -> int:
         """A class name or id -> the class id."""
         classes = self.class_names
         if not self.layout.n_classes:

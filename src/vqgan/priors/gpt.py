@@ -128,7 +128,7 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """With a cache, `idx` holds only the new positions, which follow the cached ones."""
-        b, t = idx.shape
+        t = idx.shape[1]
         start = cache.length if cache is not None else 0
         if start + t > self.config.block_size:
             raise ValueError(f"sequence of {start + t} tokens exceeds block_size {self.config.block_size}")
@@ -176,5 +176,5 @@ class GPT(nn.Module):
         return {"kind": "gpt", **asdict(self.config)}
 
     @classmethod
-    def from_config_dict(cls, data: dict[str, Any]) -> "GPT":
+    def from_config_dict(cls, data: dict[str, Any]) -> GPT:
         return cls(from_dict(GPTConfig, {k: v for k, v in data.items() if k not in ("kind", "conditioning")}, "gpt"))

@@ -16,7 +16,7 @@ class Guidance:
     null_token: int  # the "no class" token of the unconditional rows
 
     @classmethod
-    def of(cls, layout: TokenLayout, labels: torch.Tensor | None, scale: float) -> "Guidance | None":
+    def of(cls, layout: TokenLayout, labels: torch.Tensor | None, scale: float) -> Guidance | None:
         """The guidance to apply, or None where it changes nothing (scale 1, no classes or no labels)."""
         if scale == 1.0 or not layout.n_classes or labels is None:
             return None

@@ -87,6 +87,6 @@ class TokenLayout:
                 "cond_n_embed": self.cond_n_embed, "cond_len": self.cond_len, "sos_token": self.sos_token}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TokenLayout":
+    def from_dict(cls, d: dict) -> TokenLayout:
         return cls(int(d["n_embed"]), int(d.get("n_classes", 0)), int(d.get("cond_n_embed", 0)),
                    int(d.get("cond_len", 0)), d.get("layout", "vqgan"), int(d.get("sos_token", 0)))

@@ -9,13 +9,13 @@ import torch
 from ..checkpoint import CONFIG_FILE, fingerprint, load_model, read_yaml_mapping
 from ..convert.taming import load_taming_transformer
 from ..errors import UserError
-from .bundle import ArgNames, Prior
+from .bundle import PARAMETER_NAMES, ArgNames, Prior
 from .gpt import GPT
 from .layout import TokenLayout
 
 
 def load_prior(path: str, tokenizer: str | None = None, device: str | torch.device = "cpu",
-               force: bool = False, names: ArgNames = ArgNames()) -> Prior:
+               force: bool = False, names: ArgNames = PARAMETER_NAMES) -> Prior:
     """A trained prior (a `train-transformer` run or its model/) or a converted taming transformer.
 
     `tokenizer` replaces the prior's own; it must be the same weights (the fingerprint the prior records),

@@ -15,7 +15,7 @@ from .gpt import GPT
 from .guidance import Guidance
 from .layout import TokenLayout
 from .pick import pick
-from .windows import SlidingWindow, Window, Windows, WholeSequence
+from .windows import SlidingWindow, WholeSequence, Window, Windows
 
 
 @torch.inference_mode()
@@ -95,6 +95,7 @@ def sample_grid(gpt: GPT, layout: TokenLayout, grid: tuple[int, int], batch: int
     rest are sampled, each seeing every earlier position of its window, given or sampled. With a guidance
     scale != 1 and labels, each step mixes the class and "no class" logits (guidance.py)."""
     H, W = grid
+    device = next(gpt.parameters()).device
     sliding = window is not None and tuple(window) != (H, W)
     if sliding:
         h, w = window
@@ -108,7 +109,7 @@ def sample_grid(gpt: GPT, layout: TokenLayout, grid: tuple[int, int], batch: int
                                   None if known is None else known.reshape(batch, H * W),
                                   None if keep is None else keep.reshape(-1, H * W), guidance_scale, temperature,
                                   top_k, top_p, greedy, generator, use_cache,
-                                  windows=SlidingWindow(grid, window) if sliding else None, progress=progress)
+                                  windows=SlidingWindow(grid, window, device) if sliding else None, progress=progress)
     return tokens.reshape(batch, H, W)
 
 
