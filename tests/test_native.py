@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import vqgan.native
-import vqgan.transformer
+import vqgan.priors.gpt
 from vqgan.native import load
 from vqgan.sampling import sample
 from vqgan.transformer import GPT, GPTConfig
@@ -25,7 +25,7 @@ def step_by_step(model, idx, native: bool, monkeypatch):
     """Logits of positions 2.. (one at a time after a two-token prefix) and the cache, native or PyTorch."""
     with monkeypatch.context() as patch:
         if not native:
-            patch.setattr(vqgan.transformer, "decode_step", lambda *args: None)
+            patch.setattr(vqgan.priors.gpt, "decode_step", lambda *args: None)
         with torch.no_grad():
             cache = model.new_cache()
             model(idx[:, :2], cache)

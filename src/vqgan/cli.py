@@ -99,8 +99,8 @@ def _sampling_options(args) -> dict:
 
 
 def _sample(args) -> dict:
+    from .generate import open_prior as load_prior
     from .generate import sample_images, write_grid, write_images
-    from .prior import load_prior
     from .userinput import at_least, output_dir, resolve_device
 
     sampling = _sampling_options(args)
@@ -123,7 +123,7 @@ def _complete(args) -> dict:
     from .data.sources import image_sources
     from .data.tokens import match_maps
     from .generate import complete_images, write_grid, write_images
-    from .prior import load_prior
+    from .generate import open_prior as load_prior
     from .userinput import at_least, output_dir, resolve_device
 
     sampling = _sampling_options(args)

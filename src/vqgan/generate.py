@@ -1,6 +1,7 @@
 """Generating images with a prior: samples (any size, any conditioning) and completions, written as PNGs.
 
-Behind `vqgan sample` and `vqgan complete`; the demo uses the same functions.
+The command layer behind `vqgan sample` and `vqgan complete` (its errors name their flags); the demo uses the
+same functions.
 """
 from __future__ import annotations
 
@@ -13,7 +14,16 @@ from PIL import Image
 
 from .errors import UserError
 from .eval.report import image_grid, to_uint8
-from .prior import Prior
+from .priors.bundle import ArgNames, Prior
+from .priors.load import load_prior
+
+CLI_NAMES = ArgNames(tokenizer="--tokenizer", force="--force", label="--label")
+
+
+def open_prior(path: str, tokenizer: str | None = None, device: str | torch.device = "cpu",
+               force: bool = False) -> Prior:
+    """`load_prior` with errors that name the command's flags."""
+    return load_prior(path, tokenizer, device, force, CLI_NAMES)
 
 
 def parse_size(text: str | None, factor: int) -> tuple[int, int] | None:
@@ -87,13 +97,13 @@ def sample_images(prior: Prior, n: int, label: str | None = None, size: str | No
     device = next(prior.gpt.parameters()).device
     f = prior.tokenizer.downsample_factor
     check_condition(prior, label, sampling.get("guidance_scale", 1.0))
-    labels = torch.full((n,), prior.label_id(label), device=device) if label is not None else None
+    labels = torch.full((n,), prior.label_id(label, CLI_NAMES), device=device) if label is not None else None
     cond, shown = None, None
     if prior.layout.spatial:
         if not cond_map:
             raise UserError(f"this prior is conditioned on {prior.cond_tokenizer.config.input_kind} maps: pass "
                             "--cond-map FILE")
-        grid_px = (lambda g: (g[0] * f, g[1] * f))(parse_size(size, f)) if size else None
+        grid_px = tuple(side * f for side in parse_size(size, f)) if size else None
         maps = load_cond_map(prior, cond_map, grid_px)
         cond = prior.encode_maps(maps).expand(n, -1, -1)
         shown = to_display(maps, prior.cond_tokenizer.config.input_kind)
@@ -135,7 +145,7 @@ def complete_images(prior: Prior, images: torch.Tensor, n: int = 4, keep_rows: f
         keep[round(t * h):max(round(bt * h), round(t * h) + 1), round(l * w):max(round(r * w), round(l * w) + 1)] = False
     else:
         keep[max(0, min(h - 1, round(keep_rows * h))):] = False
-    labels = torch.full((n,), prior.label_id(label), device=device) if label is not None else None
+    labels = torch.full((n,), prior.label_id(label, CLI_NAMES), device=device) if label is not None else None
     g = torch.Generator(device=device).manual_seed(seed)
     outs = []
     for i in range(b):
