@@ -22,6 +22,7 @@ from ..checkpoint import (
     WEIGHTS_FILE,
     atomic_directory,
     check_state_dict,
+    fingerprint,
     save_model,
     save_tensors,
     write_yaml,
@@ -29,16 +30,11 @@ from ..checkpoint import (
 from ..config import PriorTrainConfig, TransformerTrainConfig
 from ..data.tokens import UNUSABLE, TokenStore
 from ..errors import UserError
-from ..prior import TokenLayout, sample_images_tokens
-from ..transformer import GPT, GPTConfig
-from .common import (
-    ResumableSampler,
-    Runtime,
-    autocast,
-    cleanup_runtime,
-    resolve_precision,
-    setup_runtime,
-)
+from ..priors.gpt import GPT, GPTConfig
+from ..priors.layout import TokenLayout
+from ..priors.load import load_prior
+from ..priors.sampling import sample_images_tokens
+from .common import ResumableSampler, Runtime, autocast, cleanup_runtime, resolve_precision, setup_runtime
 from .guard import all_finite
 from .loop import TrainingLoop
 from .run import STATE_FILE, CheckpointParts, Resume, require_finite
@@ -103,9 +99,6 @@ class PriorTrainer(TrainingLoop):
 
     def _init_prior(self, path: str):
         """The prior to fine-tune; it must speak the store's tokens (same tokenizer, same conditioning)."""
-        from ..checkpoint import fingerprint
-        from ..prior import load_prior
-
         prior = load_prior(path)
         store, layout = self.store, prior.layout
         if fingerprint(prior.tokenizer) != store.meta["tokenizer"]["fingerprint"]:
