@@ -1,5 +1,4 @@
 """Codebook upkeep (data init, dead-code restarts, usage) belongs to the quantizer and counts codebook rows."""
-import pytest
 import torch
 from conftest import tiny_train_config
 
@@ -8,7 +7,6 @@ from vqgan.train.stage1 import TokenizerTrainer
 IN_USE = [40, 41, 42, 43]  # the codebook rows a remapped checkpoint's tokens 0..3 stand for
 
 
-@pytest.mark.xfail(strict=True, reason="upkeep counts token ids (the remap bug); fixed next")
 def test_dead_code_restarts_count_codebook_rows_not_remapped_token_ids(tmp_path):
     """taming's `remap` renumbers tokens (token t = codebook row used[t]); upkeep must count rows, else rows in
     use look dead and are overwritten while fine-tuning a remapped checkpoint."""

@@ -28,17 +28,16 @@ from ..checkpoint import (
     WEIGHTS_FILE,
     check_state_dict,
     latest_checkpoint,
+    load_for_finetuning,
     save_model,
     write_yaml,
 )
-from ..config import TokenizerTrainConfig
-from ..convert.taming import load_for_finetuning
+from ..config import TokenizerTrainConfig, VQGANConfig, from_dict
 from ..data.images import ImageDataset
 from ..data.sources import image_sources
 from ..errors import UserError
 from ..eval.metrics import evaluate_reconstruction
 from ..losses import VQGANLoss, build_lpips
-from .codebook import CodebookCare
 from .common import (
     MetricsLog,
     ResumableSampler,
@@ -154,8 +153,7 @@ class TokenizerTrainer:
         fp16 = self.dtype == torch.float16
         self.scaler_ae = torch.amp.GradScaler(self.rt.device.type, enabled=fp16)
         self.scaler_d = torch.amp.GradScaler(self.rt.device.type, enabled=fp16)
-        self.care = CodebookCare(cfg.model.quantizer.n_embed, cfg.model.quantizer.embed_dim, cfg.train.codebook,
-                                 cfg.train.steps, seed=cfg.train.seed)
+        self.care = self.model.quantize.start_upkeep(cfg.train.codebook, cfg.train.steps, seed=cfg.train.seed)
         self.step = 0
         self.nonfinite_steps = 0
         self.resume_from = self.folder.open(resuming, self._load_checkpoint)
@@ -163,8 +161,8 @@ class TokenizerTrainer:
             self._init_from(cfg.train.init_from, init[0], init[1] if cfg.train.init_discriminator else None)
         self.guard = StepGuard(self.rt, cfg.train.max_nonfinite_steps)
         self.tap = _InputTap(self.model.decoder.last_layer)
-        # nearest-neighbour codebooks get data init and dead-code restarts; Gumbel codes are chosen by logits
-        self._codebook = self.model.quantize.embedding.weight if cfg.model.quantizer.kind == "vq" else None
+        # codebooks matched by distance get data init and dead-code restarts; Gumbel codes are chosen by logits
+        self._codebook = self.model.quantize.trainable_codebook()
         self.ae = (DistributedDataParallel(self.model, device_ids=[self.rt.device.index] if self.rt.device.type == "cuda"
                                            else None, broadcast_buffers=False)
                    if self.rt.distributed else self.model)
@@ -238,8 +236,8 @@ class TokenizerTrainer:
 
     def _load_checkpoint(self, path: Path) -> None:
         parts = read_checkpoint(path, (WEIGHTS_FILE, CONFIG_FILE, DISC_FILE, STATE_FILE))
-        saved_model_cfg = parts.yaml[CONFIG_FILE]
-        if {k: v for k, v in saved_model_cfg.items() if k != "kind"} != asdict(self.cfg.model):
+        saved_model_cfg = {k: v for k, v in parts.yaml[CONFIG_FILE].items() if k != "kind"}
+        if asdict(from_dict(VQGANConfig, saved_model_cfg, "model")) != asdict(self.cfg.model):  # defaults filled
             raise UserError(f"{path}: the model config differs from the checkpoint's; resume with the same model "
                             "section (see its config.yaml)")
         sd, dsd, state = parts.tensors[WEIGHTS_FILE], parts.tensors[DISC_FILE], parts.state
@@ -294,7 +292,7 @@ class TokenizerTrainer:
             with autocast(self.rt.device, self.dtype):
                 h = self.model.encode_to_prequant(batch["image"].to(self.rt.device))
             latents.append(h.float().permute(0, 2, 3, 1).reshape(-1, h.shape[1]))
-        self.care.initialize(self._codebook, torch.cat(latents))
+        self.model.quantize.initialize_from(torch.cat(latents))
         self.metrics.note(f"codebook initialised from {sum(len(x) for x in latents)} encoder outputs "
                           f"of {n_images} images")
 
@@ -346,13 +344,10 @@ class TokenizerTrainer:
             self.scaler_d.update()
         if self.rt.distributed:
             average_buffers(self.loss.discriminator, self.rt.world_size)
-        # codebook statistics of the last micro-batch, reduced across ranks
-        h = info["prequant"].detach().float()
-        self.care.observe(info["indices"], h.permute(0, 2, 3, 1).reshape(-1, h.shape[1]), step)
-        restarted = self.care.maybe_restart(self._codebook, step, self.opt_ae) if self._codebook is not None else 0
+        # codebook upkeep on the last micro-batch (statistics reduced across ranks): the quantizer's own
+        upkeep = self.model.quantize.maintain(step, info["prequant"], info["codes"], self.opt_ae)
         out = {k: float(v) for k, v in logs.items()}
-        out.update(usage_batch=float(info["usage"]), perplexity=float(info["perplexity"]),
-                   usage_window=self.care.window_usage(step), restarted=restarted)
+        out.update(usage_batch=float(info["usage"]), perplexity=float(info["perplexity"]), **upkeep)
         return out
 
     def parameters_with_grad(self):
