@@ -33,6 +33,7 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
 DISC_FILE = "discriminator.safetensors"  # a training objective's discriminator, beside a model's weights
 LPIPS_FILE = "lpips.safetensors"  # the LPIPS network a converted checkpoint was trained with
+LOSS_CONFIG_FILE = "loss.yaml"  # the loss settings a converted checkpoint was trained with
 
 
 def safe_torch_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:

@@ -24,11 +24,12 @@ from ..autoencoder import VQModel
 from ..checkpoint import (
     CONFIG_FILE,
     DISC_FILE,
+    LOSS_CONFIG_FILE,
     LPIPS_FILE,
     WEIGHTS_FILE,
     check_state_dict,
     fingerprint,
-    load_for_finetuning,
+    load_for_finetuning,  # noqa: F401  (re-exported: it lived here; our own folders load without this module)
     load_state_dict_file,
     replace_files,
     save_model,
@@ -41,7 +42,6 @@ from ..registry import FOREIGN_CHECKPOINTS
 
 VQ_TARGET = "taming.models.vqgan.VQModel"
 GUMBEL_TARGET = "taming.models.vqgan.GumbelVQ"
-LOSS_CONFIG_FILE = "loss.yaml"
 _MODEL_PREFIXES = ("encoder.", "decoder.", "quantize.", "quant_conv.", "post_quant_conv.")
 
 

@@ -83,7 +83,7 @@ class VQModel(nn.Module):
         return {"kind": "vqgan", **asdict(self.config)}
 
     @classmethod
-    def from_config_dict(cls, data: dict[str, Any]) -> "VQModel":
+    def from_config_dict(cls, data: dict[str, Any]) -> VQModel:
         data = {k: v for k, v in data.items() if k != "kind"}
         return cls(from_dict(VQGANConfig, data, "model"))
 
@@ -91,7 +91,7 @@ class VQModel(nn.Module):
         save_model(self, directory)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "VQModel":
+    def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> VQModel:
         model = load_model(path, map_location=map_location)
         if not isinstance(model, cls):
             raise TypeError(f"{path} holds a {type(model).__name__}, not a {cls.__name__}")

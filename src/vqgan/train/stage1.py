@@ -25,6 +25,7 @@ from ..autoencoder import VQModel
 from ..checkpoint import (
     CONFIG_FILE,
     DISC_FILE,
+    LOSS_CONFIG_FILE,
     WEIGHTS_FILE,
     check_state_dict,
     latest_checkpoint,
@@ -75,10 +76,10 @@ DISC_SHAPE_KEYS = ("disc_layers", "disc_ndf", "disc_norm")
 def saved_loss_settings(path: str) -> dict[str, Any] | None:
     """The loss settings a tokenizer was trained with, where it records them: `loss.yaml` (written by `vqgan
     convert`), a checkpoint's `train_config.yaml`, a run's `config.yaml`, or a taming `.ckpt`'s project YAML."""
-    from ..convert.taming import LOSS_CONFIG_FILE, find_config, loss_config, read_taming_config
-
     p = Path(path)
-    if p.is_file():
+    if p.is_file():  # only another project's checkpoint needs the converter
+        from ..convert.taming import find_config, loss_config, read_taming_config
+
         found = find_config(p)
         loss = loss_config(read_taming_config(found).get("params") or {}) if found else None
         return asdict(loss) if loss else None
