@@ -27,10 +27,13 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from .errors import UserError
+from .registry import FOREIGN_CHECKPOINTS, MODELS
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
 DISC_FILE = "discriminator.safetensors"  # a training objective's discriminator, beside a model's weights
+LPIPS_FILE = "lpips.safetensors"  # the LPIPS network a converted checkpoint was trained with
+LOSS_CONFIG_FILE = "loss.yaml"  # the loss settings a converted checkpoint was trained with
 
 
 def safe_torch_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
@@ -282,12 +285,28 @@ def check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> torch.nn.Module:
     """Load a model from a directory (save_pretrained, `vqgan convert`, a training checkpoint or run) or an
-    original taming-transformers `.ckpt` (its YAML config found beside it)."""
-    from .autoencoder import VQModel
+    original taming-transformers `.ckpt` (its YAML config found beside it). The model is built by the `kind` in
+    its config.yaml, through the registry of model kinds."""
+    path = _model_path(path)
+    if not path.is_dir():  # an original taming-transformers checkpoint
+        return FOREIGN_CHECKPOINTS.build("taming", path)[0].to(map_location)
+    data = _read_model_config(path)
+    kind = data.get("kind", "vqgan")
+    if kind not in MODELS:
+        raise UserError(f"{path} holds a model of kind {kind!r}, which this version cannot load (it loads "
+                        f"{', '.join(MODELS.kinds())})")
+    model = MODELS.build(kind, data)
+    sd = load_state_dict_file(path / WEIGHTS_FILE)
+    check_state_dict(model, sd, str(path / WEIGHTS_FILE))
+    model.load_state_dict(sd)
+    return model.to(map_location).eval()
 
+
+def _model_path(path: str | Path) -> Path:
+    """A model folder (a run directory resolves to its final model, else its latest checkpoint) or a taming
+    checkpoint file; anything else is a one-line error."""
     path = Path(path)
     if path.is_dir() and not (path / WEIGHTS_FILE).is_file():
-        # a training run directory: its final model, else its latest checkpoint
         if (path / "model" / WEIGHTS_FILE).is_file():
             path = path / "model"
         else:
@@ -297,35 +316,35 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> to
     if not path.is_dir():
         if not path.exists():
             raise UserError(f"model path {path} does not exist")
-        if path.suffix in (".ckpt", ".pt", ".pth"):  # an original taming-transformers checkpoint
-            from .convert.taming import (
-                TRANSFORMER_TARGET,
-                find_config,
-                load_taming_transformer,
-                load_taming_vqgan,
-                read_taming_config,
-            )
+        if path.suffix not in (".ckpt", ".pt", ".pth"):
+            raise UserError(f"{path} is neither a model directory (with {WEIGHTS_FILE} and {CONFIG_FILE}) nor a "
+                            "taming-transformers .ckpt")
+    return path
 
-            cfg = find_config(path)
-            if cfg is not None and read_taming_config(cfg)["target"] == TRANSFORMER_TARGET:
-                return load_taming_transformer(path, cfg)[0].to(map_location)
-            return load_taming_vqgan(path)[0].to(map_location)
-        raise UserError(f"{path} is neither a model directory (with {WEIGHTS_FILE} and {CONFIG_FILE}) nor a "
-                        "taming-transformers .ckpt")
-    data = _read_model_config(path)
-    kind = data.get("kind", "vqgan")
-    if kind == "gpt":
-        from .transformer import GPT
 
-        model = GPT.from_config_dict(data)
-    elif kind == "vqgan":
-        model = VQModel.from_config_dict(data)
-    else:
-        raise UserError(f"{path} holds a model of kind {kind!r}, which this version cannot load")
-    sd = load_state_dict_file(path / WEIGHTS_FILE)
-    check_state_dict(model, sd, str(path / WEIGHTS_FILE))
-    model.load_state_dict(sd)
-    return model.to(map_location).eval()
+def _require_tokenizer(model: torch.nn.Module, path: Path) -> None:
+    if not hasattr(model, "quantize"):  # a prior: tokenizers compose an encoder, a quantizer and a decoder
+        raise UserError(f"{path} is a transformer prior, not a tokenizer; a tokenizer starts from a tokenizer (a "
+                        "taming VQModel .ckpt, a converted VQGAN, or a tokenizer's run or checkpoint)")
+
+
+def load_for_finetuning(path: str | Path) -> tuple[torch.nn.Module, dict[str, torch.Tensor] | None,
+                                                   dict[str, torch.Tensor] | None]:
+    """(model, discriminator weights or None, LPIPS weights or None) from a taming `.ckpt`, a converted
+    directory, a training checkpoint or a run directory. Our own folders load without the converter."""
+    p = Path(path)
+    if p.is_file():
+        model, disc, lpips = FOREIGN_CHECKPOINTS.build("taming", _model_path(p))
+        _require_tokenizer(model, p)
+        return model, disc or None, lpips or None
+    model = load_model(p)
+    _require_tokenizer(model, p)
+    folder = p if (p / WEIGHTS_FILE).is_file() else None
+    if folder is None:  # a run directory: the weights came from its final model or latest checkpoint
+        folder = latest_checkpoint(p / "checkpoints")
+    disc = load_state_dict_file(folder / DISC_FILE) if folder and (folder / DISC_FILE).is_file() else None
+    lpips = load_state_dict_file(folder / LPIPS_FILE) if folder and (folder / LPIPS_FILE).is_file() else None
+    return model, disc, lpips
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import yaml
 
 from .errors import UserError
+from .registry import DECODERS, ENCODERS, QUANTIZERS
 
 T = TypeVar("T")
 
@@ -41,6 +42,22 @@ class QuantizerConfig:
     straight_through: bool = True
     noise_in_eval: bool = False  # taming quirk: its GumbelVQ samples noise even in eval (off: argmax tokens)
 
+    def validate(self, where: str = "model.quantizer") -> None:
+        if self.kind not in QUANTIZERS:
+            raise UserError(f"{where}.kind must be one of {', '.join(QUANTIZERS.kinds())}; got {self.kind!r}")
+        for name in ("n_embed", "embed_dim"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{where}.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class PartConfig:
+    """An encoder or decoder section: its `kind` (a registered one). The conv VQGAN's shape (ch, ch_mult, ...)
+    stays in the model section, shared by its encoder and decoder, so that every flat config and checkpoint
+    loads unchanged; a kind with settings of its own (e.g. vit) will get a typed section here, chosen by kind."""
+
+    kind: str = "conv"
+
 
 @dataclass
 class VQGANConfig:
@@ -59,6 +76,8 @@ class VQGANConfig:
     dropout: float = 0.0
     z_channels: int = 256
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    encoder: PartConfig = field(default_factory=PartConfig)
+    decoder: PartConfig = field(default_factory=PartConfig)
 
     @property
     def downsample_factor(self) -> int:
@@ -74,8 +93,10 @@ class VQGANConfig:
         for c in [self.ch * m for m in self.ch_mult]:
             if c % 32:
                 raise UserError(f"model.ch * model.ch_mult gives {c} channels; GroupNorm(32) needs multiples of 32")
-        if self.quantizer.kind not in ("vq", "gumbel"):
-            raise UserError(f"model.quantizer.kind must be 'vq' or 'gumbel', got {self.quantizer.kind!r}")
+        self.quantizer.validate()
+        for part, registry in ((self.encoder, ENCODERS), (self.decoder, DECODERS)):
+            if part.kind not in registry:
+                raise UserError(f"{registry.where} must be one of {', '.join(registry.kinds())}; got {part.kind!r}")
         if self.input_kind not in ("rgb", "segmentation", "depth"):
             raise UserError(f"model.input_kind must be rgb, segmentation or depth, got {self.input_kind!r}")
         if self.input_kind == "segmentation" and not (self.in_channels == self.out_ch >= 2):

@@ -24,9 +24,12 @@ from ..autoencoder import VQModel
 from ..checkpoint import (
     CONFIG_FILE,
     DISC_FILE,
+    LOSS_CONFIG_FILE,
+    LPIPS_FILE,
     WEIGHTS_FILE,
     check_state_dict,
     fingerprint,
+    load_for_finetuning,  # noqa: F401  (re-exported: it lived here; our own folders load without this module)
     load_state_dict_file,
     replace_files,
     save_model,
@@ -35,11 +38,10 @@ from ..checkpoint import (
 )
 from ..config import LossConfig, QuantizerConfig, VQGANConfig
 from ..errors import UserError
+from ..registry import FOREIGN_CHECKPOINTS
 
 VQ_TARGET = "taming.models.vqgan.VQModel"
 GUMBEL_TARGET = "taming.models.vqgan.GumbelVQ"
-LPIPS_FILE = "lpips.safetensors"
-LOSS_CONFIG_FILE = "loss.yaml"
 _MODEL_PREFIXES = ("encoder.", "decoder.", "quantize.", "quant_conv.", "post_quant_conv.")
 
 
@@ -277,34 +279,17 @@ def _transformer_files(ckpt: Path, cfg_path: Path) -> tuple[dict[str, Callable[[
     return writes, {"kind": "gpt", "conditioning": conditioning}
 
 
-def load_for_finetuning(path: str | Path) -> tuple[VQModel, dict[str, torch.Tensor] | None, dict[str, torch.Tensor] | None]:
-    """(model, discriminator weights or None, LPIPS weights or None) from a taming `.ckpt`, a converted
-    directory, a training checkpoint or a run directory."""
-    from ..checkpoint import load_model
-
-    p = Path(path)
-    if p.is_file():
-        cfg = find_config(p)
-        if cfg is not None and read_taming_config(cfg)["target"] == TRANSFORMER_TARGET:
-            raise UserError(_not_a_tokenizer(p))
-        model, _, disc, lpips = load_taming_vqgan(p)
-        return model, disc or None, lpips or None
-    model = load_model(p)
-    if not isinstance(model, VQModel):
-        raise UserError(_not_a_tokenizer(p))
-    folder = p if (p / WEIGHTS_FILE).is_file() else None
-    if folder is None:  # a run directory: the weights came from its final model or latest checkpoint
-        from ..checkpoint import latest_checkpoint
-
-        folder = latest_checkpoint(p / "checkpoints")
-    disc = load_state_dict_file(folder / DISC_FILE) if folder and (folder / DISC_FILE).is_file() else None
-    lpips = load_state_dict_file(folder / LPIPS_FILE) if folder and (folder / LPIPS_FILE).is_file() else None
-    return model, disc, lpips
-
-
-def _not_a_tokenizer(path: Path) -> str:
-    return (f"{path} is a transformer prior, not a tokenizer; a tokenizer starts from a tokenizer (a taming "
-            "VQModel .ckpt, a converted VQGAN, or a tokenizer's run or checkpoint)")
+@FOREIGN_CHECKPOINTS.register("taming")
+def load_taming_checkpoint(ckpt: str | Path) -> tuple[torch.nn.Module, dict[str, torch.Tensor] | None,
+                                                     dict[str, torch.Tensor] | None]:
+    """(model, discriminator weights or None, LPIPS weights or None) from a taming `.ckpt`: a VQModel /
+    GumbelVQ tokenizer, or a Net2NetTransformer prior (the GPT, without objective weights)."""
+    ckpt = _existing_checkpoint(ckpt)
+    cfg = find_config(ckpt)
+    if cfg is not None and read_taming_config(cfg)["target"] == TRANSFORMER_TARGET:
+        return load_taming_transformer(ckpt, cfg)[0], None, None
+    model, _, disc, lpips = load_taming_vqgan(ckpt)
+    return model, disc or None, lpips or None
 
 
 TRANSFORMER_TARGET = "taming.models.cond_transformer.Net2NetTransformer"

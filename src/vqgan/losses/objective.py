@@ -10,8 +10,10 @@ Two ways to take the generator's gradients:
 - `generator_loss_reference`: as the paper's code, the obviously correct way: gradients of both
   losses with respect to W through autograd, then a full backward of the total loss (LPIPS and D are
   back-propagated twice).
-- `generator_loss`: gradients of both losses with respect to the reconstruction x^, once each. The
-  last layer is a conv, so grad_W = conv2d_weight(its input, grad_x^) gives lambda; the combined
+- `generator_loss`: gradients of both losses with respect to the reconstruction x^, once each. Where the
+  last layer is a conv whose output is x^ itself, grad_W = conv2d_weight(its input, grad_x^) gives lambda;
+  for any other last layer (a ViT decoder's linear patch projection, followed by unpatchify) grad_W is the
+  exact vector-Jacobian product of x^ with respect to W, through autograd (a short backward). The combined
   gradient g_rec + lambda * g_gan is then pushed through the autoencoder in one backward. The
   discriminator logits on x^ are kept for the discriminator step, which reuses them.
 Both give the same lambda and the same parameter gradients (tests/test_objective.py).
@@ -84,7 +86,7 @@ class VQGANLoss(nn.Module):
 
     # -- generator step --------------------------------------------------------------------------
     def generator_loss(self, x: torch.Tensor, rec: torch.Tensor, codebook_loss: torch.Tensor,
-                       last_layer: nn.Conv2d, last_input: torch.Tensor, step: int) -> GeneratorResult:
+                       last_layer: nn.Module, last_input: torch.Tensor | None, step: int) -> GeneratorResult:
         """Fast path. Returns a surrogate loss whose gradient, for the autoencoder, is the objective's:
         sum(rec * g) + codebook_weight * L_VQ with g = dL/drec computed here (LPIPS and D back-propagated
         once, never into D's parameters). Call `.backward()` on it (through a GradScaler if any)."""
@@ -99,8 +101,8 @@ class VQGANLoss(nn.Module):
         if factor > 0:
             gan_loss = -logits_fake.mean()
             (g_gan,) = torch.autograd.grad(gan_loss, rec_leaf, retain_graph=True)  # D graph kept for the D step
-            lam = self._lambda(_conv_weight_grad(last_layer, last_input, grad).norm(),
-                               _conv_weight_grad(last_layer, last_input, g_gan).norm())
+            lam = self._lambda(_last_layer_grad(last_layer, last_input, rec, grad).norm(),
+                               _last_layer_grad(last_layer, last_input, rec, g_gan).norm())
             grad = grad + (lam * factor) * g_gan
             total = total + lam * factor * gan_loss.detach()
             logs["gan"] = gan_loss.detach()
@@ -110,7 +112,7 @@ class VQGANLoss(nn.Module):
         return GeneratorResult(surrogate, logs, logits_fake)
 
     def generator_loss_reference(self, x: torch.Tensor, rec: torch.Tensor, codebook_loss: torch.Tensor,
-                                 last_layer: nn.Conv2d, step: int) -> GeneratorResult:
+                                 last_layer: nn.Module, step: int) -> GeneratorResult:
         """Slow path, as the paper's code: autograd to W for lambda; returns the total loss itself."""
         cfg = self.config
         rec_loss, logs = self.reconstruction_loss(x, rec)
@@ -145,6 +147,24 @@ class VQGANLoss(nn.Module):
         loss = self.config.disc_factor * self.discriminator_loss(logits_real, logits_fake)
         return loss, {"disc": loss.detach(), "logits_real": logits_real.detach().mean(),
                       "logits_fake": logits_fake.detach().mean()}
+
+
+def _last_layer_grad(layer: nn.Module, inp: torch.Tensor | None, rec: torch.Tensor,
+                     grad_rec: torch.Tensor) -> torch.Tensor:
+    """d(sum(grad_rec * rec)) / d(layer.weight): the conv shortcut where `rec` is the conv's output itself,
+    else the exact path through autograd (the graph is kept for the autoencoder's backward)."""
+    if (isinstance(layer, nn.Conv2d) and not isinstance(layer.padding, str) and inp is not None and inp.dim() == 4
+            and rec.shape[1] == layer.out_channels and tuple(rec.shape[-2:]) == _conv_output_size(layer, inp)):
+        return _conv_weight_grad(layer, inp, grad_rec)
+    (g,) = torch.autograd.grad(rec, layer.weight, grad_outputs=grad_rec.to(rec.dtype), retain_graph=True)
+    return g.float()
+
+
+def _conv_output_size(conv: nn.Conv2d, inp: torch.Tensor) -> tuple[int, int]:
+    out = []
+    for size, k, s, p, d in zip(inp.shape[-2:], conv.kernel_size, conv.stride, conv.padding, conv.dilation):
+        out.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
+    return tuple(out)
 
 
 def _conv_weight_grad(conv: nn.Conv2d, inp: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:

@@ -1,14 +1,16 @@
-"""Quantizers. Each honours one contract (see `base.py`)."""
+"""Quantizers. Each honours one contract (see `base.py`) and registers its kind in its own file; importing it
+here is its registry line."""
+from ..registry import QUANTIZERS
 from .base import Quantizer, QuantizerOutput, codebook_stats
+from .codebook import CodebookUpkeep
 from .gumbel import GumbelQuantizer
 from .vq import VectorQuantizer, nearest_code
 
-__all__ = ["GumbelQuantizer", "Quantizer", "QuantizerOutput", "VectorQuantizer", "build_quantizer", "codebook_stats",
-           "nearest_code"]
+__all__ = ["CodebookUpkeep", "GumbelQuantizer", "Quantizer", "QuantizerOutput", "VectorQuantizer", "build_quantizer",
+           "codebook_stats", "nearest_code"]
 
 
 def build_quantizer(config, latent_channels: int) -> Quantizer:
-    """The quantizer named by `config.kind`; `latent_channels` is the width of what it quantizes."""
-    if config.kind == "gumbel":
-        return GumbelQuantizer(config, latent_channels)
-    return VectorQuantizer(config)
+    """The quantizer named by `config.kind`; `latent_channels` is the width of what it quantizes. An unknown
+    kind is a one-line error listing the registered ones."""
+    return QUANTIZERS.build(config.kind, config, latent_channels)

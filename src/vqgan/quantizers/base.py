@@ -1,4 +1,5 @@
-"""The contract every quantizer honours: `forward(z) -> QuantizerOutput`, `decode_indices(indices)`."""
+"""The contract every quantizer honours: `forward(z) -> QuantizerOutput`, `decode_indices(indices)`, and its
+own codebook upkeep (`start_upkeep`, `initialize_from`, `maintain`), which the trainer only calls."""
 from __future__ import annotations
 
 import math
@@ -7,21 +8,78 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..config import CodebookCareConfig
+from .codebook import CodebookUpkeep
+
 
 @dataclass
 class QuantizerOutput:
     quantized: torch.Tensor  # (B, D, h, w), straight-through: the value of the codes, the gradient of z
-    indices: torch.Tensor  # (B, h, w) int64
+    indices: torch.Tensor  # (B, h, w) int64 token ids
     loss: torch.Tensor  # scalar codebook + commitment loss
     stats: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars for logging
+    # (B, h, w) int64: the codebook rows that won, which upkeep counts. The token ids unless the quantizer
+    # renumbers its tokens (taming's `remap`: token t stands for row used[t]); filled in when not given.
+    codes: torch.Tensor = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.codes is None:
+            self.codes = self.indices
 
 
 class Quantizer(nn.Module):
+    """Base of every quantizer. `n_embed` is the token vocabulary: indices lie in [0, n_embed)."""
+
     n_embed: int
+    upkeep: CodebookUpkeep | None = None
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """(B, h, w) int64 -> (B, D, h, w) code vectors."""
         raise NotImplementedError
+
+    # -- codebook upkeep -------------------------------------------------------------------------
+    @property
+    def codebook_size(self) -> int:
+        """How many codebook rows upkeep counts (the token vocabulary unless tokens are renumbered)."""
+        return self.n_embed
+
+    def trainable_codebook(self) -> torch.Tensor | None:
+        """The codebook that data initialisation and dead-code restarts rewrite; None where codes are not
+        learnt as vectors matched by distance (e.g. Gumbel: chosen by logits), which only tracks usage."""
+        return None
+
+    def start_upkeep(self, config: CodebookCareConfig, total_steps: int, seed: int = 0) -> CodebookUpkeep:
+        """Begin upkeep for a training run; returns its state (plain values: `state_dict`/`load_state_dict`,
+        which the trainer saves with its checkpoints) and usage read-outs for the logs."""
+        width = self.trainable_codebook().shape[1] if self.trainable_codebook() is not None else 0
+        self.upkeep = CodebookUpkeep(self.codebook_size, width, config, total_steps, seed=seed)
+        return self.upkeep
+
+    @torch.no_grad()
+    def initialize_from(self, latents: torch.Tensor) -> None:
+        """Data-dependent initialisation: codes := random encoder outputs `latents` (N, D) (rank 0's)."""
+        codebook = self.trainable_codebook()
+        if codebook is not None:
+            self._require_upkeep().initialize(codebook, latents)
+        self._require_upkeep().initialized = True
+
+    @torch.no_grad()
+    def maintain(self, step: int, latents: torch.Tensor, codes: torch.Tensor,
+                 optimizer: torch.optim.Optimizer | None = None) -> dict[str, float]:
+        """One step of upkeep after the optimizer step: count the rows that won (`codes`, QuantizerOutput.codes,
+        all-reduced across ranks), keep some encoder outputs `latents` (B, D, h, w), restart dead codes (the same
+        change on every rank). Returns `usage_window` and `restarted` for the logs."""
+        upkeep = self._require_upkeep()
+        flat = latents.detach().float().permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
+        upkeep.observe(codes, flat, step)
+        codebook = self.trainable_codebook()
+        restarted = upkeep.maybe_restart(codebook, step, optimizer) if codebook is not None else 0
+        return {"usage_window": upkeep.window_usage(step), "restarted": restarted}
+
+    def _require_upkeep(self) -> CodebookUpkeep:
+        if self.upkeep is None:
+            raise RuntimeError(f"{type(self).__name__}: call start_upkeep(...) before codebook upkeep")
+        return self.upkeep
 
 
 def codebook_stats(indices: torch.Tensor, n_embed: int) -> dict[str, torch.Tensor]:

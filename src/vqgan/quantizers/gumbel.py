@@ -15,9 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import QuantizerConfig
+from ..registry import QUANTIZERS
 from .base import Quantizer, QuantizerOutput, codebook_stats
 
 
+@QUANTIZERS.register("gumbel")
 class GumbelQuantizer(Quantizer):
     def __init__(self, config: QuantizerConfig, in_channels: int):
         super().__init__()

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import QuantizerConfig
+from ..registry import QUANTIZERS
 from .base import Quantizer, QuantizerOutput, codebook_stats
 
 # rows of z per chunk, so that the (rows, n_embed) distance block stays near 64 MB
@@ -32,19 +33,20 @@ def nearest_code(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
         return torch.cat(out) if len(out) > 1 else out[0]
 
 
+@QUANTIZERS.register("vq")
 class VectorQuantizer(Quantizer):
     """Snaps each latent vector to its nearest code; straight-through gradients to the encoder.
 
     loss = ||sg[z] - e||^2 + beta * ||z - sg[e]||^2  (codebook term + commitment term).
     """
 
-    def __init__(self, config: QuantizerConfig):
-        super().__init__()
+    def __init__(self, config: QuantizerConfig, in_channels: int | None = None):
+        super().__init__()  # in_channels: the latents are compared with codes of width embed_dim as they are
         self.config = config
         self.n_embed = config.n_embed
         self.embed_dim = config.embed_dim
         self.embedding = nn.Embedding(config.n_embed, config.embed_dim)
-        # taming's init; training normally re-seeds the codes from encoder outputs (train/codebook.py)
+        # taming's init; training normally re-seeds the codes from encoder outputs (codebook.py)
         nn.init.uniform_(self.embedding.weight, -1.0 / config.n_embed, 1.0 / config.n_embed)
         if config.remap_codes:  # tokens index `used`, not the codebook (n_embed: the token vocabulary)
             self.register_buffer("used", torch.zeros(config.remap_codes, dtype=torch.long))
@@ -85,9 +87,16 @@ class VectorQuantizer(Quantizer):
         else:
             loss = codebook_term + self.config.beta * commitment_term
         quantized = z + (z_q - z).detach()  # straight-through estimator
-        indices = self._to_tokens(indices).view(b, h, w)
-        stats = codebook_stats(indices, self.n_embed)
-        return QuantizerOutput(quantized, indices, loss, stats)
+        rows = indices.view(b, h, w)
+        tokens = self._to_tokens(indices).view(b, h, w)
+        return QuantizerOutput(quantized, tokens, loss, codebook_stats(tokens, self.n_embed), codes=rows)
+
+    @property
+    def codebook_size(self) -> int:
+        return self.embedding.num_embeddings  # rows, not the remapped token vocabulary
+
+    def trainable_codebook(self) -> torch.Tensor:
+        return self.embedding.weight
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         if indices.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):

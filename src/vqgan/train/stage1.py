@@ -23,19 +23,19 @@ from ..autoencoder import VQModel
 from ..checkpoint import (
     CONFIG_FILE,
     DISC_FILE,
+    LOSS_CONFIG_FILE,
     WEIGHTS_FILE,
     check_state_dict,
     latest_checkpoint,
+    load_for_finetuning,
     save_model,
 )
-from ..config import TokenizerTrainConfig
-from ..convert.taming import load_for_finetuning
+from ..config import TokenizerTrainConfig, VQGANConfig, from_dict
 from ..data.images import ImageDataset
 from ..data.sources import image_sources
 from ..errors import UserError
 from ..eval.metrics import evaluate_reconstruction
 from ..losses import VQGANLoss, build_lpips
-from .codebook import CodebookCare
 from .common import (
     ResumableSampler,
     Runtime,
@@ -70,10 +70,10 @@ DISC_SHAPE_KEYS = ("disc_layers", "disc_ndf", "disc_norm")
 def saved_loss_settings(path: str) -> dict[str, Any] | None:
     """The loss settings a tokenizer was trained with, where it records them: `loss.yaml` (written by `vqgan
     convert`), a checkpoint's `train_config.yaml`, a run's `config.yaml`, or a taming `.ckpt`'s project YAML."""
-    from ..convert.taming import LOSS_CONFIG_FILE, find_config, loss_config, read_taming_config
-
     p = Path(path)
-    if p.is_file():
+    if p.is_file():  # only another project's checkpoint needs the converter
+        from ..convert.taming import find_config, loss_config, read_taming_config
+
         found = find_config(p)
         loss = loss_config(read_taming_config(found).get("params") or {}) if found else None
         return asdict(loss) if loss else None
@@ -143,13 +143,12 @@ class TokenizerTrainer(TrainingLoop):
         fp16 = self.dtype == torch.float16
         self.scaler_ae = torch.amp.GradScaler(self.rt.device.type, enabled=fp16)
         self.scaler_d = torch.amp.GradScaler(self.rt.device.type, enabled=fp16)
-        self.care = CodebookCare(cfg.model.quantizer.n_embed, cfg.model.quantizer.embed_dim, cfg.train.codebook,
-                                 cfg.train.steps, seed=cfg.train.seed)
+        self.care = self.model.quantize.start_upkeep(cfg.train.codebook, cfg.train.steps, seed=cfg.train.seed)
         if self.open_run(resuming) is None and init is not None:
             self._init_from(cfg.train.init_from, init[0], init[1] if cfg.train.init_discriminator else None)
         self.tap = _InputTap(self.model.decoder.last_layer)
-        # nearest-neighbour codebooks get data init and dead-code restarts; Gumbel codes are chosen by logits
-        self._codebook = self.model.quantize.embedding.weight if cfg.model.quantizer.kind == "vq" else None
+        # codebooks matched by distance get data init and dead-code restarts; Gumbel codes are chosen by logits
+        self._codebook = self.model.quantize.trainable_codebook()
         self.ae = (DistributedDataParallel(self.model, device_ids=[self.rt.device.index] if self.rt.device.type == "cuda"
                                            else None, broadcast_buffers=False)
                    if self.rt.distributed else self.model)
@@ -218,8 +217,8 @@ class TokenizerTrainer(TrainingLoop):
                    "codebook_care": self.care.state_dict(), "skipped_files": self.skipped_files})
 
     def load_parts(self, path: Path, parts: CheckpointParts) -> None:
-        saved_model_cfg = parts.yaml[CONFIG_FILE]
-        if {k: v for k, v in saved_model_cfg.items() if k != "kind"} != asdict(self.cfg.model):
+        saved_model_cfg = {k: v for k, v in parts.yaml[CONFIG_FILE].items() if k != "kind"}
+        if asdict(from_dict(VQGANConfig, saved_model_cfg, "model")) != asdict(self.cfg.model):  # defaults filled
             raise UserError(f"{path}: the model config differs from the checkpoint's; resume with the same model "
                             "section (see its config.yaml)")
         sd, dsd, state = parts.tensors[WEIGHTS_FILE], parts.tensors[DISC_FILE], parts.state
@@ -266,7 +265,7 @@ class TokenizerTrainer(TrainingLoop):
             with autocast(self.rt.device, self.dtype):
                 h = self.model.encode_to_prequant(batch["image"].to(self.rt.device))
             latents.append(h.float().permute(0, 2, 3, 1).reshape(-1, h.shape[1]))
-        self.care.initialize(self._codebook, torch.cat(latents))
+        self.model.quantize.initialize_from(torch.cat(latents))
         self.metrics.note(f"codebook initialised from {sum(len(x) for x in latents)} encoder outputs "
                           f"of {n_images} images")
 
@@ -318,13 +317,10 @@ class TokenizerTrainer(TrainingLoop):
             self.scaler_d.update()
         if self.rt.distributed:
             average_buffers(self.loss.discriminator, self.rt.world_size)
-        # codebook statistics of the last micro-batch, reduced across ranks
-        h = info["prequant"].detach().float()
-        self.care.observe(info["indices"], h.permute(0, 2, 3, 1).reshape(-1, h.shape[1]), step)
-        restarted = self.care.maybe_restart(self._codebook, step, self.opt_ae) if self._codebook is not None else 0
+        # codebook upkeep on the last micro-batch (statistics reduced across ranks): the quantizer's own
+        upkeep = self.model.quantize.maintain(step, info["prequant"], info["codes"], self.opt_ae)
         out = {k: float(v) for k, v in logs.items()}
-        out.update(usage_batch=float(info["usage"]), perplexity=float(info["perplexity"]),
-                   usage_window=self.care.window_usage(step), restarted=restarted,
+        out.update(usage_batch=float(info["usage"]), perplexity=float(info["perplexity"]), **upkeep,
                    lr=self.opt_ae.param_groups[0]["lr"], skipped_files=self.skipped_files)
         return out
 

@@ -1,4 +1,7 @@
-"""Codebook care for nearest-neighbour VQ: data-dependent initialisation and dead-code restarts.
+"""Codebook upkeep for nearest-neighbour VQ: data-dependent initialisation and dead-code restarts.
+
+The state of a quantizer's upkeep (`Quantizer.start_upkeep`); the quantizer passes its codebook in. It counts
+codebook rows (`QuantizerOutput.codes`), never token ids, which a quantizer may renumber (taming's remap).
 
 Vanilla VQ collapses: codes that start far from the encoder's outputs never win the argmin, never get a
 gradient and stay dead (the reference uses ~1% of its codebook after a short run). Two remedies, as in
@@ -14,8 +17,10 @@ import torch.distributed as dist
 
 from ..config import CodebookCareConfig
 
+__all__ = ["CodebookUpkeep"]
 
-class CodebookCare:
+
+class CodebookUpkeep:
     def __init__(self, n_embed: int, embed_dim: int, config: CodebookCareConfig, total_steps: int,
                  seed: int = 0, pool_size: int | None = None):
         self.config = config
@@ -63,9 +68,9 @@ class CodebookCare:
         self.initialized = True
 
     @torch.no_grad()
-    def observe(self, indices: torch.Tensor, latents: torch.Tensor, step: int) -> None:
-        """Record which codes won this step (all ranks) and keep some encoder outputs for restarts."""
-        counts = torch.bincount(indices.reshape(-1), minlength=self.n_embed)
+    def observe(self, codes: torch.Tensor, latents: torch.Tensor, step: int) -> None:
+        """Record which codebook rows won this step (all ranks) and keep some encoder outputs (N, D) for restarts."""
+        counts = torch.bincount(codes.reshape(-1), minlength=self.n_embed)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(counts)
         counts = counts.cpu()
@@ -74,7 +79,7 @@ class CodebookCare:
         flat = latents.detach().float().reshape(-1, latents.shape[-1]).cpu()
         keep = min(flat.shape[0], max(1, self.pool_size // 8))
         flat = flat[torch.randperm(flat.shape[0], generator=self.generator)[:keep]]
-        self.pool = torch.cat([self.pool, flat])[-self.pool_size:]
+        self.pool = torch.cat([self.pool, flat])[-self.pool_size:] if self.pool.shape[0] else flat[-self.pool_size:]
 
     @torch.no_grad()
     def maybe_restart(self, codebook: torch.Tensor, step: int, optimizer: torch.optim.Optimizer | None) -> int:

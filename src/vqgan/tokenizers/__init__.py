@@ -1,0 +1,6 @@
+"""Tokenizers: encoders and decoders by kind, composed with a quantizer into `VQModel`. Importing a part's
+file here is its registry line."""
+from .conv import Decoder, Encoder
+from .model import VQModel
+
+__all__ = ["Decoder", "Encoder", "VQModel"]

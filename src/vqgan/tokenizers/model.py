@@ -1,0 +1,109 @@
+"""The tokenizer: an encoder, a quantizer and a decoder, each chosen by kind from its registry.
+
+The conv VQGAN (Esser et al. 2021) is the default composition. Attribute names (`encoder`, `quant_conv`,
+`quantize`, `post_quant_conv`, `decoder`) match the released code, so taming checkpoints convert by key copy.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..checkpoint import load_model, save_model
+from ..config import VQGANConfig, from_dict
+from ..quantizers import QuantizerOutput, build_quantizer
+from ..registry import DECODERS, ENCODERS, MODELS
+
+
+class VQModel(nn.Module):
+    """VQGAN tokenizer. Images are NCHW in [-1, 1]; tokens are (B, h, w) int64.
+
+    >>> tokens = model.encode(images)          # (B, h, w)
+    >>> images = model.decode(tokens)          # (B, 3, H, W)
+    >>> rec, codebook_loss, info = model(images)
+    """
+
+    def __init__(self, config: VQGANConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.encoder = ENCODERS.build(config.encoder.kind, config)
+        self.decoder = DECODERS.build(config.decoder.kind, config)
+        qc = config.quantizer
+        self.quant_conv = nn.Conv2d(config.z_channels, qc.embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(qc.embed_dim, config.z_channels, 1)
+        self.quantize = build_quantizer(qc, qc.embed_dim)
+
+    # -- the pieces ------------------------------------------------------------------------------
+    def encode_to_prequant(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> continuous latents before quantization, (B, embed_dim, h, w)."""
+        return self.quant_conv(self.encoder(x))
+
+    def quantize_latents(self, h: torch.Tensor) -> QuantizerOutput:
+        return self.quantize(h)
+
+    def decode_latents(self, quantized: torch.Tensor) -> torch.Tensor:
+        """Code vectors (B, embed_dim, h, w) -> images."""
+        return self.decoder(self.post_quant_conv(quantized))
+
+    # -- the public API --------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) in [-1, 1] -> tokens (B, H/f, W/f) int64."""
+        return self.quantize(self.encode_to_prequant(_inference_layout(images))).indices
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, h, w) -> images (B, out_ch, h*f, w*f), roughly in [-1, 1] (not clamped)."""
+        if tokens.dim() != 3:
+            raise ValueError(f"tokens must be (B, h, w), got shape {tuple(tokens.shape)}")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.quantize.n_embed):
+            raise ValueError(f"token indices must lie in [0, {self.quantize.n_embed}), got range "
+                             f"[{int(tokens.min())}, {int(tokens.max())}]")
+        images = self.decode_latents(_inference_layout(self.quantize.decode_indices(tokens)))
+        return images.contiguous()
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """Images -> (reconstruction, codebook loss, info with `indices`, `codes` (the codebook rows, for upkeep),
+        `prequant` and stats)."""
+        h = self.encode_to_prequant(images)
+        q = self.quantize(h)
+        rec = self.decode_latents(q.quantized)
+        return rec, q.loss, {"indices": q.indices, "codes": q.codes, "prequant": h, **q.stats}
+
+    # -- files -----------------------------------------------------------------------------------
+    @property
+    def downsample_factor(self) -> int:
+        return self.config.downsample_factor
+
+    def config_dict(self) -> dict[str, Any]:
+        return {"kind": "vqgan", **asdict(self.config)}
+
+    @classmethod
+    def from_config_dict(cls, data: dict[str, Any]) -> VQModel:
+        data = {k: v for k, v in data.items() if k != "kind"}
+        return cls(from_dict(VQGANConfig, data, "model"))
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        save_model(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> VQModel:
+        model = load_model(path, map_location=map_location)
+        if not isinstance(model, cls):
+            raise TypeError(f"{path} holds a {type(model).__name__}, not a {cls.__name__}")
+        return model
+
+
+def _inference_layout(x: torch.Tensor) -> torch.Tensor:
+    """Channels-last activations on CPU: oneDNN's forward convolutions run faster in that layout (its
+    backward does not, so training keeps the default layout)."""
+    return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
+
+
+MODELS.register("vqgan")(VQModel.from_config_dict)
+
+__all__ = ["VQModel"]
