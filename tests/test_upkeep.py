@@ -21,12 +21,12 @@ def test_dead_code_restarts_count_codebook_rows_not_remapped_token_ids(tmp_path)
         q.embedding.weight[IN_USE] = 0.01 * torch.randn(len(IN_USE), q.embedding.weight.shape[1])  # ... but these
     won = []
     hook = q.register_forward_hook(lambda m, args, out: won.append(q.used[out.indices.clamp_max(len(IN_USE) - 1)]))
-    batches = trainer._batches()
-    trainer.train_step([next(batches)])
+    batches = trainer.batches()
+    trainer.train_step(next(batches))
     trainer.step = 1
     before = q.embedding.weight.detach().clone()
     won.clear()
-    trainer.train_step([next(batches)])
+    trainer.train_step(next(batches))
     hook.remove()
     rows = sorted(set(won[-1].reshape(-1).tolist()))
     assert rows and set(rows) <= set(IN_USE)
