@@ -69,6 +69,6 @@ QUANTIZERS = Registry("quantizer", "model.quantizer.kind", ("vqgan.quantizers",)
 ENCODERS = Registry("encoder", "model.encoder.kind", ("vqgan.tokenizers",))
 DECODERS = Registry("decoder", "model.decoder.kind", ("vqgan.tokenizers",))
 # a saved model folder's `kind` (config.yaml) -> a function building the model from that config dict
-MODELS = Registry("model", "the model config's kind", ("vqgan.tokenizers", "vqgan.model_kinds"))
+MODELS = Registry("model", "the model config's kind", ("vqgan.tokenizers", "vqgan.priors.gpt"))
 # another project's checkpoint file format -> a function path -> (model, discriminator sd | None, LPIPS sd | None)
 FOREIGN_CHECKPOINTS = Registry("checkpoint format", "the checkpoint format", ("vqgan.convert.taming",))

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..config import from_dict
 from ..errors import UserError
+from ..registry import MODELS
 from ..native.decode import decode_step
 from .kv_cache import KVCache
 from .linear import Linear, linear
@@ -178,3 +179,6 @@ class GPT(nn.Module):
     @classmethod
     def from_config_dict(cls, data: dict[str, Any]) -> GPT:
         return cls(from_dict(GPTConfig, {k: v for k, v in data.items() if k not in ("kind", "conditioning")}, "gpt"))
+
+
+MODELS.register("gpt")(GPT.from_config_dict)  # `load_model` builds a saved prior (config kind: gpt) with this
