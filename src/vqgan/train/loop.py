@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -123,8 +124,6 @@ class TrainingLoop:
         bar = tqdm(total=t.steps, initial=self.step, disable=not self.progress, dynamic_ncols=True, desc=self.name)
         try:
             if self.rt.is_main:
-                from dataclasses import asdict
-
                 self.run_dir.mkdir(parents=True, exist_ok=True)
                 write_yaml(asdict(self.cfg), self.run_dir / "config.yaml")
             self.begin()

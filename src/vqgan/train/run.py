@@ -21,7 +21,14 @@ from typing import Any, Callable, Literal
 import torch
 import yaml
 
-from ..checkpoint import atomic_directory, checkpoint_dirs, load_state_dict_file, safe_torch_load, save_tensors
+from ..checkpoint import (
+    atomic_directory,
+    checkpoint_dirs,
+    load_state_dict_file,
+    prune_checkpoints,
+    safe_torch_load,
+    save_tensors,
+)
 from ..errors import UserError
 
 log = logging.getLogger("vqgan.train")
@@ -236,8 +243,7 @@ class RunFolder:
         return target
 
     def prune(self) -> None:
-        for old in checkpoint_dirs(self.ckpt_dir)[:-self.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(self.ckpt_dir, self.keep_last)
 
     def _last_good(self) -> str:
         dirs = checkpoint_dirs(self.ckpt_dir)
