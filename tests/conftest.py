@@ -9,14 +9,14 @@ os.environ.setdefault("VQGAN_CACHE", str(Path(__file__).resolve().parent.parent 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from vqgan.config import QuantizerConfig, TokenizerTrainConfig, VQGANConfig, load_config  # noqa: E402
+from vqgan.config import TokenizerTrainConfig, VQGANConfig, load_config, quantizer_config  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "taming"
 
 
 def tiny_model_config(**quantizer) -> VQGANConfig:
     return VQGANConfig(resolution=32, ch=32, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[16], z_channels=32,
-                       quantizer=QuantizerConfig(**{"n_embed": 64, "embed_dim": 16, **quantizer}))
+                       quantizer=quantizer_config(**{"n_embed": 64, "embed_dim": 16, **quantizer}))
 
 
 def tiny_train_config(tmp_path, **sections) -> TokenizerTrainConfig:

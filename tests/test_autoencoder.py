@@ -4,7 +4,7 @@ import torch
 from conftest import tiny_model_config
 
 from vqgan.autoencoder import VQModel
-from vqgan.config import QuantizerConfig, VQGANConfig
+from vqgan.config import VQGANConfig, quantizer_config
 from vqgan.errors import UserError
 
 
@@ -12,12 +12,12 @@ from vqgan.errors import UserError
                                        ([1, 1, 1, 1, 2, 2], 32)])
 def test_downsampling_factors(ch_mult, f):
     cfg = VQGANConfig(resolution=64, ch=32, ch_mult=ch_mult, num_res_blocks=1, attn_resolutions=[],
-                      z_channels=8, quantizer=QuantizerConfig(n_embed=16, embed_dim=8))
+                      z_channels=8, quantizer=quantizer_config(n_embed=16, embed_dim=8))
     model = VQModel(cfg).eval()
     x = torch.rand(2, 3, 64, 64) * 2 - 1
     tokens = model.encode(x)
     assert model.downsample_factor == f
-    assert tokens.shape == (2, 64 // f, 64 // f) and tokens.dtype == torch.int64
+    assert tokens.shape == (2, 64 // f, 64 // f, 1) and tokens.dtype == torch.int64
     assert model.decode(tokens).shape == (2, 3, 64, 64)
 
 
@@ -29,8 +29,8 @@ def test_public_api_roundtrip_and_errors():
     torch.testing.assert_close(model.decode(tokens), rec, atol=1e-4, rtol=0)  # layouts differ in rounding
     assert torch.equal(info["indices"], tokens)
     with pytest.raises(ValueError, match="must lie in"):
-        model.decode(torch.full((1, 16, 16), 64))
-    with pytest.raises(ValueError, match=r"\(B, h, w\)"):
+        model.decode(torch.full((1, 16, 16, 1), 64))
+    with pytest.raises(ValueError, match=r"\(B, h, w, 1\)"):
         model.decode(tokens.reshape(3, -1))
 
 
@@ -44,7 +44,7 @@ def test_matches_taming_reference_outputs(fixtures_dir):
     sd = torch.load(fixtures_dir / "vqgan.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     sd = {k: v for k, v in sd.items() if not k.startswith("loss.")}
     cfg = VQGANConfig(resolution=32, ch=32, ch_mult=[1, 1, 1], num_res_blocks=1, attn_resolutions=[8],
-                      z_channels=16, quantizer=QuantizerConfig(n_embed=64, embed_dim=16, legacy_beta=True))
+                      z_channels=16, quantizer=quantizer_config(n_embed=64, embed_dim=16, legacy_beta=True))
     model = VQModel(cfg).eval()
     model.load_state_dict(sd, strict=True)
     io = np.load(fixtures_dir / "io.npz")
@@ -52,7 +52,7 @@ def test_matches_taming_reference_outputs(fixtures_dir):
     with torch.no_grad():
         rec, qloss, info = model(x)
         h = model.encode_to_prequant(x)
-    assert torch.equal(info["indices"], torch.from_numpy(io["vq_indices_bhw"]))
+    assert torch.equal(info["indices"][..., 0], torch.from_numpy(io["vq_indices_bhw"]))
     torch.testing.assert_close(h, torch.from_numpy(io["vq_h"]), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(rec, torch.from_numpy(io["vq_dec"]), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(qloss, torch.tensor(float(io["vq_qloss"])), atol=1e-6, rtol=1e-4)

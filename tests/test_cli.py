@@ -33,8 +33,9 @@ def test_encode_decode_reconstruct(tmp_path, tokenizer, images, capsys):
     assert main(["encode", str(tokenizer), str(images), str(tmp_path / "tokens"), "--no-progress"]) == 0
     store = TokenStore(tmp_path / "tokens")  # encode writes the one token format
     tokens, meta = np.asarray(store.tokens), store.meta
-    assert tokens.shape == (5, 16, 16) and tokens.dtype == np.uint16
-    assert meta["grid"] == [16, 16] and meta["tokenizer"]["n_embed"] == 64 and len(meta["files"]) == 5
+    assert tokens.shape == (5, 16 * 16) and tokens.dtype == np.uint16  # rows in the code spec's order
+    assert meta["grids"] == [[16, 16]] and meta["codes"] == {"levels": [{"factor": 2, "vocab": [64]}]}
+    assert len(meta["files"]) == 5
     assert main(["decode", str(tokenizer), str(tmp_path / "tokens"), str(tmp_path / "dec"), "--no-progress"]) == 0
     assert len(list((tmp_path / "dec").glob("*.png"))) == 5
     assert main(["reconstruct", str(tokenizer), str(images), str(tmp_path / "rec"), "--no-progress"]) == 0
@@ -52,7 +53,7 @@ def test_decode_rejects_wrong_tokenizer_range_and_shape(tmp_path, tokenizer, ima
     bad.mkdir()
     np.save(bad / "tokens.npy", np.full((1, 4, 4), 999, np.int32))
     assert main(["decode", str(tokenizer), str(bad), str(tmp_path / "d")]) == 2
-    assert "outside the tokenizer's codebook [0, 64)" in capsys.readouterr().err
+    assert "indices must lie in [0, 64), got range [999, 999], outside the vocabulary of" in capsys.readouterr().err
     np.save(bad / "tokens.npy", np.zeros((4, 4), np.int32))
     assert main(["decode", str(tokenizer), str(bad), str(tmp_path / "d")]) == 2
     assert "expected (N, h, w)" in capsys.readouterr().err
@@ -112,14 +113,14 @@ def test_quick_demo_runs_both_stages_and_writes_the_report(tmp_path):
 def test_one_token_format_for_encode_tokenize_decode_and_training(tmp_path, tokenizer, images):
     """`encode` and `tokenize` write the same store; `decode` reads both (and old tokens.npy folders), leaving
     out rows whose image could not be read; a prior trains on what `encode` wrote."""
+    from vqgan.config import load_config
     from vqgan.data.tokens import tokenize_folder
     from vqgan.train.stage2 import PriorTrainer, TransformerTrainConfig
-    from vqgan.config import load_config
 
     assert main(["encode", str(tokenizer), str(images), str(tmp_path / "enc"), "--no-progress"]) == 0
     tokenize_folder(str(tokenizer), str(images), str(tmp_path / "store"), progress=False)
     encoded, tokenized = TokenStore(tmp_path / "enc"), TokenStore(tmp_path / "store")
-    assert encoded.meta["format"] == tokenized.meta["format"] == "vqgan-token-store/1"
+    assert encoded.meta["format"] == tokenized.meta["format"] == "vqgan-token-store/2"
     usable = tokenized.labels != -2
     assert np.array_equal(np.asarray(encoded.tokens), np.asarray(tokenized.tokens)[usable])
     for name, rows in (("enc", 5), ("store", 5)):
@@ -128,9 +129,23 @@ def test_one_token_format_for_encode_tokenize_decode_and_training(tmp_path, toke
         assert len(list((tmp_path / f"dec_{name}").glob("*.png"))) == rows
     legacy = tmp_path / "legacy"  # a folder written by an earlier version
     legacy.mkdir()
-    np.save(legacy / "tokens.npy", np.asarray(encoded.tokens))
+    np.save(legacy / "tokens.npy", np.asarray(encoded.tokens).reshape(5, 16, 16))
     assert main(["decode", str(tokenizer), str(legacy), str(tmp_path / "dec_legacy"), "--no-progress"]) == 0
     assert len(list((tmp_path / "dec_legacy").glob("*.png"))) == 5
+    # a store of format 1 (one (h, w) grid per row, the codebook size in its tokenizer record) reads as before
+    import json
+    import shutil
+    shutil.copytree(tmp_path / "enc", tmp_path / "v1")
+    meta = json.loads((tmp_path / "v1" / "meta.json").read_text())
+    for key in ("codes", "grids", "row_length"):
+        del meta[key]
+    meta.update(format="vqgan-token-store/1", grid=[16, 16])
+    meta["tokenizer"]["n_embed"] = 64
+    (tmp_path / "v1" / "meta.json").write_text(json.dumps(meta))
+    old = TokenStore(tmp_path / "v1")
+    assert old.spec == encoded.spec and old.grids == encoded.grids
+    assert np.array_equal(np.asarray(old.tokens), np.asarray(encoded.tokens))
+    assert main(["decode", str(tokenizer), str(tmp_path / "v1"), str(tmp_path / "dec_v1"), "--no-progress"]) == 0
     cfg = load_config(TransformerTrainConfig, {
         "model": {"n_layer": 1, "n_head": 2, "n_embd": 32}, "data": {"tokens": str(tmp_path / "enc"), "holdout": 1},
         "train": {"out_dir": str(tmp_path / "prior"), "steps": 2, "batch_size": 2}})

@@ -8,7 +8,7 @@ from PIL import Image
 
 from vqgan.autoencoder import VQModel
 from vqgan.cli import main
-from vqgan.config import QuantizerConfig, VQGANConfig
+from vqgan.config import VQGANConfig, quantizer_config
 from vqgan.data.maps import one_hot
 from vqgan.data.scenes import SEGMENT_CLASSES, render_scene
 from vqgan.data.tokens import TokenStore
@@ -16,7 +16,7 @@ from vqgan.data.tokens import TokenStore
 
 def f4(**kw) -> VQGANConfig:
     return VQGANConfig(resolution=32, ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[8],
-                       z_channels=32, quantizer=QuantizerConfig(n_embed=32, embed_dim=16), **kw)
+                       z_channels=32, quantizer=quantizer_config(n_embed=32, embed_dim=16), **kw)
 
 
 def seg_config() -> VQGANConfig:
@@ -66,10 +66,10 @@ def conditioned_prior(tmp_path):
 def test_paired_store_holds_the_maps_tokens(conditioned_prior):
     tmp = conditioned_prior
     store = TokenStore(tmp / "store")
-    assert store.condition["grid"] == [8, 8] and store.cond_tokens.shape == (40, 8, 8)
+    assert store.cond_grids == [(8, 8)] and store.cond_tokens.shape == (40, 64)
     segtok = VQModel.from_pretrained(tmp / "segtok").eval()
     seg = torch.from_numpy(np.asarray(render_scene(7, 32)[1], dtype=np.int64))
-    assert torch.equal(store[7]["cond"], segtok.encode(one_hot(seg, 8)[None])[0])
+    assert torch.equal(store[7]["cond"], segtok.encode(one_hot(seg, 8)[None]).reshape(-1))
     assert (tmp / "prior" / "model" / "cond_tokenizer" / "model.safetensors").is_file()
     assert "kind: spatial" in (tmp / "prior" / "model" / "config.yaml").read_text()
 

@@ -23,11 +23,11 @@ def test_vqgan_checkpoint_reproduces_reference_outputs(fixtures_dir, io):
     x = io["images"]
     with torch.no_grad():
         rec, qloss, info = model(x)
-    assert torch.equal(model.encode(x), io["vq_indices_bhw"])
+    assert torch.equal(model.encode(x), io["vq_indices_bhw"][..., None])
     assert torch.equal(info["indices"].reshape(-1), io["vq_indices"])
     for ours, ref in ((model.encode_to_prequant(x).detach(), io["vq_h"]), (rec, io["vq_dec"]),
                       (model.decode(model.encode(x)), io["vq_decode_code"]),
-                      (model.quantize.decode_indices(io["vq_indices_bhw"]), io["vq_quant_from_indices"])):
+                      (model.quantize.decode_indices(io["vq_indices_bhw"][..., None]), io["vq_quant_from_indices"])):
         assert (ours - ref).abs().max() < 1e-4
     assert abs(float(qloss) - float(io["vq_qloss"])) < 1e-6
 
@@ -62,7 +62,7 @@ def test_convert_command_and_load(fixtures_dir, io, tmp_path):
         assert (tmp_path / "converted" / f).is_file(), f
     for source in (tmp_path / "converted", ckpt):
         model = vqgan.load(source)
-        assert torch.equal(model.encode(io["images"]), io["vq_indices_bhw"])
+        assert torch.equal(model.encode(io["images"])[..., 0], io["vq_indices_bhw"])
 
 
 def test_gumbel_checkpoint_reproduces_reference_outputs(fixtures_dir, io):
@@ -73,14 +73,14 @@ def test_gumbel_checkpoint_reproduces_reference_outputs(fixtures_dir, io):
         assert (h - io["gumbel_h"]).abs().max() < 1e-4
         assert (model.quantize.proj(h) - io["gumbel_logits"]).abs().max() < 1e-4
         tokens = model.encode(x)  # eval: the noise-free argmax
-        assert torch.equal(tokens, io["gumbel_indices_argmax"])
+        assert torch.equal(tokens[..., 0], io["gumbel_indices_argmax"])
         assert (model.quantize.decode_indices(tokens) - io["gumbel_quant_argmax"]).abs().max() < 1e-5
         assert (model.decode(tokens) - io["gumbel_dec_argmax"]).abs().max() < 1e-4
         # taming's eval adds Gumbel noise; the compatibility flag reproduces it draw for draw
         model.quantize.config.noise_in_eval = True
         torch.manual_seed(int(io["gumbel_noise_seed"]))
         out = model.quantize(h)
-        assert torch.equal(out.indices, io["gumbel_indices_sampled"])
+        assert torch.equal(out.indices[..., 0], io["gumbel_indices_sampled"])
         assert (out.quantized - io["gumbel_quant_sampled"]).abs().max() < 1e-5
         assert float(out.loss) == pytest.approx(float(io["gumbel_kl_sampled"]), rel=1e-4, abs=1e-12)
 
@@ -154,10 +154,10 @@ def test_remap_option_numbers_tokens_by_the_used_list(fixtures_dir, io, tmp_path
     model = load_taming_vqgan(fixtures_dir / "vqgan.ckpt", tmp_path / "remap.yaml")[0]
     codes = io["vq_indices_bhw"]
     expect = torch.where(codes % 2 == 0, codes // 2, torch.full_like(codes, 32 if unknown == "extra" else 5))
-    assert torch.equal(model.encode(io["images"]), expect)
+    assert torch.equal(model.encode(io["images"])[..., 0], expect)
     assert model.quantize.n_embed == (33 if unknown == "extra" else 32)
     even = codes % 2 == 0  # known tokens decode to their own code vectors
-    vectors = model.quantize.decode_indices(expect).permute(0, 2, 3, 1)[even]
+    vectors = model.quantize.decode_indices(expect[..., None]).permute(0, 2, 3, 1)[even]
     assert torch.equal(vectors, model.quantize.embedding.weight[codes[even]])
     # a checkpoint that carries the list as the buffer `quantize.used` needs no file
     sd = torch.load(fixtures_dir / "vqgan.ckpt", weights_only=True)
@@ -165,7 +165,7 @@ def test_remap_option_numbers_tokens_by_the_used_list(fixtures_dir, io, tmp_path
     torch.save(sd, tmp_path / "with_buffer.ckpt")
     (tmp_path / "used.npy").unlink()
     model = load_taming_vqgan(tmp_path / "with_buffer.ckpt", tmp_path / "remap.yaml")[0]
-    assert torch.equal(model.encode(io["images"]), expect)
+    assert torch.equal(model.encode(io["images"])[..., 0], expect)
     with pytest.raises(UserError, match="remap file used.npy is not found"):
         load_taming_vqgan(fixtures_dir / "vqgan.ckpt", tmp_path / "remap.yaml")
 
@@ -176,7 +176,7 @@ def test_full_size_released_layouts_match_key_for_key(fixtures_dir):
     import json
 
     from vqgan.autoencoder import VQModel
-    from vqgan.config import QuantizerConfig, VQGANConfig
+    from vqgan.config import VQGANConfig, quantizer_config
     from vqgan.convert.taming import split_vqgan_state_dict
     from vqgan.losses.discriminator import NLayerDiscriminator
     from vqgan.losses.lpips import LPIPS
@@ -184,7 +184,7 @@ def test_full_size_released_layouts_match_key_for_key(fixtures_dir):
 
     layouts = json.loads((fixtures_dir / "real_config_keys.json").read_text())
     f16 = VQGANConfig(resolution=256, ch=128, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=2, attn_resolutions=[16],
-                      z_channels=256, quantizer=QuantizerConfig(n_embed=1024, embed_dim=256))
+                      z_channels=256, quantizer=quantizer_config(n_embed=1024, embed_dim=256))
 
     def shapes(module, prefix=""):
         return {prefix + k: list(v.shape) for k, v in module.state_dict().items()}

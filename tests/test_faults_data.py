@@ -23,7 +23,7 @@ from PIL import Image
 from vqgan.autoencoder import VQModel
 from vqgan.checkpoint import fingerprint, load_model, save_model
 from vqgan.cli import main
-from vqgan.config import QuantizerConfig, VQGANConfig
+from vqgan.config import VQGANConfig, quantizer_config
 from vqgan.data.images import ImageDataset, ImageSource, scan_images
 from vqgan.data.maps import load_label_map
 from vqgan.data.scenes import SEGMENT_CLASSES
@@ -52,13 +52,13 @@ def truncate(path) -> None:
 
 def own_tokens(model: VQModel, path) -> torch.Tensor:
     x = ImageDataset.from_paths([path], resolution=32, crop="center", train=False)[0]["image"][None]
-    return model.encode(x)[0]
+    return model.encode(x)[0].reshape(-1)  # a store row
 
 
 def own_map_tokens(model: VQModel, path) -> torch.Tensor:
     ds = ImageDataset([ImageSource(str(path), lambda: load_label_map(path))], resolution=32, crop="center",
                       train=False, kind="segmentation", n_labels=N_LABELS)
-    return model.encode(ds[0]["image"][None])[0]
+    return model.encode(ds[0]["image"][None])[0].reshape(-1)  # a store row
 
 
 @pytest.fixture
@@ -70,7 +70,7 @@ def tok(tmp_path):
 
 def seg_tokenizer(path) -> VQModel:
     model = VQModel(VQGANConfig(resolution=32, ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[8],
-                                z_channels=32, quantizer=QuantizerConfig(n_embed=32, embed_dim=16),
+                                z_channels=32, quantizer=quantizer_config(n_embed=32, embed_dim=16),
                                 input_kind="segmentation", in_channels=N_LABELS, out_ch=N_LABELS))
     model.save_pretrained(path)
     return model.eval()

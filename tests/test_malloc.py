@@ -10,12 +10,12 @@ from vqgan.native.malloc import keep_freed_memory
 PROBE = """
 import resource, torch
 from vqgan.autoencoder import VQModel
-from vqgan.config import QuantizerConfig, VQGANConfig
+from vqgan.config import quantizer_config, VQGANConfig
 from vqgan.native.malloc import keep_freed_memory
 applied = keep_freed_memory()
 torch.set_num_threads(1)
 model = VQModel(VQGANConfig(resolution=64, ch=64, ch_mult=[1, 1, 2, 2], num_res_blocks=1, attn_resolutions=[16],
-                            z_channels=64, quantizer=QuantizerConfig(n_embed=64, embed_dim=16))).eval()
+                            z_channels=64, quantizer=quantizer_config(n_embed=64, embed_dim=16))).eval()
 x = torch.randn(8, 3, 64, 64)
 with torch.no_grad():
     for _ in range(2):  # warm-up: the heap reaches its steady size and layout

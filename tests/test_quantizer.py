@@ -3,7 +3,7 @@ import torch
 from conftest import tiny_model_config
 
 from vqgan.autoencoder import VQModel
-from vqgan.config import QuantizerConfig
+from vqgan.config import quantizer_config
 from vqgan.quantizers import VectorQuantizer, nearest_code
 from vqgan.quantizers import vq as vq_module
 
@@ -26,11 +26,11 @@ def test_nearest_code_chunked_path_is_identical(monkeypatch):
 
 
 def test_quantized_output_is_the_lookup_of_its_own_indices():
-    q = VectorQuantizer(QuantizerConfig(n_embed=32, embed_dim=4))
+    q = VectorQuantizer(quantizer_config(n_embed=32, embed_dim=4))
     torch.nn.init.normal_(q.embedding.weight)
     z = torch.randn(2, 4, 3, 5)
     out = q(z)
-    assert out.indices.shape == (2, 3, 5) and out.indices.dtype == torch.int64
+    assert out.indices.shape == (2, 3, 5, 1) and out.indices.dtype == torch.int64
     torch.testing.assert_close(out.quantized, q.decode_indices(out.indices), atol=1e-6, rtol=0)
     flat = z.permute(0, 2, 3, 1).reshape(-1, 4)
     assert torch.equal(out.indices.reshape(-1), brute_force(flat, q.embedding.weight))
@@ -39,7 +39,7 @@ def test_quantized_output_is_the_lookup_of_its_own_indices():
 def test_loss_weights_commitment_by_beta_and_legacy_flag_swaps():
     z = torch.randn(2, 4, 3, 3, requires_grad=True)
     for legacy in (False, True):
-        q = VectorQuantizer(QuantizerConfig(n_embed=16, embed_dim=4, beta=0.25, legacy_beta=legacy))
+        q = VectorQuantizer(quantizer_config(n_embed=16, embed_dim=4, beta=0.25, legacy_beta=legacy))
         torch.nn.init.normal_(q.embedding.weight)
         z.grad = None
         q.embedding.weight.grad = None
@@ -65,7 +65,7 @@ def test_straight_through_gradients_reach_the_encoder():
 
 
 def test_stats_report_usage_and_perplexity():
-    q = VectorQuantizer(QuantizerConfig(n_embed=8, embed_dim=2))
+    q = VectorQuantizer(quantizer_config(n_embed=8, embed_dim=2))
     with torch.no_grad():
         q.embedding.weight.copy_(torch.arange(16, dtype=torch.float32).view(8, 2) * 10)
     z = q.embedding.weight[:4].t().reshape(1, 2, 2, 2).clone()  # exactly codes 0..3, once each
@@ -77,7 +77,7 @@ def test_stats_report_usage_and_perplexity():
 def test_gumbel_quantizer_contract_training_and_eval():
     from vqgan.quantizers import GumbelQuantizer
 
-    q = GumbelQuantizer(QuantizerConfig(kind="gumbel", n_embed=16, embed_dim=4), in_channels=4)
+    q = GumbelQuantizer(quantizer_config(kind="gumbel", n_embed=16, embed_dim=4), in_channels=4)
     z = torch.randn(2, 4, 3, 3, requires_grad=True)
     q.train()
     out = q(z)

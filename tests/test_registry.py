@@ -5,7 +5,7 @@ from conftest import tiny_model_config
 
 from vqgan.autoencoder import VQModel
 from vqgan.checkpoint import load_model
-from vqgan.config import QuantizerConfig, VQGANConfig, load_config
+from vqgan.config import VQGANConfig, load_config, quantizer_config
 from vqgan.errors import UserError
 from vqgan.quantizers import build_quantizer
 from vqgan.registry import ENCODERS, QUANTIZERS, Registry
@@ -13,7 +13,7 @@ from vqgan.registry import ENCODERS, QUANTIZERS, Registry
 
 def test_unknown_quantizer_kind_is_one_line_listing_the_kinds():
     with pytest.raises(UserError, match=r"model\.quantizer\.kind must be one of .*gumbel.*vq.*; got 'nope'") as e:
-        build_quantizer(QuantizerConfig(kind="nope"), 8)  # no silent fallback to plain VQ
+        build_quantizer(quantizer_config(kind="nope"), 8)  # no silent fallback to plain VQ
     assert "\n" not in str(e.value)
     with pytest.raises(UserError, match="model.quantizer.kind must be one of"):
         load_config(VQGANConfig, {"quantizer": {"kind": "nope"}})

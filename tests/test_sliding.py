@@ -41,7 +41,9 @@ def test_large_grid_runs_and_each_position_sees_only_its_window():
 
     gpt.forward = spy
     out = sample_sliding_window(gpt, layout, grid, window, 2, generator=torch.Generator().manual_seed(0))
-    assert out.shape == (2, 6, 10) and out.min() >= 0 and out.max() < 12
+    assert out.shape == (2, 6, 10, 1)  # (B, H, W, depth)
+    out = out[..., 0]
+    assert out.min() >= 0 and out.max() < 12
     assert max(seen) <= layout.prefix_len + 12 - 1  # never more context than the window
     gpt.forward = original
 
@@ -49,7 +51,7 @@ def test_large_grid_runs_and_each_position_sees_only_its_window():
     known = torch.randint(0, 12, (1, *grid))
     keep = torch.ones(grid, dtype=torch.bool)
     keep[4, 7] = False
-    got = sample_sliding_window(gpt, layout, grid, window, 1, known=known, keep=keep, greedy=True)
+    got = sample_sliding_window(gpt, layout, grid, window, 1, known=known, keep=keep, greedy=True)[..., 0]
     i0, j0 = window_origin(4, 7, grid, window)
     local = known[:, i0:i0 + 3, j0:j0 + 4].reshape(1, 12)
     k = (4 - i0) * 4 + (7 - j0)
@@ -65,7 +67,7 @@ def test_spatial_prior_slides_its_condition_window_too():
     gpt = prior(layout, (2, 3))
     cond = torch.randint(0, 5, (2, 4, 9))
     out = sample_sliding_window(gpt, layout, (4, 9), (2, 3), 2, cond=cond, generator=torch.Generator().manual_seed(0))
-    assert out.shape == (2, 4, 9)
+    assert out.shape == (2, 4, 9, 1)
     same = sample_sliding_window(gpt, layout, (2, 3), (2, 3), 2, cond=cond[:, :2, :3],
                                  generator=torch.Generator().manual_seed(0))
     plain = sample_images_tokens(gpt, layout, 6, 2, cond=cond[:, :2, :3], generator=torch.Generator().manual_seed(0))

@@ -36,8 +36,8 @@ def test_token_store_roundtrips_with_folder_labels(setup):
 
     files, _ = scan_images(tmp / "imgs")
     x = ImageDataset.from_paths(files, resolution=32, crop="center", train=False)[7]["image"][None]
-    assert torch.equal(store[7]["tokens"], model.encode(x)[0])
-    assert store.meta["tokenizer"]["n_embed"] == 64 and store.meta["files"][7].endswith("dogs/2.png")
+    assert torch.equal(store.rows_to_codes(store[7]["tokens"][None]), model.encode(x))
+    assert store.spec == model.code_spec and store.spec.streams == [64] and store.meta["files"][7].endswith("dogs/2.png")
 
 
 def test_interrupted_tokenize_resumes(setup, monkeypatch):

@@ -82,7 +82,7 @@ def test_taming_transformer_reproduces_reference_logits_and_greedy_samples(fixtu
     assert torch.equal(sample(gpt, c, 64, greedy=True), io["tr_greedy_full"])
     half = sample(gpt, torch.cat([c, z[:, :32]], 1), 32, greedy=True)
     assert torch.equal(torch.cat([z[:, :32], half], 1), io["tr_greedy_half"])
-    img = first_stage.decode(io["tr_greedy_full"].reshape(4, 8, 8))
+    img = first_stage.decode(io["tr_greedy_full"].reshape(4, 8, 8, 1))
     assert (img - io["tr_greedy_full_img"]).abs().max() < 1e-4
 
 

@@ -10,53 +10,120 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 
+from .codes import CodeSpec
 from .errors import UserError
-from .registry import DECODERS, ENCODERS, QUANTIZERS
+from .registry import DECODERS, ENCODERS, QUANTIZERS, Registry
 
 T = TypeVar("T")
 
 
+class ByKind:
+    """A config section whose class is chosen by its `kind` from a registry: `model.quantizer` with `kind: fsq`
+    is read into the class FSQ registered, so each kind has its own typed keys (and its own unknown-key errors).
+    The base section names the registry and the default kind."""
+
+    registry: ClassVar[Registry]
+    default_kind: ClassVar[str]
+
+    @classmethod
+    def section_base(cls) -> type:
+        return next(c for c in cls.__mro__ if "registry" in vars(c))
+
+    @classmethod
+    def for_kind(cls, kind: str) -> type:
+        base = cls.section_base()
+        return base.registry.config(kind, base)
+
+    @classmethod
+    def build(cls, kind: str | None = None, **options: Any) -> Any:
+        """The section of `kind` (the base's default kind when None) with `options`."""
+        kind = kind or cls.section_base().default_kind
+        return cls.for_kind(kind)(kind=kind, **options)
+
+    @classmethod
+    def upgrade(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """An older layout of the section (as saved in model folders) -> this class's; the default keeps it."""
+        return data
+
+    def check_kind(self, where: str) -> None:
+        expected = self.for_kind(self.kind)  # type: ignore[attr-defined]
+        if not isinstance(self, expected):
+            raise UserError(f"{where}: kind {self.kind!r} reads a {expected.__name__} section, "  # type: ignore
+                            f"got a {type(self).__name__}")
+
+
 @dataclass
-class QuantizerConfig:
-    """The quantizer between encoder and decoder: `kind` vq (nearest neighbour, VQ-VAE / VQGAN) or gumbel."""
+class QuantizerConfig(ByKind):
+    """The quantizer between encoder and decoder. Each kind registers a subclass with its own keys (vq.py:
+    `VQConfig`, gumbel.py: `GumbelConfig`, ...); this base holds what every kind has."""
+
+    registry: ClassVar[Registry] = QUANTIZERS
+    default_kind: ClassVar[str] = "vq"
 
     kind: str = "vq"
-    n_embed: int = 1024  # codebook size
-    embed_dim: int = 256  # code width
-    beta: float = 0.25  # commitment weight (paper: on ||z - sg[e]||^2)
-    # taming-transformers quirk: its VectorQuantizer2(legacy=True) puts beta on the codebook term
-    # and weight 1 on the commitment term. The converter switches this on for released checkpoints.
-    legacy_beta: bool = False
-    # taming's `remap` quirk: tokens number only the `remap_codes` codes listed in the buffer `quantize.used`
-    # (a code outside that list becomes `unknown_index`: "random" (taming's default), "extra" (one more
-    # token id) or an integer). 0: off. The converter sets it.
-    remap_codes: int = 0
-    unknown_index: str = "random"
-    # gumbel only
-    temperature: float = 1.0
-    kl_weight: float = 5e-4
-    straight_through: bool = True
-    noise_in_eval: bool = False  # taming quirk: its GumbelVQ samples noise even in eval (off: argmax tokens)
+    embed_dim: int = 256  # width of the latents it quantizes (the encoder's output is projected to it)
+
+    @property
+    def code_width(self) -> int:
+        """Channels of the latent grid the quantizer reads and returns (the decoder's input is projected from it)."""
+        return self.embed_dim
+
+    @property
+    def vocab_per_depth(self) -> tuple[int, ...]:
+        """The code spec of one position: the vocabulary of each of its depths."""
+        raise NotImplementedError(f"quantizer kind {self.kind!r} does not say its vocabulary")
 
     def validate(self, where: str = "model.quantizer") -> None:
-        if self.kind not in QUANTIZERS:
-            raise UserError(f"{where}.kind must be one of {', '.join(QUANTIZERS.kinds())}; got {self.kind!r}")
-        for name in ("n_embed", "embed_dim"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{where}.{name} must be >= 1, got {getattr(self, name)}")
+        self.check_kind(where)
+        if self.embed_dim < 1:
+            raise UserError(f"{where}.embed_dim must be >= 1, got {self.embed_dim}")
+
+    # model folders saved before the sections were typed hold every kind's keys at these defaults
+    _FLAT_DEFAULTS: ClassVar[dict[str, Any]] = {
+        "beta": 0.25, "legacy_beta": False, "remap_codes": 0, "unknown_index": "random", "temperature": 1.0,
+        "kl_weight": 5e-4, "straight_through": True, "noise_in_eval": False}
+
+    @classmethod
+    def upgrade(cls, data: dict[str, Any]) -> dict[str, Any]:
+        keys = {f.name for f in dataclasses.fields(cls)}
+        return {k: v for k, v in data.items()
+                if k in keys or k not in cls._FLAT_DEFAULTS or v != cls._FLAT_DEFAULTS[k]}
+
+
+def quantizer_config(kind: str = "vq", **options: Any) -> QuantizerConfig:
+    """The typed `model.quantizer` section of `kind`: `quantizer_config("vq", n_embed=1024, embed_dim=256)`."""
+    return QuantizerConfig.build(kind, **options)
 
 
 @dataclass
-class PartConfig:
-    """An encoder or decoder section: its `kind` (a registered one). The conv VQGAN's shape (ch, ch_mult, ...)
-    stays in the model section, shared by its encoder and decoder, so that every flat config and checkpoint
-    loads unchanged; a kind with settings of its own (e.g. vit) will get a typed section here, chosen by kind."""
+class EncoderConfig(ByKind):
+    """`model.encoder`: its `kind`, and the keys of that kind. The conv VQGAN's shape (ch, ch_mult, ...) stays in
+    the model section, shared by its encoder and decoder (the paper's `ddconfig`), so every flat config and
+    checkpoint loads unchanged; kinds with settings of their own register a subclass."""
 
+    registry: ClassVar[Registry] = ENCODERS
+    default_kind: ClassVar[str] = "conv"
     kind: str = "conv"
+
+    def downsample_factor(self, model: VQGANConfig) -> int:
+        """Image side / latent grid side. The conv encoder halves the grid between its ch_mult levels."""
+        return 2 ** (len(model.ch_mult) - 1)
+
+
+@dataclass
+class DecoderConfig(ByKind):
+    """`model.decoder`: its `kind`, and the keys of that kind (see EncoderConfig)."""
+
+    registry: ClassVar[Registry] = DECODERS
+    default_kind: ClassVar[str] = "conv"
+    kind: str = "conv"
+
+
+PartConfig = EncoderConfig  # the name before encoder and decoder sections had classes of their own
 
 
 @dataclass
@@ -75,13 +142,18 @@ class VQGANConfig:
     attn_resolutions: list[int] = field(default_factory=lambda: [16])
     dropout: float = 0.0
     z_channels: int = 256
-    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
-    encoder: PartConfig = field(default_factory=PartConfig)
-    decoder: PartConfig = field(default_factory=PartConfig)
+    quantizer: QuantizerConfig = field(default_factory=quantizer_config)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig.build)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig.build)
 
     @property
     def downsample_factor(self) -> int:
-        return 2 ** (len(self.ch_mult) - 1)
+        return self.encoder.downsample_factor(self)
+
+    @property
+    def code_spec(self) -> CodeSpec:
+        """The tokens this tokenizer makes: one grid at the encoder's factor, the quantizer's depths."""
+        return CodeSpec.single(self.downsample_factor, self.quantizer.vocab_per_depth)
 
     @property
     def latent_size(self) -> int:
@@ -94,9 +166,8 @@ class VQGANConfig:
             if c % 32:
                 raise UserError(f"model.ch * model.ch_mult gives {c} channels; GroupNorm(32) needs multiples of 32")
         self.quantizer.validate()
-        for part, registry in ((self.encoder, ENCODERS), (self.decoder, DECODERS)):
-            if part.kind not in registry:
-                raise UserError(f"{registry.where} must be one of {', '.join(registry.kinds())}; got {part.kind!r}")
+        self.encoder.check_kind("model.encoder")
+        self.decoder.check_kind("model.decoder")
         if self.input_kind not in ("rgb", "segmentation", "depth"):
             raise UserError(f"model.input_kind must be rgb, segmentation or depth, got {self.input_kind!r}")
         if self.input_kind == "segmentation" and not (self.in_channels == self.out_ch >= 2):
@@ -261,6 +332,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value
         if not isinstance(value, dict):
             raise UserError(f"{where} must be a mapping of keys, got {value!r}")
+        if isinstance(tp, type) and issubclass(tp, ByKind):
+            tp = section_class(tp, value, where)
+            value = tp.upgrade(value)
         return from_dict(tp, value, where)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
@@ -280,12 +354,21 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def section_class(tp: type, data: dict[str, Any], where: str) -> type:
+    """The class of a section chosen by kind, from the `kind` in its data (the base's default when absent)."""
+    kind = data.get("kind", tp.section_base().default_kind)
+    if not isinstance(kind, str):
+        raise UserError(f"{where}.kind must be a string, got {kind!r}")
+    return tp.for_kind(kind)  # an unknown kind: the registry's one-line error naming the valid ones
+
+
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
     """Build dataclass `cls` from a (nested) dict; unknown keys are an error listing the valid ones."""
     types_ = _field_types(cls)
     unknown = sorted(set(data) - set(types_))
     if unknown:
-        raise UserError(f"unknown key {where}.{unknown[0]}; valid keys of {where}: {', '.join(types_)}")
+        of = f"{where} (kind {data.get('kind', getattr(cls, 'default_kind', ''))})" if issubclass(cls, ByKind) else where
+        raise UserError(f"unknown key {where}.{unknown[0]}; valid keys of {of}: {', '.join(types_)}")
     kwargs = {k: _coerce(v, types_[k], f"{where}.{k}") for k, v in data.items()}
     return cls(**kwargs)
 
@@ -295,14 +378,21 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type, where: str = "config") -> dict[str, Any]:
-    """Apply `a.b.c=value` strings to a nested dict; values are parsed as YAML (1e-4, [1,2], true)."""
+    """Apply `a.b.c=value` strings to a nested dict; values are parsed as YAML (1e-4, [1,2], true).
+
+    `...kind=` overrides go first, so the other keys of a section chosen by kind are checked against the new
+    kind; keys the new kind does not have (a preset's settings for the old one) leave the section."""
     for item in overrides:
         if "=" not in item:
             raise UserError(f"override {item!r} is not key=value (e.g. train.steps=500)")
+    overrides = sorted(overrides, key=lambda item: not item.split("=", 1)[0].strip().endswith(".kind"))
+    for item in overrides:
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
         node, node_cls = data, cls
         for i, part in enumerate(parts):
+            if isinstance(node_cls, type) and issubclass(node_cls, ByKind):
+                node_cls = section_class(node_cls, node, ".".join([where, *parts[:i]]))
             types_ = _field_types(node_cls)
             if part not in types_:
                 prefix = ".".join([where, *parts[:i]])
@@ -314,6 +404,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type, where
                 except yaml.YAMLError as e:
                     raise UserError(f"override {item!r}: the value is not valid YAML ({str(e).splitlines()[0]}); "
                                     "quote strings, write lists as [1,2]") from None
+                if part == "kind" and issubclass(node_cls, ByKind):
+                    keep = {f.name for f in dataclasses.fields(section_class(node_cls, node, key))}
+                    for name in [k for k in node if k not in keep]:
+                        del node[name]
             else:
                 node = node.setdefault(part, {})
                 node_cls = types_[part]

@@ -117,10 +117,11 @@ def generate_pictures(root: Path, progress: bool = True) -> dict[str, Any]:
     rows = []
     for r in held_out:
         item = store[r]
-        cond = item["cond"][None].expand(5, -1, -1)
-        shown = to_display(seg_prior.cond_tokenizer.decode(item["cond"][None]), "segmentation")
+        cond_codes = store.cond_rows_to_codes(item["cond"][None])  # (1, h, w, depth)
+        cond = cond_codes.expand(5, -1, -1, -1)
+        shown = to_display(seg_prior.cond_tokenizer.decode(cond_codes), "segmentation")
         samples = decode(seg_prior.sample(5, cond=cond, generator=g, **SAMPLING))
-        rows.append(torch.cat([shown, decode(item["tokens"][None]), samples]))
+        rows.append(torch.cat([shown, decode(store.rows_to_codes(item["tokens"][None])), samples]))
     made["seg_to_image"] = write_grid(rows, out / "seg_to_image.png", scale=2)
 
     # larger than the 64x64 training size: 64x256-pixel panoramas (8x32 tokens) through the 8x8 window. (The
@@ -131,7 +132,7 @@ def generate_pictures(root: Path, progress: bool = True) -> dict[str, Any]:
     seg = render_scene(len(store) - 3, 64)[1].resize((256, 64), Image.NEAREST)  # a scene's labels, stretched
     seg_input = one_hot(torch.from_numpy(np.asarray(seg, dtype=np.int64)), 8)[None]
     cond = seg_prior.encode_maps(seg_input)
-    big_seg = decode(seg_prior.sample(1, tuple(cond.shape[1:]), cond=cond, generator=g, progress=progress, **SAMPLING))
+    big_seg = decode(seg_prior.sample(1, tuple(cond.shape[1:3]), cond=cond, generator=g, progress=progress, **SAMPLING))
     made["large_seg"] = write_grid([to_display(seg_input, "segmentation"), big_seg], out / "large_from_seg.png",
                                    scale=2)
     made["class_names"] = list(SCENE_CLASSES)

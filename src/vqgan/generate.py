@@ -105,9 +105,9 @@ def sample_images(prior: Prior, n: int, label: str | None = None, size: str | No
                             "--cond-map FILE")
         grid_px = tuple(side * f for side in parse_size(size, f)) if size else None
         maps = load_cond_map(prior, cond_map, grid_px)
-        cond = prior.encode_maps(maps).expand(n, -1, -1)
+        cond = prior.encode_maps(maps).expand(n, -1, -1, -1)
         shown = to_display(maps, prior.cond_tokenizer.config.input_kind)
-        grid = tuple(cond.shape[1:])
+        grid = tuple(cond.shape[1:3])
     else:
         if cond_map:
             raise UserError("this prior is not conditioned on maps; leave out --cond-map")
@@ -138,7 +138,7 @@ def complete_images(prior: Prior, images: torch.Tensor, n: int = 4, keep_rows: f
         raise UserError("this prior is conditioned on maps: completion needs each image's condition map")
     cond = prior.encode_maps(maps) if maps is not None and prior.layout.spatial else None
     tokens = prior.tokenizer.encode(images.to(device))
-    b, h, w = tokens.shape
+    b, h, w, depth = tokens.shape
     keep = torch.ones(h, w, dtype=torch.bool)
     if box is not None:
         t, l, bt, r = box
@@ -149,7 +149,7 @@ def complete_images(prior: Prior, images: torch.Tensor, n: int = 4, keep_rows: f
     g = torch.Generator(device=device).manual_seed(seed)
     outs = []
     for i in range(b):
-        known = tokens[i:i + 1].expand(n, h, w)
+        known = tokens[i:i + 1].expand(n, h, w, depth)
         cond_i = None if cond is None else cond[i:i + 1].expand(n, *cond.shape[1:])
         outs.append(prior.tokenizer.decode(prior.sample(n, (h, w), labels, cond_i, known=known, keep=keep,
                                                         generator=g, **sampling)))

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from .autoencoder import VQModel
 from .checkpoint import fingerprint
+from .codes import CodeSpec
 from .data.images import ImageDataset, ReadableItems, collate_readable
 from .data.sources import image_sources
 from .data.tokens import (
@@ -30,9 +31,10 @@ from .data.tokens import (
     absolute_source,
     check_output_dir,
     check_resolution,
+    codes_record,
+    encode_rows,
     load_tokenizer,
     relative_source,
-    token_dtype,
     tokenizer_record,
     write_store,
 )
@@ -85,17 +87,19 @@ def encode_folder(model_path: str, images: str, out: str, batch_size: int = 16, 
     for batch in tqdm(loader, desc="encode", disable=not progress):
         skipped += batch["skipped"]
         if batch["image"] is not None:
-            chunks.append(model.encode(batch["image"].to(dev)).cpu())
+            chunks.append(encode_rows(model, batch["image"].to(dev)).cpu())
             names += [absolute_source(ds.name(i), images) for i in batch["index"]]
     if not chunks:
         raise UserError(f"none of the images in {images} could be read (see the warnings above); nothing written")
     tokens = torch.cat(chunks).numpy()
-    meta = {"format": "vqgan-token-store/1", "condition": None, "data": absolute_source(images, images),
-            "tokenizer": tokenizer_record(model_path, model), "dtype": token_dtype(model.quantize.n_embed),
-            "crops_per_image": 1, "crop": crop, "flip": False, "resolution": resolution or model.config.resolution,
+    res = resolution or model.config.resolution
+    codes = codes_record(model, res)
+    meta = {"condition": None, "data": absolute_source(images, images), "tokenizer": tokenizer_record(model_path, model),
+            **codes, "crops_per_image": 1, "crop": crop, "flip": False, "resolution": res,
             "class_names": [], "files": names, "unreadable_files_skipped": skipped}
     write_store(out_dir, tokens, meta)
-    return {"count": int(tokens.shape[0]), "grid": list(tokens.shape[1:]), "out": str(out_dir), "skipped": skipped}
+    return {"count": int(tokens.shape[0]), "grid": codes["grids"][0], "codes": model.code_spec.describe(),
+            "out": str(out_dir), "skipped": skipped}
 
 
 def read_legacy_tokens(path: Path) -> tuple[np.ndarray, dict]:
@@ -113,16 +117,18 @@ def read_legacy_tokens(path: Path) -> tuple[np.ndarray, dict]:
     return tokens, meta
 
 
-def read_tokens(path: str) -> tuple[np.ndarray, dict, np.ndarray]:
-    """(token grids (N, h, w), their metadata, which rows are usable) from a token store (`encode` or
-    `tokenize`), or from the `tokens.npy` folders of earlier versions."""
+def read_tokens(path: str) -> tuple[np.ndarray, CodeSpec | None, list[tuple[int, int]], dict, np.ndarray]:
+    """(code rows (N, row_length), their code spec (None for the tokens.npy folders of earlier versions, which
+    hold one code per position), the grid of each level, the metadata, which rows are usable) from a token
+    store (`encode` or `tokenize`) or a tokens.npy folder."""
     p = Path(path)
     if (p / META_FILE).is_file():
         store = TokenStore(p)
-        return np.asarray(store.tokens), store.meta, store.labels != UNUSABLE
+        return np.asarray(store.tokens), store.spec, store.grids, store.meta, store.labels != UNUSABLE
     if (p / LEGACY_TOKENS).is_file() or (p.is_file() and p.suffix == ".npy"):
         tokens, meta = read_legacy_tokens(p)
-        return tokens, meta, np.ones(len(tokens), dtype=bool)
+        return (tokens.reshape(len(tokens), -1), None, [tuple(tokens.shape[1:])], meta,
+                np.ones(len(tokens), dtype=bool))
     raise UserError(f"{p} holds no tokens: pass a folder written by `vqgan encode` or `vqgan tokenize`")
 
 
@@ -130,24 +136,32 @@ def read_tokens(path: str) -> tuple[np.ndarray, dict, np.ndarray]:
 def decode_tokens(model_path: str, tokens_path: str, out: str, batch_size: int = 16, device: str | None = None,
                   force: bool = False, progress: bool = True) -> dict:
     dev, model, out_dir = _start(model_path, out, batch_size, device)
-    tokens, meta, usable = read_tokens(tokens_path)
+    tokens, spec, grids, meta, usable = read_tokens(tokens_path)
     recorded = meta.get("tokenizer", {}).get("fingerprint")
     mine = fingerprint(model)
     if recorded and recorded != mine and not force:
         raise UserError(f"{tokens_path} was made by tokenizer {recorded}, but {model_path} is {mine}; decode with "
                         "the tokenizer that encoded it (or pass --force)")
-    n = model.quantize.n_embed
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= n):
-        raise UserError(f"{tokens_path} has token indices in [{tokens.min()}, {tokens.max()}], outside the "
-                        f"tokenizer's codebook [0, {n})")
+    own = model.code_spec
+    if spec is not None and [lv.depth for lv in spec.levels] != [lv.depth for lv in own.levels]:
+        raise UserError(f"{tokens_path} holds codes {spec.describe()}, but {model_path} makes {own.describe()}; "
+                        "decode with the tokenizer that encoded it")
+    if spec is None and (len(own.levels) > 1 or own.levels[0].depth > 1):
+        raise UserError(f"{tokens_path} holds one code per position (an old tokens.npy), but {model_path} makes "
+                        f"{own.describe()}")
+    rows = np.flatnonzero(usable)  # rows whose image could not be read hold no tokens of theirs
+    for start in range(0, len(rows), 4096):  # before any image is written; in chunks: a store can be large
+        try:
+            own.check_range(own.unflatten(torch.from_numpy(tokens[rows[start:start + 4096]].astype(np.int64)), grids))
+        except ValueError as e:
+            raise UserError(f"{tokens_path}: {e}, outside the vocabulary of {model_path}") from None
     out_dir.mkdir(parents=True, exist_ok=True)
     names = meta.get("files") or []
-    rows = np.flatnonzero(usable)  # rows whose image could not be read hold no tokens of theirs
     written = []
     for start in tqdm(range(0, len(rows), batch_size), desc="decode", disable=not progress):
         chunk = rows[start:start + batch_size]
-        t = torch.from_numpy(tokens[chunk].astype(np.int64)).to(dev)
-        for r, img in zip(chunk.tolist(), to_uint8(model.decode(t))):
+        levels = own.unflatten(torch.from_numpy(tokens[chunk].astype(np.int64)).to(dev), grids)
+        for r, img in zip(chunk.tolist(), to_uint8(model.decode(levels[0] if len(levels) == 1 else levels))):
             name = Path(names[r]).stem if r < len(names) else f"{r:06d}"
             path = out_dir / f"{r:06d}_{name}.png"
             Image.fromarray(img).save(path)

@@ -1,12 +1,12 @@
 """Named registries: configs name parts by `kind`; code (never YAML) maps a kind to what builds it.
 
-A new member joins with one line in its own file:
+A new member joins with one line in its own file, naming the typed config section it reads:
 
-    @QUANTIZERS.register("fsq")
+    @QUANTIZERS.register("fsq", config=FSQConfig)
     class FSQuantizer(Quantizer): ...
 
 and becomes a valid `model.quantizer.kind` everywhere (config validation, `build_quantizer`, the contract
-tests). Each registry names the modules that hold its built-in kinds (`providers`); they are imported on the
+tests); a `model.quantizer` section with `kind: fsq` is read into an `FSQConfig`, whose keys are the valid ones. Each registry names the modules that hold its built-in kinds (`providers`); they are imported on the
 first lookup, so a config can be validated, or a model folder loaded, before any model module is imported,
 and the low layers (config, checkpoint) never import the model files at module level.
 """
@@ -30,15 +30,24 @@ class Registry:
         self._providers = providers
         self._loaded = False
         self._entries: dict[str, Callable[..., Any]] = {}
+        self._configs: dict[str, type] = {}
 
-    def register(self, kind: str) -> Callable[[F], F]:
-        """Decorator: `@QUANTIZERS.register("vq")`. A kind is registered once."""
+    def register(self, kind: str, config: type | None = None) -> Callable[[F], F]:
+        """Decorator: `@QUANTIZERS.register("vq", config=VQConfig)`. A kind is registered once; `config` is the
+        dataclass of its config section (None: the registry's base section, for kinds without options)."""
         def add(builder: F) -> F:
             if kind in self._entries and self._entries[kind] is not builder:
                 raise ValueError(f"{self.name} kind {kind!r} is already registered ({self._entries[kind]!r})")
             self._entries[kind] = builder
+            if config is not None:
+                self._configs[kind] = config
             return builder
         return add
+
+    def config(self, kind: str, base: type) -> type:
+        """The config section class of `kind` (`base` when it registered none); unknown kinds: one-line error."""
+        self.get(kind)
+        return self._configs.get(kind, base)
 
     def _load_providers(self) -> None:
         if not self._loaded:

@@ -36,7 +36,7 @@ from ..checkpoint import (
     save_tensors,
     write_yaml,
 )
-from ..config import LossConfig, QuantizerConfig, VQGANConfig
+from ..config import LossConfig, VQGANConfig, quantizer_config
 from ..errors import UserError
 from ..registry import FOREIGN_CHECKPOINTS
 
@@ -113,11 +113,11 @@ def vqgan_config(params: dict[str, Any], where: str = "config", gumbel: bool = F
                        attn_resolutions=list(dd["attn_resolutions"]), dropout=float(dd.get("dropout", 0.0)),
                        z_channels=dd["z_channels"],
                        # taming's VectorQuantizer2(legacy=True) weights the codebook term by beta = 0.25
-                       quantizer=QuantizerConfig(n_embed=params["n_embed"], embed_dim=params["embed_dim"], beta=0.25,
+                       quantizer=quantizer_config("vq", n_embed=params["n_embed"], embed_dim=params["embed_dim"], beta=0.25,
                                                  legacy_beta=True, remap_codes=remap_codes, unknown_index=unknown)
                        if not gumbel else
                        # taming's temperature after loading is its initial 1.0 (not stored in the weights)
-                       QuantizerConfig(kind="gumbel", n_embed=params["n_embed"], embed_dim=params["embed_dim"],
+                       quantizer_config("gumbel", n_embed=params["n_embed"], embed_dim=params["embed_dim"],
                                        kl_weight=float(params.get("kl_weight", 5e-4)), temperature=1.0))
 
 
@@ -138,7 +138,7 @@ def _remap_codes(path: str, where: str):
 
 def _add_remap_codes(model: VQModel, sd: dict[str, torch.Tensor], params: dict[str, Any], where: str) -> None:
     """taming keeps the remap list as the buffer `quantize.used`; a checkpoint without it gets the file's."""
-    if model.config.quantizer.remap_codes and "quantize.used" not in sd:
+    if getattr(model.config.quantizer, "remap_codes", 0) and "quantize.used" not in sd:
         sd["quantize.used"] = torch.from_numpy(_remap_codes(params["remap"], where).astype("int64"))
 
 

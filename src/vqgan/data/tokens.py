@@ -2,14 +2,17 @@
 crops, condition maps, resumable) and `vqgan encode` write them; `vqgan decode`, training and sampling read them.
 
 A store is a directory:
-- `tokens.bin`: (N, h, w) raw array, uint16 when the codebook has at most 65536 codes, else int32, read
+- `tokens.bin`: (N, row_length) raw array of code rows in the code spec's order (codes.py: each level's grid
+  in raster order, the depths of a position consecutive), uint16 when every vocabulary fits, else int32, read
   through a memory map;
 - `labels.npy`: (N,) int64 class ids (-1: none);
-- `cond_tokens.bin` (optional): (N, hc, wc) tokens of each image's condition map (segmentation or depth,
-  same file stem in a parallel folder, cropped exactly as the image), made by a condition tokenizer;
-- `meta.json`: the tokenizer (absolute path, weight fingerprint, codebook size), grid, dtype, augmentation,
-  class names, the condition tokenizer and its grid, the absolute source file of each row, and how many rows
-  are done (a killed `vqgan tokenize` resumes there).
+- `cond_tokens.bin` (optional): (N, cond row_length) codes of each image's condition map (segmentation or
+  depth, same file stem in a parallel folder, cropped exactly as the image), made by a condition tokenizer;
+- `meta.json`: the tokenizer (absolute path, weight fingerprint, config), its code spec (`codes`: levels, grid
+  factor, vocabulary per depth), the grid of each level, dtype, augmentation, class names, the condition
+  tokenizer with its spec and grids, the absolute source file of each row, and how many rows are done (a
+  killed `vqgan tokenize` resumes there). Stores of format 1 (one (h, w) grid per row) read as one level of
+  depth 1: the bytes are the same.
 
 A row whose image or condition map cannot be read keeps its place (rows are positions) but gets the label
 `UNUSABLE`, so no label or map is ever paired with another image's tokens; training leaves such rows out.
@@ -31,6 +34,7 @@ from tqdm import tqdm
 
 from ..autoencoder import VQModel
 from ..checkpoint import fingerprint, load_model
+from ..codes import CodeSpec
 from ..errors import UserError
 from ..userinput import at_least, output_dir, resolve_device
 from .images import ImageDataset, error_reason, report_bad_file
@@ -44,6 +48,7 @@ TOKENS_BIN = "tokens.bin"
 LABELS_FILE = "labels.npy"
 META_FILE = "meta.json"
 COND_BIN = "cond_tokens.bin"
+FORMAT = "vqgan-token-store/2"
 UNUSABLE = -2  # label of a row whose image or condition map could not be read: training leaves it out
 
 
@@ -61,8 +66,31 @@ def _save_labels_atomic(path: Path, labels: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+def codes_record(model: VQModel, resolution: int) -> dict[str, Any]:
+    """What a store records of the codes a tokenizer makes of images of `resolution`: spec, grids, row length,
+    dtype."""
+    spec = model.code_spec
+    return {"codes": spec.to_dict(), "grids": [list(g) for g in spec.grids(resolution, resolution)],
+            "row_length": spec.row_length(resolution, resolution), "dtype": spec.dtype}
+
+
+def read_codes_record(record: dict[str, Any], n_embed: int | None = None) -> tuple[CodeSpec, list[tuple[int, int]]]:
+    """(spec, grids) of a store's image or condition record; format 1 had one grid and a codebook size."""
+    if record.get("codes"):
+        return CodeSpec.from_dict(record["codes"]), [tuple(g) for g in record["grids"]]
+    grid = tuple(record["grid"])
+    factor = int(record.get("resolution", 0)) // grid[0] if record.get("resolution") else 1
+    return CodeSpec.single(max(factor, 1), int(n_embed or record["tokenizer"]["n_embed"])), [grid]
+
+
+def encode_rows(model: VQModel, images: torch.Tensor) -> torch.Tensor:
+    """Images -> code rows (B, row_length) in the store's order."""
+    return model.code_spec.flatten(model.encode(images))
+
+
 class TokenStore(Dataset):
-    """Rows of tokens (h, w) int64 and their labels, memory-mapped."""
+    """Rows of codes (row_length,) int64 and their labels, memory-mapped. `spec` and `grids` say what a row holds
+    (`rows_to_codes` turns rows back into a tokenizer's (B, h, w, depth) codes)."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
@@ -73,17 +101,37 @@ class TokenStore(Dataset):
         if not self.meta.get("complete"):
             raise UserError(f"{self.directory} is incomplete ({self.meta.get('done', 0)}/{self.meta['count']} rows); "
                             "run the same `vqgan tokenize` command again to finish it")
-        self.grid = tuple(self.meta["grid"])
+        self.spec, self.grids = read_codes_record(self.meta)
+        self.row_length = self.spec.row_length(*self.resolution_of(self.spec, self.grids))
         self.tokens = np.memmap(self.directory / TOKENS_BIN, dtype=self.meta["dtype"], mode="r",
-                                shape=(self.meta["count"], *self.grid))
+                                shape=(self.meta["count"], self.row_length))
         self.labels = np.load(self.directory / LABELS_FILE)
         cond = self.meta.get("condition")
-        self.cond_tokens = None if not cond else np.memmap(
-            self.directory / COND_BIN, dtype=cond["dtype"], mode="r", shape=(self.meta["count"], *cond["grid"]))
+        self.cond_spec, self.cond_grids, self.cond_tokens = None, None, None
+        if cond:
+            self.cond_spec, self.cond_grids = read_codes_record(cond)
+            length = self.cond_spec.row_length(*self.resolution_of(self.cond_spec, self.cond_grids))
+            self.cond_tokens = np.memmap(self.directory / COND_BIN, dtype=cond["dtype"], mode="r",
+                                         shape=(self.meta["count"], length))
+
+    @staticmethod
+    def resolution_of(spec: CodeSpec, grids: list[tuple[int, int]]) -> tuple[int, int]:
+        h, w = grids[0]
+        return h * spec.levels[0].factor, w * spec.levels[0].factor
 
     @property
-    def n_embed(self) -> int:
-        return int(self.meta["tokenizer"]["n_embed"])
+    def grid(self) -> tuple[int, int]:
+        """The grid of the first (for most tokenizers, the only) level."""
+        return tuple(self.grids[0])
+
+    def rows_to_codes(self, rows: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """Rows (B, row_length) -> the tokenizer's codes: (B, h, w, depth), or one such tensor per level."""
+        levels = self.spec.unflatten(rows, self.grids)
+        return levels[0] if len(levels) == 1 else levels
+
+    def cond_rows_to_codes(self, rows: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        levels = self.cond_spec.unflatten(rows, self.cond_grids)
+        return levels[0] if len(levels) == 1 else levels
 
     @property
     def condition(self) -> dict | None:
@@ -122,7 +170,7 @@ def tokenizer_record(path: str, model: VQModel) -> dict[str, Any]:
     """How a token file names its tokenizer: an absolute path (readable from any working directory) and the
     weights' fingerprint (which decides whether two tokenizers are the same, however their paths are spelled)."""
     return {"path": str(Path(path).expanduser().resolve()), "fingerprint": fingerprint(model),
-            "n_embed": model.quantize.n_embed, "config": model.config_dict()}
+            "config": model.config_dict()}
 
 
 def check_output_dir(path: str, option: str = "output folder") -> Path:
@@ -329,7 +377,7 @@ def _same_rows(old: dict, new: dict) -> bool:
                     "map_files": [absolute_source(f, maps) for f in cond.get("map_files", [])]}
         files = [absolute_source(f, data) for f in meta.get("files", [])]
         return {"tokenizer": tokenizer, "condition": cond, "files": files,
-                **{k: meta.get(k) for k in ("grid", "count", "crops_per_image", "class_names")}}
+                **{k: meta.get(k) for k in ("format", "grids", "count", "crops_per_image", "class_names")}}
 
     return recipe(old, new["data"]) == recipe(new, new["data"])
 
@@ -345,10 +393,10 @@ def _resume_point(out_dir: Path, meta: dict) -> int:
         raise UserError(f"{out_dir} holds a token store made differently (other tokenizer, data, crops or labels); "
                         "choose another output directory")
     done = int(old.get("done", 0))
-    rows = [(TOKENS_BIN, meta["dtype"], meta["grid"])]
+    rows = [(TOKENS_BIN, meta["dtype"], meta["row_length"])]
     if meta["condition"]:
-        rows.append((COND_BIN, meta["condition"]["dtype"], meta["condition"]["grid"]))
-    expected = {name: meta["count"] * int(np.prod(grid)) * np.dtype(dtype).itemsize for name, dtype, grid in rows}
+        rows.append((COND_BIN, meta["condition"]["dtype"], meta["condition"]["row_length"]))
+    expected = {name: meta["count"] * length * np.dtype(dtype).itemsize for name, dtype, length in rows}
     intact = all((out_dir / n).is_file() and (out_dir / n).stat().st_size == size for n, size in expected.items())
     if done and not (intact and (out_dir / LABELS_FILE).is_file()):
         log.warning("%s: the earlier run's token or label files are missing or cut short; starting over", out_dir)
@@ -403,20 +451,19 @@ def tokenize_folder(tokenizer_path: str, data: str, out: str, batch_size: int = 
     images = ImageDataset(sources, **common)
     maps = None if cond_model is None else ImageDataset(map_sources, kind=cond_model.config.input_kind,
                                                         n_labels=cond_model.config.in_channels, **common)
-    grid = [model.config.latent_size] * 2
     count = len(sources) * crops_per_image
-    dtype = token_dtype(model.quantize.n_embed)
+    codes = codes_record(model, model.config.resolution)
+    dtype = codes["dtype"]
     condition = None
     if cond_model is not None:
-        side = model.config.resolution // cond_model.config.downsample_factor
         condition = {"kind": cond_model.config.input_kind, "maps": absolute_source(cond_maps, cond_maps),
-                     "tokenizer": tokenizer_record(cond_tokenizer, cond_model), "grid": [side, side],
-                     "dtype": token_dtype(cond_model.quantize.n_embed),
+                     "tokenizer": tokenizer_record(cond_tokenizer, cond_model),
+                     **codes_record(cond_model, model.config.resolution),
                      "map_files": [absolute_source(map_sources[r // crops_per_image].name, cond_maps)
                                    for r in range(count)]}
-    meta = {"format": "vqgan-token-store/1", "condition": condition, "data": absolute_source(data, data),
-            "tokenizer": tokenizer_record(tokenizer_path, model),
-            "grid": grid, "dtype": dtype, "count": count, "crops_per_image": crops_per_image, "crop": crop,
+    meta = {"format": FORMAT, "condition": condition, "data": absolute_source(data, data),
+            "tokenizer": tokenizer_record(tokenizer_path, model), **codes,
+            "count": count, "crops_per_image": crops_per_image, "crop": crop,
             "flip": crops_per_image > 1, "resolution": model.config.resolution, "class_names": class_names,
             "files": [absolute_source(names[r // crops_per_image], data) for r in range(count)],
             "unreadable_files_skipped": n_bad, "done": 0, "complete": False}
@@ -425,18 +472,18 @@ def tokenize_folder(tokenizer_path: str, data: str, out: str, batch_size: int = 
     done = _resume_point(out_dir, meta)
     row_labels = _row_labels(out_dir, label_ids, crops_per_image, done)
     mode = "r+" if done else "w+"
-    tokens = np.memmap(out_dir / TOKENS_BIN, dtype=dtype, mode=mode, shape=(count, *grid))
+    tokens = np.memmap(out_dir / TOKENS_BIN, dtype=dtype, mode=mode, shape=(count, codes["row_length"]))
     cond_tokens = None if condition is None else np.memmap(out_dir / COND_BIN, dtype=condition["dtype"], mode=mode,
-                                                           shape=(count, *condition["grid"]))
+                                                           shape=(count, condition["row_length"]))
     loader = DataLoader(torch.utils.data.Subset(_Crops(images, crops_per_image, maps), range(done, count)),
                         batch_size=batch_size, shuffle=False, num_workers=0, collate_fn=_collate)
     bar = tqdm(total=count, initial=done, desc="tokenize", disable=not progress)
     for batch in loader:
         rows = batch["row"].numpy()
         span = slice(rows[0], rows[-1] + 1)
-        tokens[span] = model.encode(batch["image"].to(dev)).cpu().numpy().astype(dtype)
+        tokens[span] = encode_rows(model, batch["image"].to(dev)).cpu().numpy().astype(dtype)
         if cond_tokens is not None and batch["cond"] is not None:
-            cond_tokens[span] = cond_model.encode(batch["cond"].to(dev)).cpu().numpy().astype(condition["dtype"])
+            cond_tokens[span] = encode_rows(cond_model, batch["cond"].to(dev)).cpu().numpy().astype(condition["dtype"])
             cond_tokens.flush()
         row_labels[rows[batch["bad"].numpy()]] = UNUSABLE  # never a label or map with another image's tokens
         tokens.flush()
@@ -451,23 +498,20 @@ def tokenize_folder(tokenizer_path: str, data: str, out: str, batch_size: int = 
                     "them out", len(unusable), out_dir)
     _save_labels_atomic(labels_path, row_labels)
     _write_json_atomic(meta_path, {**meta, "done": count, "complete": True, "unusable_rows": len(unusable)})
-    return {"out": str(out_dir), "count": count, "grid": grid, "classes": len(class_names),
-            "skipped": n_bad + len(set((unusable // crops_per_image).tolist())), "unusable_rows": len(unusable),
-            "condition_grid": condition["grid"] if condition else None}
+    return {"out": str(out_dir), "count": count, "grid": codes["grids"][0], "codes": model.code_spec.describe(),
+            "classes": len(class_names), "skipped": n_bad + len(set((unusable // crops_per_image).tolist())),
+            "unusable_rows": len(unusable), "condition_grid": condition["grids"][0] if condition else None}
 
 
 def write_store(out_dir: Path, tokens: np.ndarray, meta: dict[str, Any], labels: np.ndarray | None = None) -> None:
-    """A complete store written in one go (`vqgan encode`). An older store's meta.json goes first and the new
-    one comes last, so a kill midway leaves no meta.json that describes other rows than tokens.bin holds."""
+    """A complete store of code rows (N, row_length) written in one go (`vqgan encode`); `meta` holds the codes
+    record. An older store's meta.json goes first and the new one comes last, so a kill midway leaves no
+    meta.json that describes other rows than tokens.bin holds."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / META_FILE).unlink(missing_ok=True)
     tmp = out_dir / (TOKENS_BIN + ".tmp")
     tokens.astype(meta["dtype"]).tofile(tmp)
     os.replace(tmp, out_dir / TOKENS_BIN)
     _save_labels_atomic(out_dir / LABELS_FILE, labels if labels is not None else np.full(len(tokens), -1, np.int64))
-    _write_json_atomic(out_dir / META_FILE, {**meta, "count": len(tokens), "grid": list(tokens.shape[1:]),
-                                             "done": len(tokens), "complete": True})
-
-
-def token_dtype(n_embed: int) -> str:
-    return "uint16" if n_embed <= 65536 else "int32"
+    _write_json_atomic(out_dir / META_FILE, {**meta, "format": FORMAT, "count": len(tokens), "done": len(tokens),
+                                             "complete": True})

@@ -35,14 +35,15 @@ def label_scores(labels: torch.Tensor, predicted: torch.Tensor, n_labels: int) -
 @torch.no_grad()
 def evaluate_reconstruction(model, loader, device: torch.device, max_batches: int | None = None) -> dict:
     """Held-out PSNR (segmentation maps: pixel accuracy and mean IoU), L1, codebook usage and perplexity
-    (over all latent positions)."""
+    (over all latent positions; per stream of the code spec, i.e. per depth and level, where it has several:
+    `usage` and `perplexity` are then the streams' means, `codes_used` and `n_embed` their sums)."""
     from ..data.maps import to_display
 
     was_training = model.training
     model.eval()
     kind = model.config.input_kind
-    n_embed = model.quantize.n_embed
-    counts = torch.zeros(n_embed, dtype=torch.long)
+    spec = model.code_spec
+    counts = [torch.zeros(v, dtype=torch.long) for v in spec.streams]
     psnrs, l1s, iou = [], [], 0
     examples = None
     for b, batch in enumerate(loader):
@@ -51,7 +52,8 @@ def evaluate_reconstruction(model, loader, device: torch.device, max_batches: in
         x = batch["image"].to(device)
         tokens = model.encode(x)
         rec = model.decode(tokens)
-        counts += torch.bincount(tokens.reshape(-1).cpu(), minlength=n_embed)
+        for c, codes in zip(counts, spec.stream_codes(tokens)):
+            c += torch.bincount(codes.cpu(), minlength=len(c))
         if kind == "segmentation":
             acc, inter_union = label_scores(x.argmax(1).cpu(), rec.argmax(1).cpu(), x.shape[1])
             psnrs.append(acc)
@@ -64,9 +66,14 @@ def evaluate_reconstruction(model, loader, device: torch.device, max_batches: in
             examples = (to_display(x[:16], kind).cpu(), to_display(rec[:16], kind).cpu())
     model.train(was_training)
     score = torch.cat(psnrs)
-    result = {"l1": float(torch.cat(l1s).mean()), "codes_used": int((counts > 0).sum()), "n_embed": n_embed,
-              "usage": float((counts > 0).float().mean()), "perplexity": perplexity(counts),
-              "n_images": int(score.numel()), "counts": counts, "examples": examples}
+    usage = [float((c > 0).float().mean()) for c in counts]
+    perplexities = [perplexity(c) for c in counts]
+    result = {"l1": float(torch.cat(l1s).mean()), "codes_used": int(sum(int((c > 0).sum()) for c in counts)),
+              "n_embed": sum(spec.streams), "usage": sum(usage) / len(usage),
+              "perplexity": sum(perplexities) / len(perplexities), "n_images": int(score.numel()),
+              "counts": counts[0] if len(counts) == 1 else torch.cat(counts), "examples": examples}
+    if len(counts) > 1:
+        result.update(usage_per_stream=usage, perplexity_per_stream=perplexities)
     if kind == "segmentation":  # "l1" is then the pixel error rate
         present = iou[:, 1] > 0
         result.update(accuracy=float(score.mean()),

@@ -56,7 +56,7 @@ class Prior:
 
     @torch.no_grad()
     def encode_maps(self, maps: torch.Tensor) -> torch.Tensor:
-        """Condition maps as the condition tokenizer's input (B, C, H, W) -> condition tokens (B, h, w)."""
+        """Condition maps as the condition tokenizer's input (B, C, H, W) -> condition codes (B, h, w, depth)."""
         if self.cond_tokenizer is None:
             raise ValueError("this prior has no condition tokenizer")
         return self.cond_tokenizer.encode(maps.to(next(self.cond_tokenizer.parameters()).device))
@@ -64,10 +64,10 @@ class Prior:
     def sample(self, batch: int, grid: tuple[int, int] | None = None, labels: torch.Tensor | None = None,
                cond: torch.Tensor | None = None, known: torch.Tensor | None = None, keep: torch.Tensor | None = None,
                progress: bool = False, **kwargs) -> torch.Tensor:
-        """(B, H, W) tokens on `grid` (default: the training grid; larger grids slide a window of the training
-        grid's size, with a progress bar if `progress`). `cond`: condition tokens (B, H, W) of a spatial
-        prior; `known`/`keep`: completion; `kwargs`: guidance and token choice (see sampling.sample_grid)."""
-        grid = tuple(grid or (cond.shape[1:] if cond is not None else self.grid))
+        """(B, H, W, depth) codes on `grid` (default: the training grid; larger grids slide a window of the
+        training grid's size, with a progress bar if `progress`). `cond`: condition codes (B, H, W, depth) of a
+        spatial prior; `known`/`keep`: completion; `kwargs`: guidance and token choice (sampling.sample_grid)."""
+        grid = tuple(grid or (cond.shape[1:3] if cond is not None else self.grid))
         sliding = grid != tuple(self.grid)
         return sample_grid(self.gpt, self.layout, grid, batch, tuple(self.grid), labels, cond, known, keep,
                            progress=progress and sliding, **kwargs)

@@ -1,19 +1,56 @@
 """The token layout of a stage-2 prior: which token ids hold image codes and which hold the condition.
 
-Image codes keep their ids 0..n_embed-1. Condition tokens come after them, so they never collide with
-codes (taming reuses code ids for its start and class tokens):
+Image codes take the ids 0..n_embed-1. With one code per position (VQ) a code is its own id. With several
+codes per position (a residual quantizer's depths) or several levels, each (level, depth) stream of the code
+spec gets its own id range, one after the other, so the prior can tell a coarse code from a fine one:
+the id of code c at stream k is offset_k + c (offset_k = the vocabularies of the streams before it).
+Condition tokens come after the image codes, so they never collide with them (taming reuses code ids for
+its start and class tokens):
     n_embed                          start token (unconditional)
     n_embed + 1 + c                  class c
     n_embed + 1 + n_classes          "no class" (classifier-free guidance: dropped labels, the unconditional pass)
-    n_embed + 2 + n_classes + j      code j of the condition tokenizer (segmentation / depth maps)
-A sequence is [condition tokens, image tokens in raster order]: one start or class token, or the
-`cond_len` tokens of a condition map; the GPT predicts each image token from everything before it.
+    n_embed + 2 + n_classes + j      id j of the condition tokenizer's codes (segmentation / depth maps)
+A sequence is [condition tokens, image tokens in the code spec's row order (codes.py): raster order, the
+depths of a position consecutive]; the GPT predicts each image token from everything before it, and
+sampling draws each one among its own stream's ids.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from ..codes import CodeSpec
+
+
+def slot_offsets(spec: CodeSpec | None, grids: list[tuple[int, int]] | None, length: int,
+                 device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(offset, vocab) of each place of a row of `length` codes: token id = offset + code, code < vocab.
+    None when a code is its own id (one stream), which keeps that case free of any arithmetic."""
+    if spec is None or len(spec.streams) == 1:
+        return None
+    vocab = spec.streams
+    starts = [0]
+    for v in vocab[:-1]:
+        starts.append(starts[-1] + v)
+    if len(spec.levels) == 1:  # one level: the depths repeat at every position, on any grid
+        depth = spec.levels[0].depth
+        if length % depth:
+            raise ValueError(f"{length} codes are not whole positions of depth {depth}")
+        reps = length // depth
+        off = torch.tensor(starts, device=device).repeat(reps)
+        return off, torch.tensor(vocab, device=device).repeat(reps)
+    if grids is None:
+        raise ValueError("a code spec of several levels needs the grid of each level")
+    off, voc, k = [], [], 0
+    for level, (h, w) in zip(spec.levels, grids):
+        ks = list(range(k, k + level.depth))
+        off += [starts[i] for i in ks] * (h * w)
+        voc += [vocab[i] for i in ks] * (h * w)
+        k += level.depth
+    if len(off) != length:
+        raise ValueError(f"grids {grids} hold {len(off)} codes, not {length}")
+    return torch.tensor(off, device=device), torch.tensor(voc, device=device)
 
 
 @dataclass
@@ -26,6 +63,30 @@ class TokenLayout:
     # codes reuse the code ids 0.. (no "no class" token, so no guidance)
     scheme: str = "vqgan"
     sos_token: int = 0
+    codes: CodeSpec | None = None  # the image tokenizer's code spec (None: one code per position, n_embed codes)
+    cond_codes: CodeSpec | None = None  # the condition tokenizer's
+
+    @classmethod
+    def for_codes(cls, codes: CodeSpec, n_classes: int = 0, cond_codes: CodeSpec | None = None,
+                  cond_len: int = 0) -> TokenLayout:
+        """The layout of a prior over tokens of `codes` (and condition tokens of `cond_codes`)."""
+        return cls(sum(codes.streams), n_classes, sum(cond_codes.streams) if cond_codes else 0,
+                   cond_len, codes=codes, cond_codes=cond_codes)
+
+    # -- image codes <-> token ids ------------------------------------------------------------------
+    def code_slots(self, length: int, grids: list[tuple[int, int]] | None = None,
+                   device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(offset, vocab) per place of an image row (see slot_offsets); None: codes are their own ids."""
+        return slot_offsets(self.codes, grids, length, device)
+
+    def codes_to_tokens(self, codes: torch.Tensor, grids: list[tuple[int, int]] | None = None) -> torch.Tensor:
+        """Image code rows (B, L) -> token ids."""
+        slots = self.code_slots(codes.shape[1], grids, codes.device)
+        return codes.long() if slots is None else codes.long() + slots[0]
+
+    def tokens_to_codes(self, tokens: torch.Tensor, grids: list[tuple[int, int]] | None = None) -> torch.Tensor:
+        slots = self.code_slots(tokens.shape[1], grids, tokens.device)
+        return tokens if slots is None else tokens - slots[0]
 
     @property
     def taming(self) -> bool:
@@ -69,7 +130,9 @@ class TokenLayout:
         if self.spatial:
             if cond is None:
                 raise ValueError("this prior is conditioned on a map: give its condition tokens")
-            return cond.to(device).long().reshape(cond.shape[0], -1) + self.cond_offset
+            rows = cond.to(device).long().reshape(cond.shape[0], -1)
+            slots = slot_offsets(self.cond_codes, None, rows.shape[1], device)
+            return rows + self.cond_offset + (0 if slots is None else slots[0])
         if self.n_classes == 0 or labels is None:
             if self.n_classes and self.taming:
                 raise ValueError("this class-conditional prior needs a class label")
@@ -84,9 +147,12 @@ class TokenLayout:
 
     def to_dict(self) -> dict:
         return {"layout": self.scheme, "n_embed": self.n_embed, "n_classes": self.n_classes,
-                "cond_n_embed": self.cond_n_embed, "cond_len": self.cond_len, "sos_token": self.sos_token}
+                "cond_n_embed": self.cond_n_embed, "cond_len": self.cond_len, "sos_token": self.sos_token,
+                "codes": self.codes.to_dict() if self.codes else None,
+                "cond_codes": self.cond_codes.to_dict() if self.cond_codes else None}
 
     @classmethod
     def from_dict(cls, d: dict) -> TokenLayout:
+        codes, cond_codes = (CodeSpec.from_dict(d[k]) if d.get(k) else None for k in ("codes", "cond_codes"))
         return cls(int(d["n_embed"]), int(d.get("n_classes", 0)), int(d.get("cond_n_embed", 0)),
-                   int(d.get("cond_len", 0)), d.get("layout", "vqgan"), int(d.get("sos_token", 0)))
+                   int(d.get("cond_len", 0)), d.get("layout", "vqgan"), int(d.get("sos_token", 0)), codes, cond_codes)

@@ -26,9 +26,9 @@ def load_prior(path: str, tokenizer: str | None = None, device: str | torch.devi
         gpt, vq, conditioning, cond_vq = load_taming_transformer(p)
         grid = (vq.config.latent_size, vq.config.latent_size)  # the grid it was trained on, whatever decodes it
         if tokenizer:
-            vq = _same_tokenizer(load_model(tokenizer).eval(), vq.quantize.n_embed, fingerprint(vq),
+            vq = _same_tokenizer(load_model(tokenizer).eval(), code_ids(vq), fingerprint(vq),
                                  f"{names.tokenizer} {tokenizer}", path, use_own, force, names)
-        layout = TokenLayout.from_dict({"n_embed": vq.quantize.n_embed, **conditioning})
+        layout = TokenLayout.from_dict({"n_embed": code_ids(vq), **conditioning})
         return Prior(gpt.to(device), layout, vq.to(device), grid, conditioning,
                      cond_vq.to(device) if cond_vq is not None else None)
     model_dir = p / "model" if (p / "model" / CONFIG_FILE).is_file() else p
@@ -65,8 +65,13 @@ def load_prior(path: str, tokenizer: str | None = None, device: str | torch.devi
         cond_vq = tokenizer_at("cond_tokenizer", conditioning.get("cond_tokenizer"), "condition tokenizer")
     grid = tuple(conditioning.get("grid") or (vq.config.latent_size, vq.config.latent_size))
     # converted taming transformers written before the layout was recorded share code ids with conditions
-    layout = TokenLayout.from_dict({"layout": "taming", "n_embed": vq.quantize.n_embed, **conditioning})
+    layout = TokenLayout.from_dict({"layout": "taming", "n_embed": code_ids(vq), **conditioning})
     return Prior(gpt.eval(), layout, vq, grid, conditioning, cond_vq)
+
+
+def code_ids(tokenizer) -> int:
+    """How many token ids a tokenizer's codes take in a prior: the sum of its streams' vocabularies."""
+    return sum(tokenizer.code_spec.streams)
 
 
 def _same_tokenizer(model, codes: int | None, expected: str | None, source: str, prior: str, fix: str,
@@ -74,8 +79,8 @@ def _same_tokenizer(model, codes: int | None, expected: str | None, source: str,
     """`model` when its weights are those the prior was trained on: the fingerprint `expected` (unless
     `force`) and `codes` codes (even with `force`: the prior's codes would not index another codebook).
     What the prior does not record is not checked."""
-    if codes and int(codes) != model.quantize.n_embed:
-        raise UserError(f"{source} has {model.quantize.n_embed} codes, but {prior} was trained on a codebook of "
+    if codes and int(codes) != code_ids(model):
+        raise UserError(f"{source} has {code_ids(model)} codes, but {prior} was trained on a codebook of "
                         f"{codes}; {fix}")
     if expected and not force and (mine := fingerprint(model)) != expected:
         raise UserError(f"{source} is tokenizer {mine}, but {prior} was trained on the tokens of tokenizer "

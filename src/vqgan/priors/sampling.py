@@ -20,13 +20,14 @@ from .windows import SlidingWindow, WholeSequence, Window, Windows
 
 @torch.inference_mode()
 def sample_tokens(gpt: GPT, tokens: torch.Tensor, windows: Windows, condition: Callable[[Window], torch.Tensor],
-                  choose: Callable[[torch.Tensor], torch.Tensor], keep: torch.Tensor | None = None,
+                  choose: Callable[[torch.Tensor, int], torch.Tensor], keep: torch.Tensor | None = None,
                   guidance: Guidance | None = None, use_cache: bool = True, progress: bool = False,
                   desc: str = "sampling") -> torch.Tensor:
     """Fill `tokens` (B, N) in place, position by position in raster order, and return it.
 
     `windows(pos)` says which earlier positions the prior sees; `condition(window)` gives the condition
-    tokens (B, P) that precede them; `choose` maps the (guided) logits (B, vocab) to tokens (B,). Completion:
+    tokens (B, P) that precede them; `choose(logits, pos)` maps the (guided) logits (B, vocab) to the tokens
+    (B,) of that position. Completion:
     where `keep` (B, N) is True the token already in `tokens` stays (positions kept in every row are not
     sampled at all: they only feed the context). Without a cache the whole context is recomputed each step.
     """
@@ -49,7 +50,7 @@ def sample_tokens(gpt: GPT, tokens: torch.Tensor, windows: Windows, condition: C
             cache = gpt.new_cache() if use_cache else None
             logits = gpt(torch.cat([context, seen], 1), cache)[:, -1]  # (B or 2B, vocab)
         key, fed = win.key, win.place
-        token = choose(logits if guidance is None else guidance.mix(logits))
+        token = choose(logits if guidance is None else guidance.mix(logits), pos)
         if keep is not None:
             token = torch.where(keep[:, pos], tokens[:, pos], token)
         tokens[:, pos] = token
@@ -58,12 +59,17 @@ def sample_tokens(gpt: GPT, tokens: torch.Tensor, windows: Windows, condition: C
 
 
 def chooser(n_codes: int | None = None, temperature: float = 1.0, top_k: int | None = None,
-            top_p: float | None = None, greedy: bool = False,
-            generator: torch.Generator | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Logits (B, vocab) -> tokens (B,) among the first `n_codes` ids (the image codes; None: any token)."""
-    if n_codes is None:
-        return lambda logits: pick(logits, temperature, top_k, top_p, greedy, generator)
-    return lambda logits: pick(logits[:, :n_codes], temperature, top_k, top_p, greedy, generator)
+            top_p: float | None = None, greedy: bool = False, generator: torch.Generator | None = None,
+            slots: tuple[torch.Tensor, torch.Tensor] | None = None) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """(logits (B, vocab), position) -> tokens (B,) among the first `n_codes` ids (the image codes; None: any
+    token), or, with `slots` = (offset, vocab) per position, among that position's stream of ids."""
+    if slots is None:
+        if n_codes is None:
+            return lambda logits, pos: pick(logits, temperature, top_k, top_p, greedy, generator)
+        return lambda logits, pos: pick(logits[:, :n_codes], temperature, top_k, top_p, greedy, generator)
+    starts, ends = slots[0].tolist(), (slots[0] + slots[1]).tolist()
+    return lambda logits, pos: starts[pos] + pick(logits[:, starts[pos]:ends[pos]], temperature, top_k, top_p,
+                                                  greedy, generator)
 
 
 def sample(gpt: GPT, prefix: torch.Tensor, steps: int, temperature: float = 1.0, top_k: int | None = None,
@@ -86,31 +92,38 @@ def sample_grid(gpt: GPT, layout: TokenLayout, grid: tuple[int, int], batch: int
                 guidance_scale: float = 1.0, temperature: float = 1.0, top_k: int | None = None,
                 top_p: float | None = None, greedy: bool = False, generator: torch.Generator | None = None,
                 use_cache: bool = True, progress: bool = False) -> torch.Tensor:
-    """Image tokens (B, H, W) on `grid` after their condition tokens.
+    """Image codes (B, H, W, depth) on `grid` after their condition tokens (one level of codes).
 
     `window`: the grid the prior was trained on; a larger `grid` is sampled through a sliding window of that
     size (None or the grid itself: every position sees all earlier ones). `labels` (B,) class ids (< 0: "no
-    class"); `cond` (B, H, W) the condition tokens of a spatial prior on the same grid. Completion: `known`
-    (B, H, W) tokens and `keep` ((H, W) or (B, H, W) bool; default all) say which positions are given; the
-    rest are sampled, each seeing every earlier position of its window, given or sampled. With a guidance
-    scale != 1 and labels, each step mixes the class and "no class" logits (guidance.py)."""
+    class"); `cond` (B, H, W, depth) the condition codes of a spatial prior on the same grid. Completion:
+    `known` (B, H, W, depth) codes and `keep` ((H, W) or (B, H, W) bool, per position; default all) say which
+    positions are given; the rest are sampled, each seeing every earlier position of its window, given or
+    sampled. With a guidance scale != 1 and labels, each step mixes the class and "no class" logits."""
     H, W = grid
+    if layout.codes is not None and len(layout.codes.levels) > 1:
+        raise ValueError("sample_grid samples one level of codes; a prior over several levels samples whole rows "
+                         "(sample_images_tokens with the grids of its levels)")
+    depth = layout.codes.levels[0].depth if layout.codes is not None else 1
     device = next(gpt.parameters()).device
     sliding = window is not None and tuple(window) != (H, W)
     if sliding:
         h, w = window
-        if layout.spatial and (cond is None or tuple(cond.shape[1:]) != (H, W)):
+        if layout.spatial and (cond is None or tuple(cond.shape[1:3]) != (H, W)):
             raise ValueError(f"a spatial prior needs condition tokens on the {H}x{W} grid, got "
                              f"{None if cond is None else tuple(cond.shape)}")
-        if layout.prefix_len + h * w - 1 > gpt.config.block_size:
+        if layout.prefix_len + h * w * depth - 1 > gpt.config.block_size:
             raise ValueError(f"window {h}x{w} with {layout.prefix_len} condition tokens exceeds block_size "
                              f"{gpt.config.block_size} + 1")
-    tokens = sample_images_tokens(gpt, layout, H * W, batch, labels, cond,
-                                  None if known is None else known.reshape(batch, H * W),
-                                  None if keep is None else keep.reshape(-1, H * W), guidance_scale, temperature,
-                                  top_k, top_p, greedy, generator, use_cache,
-                                  windows=SlidingWindow(grid, window, device) if sliding else None, progress=progress)
-    return tokens.reshape(batch, H, W)
+    n = H * W * depth
+    if keep is not None:  # per position -> per code
+        keep = keep.reshape(-1, H * W).repeat_interleave(depth, dim=1)
+    tokens = sample_images_tokens(gpt, layout, n, batch, labels, cond,
+                                  None if known is None else known.reshape(batch, n), keep, guidance_scale,
+                                  temperature, top_k, top_p, greedy, generator, use_cache,
+                                  windows=SlidingWindow(grid, window, device, depth) if sliding else None,
+                                  progress=progress)
+    return tokens.reshape(batch, H, W, depth)
 
 
 def sample_images_tokens(gpt: GPT, layout: TokenLayout, n_tokens: int, batch: int,
@@ -119,11 +132,13 @@ def sample_images_tokens(gpt: GPT, layout: TokenLayout, n_tokens: int, batch: in
                          guidance_scale: float = 1.0, temperature: float = 1.0, top_k: int | None = None,
                          top_p: float | None = None, greedy: bool = False, generator: torch.Generator | None = None,
                          use_cache: bool = True, windows: Windows | None = None,
-                         progress: bool = False) -> torch.Tensor:
-    """Sample `n_tokens` image tokens (B, n_tokens) in raster order after the condition tokens (see
-    `sample_grid`; here `known` is (B, n_tokens) and `keep` (n_tokens,) or (B, n_tokens)). `windows`: the
-    window policy (default: every earlier position; its windows crop `cond` to their region)."""
+                         progress: bool = False, grids: list[tuple[int, int]] | None = None) -> torch.Tensor:
+    """Sample a row of `n_tokens` image codes (B, n_tokens) in the code spec's row order after the condition
+    tokens (see `sample_grid`; here `known` is (B, n_tokens) codes and `keep` (n_tokens,) or (B, n_tokens)).
+    `windows`: the window policy (default: every earlier position; its windows crop `cond` to their region).
+    `grids`: the grid of each level, for a prior over several levels of codes."""
     device = next(gpt.parameters()).device
+    slots = layout.code_slots(n_tokens, grids, device)
     if windows is None:
         windows = WholeSequence(n_tokens)
         if layout.prefix_len + n_tokens - 1 > gpt.config.block_size:
@@ -132,7 +147,7 @@ def sample_images_tokens(gpt: GPT, layout: TokenLayout, n_tokens: int, batch: in
     tokens = torch.zeros(batch, n_tokens, dtype=torch.long, device=device)
     keep_mask = None
     if known is not None:
-        tokens.copy_(known.to(device).long().reshape(batch, n_tokens))
+        tokens.copy_(layout.codes_to_tokens(known.to(device).long().reshape(batch, n_tokens), grids))
         keep_mask = torch.ones(n_tokens, dtype=torch.bool) if keep is None else keep.bool()
         keep_mask = keep_mask.reshape(-1, n_tokens).expand(batch, n_tokens).to(device)
 
@@ -140,7 +155,8 @@ def sample_images_tokens(gpt: GPT, layout: TokenLayout, n_tokens: int, batch: in
         crop = cond if cond is None or window.region is None else cond[(slice(None), *window.region)]
         return layout.condition_tokens(labels, batch, device, crop)
 
-    return sample_tokens(gpt, tokens, windows, condition,
-                         chooser(layout.n_embed, temperature, top_k, top_p, greedy, generator), keep_mask,
-                         Guidance.of(layout, labels, guidance_scale), use_cache, progress,
-                         "sliding window" if isinstance(windows, SlidingWindow) else "sampling")
+    tokens = sample_tokens(gpt, tokens, windows, condition,
+                           chooser(layout.n_embed, temperature, top_k, top_p, greedy, generator, slots), keep_mask,
+                           Guidance.of(layout, labels, guidance_scale), use_cache, progress,
+                           "sliding window" if isinstance(windows, SlidingWindow) else "sampling")
+    return tokens if slots is None else tokens - slots[0]

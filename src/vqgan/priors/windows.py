@@ -47,21 +47,25 @@ class SlidingWindow:
     grids; position (i, j) of the (H, W) grid sees the h x w window centred on it as far as the borders allow,
     in the window's own raster order, up to the position's place in it. Everything before that place is already
     sampled, so each position sees its neighbourhood above and to the left. Near the borders (or when the grid
-    is only as wide as the window) consecutive positions share a window, and the cache carries over."""
+    is only as wide as the window) consecutive positions share a window, and the cache carries over.
+    With `depth` codes per position, the loop's positions are codes: the depths of a grid position follow
+    each other in one window."""
 
-    def __init__(self, grid: tuple[int, int], window: tuple[int, int], device: torch.device | None = None):
+    def __init__(self, grid: tuple[int, int], window: tuple[int, int], device: torch.device | None = None,
+                 depth: int = 1):
         (H, W), (h, w) = grid, window
         if H < h or W < w:
             raise ValueError(f"grid {H}x{W} is smaller than the window {h}x{w}; sample it directly")
-        self.grid, self.window = grid, window
-        self._flat = torch.arange(H * W, device=device).reshape(H, W)
+        self.grid, self.window, self.depth = grid, window, depth
+        self._flat = torch.arange(H * W * depth, device=device).reshape(H, W, depth)
         self._positions: dict[tuple[int, int], torch.Tensor] = {}
 
     def __call__(self, pos: int) -> Window:
         (_, W), (h, w) = self.grid, self.window
-        i, j = divmod(pos, W)
+        cell, d = divmod(pos, self.depth)
+        i, j = divmod(cell, W)
         i0, j0 = window_origin(i, j, self.grid, self.window)
         if (i0, j0) not in self._positions:
             self._positions[i0, j0] = self._flat[i0:i0 + h, j0:j0 + w].reshape(-1)
         region = (slice(i0, i0 + h), slice(j0, j0 + w))
-        return Window((i0, j0), region, self._positions[i0, j0], (i - i0) * w + (j - j0))
+        return Window((i0, j0), region, self._positions[i0, j0], ((i - i0) * w + (j - j0)) * self.depth + d)

@@ -3,11 +3,11 @@ here is its registry line."""
 from ..registry import QUANTIZERS
 from .base import Quantizer, QuantizerOutput, codebook_stats
 from .codebook import CodebookUpkeep
-from .gumbel import GumbelQuantizer
-from .vq import VectorQuantizer, nearest_code
+from .gumbel import GumbelConfig, GumbelQuantizer
+from .vq import VectorQuantizer, VQConfig, nearest_code
 
-__all__ = ["CodebookUpkeep", "GumbelQuantizer", "Quantizer", "QuantizerOutput", "VectorQuantizer", "build_quantizer",
-           "codebook_stats", "nearest_code"]
+__all__ = ["CodebookUpkeep", "GumbelConfig", "GumbelQuantizer", "Quantizer", "QuantizerOutput", "VQConfig",
+           "VectorQuantizer", "build_quantizer", "codebook_stats", "nearest_code"]
 
 
 def build_quantizer(config, latent_channels: int) -> Quantizer:

@@ -1,4 +1,5 @@
-"""The contract every quantizer honours: `forward(z) -> QuantizerOutput`, `decode_indices(indices)`, and its
+"""The contract every quantizer honours: `forward(z) -> QuantizerOutput`, `decode_indices(indices)`, its code
+spec (`vocab_per_depth`: how many codes each position holds, and the vocabulary of each; see codes.py), and its
 own codebook upkeep (`start_upkeep`, `initialize_from`, `maintain`), which the trainer only calls."""
 from __future__ import annotations
 
@@ -8,17 +9,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..config import CodebookCareConfig
+from ..config import CodebookCareConfig, QuantizerConfig
 from .codebook import CodebookUpkeep
 
 
 @dataclass
 class QuantizerOutput:
-    quantized: torch.Tensor  # (B, D, h, w), straight-through: the value of the codes, the gradient of z
-    indices: torch.Tensor  # (B, h, w) int64 token ids
-    loss: torch.Tensor  # scalar codebook + commitment loss
+    quantized: torch.Tensor  # (B, C, h, w), straight-through: the value of the codes, the gradient of z
+    indices: torch.Tensor  # (B, h, w, depth) int64 token ids; depth d lies in [0, vocab_per_depth[d])
+    loss: torch.Tensor  # scalar auxiliary loss (codebook + commitment, entropy, KL: the quantizer's own)
     stats: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars for logging
-    # (B, h, w) int64: the codebook rows that won, which upkeep counts. The token ids unless the quantizer
+    # (B, h, w, depth) int64: the codebook rows that won, which upkeep counts. The token ids unless the quantizer
     # renumbers its tokens (taming's `remap`: token t stands for row used[t]); filled in when not given.
     codes: torch.Tensor = None  # type: ignore[assignment]
 
@@ -28,20 +29,36 @@ class QuantizerOutput:
 
 
 class Quantizer(nn.Module):
-    """Base of every quantizer. `n_embed` is the token vocabulary: indices lie in [0, n_embed)."""
+    """Base of every quantizer: built from its typed config section (`config`) and the latent width."""
 
-    n_embed: int
+    config: QuantizerConfig
     upkeep: CodebookUpkeep | None = None
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        """(B, h, w) int64 -> (B, D, h, w) code vectors."""
+        """(B, h, w, depth) int64 -> (B, C, h, w) code vectors: the `quantized` of the forward pass."""
         raise NotImplementedError
+
+    @property
+    def vocab_per_depth(self) -> tuple[int, ...]:
+        return self.config.vocab_per_depth
+
+    @property
+    def depth(self) -> int:
+        return len(self.vocab_per_depth)
+
+    def check_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """`indices` as int64 (B, h, w, depth), or a TypeError / ValueError naming what is wrong."""
+        if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
+            raise TypeError(f"indices must be integers, got {indices.dtype}")
+        if indices.dim() != 4 or indices.shape[-1] != self.depth:
+            raise ValueError(f"indices must be (B, h, w, {self.depth}), got shape {tuple(indices.shape)}")
+        return indices.long()
 
     # -- codebook upkeep -------------------------------------------------------------------------
     @property
     def codebook_size(self) -> int:
         """How many codebook rows upkeep counts (the token vocabulary unless tokens are renumbered)."""
-        return self.n_embed
+        return max(self.vocab_per_depth)
 
     def trainable_codebook(self) -> torch.Tensor | None:
         """The codebook that data initialisation and dead-code restarts rewrite; None where codes are not
@@ -68,7 +85,9 @@ class Quantizer(nn.Module):
                  optimizer: torch.optim.Optimizer | None = None) -> dict[str, float]:
         """One step of upkeep after the optimizer step: count the rows that won (`codes`, QuantizerOutput.codes,
         all-reduced across ranks), keep some encoder outputs `latents` (B, D, h, w), restart dead codes (the same
-        change on every rank). Returns `usage_window` and `restarted` for the logs."""
+        change on every rank). Returns `usage_window` (the share of codes that won at least once in the last
+        `restart_after` steps of training batches: codes kept alive by restarts count, so it overstates what
+        held-out images use) and `restarted` for the logs."""
         upkeep = self._require_upkeep()
         flat = latents.detach().float().permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
         upkeep.observe(codes, flat, step)

@@ -9,19 +9,44 @@ that quirk, drawing the noise with the same torch calls).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import QuantizerConfig
+from ..errors import UserError
 from ..registry import QUANTIZERS
 from .base import Quantizer, QuantizerOutput, codebook_stats
 
 
-@QUANTIZERS.register("gumbel")
+@dataclass
+class GumbelConfig(QuantizerConfig):
+    """`kind: gumbel`: logits over `n_embed` codes of width `embed_dim`, relaxed with Gumbel noise in training."""
+
+    kind: str = "gumbel"
+    n_embed: int = 1024
+    temperature: float = 1.0
+    kl_weight: float = 5e-4
+    straight_through: bool = True
+    noise_in_eval: bool = False  # taming quirk: its GumbelVQ samples noise even in eval (off: argmax tokens)
+
+    @property
+    def vocab_per_depth(self) -> tuple[int, ...]:
+        return (self.n_embed,)
+
+    def validate(self, where: str = "model.quantizer") -> None:
+        super().validate(where)
+        if self.n_embed < 2:
+            raise UserError(f"{where}.n_embed must be >= 2, got {self.n_embed}")
+        if not self.temperature > 0:
+            raise UserError(f"{where}.temperature must be > 0, got {self.temperature}")
+
+
+@QUANTIZERS.register("gumbel", config=GumbelConfig)
 class GumbelQuantizer(Quantizer):
-    def __init__(self, config: QuantizerConfig, in_channels: int):
+    def __init__(self, config: GumbelConfig, in_channels: int):
         super().__init__()
         self.config = config
         self.n_embed = config.n_embed
@@ -39,11 +64,11 @@ class GumbelQuantizer(Quantizer):
         quantized = torch.einsum("bkhw,kd->bdhw", one_hot, self.embed.weight.float()).to(z.dtype)
         q = F.softmax(logits, dim=1)
         kl = self.config.kl_weight * (q * torch.log(q * self.n_embed + 1e-10)).sum(1).mean()
-        indices = one_hot.argmax(1)
+        indices = one_hot.argmax(1).unsqueeze(-1)  # (B, h, w, 1)
         return QuantizerOutput(quantized, indices, kl, codebook_stats(indices, self.n_embed))
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        return self.embed(indices.long()).permute(0, 3, 1, 2).contiguous()
+        return self.embed(self.check_indices(indices)[..., 0]).permute(0, 3, 1, 2).contiguous()
 
 
 def gumbel_temperature(step: int, start: float = 1.0, end: float = 1.0 / 16, anneal_steps: int = 0) -> float:

@@ -1,11 +1,14 @@
 """Nearest-neighbour vector quantizer (van den Oord et al. 2017; Esser et al. 2021, eq. 4)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import QuantizerConfig
+from ..errors import UserError
 from ..registry import QUANTIZERS
 from .base import Quantizer, QuantizerOutput, codebook_stats
 
@@ -33,14 +36,42 @@ def nearest_code(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
         return torch.cat(out) if len(out) > 1 else out[0]
 
 
-@QUANTIZERS.register("vq")
+@dataclass
+class VQConfig(QuantizerConfig):
+    """`kind: vq`: a learnt codebook of `n_embed` codes of width `embed_dim`, matched by nearest neighbour."""
+
+    kind: str = "vq"
+    n_embed: int = 1024  # codebook size
+    beta: float = 0.25  # commitment weight (paper: on ||z - sg[e]||^2)
+    # taming-transformers quirk: its VectorQuantizer2(legacy=True) puts beta on the codebook term
+    # and weight 1 on the commitment term. The converter switches this on for released checkpoints.
+    legacy_beta: bool = False
+    # taming's `remap` quirk: tokens number only the `remap_codes` codes listed in the buffer `quantize.used`
+    # (a code outside that list becomes `unknown_index`: "random" (taming's default), "extra" (one more
+    # token id) or an integer). 0: off. The converter sets it.
+    remap_codes: int = 0
+    unknown_index: str = "random"
+
+    @property
+    def vocab_per_depth(self) -> tuple[int, ...]:
+        if self.remap_codes:
+            return (self.remap_codes + int(self.unknown_index == "extra"),)
+        return (self.n_embed,)
+
+    def validate(self, where: str = "model.quantizer") -> None:
+        super().validate(where)
+        if self.n_embed < 1:
+            raise UserError(f"{where}.n_embed must be >= 1, got {self.n_embed}")
+
+
+@QUANTIZERS.register("vq", config=VQConfig)
 class VectorQuantizer(Quantizer):
     """Snaps each latent vector to its nearest code; straight-through gradients to the encoder.
 
     loss = ||sg[z] - e||^2 + beta * ||z - sg[e]||^2  (codebook term + commitment term).
     """
 
-    def __init__(self, config: QuantizerConfig, in_channels: int | None = None):
+    def __init__(self, config: VQConfig, in_channels: int | None = None):
         super().__init__()  # in_channels: the latents are compared with codes of width embed_dim as they are
         self.config = config
         self.n_embed = config.n_embed
@@ -87,8 +118,8 @@ class VectorQuantizer(Quantizer):
         else:
             loss = codebook_term + self.config.beta * commitment_term
         quantized = z + (z_q - z).detach()  # straight-through estimator
-        rows = indices.view(b, h, w)
-        tokens = self._to_tokens(indices).view(b, h, w)
+        rows = indices.view(b, h, w, 1)
+        tokens = self._to_tokens(indices).view(b, h, w, 1)
         return QuantizerOutput(quantized, tokens, loss, codebook_stats(tokens, self.n_embed), codes=rows)
 
     @property
@@ -99,6 +130,5 @@ class VectorQuantizer(Quantizer):
         return self.embedding.weight
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        if indices.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-            raise TypeError(f"indices must be integers, got {indices.dtype}")
-        return self.embedding(self._to_codes(indices.long())).permute(0, 3, 1, 2).contiguous()
+        tokens = self.check_indices(indices)[..., 0]
+        return self.embedding(self._to_codes(tokens)).permute(0, 3, 1, 2).contiguous()

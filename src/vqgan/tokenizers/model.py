@@ -13,17 +13,19 @@ import torch
 from torch import nn
 
 from ..checkpoint import load_model, save_model
+from ..codes import CodeSpec
 from ..config import VQGANConfig, from_dict
 from ..quantizers import QuantizerOutput, build_quantizer
 from ..registry import DECODERS, ENCODERS, MODELS
 
 
 class VQModel(nn.Module):
-    """VQGAN tokenizer. Images are NCHW in [-1, 1]; tokens are (B, h, w) int64.
+    """VQGAN tokenizer. Images are NCHW in [-1, 1]; tokens are (B, h, w, depth) int64 (depth 1 for VQ).
 
-    >>> tokens = model.encode(images)          # (B, h, w)
+    >>> tokens = model.encode(images)          # (B, h, w, depth)
     >>> images = model.decode(tokens)          # (B, 3, H, W)
     >>> rec, codebook_loss, info = model(images)
+    >>> model.code_spec                        # the grid factor and the vocabulary of each depth (codes.py)
     """
 
     def __init__(self, config: VQGANConfig):
@@ -32,37 +34,35 @@ class VQModel(nn.Module):
         self.config = config
         self.encoder = ENCODERS.build(config.encoder.kind, config)
         self.decoder = DECODERS.build(config.decoder.kind, config)
-        qc = config.quantizer
-        self.quant_conv = nn.Conv2d(config.z_channels, qc.embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(qc.embed_dim, config.z_channels, 1)
-        self.quantize = build_quantizer(qc, qc.embed_dim)
+        width = config.quantizer.code_width
+        self.quant_conv = nn.Conv2d(config.z_channels, width, 1)
+        self.post_quant_conv = nn.Conv2d(width, config.z_channels, 1)
+        self.quantize = build_quantizer(config.quantizer, width)
 
     # -- the pieces ------------------------------------------------------------------------------
     def encode_to_prequant(self, x: torch.Tensor) -> torch.Tensor:
-        """Images -> continuous latents before quantization, (B, embed_dim, h, w)."""
+        """Images -> continuous latents before quantization, (B, code_width, h, w)."""
         return self.quant_conv(self.encoder(x))
 
     def quantize_latents(self, h: torch.Tensor) -> QuantizerOutput:
         return self.quantize(h)
 
     def decode_latents(self, quantized: torch.Tensor) -> torch.Tensor:
-        """Code vectors (B, embed_dim, h, w) -> images."""
+        """Code vectors (B, code_width, h, w) -> images."""
         return self.decoder(self.post_quant_conv(quantized))
 
     # -- the public API --------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W) in [-1, 1] -> tokens (B, H/f, W/f) int64."""
+        """Images (B, C, H, W) in [-1, 1] -> tokens (B, H/f, W/f, depth) int64."""
         return self.quantize(self.encode_to_prequant(_inference_layout(images))).indices
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Tokens (B, h, w) -> images (B, out_ch, h*f, w*f), roughly in [-1, 1] (not clamped)."""
-        if tokens.dim() != 3:
-            raise ValueError(f"tokens must be (B, h, w), got shape {tuple(tokens.shape)}")
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.quantize.n_embed):
-            raise ValueError(f"token indices must lie in [0, {self.quantize.n_embed}), got range "
-                             f"[{int(tokens.min())}, {int(tokens.max())}]")
+        """Tokens (B, h, w, depth) -> images (B, out_ch, h*f, w*f), roughly in [-1, 1] (not clamped)."""
+        if tokens.dim() != 4:
+            raise ValueError(f"tokens must be (B, h, w, {self.quantize.depth}), got shape {tuple(tokens.shape)}")
+        self.code_spec.check_range(tokens)
         images = self.decode_latents(_inference_layout(self.quantize.decode_indices(tokens)))
         return images.contiguous()
 
@@ -79,12 +79,18 @@ class VQModel(nn.Module):
     def downsample_factor(self) -> int:
         return self.config.downsample_factor
 
+    @property
+    def code_spec(self) -> CodeSpec:
+        return self.config.code_spec
+
     def config_dict(self) -> dict[str, Any]:
-        return {"kind": "vqgan", **asdict(self.config)}
+        """The config as saved (config.yaml), with the code spec it implies (`codes`, for readers that do not
+        build the model; ignored when loading)."""
+        return {"kind": "vqgan", **asdict(self.config), "codes": self.code_spec.to_dict()}
 
     @classmethod
     def from_config_dict(cls, data: dict[str, Any]) -> VQModel:
-        data = {k: v for k, v in data.items() if k != "kind"}
+        data = {k: v for k, v in data.items() if k not in ("kind", "codes")}
         return cls(from_dict(VQGANConfig, data, "model"))
 
     def save_pretrained(self, directory: str | Path) -> None:

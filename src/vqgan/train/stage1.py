@@ -217,7 +217,7 @@ class TokenizerTrainer(TrainingLoop):
                    "codebook_care": self.care.state_dict(), "skipped_files": self.skipped_files})
 
     def load_parts(self, path: Path, parts: CheckpointParts) -> None:
-        saved_model_cfg = {k: v for k, v in parts.yaml[CONFIG_FILE].items() if k != "kind"}
+        saved_model_cfg = {k: v for k, v in parts.yaml[CONFIG_FILE].items() if k not in ("kind", "codes")}
         if asdict(from_dict(VQGANConfig, saved_model_cfg, "model")) != asdict(self.cfg.model):  # defaults filled
             raise UserError(f"{path}: the model config differs from the checkpoint's; resume with the same model "
                             "section (see its config.yaml)")
@@ -255,9 +255,9 @@ class TokenizerTrainer(TrainingLoop):
 
     @torch.no_grad()
     def _initialize_codebook(self) -> None:
-        q = self.cfg.model.quantizer
         per_image = self.cfg.model.latent_size ** 2
-        n_images = min(len(self.train_set), max(self.cfg.train.batch_size, math.ceil(4 * q.n_embed / per_image)), 512)
+        rows = self.model.quantize.codebook_size
+        n_images = min(len(self.train_set), max(self.cfg.train.batch_size, math.ceil(4 * rows / per_image)), 512)
         g = torch.Generator().manual_seed(self.cfg.train.seed + 17)
         subset = Subset(self.train_set, torch.randperm(len(self.train_set), generator=g)[:n_images].tolist())
         latents = []

@@ -69,8 +69,7 @@ class PriorTrainer(TrainingLoop):
                  runtime: Runtime | None = None):
         resuming = self.start_run(cfg, resume, runtime, progress)
         self.store = TokenStore(cfg.data.tokens)
-        h, w = self.store.grid
-        self.n_tokens = h * w
+        self.n_tokens = self.store.row_length
         init = self._init_prior(cfg.train.init_from) if cfg.train.init_from else None
         self.layout = init.layout if init else self._layout(cfg.data.conditioning)
         m = cfg.model
@@ -106,9 +105,12 @@ class PriorTrainer(TrainingLoop):
                             f"tokenize the images with {path}'s tokenizer first")
         if layout.spatial and not store.condition:
             raise UserError(f"train.init_from {path} is conditioned on maps but {self.cfg.data.tokens} has none")
-        if layout.spatial and layout.cond_len != store.condition["grid"][0] * store.condition["grid"][1]:
-            raise UserError(f"train.init_from {path}: condition grid of {layout.cond_len} tokens, the store has "
-                            f"{store.condition['grid']}")
+        if layout.spatial and layout.cond_len != store.cond_tokens.shape[1]:
+            raise UserError(f"train.init_from {path}: condition rows of {layout.cond_len} tokens, the store has "
+                            f"{store.cond_tokens.shape[1]} (grids {store.cond_grids})")
+        if layout.codes is not None and layout.codes != store.spec:
+            raise UserError(f"train.init_from {path} models codes {layout.codes.describe()}, the store holds "
+                            f"{store.spec.describe()}")
         if layout.n_classes and len(store.class_names) > layout.n_classes:
             raise UserError(f"train.init_from {path} knows {layout.n_classes} classes, the store has "
                             f"{len(store.class_names)}")
@@ -126,26 +128,25 @@ class PriorTrainer(TrainingLoop):
             if not store.condition:
                 raise UserError(f"data.conditioning=spatial: {self.cfg.data.tokens} has no condition maps; make it "
                                 "with `vqgan tokenize ... --cond-maps DIR --cond-tokenizer MODEL`")
-            c = store.condition
-            return TokenLayout(store.n_embed, cond_n_embed=int(c["tokenizer"]["n_embed"]),
-                               cond_len=int(c["grid"][0] * c["grid"][1]))
+            return TokenLayout.for_codes(store.spec, cond_codes=store.cond_spec, cond_len=store.cond_tokens.shape[1])
         if choice == "class":
             if not has_labels:
                 raise UserError(f"data.conditioning=class: {self.cfg.data.tokens} has no class labels; make it with "
                                 "`vqgan tokenize ... --labels folders` (or a CSV/JSON file)")
-            return TokenLayout(store.n_embed, len(store.class_names))
-        return TokenLayout(store.n_embed)
+            return TokenLayout.for_codes(store.spec, len(store.class_names))
+        return TokenLayout.for_codes(store.spec)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def config_dict(self) -> dict[str, Any]:
         kind = "spatial" if self.layout.spatial else "class" if self.layout.n_classes else "unconditional"
         meta = self.store.meta
         cond = {"kind": kind, **self.layout.to_dict(), "grid": list(self.store.grid),
+                "grids": [list(g) for g in self.store.grids],
                 "class_names": self.store.class_names if self.layout.n_classes else [],
                 "tokenizer": meta["tokenizer"]["path"], "tokenizer_fingerprint": meta["tokenizer"]["fingerprint"]}
         if self.layout.spatial:
             c = meta["condition"]
-            cond.update(cond_kind=c["kind"], cond_grid=c["grid"], cond_tokenizer=c["tokenizer"]["path"],
+            cond.update(cond_kind=c["kind"], cond_grid=list(self.store.cond_grids[0]), cond_tokenizer=c["tokenizer"]["path"],
                         cond_tokenizer_fingerprint=c["tokenizer"]["fingerprint"])
         return {**self.model.config_dict(), "conditioning": cond}
 
@@ -167,8 +168,9 @@ class PriorTrainer(TrainingLoop):
 
     # -- steps -----------------------------------------------------------------------------------
     def _sequences(self, batch: dict, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs (B, prefix + h*w - 1) and targets (B, h*w): every image token after its condition."""
-        tokens = batch["tokens"].to(self.rt.device).reshape(batch["tokens"].shape[0], -1)  # (B, h*w)
+        """Inputs (B, prefix + L - 1) and targets (B, L): every image token after its condition (L: the store's
+        row length; codes become token ids by their stream's offset, layout.py)."""
+        tokens = self.layout.codes_to_tokens(batch["tokens"].to(self.rt.device), self.store.grids)  # (B, L)
         labels = batch["label"].to(self.rt.device) if self.layout.n_classes else None
         if labels is not None and train and self.cfg.train.label_dropout > 0:
             drop = torch.rand(labels.shape, device=labels.device) < self.cfg.train.label_dropout
@@ -285,11 +287,12 @@ class PriorTrainer(TrainingLoop):
 
     def sample(self, batch: int, labels: torch.Tensor | None = None, cond: torch.Tensor | None = None,
                **kwargs) -> torch.Tensor:
-        """(B, h, w) sampled token grids."""
+        """Sampled codes as the tokenizer takes them: (B, h, w, depth), or one such tensor per level."""
         self.model.eval()
-        tokens = sample_images_tokens(self.model, self.layout, self.n_tokens, batch, labels, cond, **kwargs)
+        tokens = sample_images_tokens(self.model, self.layout, self.n_tokens, batch, labels, cond,
+                                      grids=self.store.grids, **kwargs)
         self.model.train()
-        return tokens.reshape(batch, *self.store.grid)
+        return self.store.rows_to_codes(tokens)
 
     @torch.no_grad()
     def write_samples(self, per_row: int = 8) -> str | None:
@@ -307,9 +310,11 @@ class PriorTrainer(TrainingLoop):
             items = [self.store[r] for r in self.eval_rows[:per_row]]
             cond = torch.stack([it["cond"] for it in items]).to(self.rt.device)
             if cond_tokenizer is not None:
-                rows.append(to_display(cond_tokenizer.decode(cond), cond_tokenizer.config.input_kind))
+                rows.append(to_display(cond_tokenizer.decode(self.store.cond_rows_to_codes(cond)),
+                                       cond_tokenizer.config.input_kind))
             rows.append(tokenizer.decode(self.sample(len(items), cond=cond, generator=g)))
-            rows.append(tokenizer.decode(torch.stack([it["tokens"] for it in items]).to(self.rt.device)))
+            real = torch.stack([it["tokens"] for it in items]).to(self.rt.device)
+            rows.append(tokenizer.decode(self.store.rows_to_codes(real)))
         elif self.layout.n_classes:
             for c in range(min(self.layout.n_classes, 8)):
                 labels = torch.full((per_row,), c, device=self.rt.device)
