@@ -111,7 +111,7 @@ def child(kind: str, name: str, warmup: int, iters: int) -> dict:
             if i >= warmup:
                 times.setdefault("iter", []).append(time.perf_counter() - t0)
     else:
-        from vqgan.autoencoder import VQModel
+        from vqgan.tokenizers import VQModel
 
         torch.manual_seed(0)
         model = VQModel(cfg.model).eval()

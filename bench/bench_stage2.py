@@ -32,10 +32,9 @@ def child(kind: str, iters: int) -> dict:
     import torch
 
     sys.path.insert(0, str(ROOT / "src"))
-    from vqgan.sampling import sample
-    from vqgan.transformer import GPT as Model
     from vqgan.native.malloc import keep_freed_memory
-    from vqgan.transformer import GPTConfig
+    from vqgan.priors import GPT as Model
+    from vqgan.priors import GPTConfig, sample
 
     keep_freed_memory()  # as the vqgan command does at start
     torch.set_num_threads(os.cpu_count() or 1)

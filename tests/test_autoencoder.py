@@ -3,9 +3,9 @@ import pytest
 import torch
 from conftest import tiny_model_config
 
-from vqgan.autoencoder import VQModel
 from vqgan.config import VQGANConfig, quantizer_config
 from vqgan.errors import UserError
+from vqgan.tokenizers import VQModel
 
 
 @pytest.mark.parametrize("ch_mult,f", [([1, 2], 2), ([1, 1, 2], 4), ([1, 1, 2, 2], 8), ([1, 1, 1, 2, 2], 16),

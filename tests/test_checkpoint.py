@@ -4,9 +4,9 @@ import pytest
 import torch
 from conftest import tiny_model_config
 
-from vqgan.autoencoder import VQModel
 from vqgan.checkpoint import check_state_dict, load_model, load_state_dict_file, safe_torch_load
 from vqgan.errors import UserError
+from vqgan.tokenizers import VQModel
 
 
 class _RunsCommand:

@@ -6,9 +6,9 @@ import pytest
 from conftest import tiny_model_config
 from PIL import Image
 
-from vqgan.autoencoder import VQModel
 from vqgan.cli import main
 from vqgan.data.tokens import TokenStore
+from vqgan.tokenizers import VQModel
 
 
 @pytest.fixture

@@ -6,12 +6,12 @@ import torch
 from conftest import tiny_train_config
 from PIL import Image
 
-from vqgan.autoencoder import VQModel
 from vqgan.cli import main
 from vqgan.config import VQGANConfig, quantizer_config
 from vqgan.data.maps import one_hot
 from vqgan.data.scenes import SEGMENT_CLASSES, render_scene
 from vqgan.data.tokens import TokenStore
+from vqgan.tokenizers import VQModel
 
 
 def f4(**kw) -> VQGANConfig:
@@ -130,8 +130,8 @@ def test_segmentation_conditioned_taming_transformer_converts_and_samples(tmp_pa
     VQModel condition stage on one-hot segmentation maps (cond_stage_model.*, with its `colorize` buffer)."""
     import yaml
 
-    from vqgan.prior import load_prior
-    from vqgan.transformer import GPT, GPTConfig
+    from vqgan.priors import GPT, GPTConfig
+    from vqgan.priors.load import load_prior
 
     first, cond_stage = VQModel(f4()).eval(), VQModel(seg_config()).eval()
     gpt = GPT(GPTConfig(vocab_size=32, block_size=127, n_layer=1, n_head=2, n_embd=32)).eval()

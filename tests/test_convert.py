@@ -175,12 +175,12 @@ def test_full_size_released_layouts_match_key_for_key(fixtures_dir):
     faceshq_transformer.yaml (recorded in real_config_keys.json): every key and shape has its place here."""
     import json
 
-    from vqgan.autoencoder import VQModel
     from vqgan.config import VQGANConfig, quantizer_config
     from vqgan.convert.taming import split_vqgan_state_dict
     from vqgan.losses.discriminator import NLayerDiscriminator
     from vqgan.losses.lpips import LPIPS
-    from vqgan.transformer import GPT, GPTConfig
+    from vqgan.priors import GPT, GPTConfig
+    from vqgan.tokenizers import VQModel
 
     layouts = json.loads((fixtures_dir / "real_config_keys.json").read_text())
     f16 = VQGANConfig(resolution=256, ch=128, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=2, attn_resolutions=[16],

@@ -363,7 +363,7 @@ def _alive(pid: int) -> bool:
 def test_fine_tuning_a_converted_model_keeps_its_discriminator_shape(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="vqgan.train")
     cfg = tiny_train_config(tmp_path, train={"steps": 1})
-    from vqgan.autoencoder import VQModel
+    from vqgan.tokenizers import VQModel
 
     converted = tmp_path / "converted"
     save_model(VQModel(cfg.model), converted)

@@ -14,12 +14,12 @@ import yaml
 from conftest import tiny_model_config
 
 import vqgan
-from vqgan.autoencoder import VQModel
 from vqgan.checkpoint import atomic_directory, load_model, safe_torch_load, save_tensors
 from vqgan.cli import main
 from vqgan.convert.taming import convert, load_for_finetuning
 from vqgan.errors import UserError
-from vqgan.prior import load_prior
+from vqgan.priors.load import load_prior
+from vqgan.tokenizers import VQModel
 
 
 def released_run(fixtures_dir, root, config_name="configs/model.yaml", model="vqgan"):

@@ -20,7 +20,6 @@ import torch
 from conftest import tiny_model_config
 from PIL import Image
 
-from vqgan.autoencoder import VQModel
 from vqgan.checkpoint import fingerprint, load_model, save_model
 from vqgan.cli import main
 from vqgan.config import VQGANConfig, quantizer_config
@@ -30,7 +29,8 @@ from vqgan.data.scenes import SEGMENT_CLASSES
 from vqgan.data.tokens import UNUSABLE, TokenStore, tokenize_folder
 from vqgan.errors import UserError
 from vqgan.eval.report import to_uint8
-from vqgan.transformer import GPT, GPTConfig
+from vqgan.priors import GPT, GPTConfig
+from vqgan.tokenizers import VQModel
 
 N_LABELS = len(SEGMENT_CLASSES)
 

@@ -6,13 +6,11 @@ import pytest
 import torch
 from conftest import tiny_model_config
 
-from vqgan.autoencoder import VQModel
 from vqgan.checkpoint import save_model
 from vqgan.cli import main
 from vqgan.convert.taming import convert
-from vqgan.prior import TokenLayout
-from vqgan.sampling import pick
-from vqgan.transformer import GPT, GPTConfig
+from vqgan.priors import GPT, GPTConfig, TokenLayout, pick
+from vqgan.tokenizers import VQModel
 
 
 @pytest.fixture(scope="module")

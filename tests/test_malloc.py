@@ -9,7 +9,7 @@ from vqgan.native.malloc import keep_freed_memory
 
 PROBE = """
 import resource, torch
-from vqgan.autoencoder import VQModel
+from vqgan.tokenizers import VQModel
 from vqgan.config import quantizer_config, VQGANConfig
 from vqgan.native.malloc import keep_freed_memory
 applied = keep_freed_memory()

@@ -7,8 +7,7 @@ import torch
 import vqgan.native
 import vqgan.priors.gpt
 from vqgan.native import load
-from vqgan.sampling import sample
-from vqgan.transformer import GPT, GPTConfig
+from vqgan.priors import GPT, GPTConfig, sample
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
 

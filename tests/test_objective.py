@@ -5,10 +5,10 @@ import pytest
 import torch
 from conftest import tiny_model_config
 
-from vqgan.autoencoder import VQModel
 from vqgan.config import LossConfig
 from vqgan.losses import VQGANLoss, build_lpips
 from vqgan.losses.discriminator import NLayerDiscriminator
+from vqgan.tokenizers import VQModel
 
 
 def make_pair(disc_start=0, perceptual_weight=1.0, disc_norm="batch"):

@@ -10,7 +10,7 @@ import torch
 
 from vqgan.config import load_config
 from vqgan.data.tokens import COND_BIN, LABELS_FILE, META_FILE, TOKENS_BIN, TokenStore
-from vqgan.prior import TokenLayout, sample_images_tokens
+from vqgan.priors import TokenLayout, sample_images_tokens
 from vqgan.train.stage2 import PriorTrainer, TransformerTrainConfig
 
 
@@ -123,7 +123,7 @@ def test_prior_training_resumes_exactly(tmp_path):
 
 
 def test_guided_completion_cached_sampling_equals_uncached():
-    from vqgan.transformer import GPT, GPTConfig
+    from vqgan.priors import GPT, GPTConfig
 
     layout = TokenLayout(n_embed=10, n_classes=3)
     torch.manual_seed(0)
@@ -144,8 +144,8 @@ def test_guided_completion_cached_sampling_equals_uncached():
 def test_end_to_end_tokenize_train_sample_commands(tmp_path):
     from conftest import tiny_model_config
 
-    from vqgan.autoencoder import VQModel
     from vqgan.cli import main
+    from vqgan.tokenizers import VQModel
 
     VQModel(tiny_model_config()).save_pretrained(tmp_path / "tok")
     assert main(["tokenize", str(tmp_path / "tok"), "builtin:scenes", str(tmp_path / "store"), "--no-progress"]) == 0

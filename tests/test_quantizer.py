@@ -2,10 +2,10 @@ import pytest
 import torch
 from conftest import tiny_model_config
 
-from vqgan.autoencoder import VQModel
 from vqgan.config import quantizer_config
 from vqgan.quantizers import VectorQuantizer, nearest_code
 from vqgan.quantizers import vq as vq_module
+from vqgan.tokenizers import VQModel
 
 
 def brute_force(z, codebook):

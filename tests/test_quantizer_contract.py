@@ -83,8 +83,10 @@ KINDS = QUANTIZERS.kinds()
 @pytest.mark.parametrize("kind", KINDS)
 def test_decoding_its_own_indices_gives_its_quantized_output(kind):
     q = make(kind).eval()
-    out = q(latents(q))
+    z = latents(q)
+    out = q(z)
     torch.testing.assert_close(q.decode_indices(out.indices), out.quantized, atol=1e-5, rtol=1e-5)
+    assert torch.equal(q.indices_of(z), out.indices)  # the tokenizing shortcut gives the same codes
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -3,12 +3,12 @@ import pytest
 import yaml
 from conftest import tiny_model_config
 
-from vqgan.autoencoder import VQModel
 from vqgan.checkpoint import load_model
 from vqgan.config import VQGANConfig, load_config, quantizer_config
 from vqgan.errors import UserError
 from vqgan.quantizers import build_quantizer
 from vqgan.registry import ENCODERS, QUANTIZERS, Registry
+from vqgan.tokenizers import VQModel
 
 
 def test_unknown_quantizer_kind_is_one_line_listing_the_kinds():
@@ -41,3 +41,41 @@ def test_a_flat_config_without_part_sections_loads_unchanged(tmp_path):
     (tmp_path / "m" / "config.yaml").write_text(yaml.safe_dump(flat))
     loaded = load_model(tmp_path / "m")
     assert loaded.config == model.config
+
+
+def test_each_quantizer_kind_reads_its_own_typed_section():
+    from vqgan.quantizers import GumbelConfig, VQConfig
+
+    cfg = load_config(VQGANConfig, {"quantizer": {"kind": "gumbel", "n_embed": 16, "temperature": 0.5}})
+    assert type(cfg.quantizer) is GumbelConfig and cfg.quantizer.temperature == 0.5
+    with pytest.raises(UserError, match=r"unknown key config\.quantizer\.temperature; valid keys of "
+                                        r"config\.quantizer \(kind vq\): kind, embed_dim, n_embed, beta"):
+        load_config(VQGANConfig, {"quantizer": {"kind": "vq", "temperature": 0.5}})
+    # switching the kind on the command line drops the preset's keys the new kind does not have
+    cfg = load_config(VQGANConfig, {"quantizer": {"kind": "gumbel", "n_embed": 16, "temperature": 0.5}},
+                      ["quantizer.beta=0.5", "quantizer.kind=vq"])  # kind first, whatever the order given
+    assert type(cfg.quantizer) is VQConfig and (cfg.quantizer.n_embed, cfg.quantizer.beta) == (16, 0.5)
+    with pytest.raises(UserError, match="model.quantizer.kind must be one of"):
+        load_config(VQGANConfig, {}, ["quantizer.kind=nope"])
+
+
+def test_a_quantizer_section_saved_with_every_kinds_keys_still_loads(tmp_path):
+    """Model folders written before the sections were typed hold all kinds' keys at their defaults."""
+    model = VQModel(tiny_model_config())
+    model.save_pretrained(tmp_path / "m")
+    saved = yaml.safe_load((tmp_path / "m" / "config.yaml").read_text())
+    saved["quantizer"].update(temperature=1.0, kl_weight=5e-4, straight_through=True, noise_in_eval=False)
+    del saved["codes"]
+    (tmp_path / "m" / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert load_model(tmp_path / "m").config == model.config
+    saved["quantizer"]["temperature"] = 0.3  # not a default: a real setting this kind cannot honour
+    (tmp_path / "m" / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(UserError, match="temperature"):
+        load_model(tmp_path / "m")
+
+
+def test_the_model_config_records_its_code_spec(tmp_path):
+    model = VQModel(tiny_model_config())
+    model.save_pretrained(tmp_path / "m")
+    saved = yaml.safe_load((tmp_path / "m" / "config.yaml").read_text())
+    assert saved["codes"] == {"levels": [{"factor": 2, "vocab": [64]}]} == model.code_spec.to_dict()

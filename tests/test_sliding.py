@@ -1,9 +1,7 @@
 """Sliding-window sampling: grids larger than the prior's training grid."""
 import torch
 
-from vqgan.prior import TokenLayout, sample_images_tokens
-from vqgan.sliding import sample_sliding_window, window_origin
-from vqgan.transformer import GPT, GPTConfig
+from vqgan.priors import GPT, GPTConfig, TokenLayout, sample_grid, sample_images_tokens, window_origin
 
 
 def prior(layout, window):
@@ -23,7 +21,7 @@ def test_on_the_training_grid_it_equals_the_plain_sampler():
     gpt = prior(layout, (3, 4))
     labels = torch.tensor([0, 1])
     kw = dict(labels=labels, guidance_scale=2.0, top_k=6)
-    a = sample_sliding_window(gpt, layout, (3, 4), (3, 4), 2, generator=torch.Generator().manual_seed(3), **kw)
+    a = sample_grid(gpt, layout, (3, 4), 2, (3, 4), generator=torch.Generator().manual_seed(3), **kw)
     b = sample_images_tokens(gpt, layout, 12, 2, generator=torch.Generator().manual_seed(3), **kw)
     assert torch.equal(a.reshape(2, 12), b)
 
@@ -40,7 +38,7 @@ def test_large_grid_runs_and_each_position_sees_only_its_window():
         return original(idx, cache)
 
     gpt.forward = spy
-    out = sample_sliding_window(gpt, layout, grid, window, 2, generator=torch.Generator().manual_seed(0))
+    out = sample_grid(gpt, layout, grid, 2, window, generator=torch.Generator().manual_seed(0))
     assert out.shape == (2, 6, 10, 1)  # (B, H, W, depth)
     out = out[..., 0]
     assert out.min() >= 0 and out.max() < 12
@@ -51,7 +49,7 @@ def test_large_grid_runs_and_each_position_sees_only_its_window():
     known = torch.randint(0, 12, (1, *grid))
     keep = torch.ones(grid, dtype=torch.bool)
     keep[4, 7] = False
-    got = sample_sliding_window(gpt, layout, grid, window, 1, known=known, keep=keep, greedy=True)[..., 0]
+    got = sample_grid(gpt, layout, grid, 1, window, known=known, keep=keep, greedy=True)[..., 0]
     i0, j0 = window_origin(4, 7, grid, window)
     local = known[:, i0:i0 + 3, j0:j0 + 4].reshape(1, 12)
     k = (4 - i0) * 4 + (7 - j0)
@@ -66,9 +64,9 @@ def test_spatial_prior_slides_its_condition_window_too():
     layout = TokenLayout(n_embed=12, cond_n_embed=5, cond_len=6)
     gpt = prior(layout, (2, 3))
     cond = torch.randint(0, 5, (2, 4, 9))
-    out = sample_sliding_window(gpt, layout, (4, 9), (2, 3), 2, cond=cond, generator=torch.Generator().manual_seed(0))
+    out = sample_grid(gpt, layout, (4, 9), 2, (2, 3), cond=cond, generator=torch.Generator().manual_seed(0))
     assert out.shape == (2, 4, 9, 1)
-    same = sample_sliding_window(gpt, layout, (2, 3), (2, 3), 2, cond=cond[:, :2, :3],
+    same = sample_grid(gpt, layout, (2, 3), 2, (2, 3), cond=cond[:, :2, :3],
                                  generator=torch.Generator().manual_seed(0))
     plain = sample_images_tokens(gpt, layout, 6, 2, cond=cond[:, :2, :3], generator=torch.Generator().manual_seed(0))
     assert torch.equal(same.reshape(2, 6), plain)

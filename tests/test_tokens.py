@@ -6,10 +6,10 @@ import torch
 from conftest import tiny_model_config
 from PIL import Image
 
-from vqgan.autoencoder import VQModel
 from vqgan.cli import main
 from vqgan.data.tokens import TokenStore, tokenize_folder
 from vqgan.errors import UserError
+from vqgan.tokenizers import VQModel
 
 
 @pytest.fixture

@@ -4,8 +4,8 @@ import torch
 
 from vqgan.cli import main
 from vqgan.convert.taming import load_taming_transformer
-from vqgan.sampling import filter_logits, sample
-from vqgan.transformer import GPT, GPTConfig, linear
+from vqgan.priors import GPT, GPTConfig, filter_logits, sample
+from vqgan.priors.linear import linear
 
 
 def tiny_gpt(**kw):
@@ -137,7 +137,7 @@ def test_finetune_a_converted_taming_transformer_on_new_tokens(fixtures_dir, tmp
     assert main(["sample", str(tmp_path / "ft"), str(tmp_path / "out"), "--n", "1"]) == 0
     from conftest import tiny_model_config
 
-    from vqgan.autoencoder import VQModel
+    from vqgan.tokenizers import VQModel
 
     VQModel(tiny_model_config()).save_pretrained(tmp_path / "other")
     assert main(["tokenize", str(tmp_path / "other"), "builtin:scenes", str(tmp_path / "store2"), "--count", "8",

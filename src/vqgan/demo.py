@@ -91,7 +91,7 @@ def generate_pictures(root: Path, progress: bool = True) -> dict[str, Any]:
     from .data.scenes import SCENE_CLASSES, render_scene
     from .data.tokens import TokenStore
     from .generate import complete_images, write_grid
-    from .prior import load_prior
+    from .priors.load import load_prior
 
     out = root / "samples"
     store = TokenStore(root / "tokens")

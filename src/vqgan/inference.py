@@ -19,7 +19,6 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .autoencoder import VQModel
 from .checkpoint import fingerprint
 from .codes import CodeSpec
 from .data.images import ImageDataset, ReadableItems, collate_readable
@@ -41,6 +40,7 @@ from .data.tokens import (
 from .errors import UserError
 from .eval.metrics import psnr_per_image
 from .eval.report import to_uint8
+from .tokenizers import VQModel
 from .userinput import at_least, resolve_device
 
 LEGACY_TOKENS = "tokens.npy"  # `vqgan encode` before token stores (still decoded)

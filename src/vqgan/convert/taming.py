@@ -20,7 +20,6 @@ from typing import Any
 import torch
 import yaml
 
-from ..autoencoder import VQModel
 from ..checkpoint import (
     CONFIG_FILE,
     DISC_FILE,
@@ -39,6 +38,7 @@ from ..checkpoint import (
 from ..config import LossConfig, VQGANConfig, quantizer_config
 from ..errors import UserError
 from ..registry import FOREIGN_CHECKPOINTS
+from ..tokenizers import VQModel
 
 VQ_TARGET = "taming.models.vqgan.VQModel"
 GUMBEL_TARGET = "taming.models.vqgan.GumbelVQ"
@@ -317,7 +317,7 @@ def load_taming_transformer(ckpt: str | Path, config: str | Path | None = None):
     id), or spatial (the tokens of a segmentation / depth map from the condition stage `cond_stage_model.*`).
     In taming all of them share the vocabulary with the image codes.
     """
-    from ..transformer import GPT, GPTConfig
+    from ..priors import GPT, GPTConfig
 
     ckpt = _existing_checkpoint(ckpt)
     cfg_path = Path(config) if config else find_config(ckpt)

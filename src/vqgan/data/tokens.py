@@ -32,10 +32,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ..autoencoder import VQModel
 from ..checkpoint import fingerprint, load_model
 from ..codes import CodeSpec
 from ..errors import UserError
+from ..tokenizers import VQModel
 from ..userinput import at_least, output_dir, resolve_device
 from .images import ImageDataset, error_reason, report_bad_file
 from .maps import resample_for

@@ -13,7 +13,7 @@ from .layout import TokenLayout
 from .sampling import sample_grid
 
 if TYPE_CHECKING:
-    from ..autoencoder import VQModel
+    from ..tokenizers import VQModel
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ from torch import nn
 
 from ..config import from_dict
 from ..errors import UserError
-from ..registry import MODELS
 from ..native.decode import decode_step
+from ..registry import MODELS
 from .kv_cache import KVCache
 from .linear import Linear, linear
 

@@ -156,3 +156,24 @@ class TokenLayout:
         codes, cond_codes = (CodeSpec.from_dict(d[k]) if d.get(k) else None for k in ("codes", "cond_codes"))
         return cls(int(d["n_embed"]), int(d.get("n_classes", 0)), int(d.get("cond_n_embed", 0)),
                    int(d.get("cond_len", 0)), d.get("layout", "vqgan"), int(d.get("sos_token", 0)), codes, cond_codes)
+
+
+def layout_for_store(store, choice: str = "auto", source: str = "the token store") -> TokenLayout:
+    """The layout of a new prior over a token store (`data.tokens.TokenStore`): `choice` auto (on the store's
+    condition maps when it has them, else on its class labels when it has them), spatial, class or none."""
+    from ..errors import UserError
+
+    has_labels = bool((store.labels >= 0).any()) and bool(store.class_names)
+    if choice == "auto":
+        choice = "spatial" if store.condition else "class" if has_labels else "none"
+    if choice == "spatial":
+        if not store.condition:
+            raise UserError(f"data.conditioning=spatial: {source} has no condition maps; make it with "
+                            "`vqgan tokenize ... --cond-maps DIR --cond-tokenizer MODEL`")
+        return TokenLayout.for_codes(store.spec, cond_codes=store.cond_spec, cond_len=store.cond_tokens.shape[1])
+    if choice == "class":
+        if not has_labels:
+            raise UserError(f"data.conditioning=class: {source} has no class labels; make it with "
+                            "`vqgan tokenize ... --labels folders` (or a CSV/JSON file)")
+        return TokenLayout.for_codes(store.spec, len(store.class_names))
+    return TokenLayout.for_codes(store.spec)

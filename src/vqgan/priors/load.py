@@ -69,6 +69,25 @@ def load_prior(path: str, tokenizer: str | None = None, device: str | torch.devi
     return Prior(gpt.eval(), layout, vq, grid, conditioning, cond_vq)
 
 
+def recorded_tokenizer(info: dict | None):
+    """The tokenizer a token store records ({path, fingerprint}), or None (with a warning) when it is missing or
+    its weights changed since the store was made: a prior's sample grids then go undecoded."""
+    import logging
+
+    if not info:
+        return None
+    log = logging.getLogger("vqgan.train")
+    try:
+        model = load_model(info["path"]).eval()
+    except (UserError, OSError) as e:
+        log.warning("cannot load tokenizer %s (%s): no decoded samples", info["path"], e)
+        return None
+    if fingerprint(model) != info["fingerprint"]:
+        log.warning("tokenizer %s changed since the token store was made: not used", info["path"])
+        return None
+    return model
+
+
 def code_ids(tokenizer) -> int:
     """How many token ids a tokenizer's codes take in a prior: the sum of its streams' vocabularies."""
     return sum(tokenizer.code_spec.streams)

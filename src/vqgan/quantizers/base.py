@@ -38,6 +38,10 @@ class Quantizer(nn.Module):
         """(B, h, w, depth) int64 -> (B, C, h, w) code vectors: the `quantized` of the forward pass."""
         raise NotImplementedError
 
+    def indices_of(self, z: torch.Tensor) -> torch.Tensor:
+        """Just the indices of latents `z` (tokenizing): a kind may skip its losses and statistics here."""
+        return self(z).indices
+
     @property
     def vocab_per_depth(self) -> tuple[int, ...]:
         return self.config.vocab_per_depth

@@ -122,6 +122,11 @@ class VectorQuantizer(Quantizer):
         tokens = self._to_tokens(indices).view(b, h, w, 1)
         return QuantizerOutput(quantized, tokens, loss, codebook_stats(tokens, self.n_embed), codes=rows)
 
+    def indices_of(self, z: torch.Tensor) -> torch.Tensor:
+        b, d, h, w = z.shape
+        rows = nearest_code(z.permute(0, 2, 3, 1).reshape(-1, d), self.embedding.weight)
+        return self._to_tokens(rows).view(b, h, w, 1)
+
     @property
     def codebook_size(self) -> int:
         return self.embedding.num_embeddings  # rows, not the remapped token vocabulary

@@ -55,7 +55,7 @@ class VQModel(nn.Module):
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) in [-1, 1] -> tokens (B, H/f, W/f, depth) int64."""
-        return self.quantize(self.encode_to_prequant(_inference_layout(images))).indices
+        return self.quantize.indices_of(self.encode_to_prequant(_inference_layout(images)))
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:

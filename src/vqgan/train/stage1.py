@@ -19,7 +19,6 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 
-from ..autoencoder import VQModel
 from ..checkpoint import (
     CONFIG_FILE,
     DISC_FILE,
@@ -36,6 +35,7 @@ from ..data.sources import image_sources
 from ..errors import UserError
 from ..eval.metrics import evaluate_reconstruction
 from ..losses import VQGANLoss, build_lpips
+from ..tokenizers import VQModel
 from .common import (
     ResumableSampler,
     Runtime,

@@ -31,8 +31,8 @@ from ..config import PriorTrainConfig, TransformerTrainConfig
 from ..data.tokens import UNUSABLE, TokenStore
 from ..errors import UserError
 from ..priors.gpt import GPT, GPTConfig
-from ..priors.layout import TokenLayout
-from ..priors.load import load_prior
+from ..priors.layout import layout_for_store
+from ..priors.load import load_prior, recorded_tokenizer
 from ..priors.sampling import sample_images_tokens
 from .common import ResumableSampler, Runtime, autocast, cleanup_runtime, resolve_precision, setup_runtime
 from .guard import all_finite
@@ -71,7 +71,7 @@ class PriorTrainer(TrainingLoop):
         self.store = TokenStore(cfg.data.tokens)
         self.n_tokens = self.store.row_length
         init = self._init_prior(cfg.train.init_from) if cfg.train.init_from else None
-        self.layout = init.layout if init else self._layout(cfg.data.conditioning)
+        self.layout = init.layout if init else layout_for_store(self.store, cfg.data.conditioning, cfg.data.tokens)
         m = cfg.model
         self.gpt_config = init.gpt.config if init else GPTConfig(
             vocab_size=self.layout.vocab_size, block_size=self.layout.prefix_len + self.n_tokens - 1,
@@ -118,23 +118,6 @@ class PriorTrainer(TrainingLoop):
             raise UserError(f"train.init_from {path}: block_size {prior.gpt.config.block_size} is too short for "
                             f"{self.n_tokens} image tokens")
         return prior
-
-    def _layout(self, choice: str) -> TokenLayout:
-        store = self.store
-        has_labels = bool((store.labels >= 0).any()) and bool(store.class_names)
-        if choice == "auto":
-            choice = "spatial" if store.condition else "class" if has_labels else "none"
-        if choice == "spatial":
-            if not store.condition:
-                raise UserError(f"data.conditioning=spatial: {self.cfg.data.tokens} has no condition maps; make it "
-                                "with `vqgan tokenize ... --cond-maps DIR --cond-tokenizer MODEL`")
-            return TokenLayout.for_codes(store.spec, cond_codes=store.cond_spec, cond_len=store.cond_tokens.shape[1])
-        if choice == "class":
-            if not has_labels:
-                raise UserError(f"data.conditioning=class: {self.cfg.data.tokens} has no class labels; make it with "
-                                "`vqgan tokenize ... --labels folders` (or a CSV/JSON file)")
-            return TokenLayout.for_codes(store.spec, len(store.class_names))
-        return TokenLayout.for_codes(store.spec)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def config_dict(self) -> dict[str, Any]:
@@ -266,23 +249,9 @@ class PriorTrainer(TrainingLoop):
     def tokenizers(self):
         """(tokenizer, condition tokenizer) recorded by the store, each None when missing or changed since."""
         if not hasattr(self, "_tokenizers"):
-            from ..checkpoint import fingerprint, load_model
-
-            def load(info: dict | None):
-                if not info:
-                    return None
-                try:
-                    model = load_model(info["path"]).eval()
-                except (UserError, OSError) as e:
-                    log.warning("cannot load tokenizer %s (%s): no decoded samples", info["path"], e)
-                    return None
-                if fingerprint(model) != info["fingerprint"]:
-                    log.warning("tokenizer %s changed since the token store was made: not used", info["path"])
-                    return None
-                return model
-
             cond = self.store.condition
-            self._tokenizers = (load(self.store.meta["tokenizer"]), load(cond["tokenizer"] if cond else None))
+            self._tokenizers = (recorded_tokenizer(self.store.meta["tokenizer"]),
+                                recorded_tokenizer(cond["tokenizer"] if cond else None))
         return self._tokenizers
 
     def sample(self, batch: int, labels: torch.Tensor | None = None, cond: torch.Tensor | None = None,
