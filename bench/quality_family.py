@@ -1,0 +1,112 @@
+#!/usr/bin/env python
+"""The quantizer family side by side: each kind's `small-cpu` preset (equal ~10 bits per position) trained for
+the same steps at the same batch on the same folder, one process per kind (clean timings), held-out = the last
+64 files by name. Prints a markdown table: held-out PSNR, codebook usage (distinct codes in the held-out
+tokens / vocabulary, per depth where a position holds several codes), perplexity, bits per position, seconds
+per training step.
+
+Usage is measured on held-out images, where it means something. The training log's `usage_window` counts the
+codes that won on *training* batches in the last `restart_after` steps, codes kept alive by restarts onto
+single encoder outputs included, so it overstates what the data uses; it is shown for comparison only.
+
+    python bench/quality_family.py DATA_DIR [--kinds vq,ema,...] [--steps 300] [--batch 8] [--out runs/family]
+    python bench/make_photo_crops.py /tmp/photos; python bench/make_emoji_dataset.py /tmp/emoji   # the data
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = {"vq": "small-cpu", "ema": "small-cpu-ema", "factorized": "small-cpu-factorized", "fsq": "small-cpu-fsq",
+           "lfq": "small-cpu-lfq", "residual": "small-cpu-rq"}
+
+
+def run_one(kind: str, data: str, steps: int, batch: int, out: Path, holdout: int) -> dict:
+    """Train one preset in this process; returns the held-out evaluation and timing."""
+    sys.path.insert(0, str(ROOT / "src"))
+    import torch
+
+    from vqgan.config import TokenizerTrainConfig, load_config
+    from vqgan.eval.report import tokenizer_report
+    from vqgan.presets import resolve_config_path
+    from vqgan.train.stage1 import train_tokenizer
+
+    torch.set_num_threads(2)
+    cfg = load_config(TokenizerTrainConfig, resolve_config_path(PRESETS[kind]), [
+        f"data.path={data}", f"data.holdout={holdout}", f"train.steps={steps}", f"train.batch_size={batch}",
+        f"train.out_dir={out}", f"train.eval_every={steps}", f"train.ckpt_every={steps}",
+        f"train.image_every={steps}"])
+    t0 = time.perf_counter()
+    result = train_tokenizer(cfg, progress=False)
+    seconds = time.perf_counter() - t0
+    tokenizer_report(out, result, title=f"quantizer family: {kind}")
+    spec = cfg.model.code_spec
+    bits = sum(math.log2(v) for v in spec.levels[0].vocab)
+    logs = _train_logs(out)
+    rates = [r["it_per_s"] for r in logs[1:] if r.get("it_per_s")]  # the first window includes start-up
+    per_step = sum(1 / r for r in rates) / len(rates) if rates else seconds / steps
+    keep = ("psnr", "usage", "perplexity", "codes_used", "n_embed", "usage_per_stream", "perplexity_per_stream")
+    return {"kind": kind, **{k: result[k] for k in keep if k in result}, "bits_per_position": bits,
+            "depth": spec.levels[0].depth, "seconds_per_step": per_step, "seconds_total": seconds,
+            "usage_window": logs[-1].get("usage_window") if logs else None}
+
+
+def _train_logs(out: Path) -> list[dict]:
+    log = out / "logs" / "metrics.jsonl"
+    if not log.is_file():
+        return []
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r.get("kind") == "train"]
+
+
+def table(rows: list[dict], data: str, steps: int, batch: int) -> str:
+    lines = [f"{steps} steps, batch {batch}, held-out = last 64 files of {data}", "",
+             "| kind | held-out PSNR (dB) | usage (held-out) | perplexity | bits/position | s/step | usage_window (train) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        usage = f"{r['usage']:.1%}"
+        if r.get("usage_per_stream"):
+            usage += " (" + " / ".join(f"{u:.0%}" for u in r["usage_per_stream"]) + ")"
+        window = "-" if r.get("usage_window") is None else f"{r['usage_window']:.0%}"
+        lines.append(f"| {r['kind']} | {r['psnr']:.2f} | {usage} | {r['perplexity']:.1f} | "
+                     f"{r['bits_per_position']:.2f} | {r['seconds_per_step']:.2f} | {window} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("data")
+    ap.add_argument("--kinds", default=",".join(PRESETS))
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--holdout", type=int, default=64)
+    ap.add_argument("--out", default="runs/family")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process: train this kind
+    args = ap.parse_args()
+    out = Path(args.out)
+    if args.one:
+        result = run_one(args.one, args.data, args.steps, args.batch, out / args.one, args.holdout)
+        (out / f"{args.one}.json").write_text(json.dumps(result, indent=1))
+        return 0
+    rows = []
+    for kind in args.kinds.split(","):
+        if kind not in PRESETS:
+            print(f"unknown kind {kind}; one of {', '.join(PRESETS)}", file=sys.stderr)
+            return 2
+        out.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, __file__, args.data, "--one", kind, "--steps", str(args.steps), "--batch",
+                        str(args.batch), "--holdout", str(args.holdout), "--out", str(out)], check=True)
+        rows.append(json.loads((out / f"{kind}.json").read_text()))
+        print(table(rows, args.data, args.steps, args.batch), flush=True)
+    (out / "table.md").write_text(table(rows, args.data, args.steps, args.batch) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
