@@ -2,6 +2,7 @@
 quantize_dropout, shared vs separate codebooks and their upkeep, its presets, and a tiny model through training,
 `vqgan encode` / `decode` and a prior on its two-depth tokens."""
 import copy
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,7 @@ def test_residual_shrinks_with_depth(shared):
     with torch.no_grad():
         left = [float((z - q.partial_sum(out.indices, k)).square().mean()) if k else float(z.square().mean())
                 for k in range(5)]
-    assert all(a > b for a, b in zip(left, left[1:])), left
+    assert all(a > b for a, b in itertools.pairwise(left)), left
     assert left[4] < 0.5 * left[0], left
     assert float(out.stats["residual"]) == pytest.approx(left[4] / left[0], rel=1e-4)
 
@@ -98,7 +99,7 @@ def test_quantize_dropout_drops_later_depths_of_some_samples_in_training_only():
 
 
 def test_shared_and_separate_codebooks_have_the_right_parameter_counts():
-    count = lambda q: sum(p.numel() for p in q.parameters())  # noqa: E731
+    count = lambda q: sum(p.numel() for p in q.parameters())
     assert count(make(depth=4, shared_codebook=True)) == 64 * 8
     assert count(make(depth=4, shared_codebook=False)) == 4 * 64 * 8
     assert len(make(depth=3, shared_codebook=False).codebooks) == 3
@@ -173,10 +174,12 @@ def test_bad_settings_are_one_line_errors(options, key):
 
 def test_presets_load_and_build():
     small = load_config(TokenizerTrainConfig, CONFIG_DIR / "small-cpu-rq.yaml")
+    small.validate()
     model = VQModel(small.model)
     assert model.code_spec.levels[0].vocab == (32, 32) and small.model.latent_size == 8
     assert model.code_spec.bits_per_image(64, 64) == 64 * 10  # 10 bits per position
     big = load_config(TokenizerTrainConfig, CONFIG_DIR / "rq-8x8x4.yaml")
+    big.validate()
     with torch.device("meta"):
         model = VQModel(big.model)
     assert big.model.latent_size == 8 and model.downsample_factor == 32
@@ -203,7 +206,7 @@ def test_a_tiny_residual_model_trains_and_its_tokens_feed_a_prior(tmp_path):
     cfg = tiny_train_config(tmp_path, data={"path": str(folder), "holdout": 4, "crop": "center", "flip": False},
                             model={"quantizer": {"kind": "residual", "depth": 2, "n_embed": 32, "embed_dim": 16}},
                             loss={"disc_start": 10_000, "disc_train_start": 10_000},
-                            train={"steps": 40, "batch_size": 8, "base_learning_rate": 2.5e-5, "eval_every": 1000,
+                            train={"steps": 30, "batch_size": 8, "base_learning_rate": 1e-4, "eval_every": 1000,
                                    "ckpt_every": 1000, "codebook": {"restart_every": 10, "restart_after": 20}})
     trainer = TokenizerTrainer(cfg, progress=False)
     before = trainer.evaluate()["psnr"]
@@ -222,7 +225,7 @@ def test_a_tiny_residual_model_trains_and_its_tokens_feed_a_prior(tmp_path):
     assert np.asarray(store.tokens).shape == (6, 16 * 16 * 2)
     codes = store.rows_to_codes(torch.as_tensor(np.asarray(store.tokens[:1]).astype(np.int64)))
     first = Image.open(images / Path(store.meta["files"][0]).name)
-    x = torch.from_numpy(np.asarray(first)).permute(2, 0, 1)[None].float() / 127.5 - 1
+    x = torch.from_numpy(np.array(first)).permute(2, 0, 1)[None].float() / 127.5 - 1
     assert torch.equal(codes, model.encode(x))  # the rows hold (h, w, depth) codes, depths of a position together
     assert main(["decode", str(tmp_path / "run"), str(tmp_path / "tokens"), str(tmp_path / "dec"),
                  "--no-progress"]) == 0
@@ -247,3 +250,18 @@ def test_separate_codebooks_train_checkpoint_and_resume(tmp_path):
     resumed = TokenizerTrainer(cfg, resume=True, progress=False)
     assert resumed.step == 2 and resumed.care.initialized
     assert resumed.fit()["step"] == 4
+
+
+def test_loss_is_the_commitment_on_the_partial_sums_plus_the_codebook_terms():
+    """The gradient the loss sends to the latents: beta * mean over depths of d||z - sg[partial sum d]||^2 / dz."""
+    q = data_initialised(make(depth=3, beta=0.25)).train()
+    z = torch.randn(2, 8, 3, 3, requires_grad=True)
+    out = q(z)
+    out.loss.backward()
+    with torch.no_grad():
+        partials = [q.partial_sum(out.indices, k) for k in (1, 2, 3)]
+        expected = sum(2 * (z - p) / z.numel() for p in partials) * 0.25 / 3
+    torch.testing.assert_close(z.grad, expected)
+    q.zero_grad()
+    q(z.detach()).loss.backward()  # the codebook terms pull the codes that won towards their residuals
+    assert q.book(0).embedding.weight.grad.abs().sum() > 0
