@@ -4,10 +4,11 @@ from ..registry import QUANTIZERS
 from .base import Quantizer, QuantizerOutput, codebook_stats
 from .codebook import CodebookUpkeep
 from .gumbel import GumbelConfig, GumbelQuantizer
+from .residual import ResidualConfig, ResidualQuantizer
 from .vq import VectorQuantizer, VQConfig, nearest_code
 
-__all__ = ["CodebookUpkeep", "GumbelConfig", "GumbelQuantizer", "Quantizer", "QuantizerOutput", "VQConfig",
-           "VectorQuantizer", "build_quantizer", "codebook_stats", "nearest_code"]
+__all__ = ["CodebookUpkeep", "GumbelConfig", "GumbelQuantizer", "Quantizer", "QuantizerOutput", "ResidualConfig",
+           "ResidualQuantizer", "VQConfig", "VectorQuantizer", "build_quantizer", "codebook_stats", "nearest_code"]
 
 
 def build_quantizer(config, latent_channels: int) -> Quantizer:
