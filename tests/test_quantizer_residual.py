@@ -11,7 +11,6 @@ import torch
 from conftest import tiny_train_config
 from PIL import Image
 
-from vqgan.autoencoder import VQModel
 from vqgan.checkpoint import load_model
 from vqgan.cli import main
 from vqgan.config import CodebookCareConfig, TokenizerTrainConfig, VQGANConfig, load_config, quantizer_config
@@ -19,6 +18,7 @@ from vqgan.data.tokens import TokenStore
 from vqgan.errors import UserError
 from vqgan.presets import CONFIG_DIR
 from vqgan.quantizers import ResidualQuantizer, build_quantizer
+from vqgan.tokenizers import VQModel
 from vqgan.train.stage1 import TokenizerTrainer
 
 CARE = CodebookCareConfig(restart_every=1, restart_after=1, restart_until=1.0)
