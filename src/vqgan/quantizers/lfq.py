@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from ..config import QuantizerConfig
 from ..errors import UserError
@@ -105,35 +104,58 @@ def sample_entropy(logits: torch.Tensor) -> torch.Tensor:
     return (F.softplus(logits) - torch.sigmoid(logits) * logits).sum(1).mean()
 
 
-def _code_bits(start: int, stop: int, bits: int, device: torch.device) -> torch.Tensor:
-    """(stop - start, bits) float 0/1: the bits of codes start..stop-1, bit k of code c = (c >> k) & 1."""
-    codes = torch.arange(start, stop, device=device)
-    return ((codes[:, None] >> torch.arange(bits, device=device)) & 1).float()
+def _code_bits(start: int, stop: int, bits: int, like: torch.Tensor) -> torch.Tensor:
+    """(stop - start, bits) 0/1: the bits of codes start..stop-1, bit k of code c = (c >> k) & 1."""
+    codes = torch.arange(start, stop, device=like.device)
+    return ((codes[:, None] >> torch.arange(bits, device=like.device)) & 1).to(like.dtype)
 
 
-def _mean_probs(logits: torch.Tensor, log_norm: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """Batch-mean probability of codes start..stop-1: (stop - start,). Holds one (N, chunk) block."""
-    log_p = logits @ _code_bits(start, stop, logits.shape[1], logits.device).t() - log_norm
-    return log_p.exp().mean(0)
+def _chunk_probs(logits: torch.Tensor, log_norm: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """p(c|z_n) for the codes whose bits are `codes` (chunk, bits): one (N, chunk) block."""
+    return torch.addmm(-log_norm, logits, codes.t()).exp_()
+
+
+class _MeanCodeProbs(torch.autograd.Function):
+    """logits (N, bits) -> E_n[p(c|z_n)] for all 2^bits codes c, one chunk of codes at a time; the backward pass
+    recomputes each chunk. One (N, chunk) block at a time in either pass, and nothing outlives an iteration: with
+    autograd through checkpointed chunks instead, the small per-chunk outputs kept between the big blocks
+    fragmented glibc's heap and the RSS grew by about the full (N, 2^bits) size (2.5 GB at 2^18 codes)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, chunk: int) -> torch.Tensor:
+        n, bits = logits.shape
+        log_norm = F.softplus(logits).sum(1, keepdim=True)  # log of the normaliser of p(c|z_n)
+        mean = logits.new_empty(2**bits)  # written in place: nothing outlives an iteration of the loop
+        for start in range(0, 2**bits, chunk):
+            stop = min(2**bits, start + chunk)
+            mean[start:stop] = _chunk_probs(logits, log_norm, _code_bits(start, stop, bits, logits)).mean(0)
+        ctx.save_for_backward(logits, log_norm)
+        ctx.chunk = chunk
+        return mean
+
+    @staticmethod
+    def backward(ctx, grad_mean: torch.Tensor) -> tuple[torch.Tensor, None]:
+        # d log p(c|z_n) / d logit_nk = b_ck - sigmoid(logit_nk), so with g = grad_mean and P = p(c|z_n):
+        # grad logit_nk = (1/N) (sum_c P_nc g_c b_ck - sigmoid(logit_nk) sum_c P_nc g_c)
+        logits, log_norm = ctx.saved_tensors
+        n, bits = logits.shape
+        weighted_bits = torch.zeros_like(logits)  # sum_c P_nc g_c b_ck
+        weighted = logits.new_zeros(n, 1)  # sum_c P_nc g_c
+        for start in range(0, 2**bits, ctx.chunk):
+            stop = min(2**bits, start + ctx.chunk)
+            codes = _code_bits(start, stop, bits, logits)
+            block = _chunk_probs(logits, log_norm, codes).mul_(grad_mean[start:stop])
+            weighted_bits.addmm_(block, codes)
+            weighted += block.sum(1, keepdim=True)
+        return (weighted_bits - torch.sigmoid(logits) * weighted) / n, None
 
 
 def codebook_entropy(logits: torch.Tensor) -> torch.Tensor:
     """H(E_n[p(c|z_n)]) over all 2^bits codes in nats, exactly. The mean distribution does not factorize over
-    bits, so it is summed in chunks of codes; each chunk is recomputed in the backward pass (checkpointing),
-    which therefore never holds more than one (N, chunk) block either."""
+    bits, so it is summed in chunks of codes (`_MeanCodeProbs`); memory: the (2^bits,) mean and one block."""
     n, bits = logits.shape
-    log_norm = F.softplus(logits).sum(1, keepdim=True)  # (N, 1): log of the normaliser of p(c|z_n)
-    size = 2**bits
-    chunk = min(size, max(1, _CHUNK_ELEMENTS // max(n, 1)))
-    recompute = torch.is_grad_enabled() and logits.requires_grad and chunk < size
-    parts = []
-    for start in range(0, size, chunk):
-        stop = min(size, start + chunk)
-        if recompute:
-            parts.append(checkpoint(_mean_probs, logits, log_norm, start, stop, use_reentrant=False))
-        else:
-            parts.append(_mean_probs(logits, log_norm, start, stop))
-    mean = torch.cat(parts)
+    chunk = min(2**bits, max(1, _CHUNK_ELEMENTS // max(n, 1)))
+    mean = _MeanCodeProbs.apply(logits, chunk)
     return -(mean * torch.log(mean.clamp_min(1e-30))).sum()
 
 
