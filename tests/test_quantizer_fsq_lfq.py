@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from conftest import tiny_train_config
 from PIL import Image
 
+from vqgan.checkpoint import load_model
 from vqgan.config import TokenizerTrainConfig, load_config, quantizer_config
 from vqgan.errors import UserError
 from vqgan.presets import resolve_config_path
@@ -209,9 +210,14 @@ def test_a_tiny_model_learns_real_photographs(tmp_path, photos, quantizer):
     cfg = tiny_train_config(tmp_path, model={"quantizer": quantizer},
                             data={"path": str(photos), "holdout": 4, "crop": "center", "flip": False},
                             loss={"disc_start": 10_000, "disc_train_start": 10_000},
-                            train={"steps": 40, "batch_size": 8, "base_learning_rate": 2.5e-5, "eval_every": 1000,
+                            train={"steps": 24, "batch_size": 8, "base_learning_rate": 1e-4, "eval_every": 1000,
                                    "ckpt_every": 1000})
     trainer = TokenizerTrainer(cfg, progress=False)
     before = trainer.evaluate()["psnr"]
     after = trainer.fit()
-    assert after["psnr"] > before + 3.0, (before, after["psnr"])
+    assert after["psnr"] > before + 2.5, (before, after["psnr"])  # 20 steps gave +3.7 (fsq), +4.0 (lfq) dB
+    model = load_model(tmp_path / "run")  # the saved config names the kind; the registry rebuilds it
+    assert model.code_spec == cfg.model.code_spec
+    tokens = model.encode(torch.rand(2, 3, 32, 32) * 2 - 1)
+    assert tokens.shape == (2, 16, 16, len(cfg.model.quantizer.vocab_per_depth))
+    assert model.decode(tokens).shape == (2, 3, 32, 32)
