@@ -149,9 +149,8 @@ def test_lfq_factorized_codebook_entropy_sums_the_groups_and_bounds_the_exact_on
 
 
 def test_lfq_training_loss_is_commitment_plus_the_weighted_entropies():
-    opts = dict(bits=6, commitment_weight=0.3, entropy_weight=0.2, sample_entropy_weight=0.7,
-                codebook_entropy_weight=1.3, entropy_temperature=0.5, codebook_scale=2.0)
-    q = make("lfq", **opts)
+    q = make("lfq", bits=6, commitment_weight=0.3, entropy_weight=0.2, sample_entropy_weight=0.7,
+             codebook_entropy_weight=1.3, entropy_temperature=0.5, codebook_scale=2.0)
     z = torch.randn(2, 6, 3, 4, dtype=torch.float64, requires_grad=True)
     out = q.train()(z)
     flat = z.permute(0, 2, 3, 1).reshape(-1, 6)

@@ -123,7 +123,7 @@ class _MeanCodeProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, chunk: int) -> torch.Tensor:
-        n, bits = logits.shape
+        bits = logits.shape[1]
         log_norm = F.softplus(logits).sum(1, keepdim=True)  # log of the normaliser of p(c|z_n)
         mean = logits.new_empty(2**bits)  # written in place: nothing outlives an iteration of the loop
         for start in range(0, 2**bits, chunk):
