@@ -1,0 +1,213 @@
+"""Lookup-free quantization (Yu et al. 2023, "Language Model Beats Diffusion -- Tokenizer is Key to Visual
+Generation" (MAGVIT-v2), arXiv:2310.05737; defaults as Open-MAGVIT2, Luo et al. 2024, arXiv:2409.04410).
+
+Each of `bits` channels is quantized to its sign: the implicit codebook is {-1, 1}^bits, never stored. An
+entropy penalty keeps the codes used: a low entropy of each position's soft code assignment (confident codes)
+and a high entropy of the batch's mean assignment (all codes used). The token of a position is given to the
+prior as `split` sub-tokens of bits/split bits each (a 2^18 vocabulary is too many ids for one softmax).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..config import QuantizerConfig
+from ..errors import UserError
+from ..registry import QUANTIZERS
+from .base import Quantizer, QuantizerOutput, stats_from_counts
+
+AUTO_SUBTOKEN_BITS = 12  # token_split 0: the fewest sub-tokens of at most this many bits (4096 ids each)
+MAX_SUBTOKEN_BITS = 16  # the prior takes at most 2^16 ids per position
+MAX_ENTROPY_GROUP_BITS = 20  # exact codebook entropy over more codes than this is too slow: factorize
+
+
+@dataclass
+class LFQConfig(QuantizerConfig):
+    """`kind: lfq`: 2^bits codes, the signs of `bits` channels. `embed_dim` is not read: the code width is `bits`.
+
+    loss = commitment_weight * ||z - sg[q]||^2
+           + entropy_weight * (sample_entropy_weight * E[H(p(c|z))] - codebook_entropy_weight * H(E[p(c|z)]))
+    with p(c|z) = softmax_c(2 z.c / entropy_temperature) over the 2^bits codes c (the paper's formulation;
+    weights 0.25, 0.1, 1, 1 and temperature 0.01 are Open-MAGVIT2's).
+    """
+
+    kind: str = "lfq"
+    bits: int = 10
+    commitment_weight: float = 0.25
+    entropy_weight: float = 0.1
+    sample_entropy_weight: float = 1.0  # per-sample entropy, minimised
+    codebook_entropy_weight: float = 1.0  # entropy of the batch-mean distribution, maximised
+    entropy_temperature: float = 0.01
+    codebook_scale: float = 1.0  # the codes are +-codebook_scale
+    # the codebook entropy over groups of bits/entropy_groups bits, summed: 1 = exact over all 2^bits codes;
+    # more is Open-MAGVIT2's factorized approximation (an upper bound, cheaper: 2 groups of 9 bits at 18 bits)
+    entropy_groups: int = 1
+    token_split: int = 0  # sub-tokens per position; 0: the fewest of at most 12 bits each
+
+    @property
+    def code_width(self) -> int:
+        return self.bits
+
+    @property
+    def split(self) -> int:
+        """Sub-tokens per position: `token_split`, or the fewest that divide `bits` with <= 12 bits each."""
+        if self.token_split:
+            return self.token_split
+        return next(s for s in range(1, max(self.bits, 1) + 1) if self.bits % s == 0
+                    and self.bits // s <= AUTO_SUBTOKEN_BITS)
+
+    @property
+    def vocab_per_depth(self) -> tuple[int, ...]:
+        return (2 ** (self.bits // self.split),) * self.split
+
+    def validate(self, where: str = "model.quantizer") -> None:
+        super().validate(where)
+        if self.bits < 1:
+            raise UserError(f"{where}.bits must be >= 1, got {self.bits}")
+        if self.token_split < 0 or self.bits % max(self.token_split, 1):
+            raise UserError(f"{where}.token_split must divide {where}.bits ({self.bits}) or be 0 (auto), "
+                            f"got {self.token_split}")
+        if self.bits // self.split > MAX_SUBTOKEN_BITS:
+            fits = next(s for s in range(self.split, self.bits + 1)
+                        if self.bits % s == 0 and self.bits // s <= MAX_SUBTOKEN_BITS)
+            raise UserError(f"{where}.bits {self.bits} in {self.split} sub-token(s) gives 2^{self.bits // self.split} "
+                            f"ids per sub-token; the prior takes at most 2^{MAX_SUBTOKEN_BITS}: raise "
+                            f"{where}.token_split (e.g. {fits}, or 0 for auto)")
+        if self.entropy_groups < 1 or self.bits % self.entropy_groups:
+            raise UserError(f"{where}.entropy_groups must divide {where}.bits ({self.bits}), got {self.entropy_groups}")
+        if self.bits // self.entropy_groups > MAX_ENTROPY_GROUP_BITS:
+            raise UserError(f"{where}.bits {self.bits} in {self.entropy_groups} entropy group(s) of "
+                            f"{self.bits // self.entropy_groups} bits: the exact codebook entropy would sum over "
+                            f"2^{self.bits // self.entropy_groups} codes; raise {where}.entropy_groups")
+        for name in ("entropy_temperature", "codebook_scale"):
+            if not getattr(self, name) > 0:
+                raise UserError(f"{where}.{name} must be > 0, got {getattr(self, name)}")
+
+
+# -- entropies of p(c|z) ------------------------------------------------------------------------------
+# exp(2 s z.c / t) is a product over bits, so p(c|z) is a product of independent bits: bit k is 1 (c_k = +s)
+# with probability sigmoid(logit_k), logit_k = 4 s z_k / t, and log p(c|z) = sum_k b_k logit_k - softplus(logit_k).
+
+# positions x codes per chunk of the codebook entropy (16 MB of float32)
+_CHUNK_ELEMENTS = 2**22
+
+
+def bit_logits(z: torch.Tensor, scale: float, temperature: float) -> torch.Tensor:
+    """(N, bits) latents -> (N, bits) logits of each bit being 1."""
+    return z * (4 * scale / temperature)
+
+
+def sample_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of H(p(c|z)) in nats: the sum of the bits' Bernoulli entropies, exactly."""
+    return (F.softplus(logits) - torch.sigmoid(logits) * logits).sum(1).mean()
+
+
+def _code_bits(start: int, stop: int, bits: int, like: torch.Tensor) -> torch.Tensor:
+    """(stop - start, bits) 0/1: the bits of codes start..stop-1, bit k of code c = (c >> k) & 1."""
+    codes = torch.arange(start, stop, device=like.device)
+    return ((codes[:, None] >> torch.arange(bits, device=like.device)) & 1).to(like.dtype)
+
+
+def _chunk_probs(logits: torch.Tensor, log_norm: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """p(c|z_n) for the codes whose bits are `codes` (chunk, bits): one (N, chunk) block."""
+    return torch.addmm(-log_norm, logits, codes.t()).exp_()
+
+
+class _MeanCodeProbs(torch.autograd.Function):
+    """logits (N, bits) -> E_n[p(c|z_n)] for all 2^bits codes c, one chunk of codes at a time; the backward pass
+    recomputes each chunk. One (N, chunk) block at a time in either pass, and nothing outlives an iteration: with
+    autograd through checkpointed chunks instead, the small per-chunk outputs kept between the big blocks
+    fragmented glibc's heap and the RSS grew by about the full (N, 2^bits) size (2.5 GB at 2^18 codes)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, chunk: int) -> torch.Tensor:
+        bits = logits.shape[1]
+        log_norm = F.softplus(logits).sum(1, keepdim=True)  # log of the normaliser of p(c|z_n)
+        mean = logits.new_empty(2**bits)  # written in place: nothing outlives an iteration of the loop
+        for start in range(0, 2**bits, chunk):
+            stop = min(2**bits, start + chunk)
+            mean[start:stop] = _chunk_probs(logits, log_norm, _code_bits(start, stop, bits, logits)).mean(0)
+        ctx.save_for_backward(logits, log_norm)
+        ctx.chunk = chunk
+        return mean
+
+    @staticmethod
+    def backward(ctx, grad_mean: torch.Tensor) -> tuple[torch.Tensor, None]:
+        # d log p(c|z_n) / d logit_nk = b_ck - sigmoid(logit_nk), so with g = grad_mean and P = p(c|z_n):
+        # grad logit_nk = (1/N) (sum_c P_nc g_c b_ck - sigmoid(logit_nk) sum_c P_nc g_c)
+        logits, log_norm = ctx.saved_tensors
+        n, bits = logits.shape
+        weighted_bits = torch.zeros_like(logits)  # sum_c P_nc g_c b_ck
+        weighted = logits.new_zeros(n, 1)  # sum_c P_nc g_c
+        for start in range(0, 2**bits, ctx.chunk):
+            stop = min(2**bits, start + ctx.chunk)
+            codes = _code_bits(start, stop, bits, logits)
+            block = _chunk_probs(logits, log_norm, codes).mul_(grad_mean[start:stop])
+            weighted_bits.addmm_(block, codes)
+            weighted += block.sum(1, keepdim=True)
+        return (weighted_bits - torch.sigmoid(logits) * weighted) / n, None
+
+
+def codebook_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """H(E_n[p(c|z_n)]) over all 2^bits codes in nats, exactly. The mean distribution does not factorize over
+    bits, so it is summed in chunks of codes (`_MeanCodeProbs`); memory: the (2^bits,) mean and one block."""
+    n, bits = logits.shape
+    chunk = min(2**bits, max(1, _CHUNK_ELEMENTS // max(n, 1)))
+    mean = _MeanCodeProbs.apply(logits, chunk)
+    return -(mean * torch.log(mean.clamp_min(1e-30))).sum()
+
+
+def factorized_codebook_entropy(logits: torch.Tensor, groups: int) -> torch.Tensor:
+    """The codebook entropy of each group of bits, summed (exact when groups == 1; an upper bound otherwise)."""
+    return sum(codebook_entropy(part) for part in logits.chunk(groups, dim=1))
+
+
+# -- the quantizer --------------------------------------------------------------------------------------
+@QUANTIZERS.register("lfq", config=LFQConfig)
+class LookupFreeQuantizer(Quantizer):
+    """z (B, bits, h, w) -> signs * codebook_scale (straight-through). Bit k of a position's code is z_k > 0;
+    code = sum_k bit_k 2^k; sub-token j holds bits [j * bits/split, (j + 1) * bits/split) of it."""
+
+    def __init__(self, config: LFQConfig, in_channels: int | None = None):
+        super().__init__()  # in_channels: the model projects its latents to `bits` channels
+        self.config = config
+        self.bits, self.split = config.bits, config.split
+        self.sub_bits = config.bits // self.split
+        # weight of each channel's bit within its sub-token (constants: not in the state dict)
+        self.register_buffer("weights", (2 ** torch.arange(self.sub_bits)).repeat(self.split), persistent=False)
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        cfg = self.config
+        b, _, h, w = z.shape
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            zf = z.float()
+            signs = torch.where(zf > 0, 1.0, -1.0) * cfg.codebook_scale
+            quantized = signs + (zf - zf.detach())  # the code's exact value, z's gradient
+            loss = cfg.commitment_weight * F.mse_loss(zf, signs)
+            stats = {}
+            if self.training and cfg.entropy_weight:  # as the paper: a training loss only
+                logits = bit_logits(zf.permute(0, 2, 3, 1).reshape(-1, self.bits), cfg.codebook_scale,
+                                    cfg.entropy_temperature)
+                per_sample = sample_entropy(logits)
+                codebook = factorized_codebook_entropy(logits, cfg.entropy_groups)
+                loss = loss + cfg.entropy_weight * (cfg.sample_entropy_weight * per_sample
+                                                    - cfg.codebook_entropy_weight * codebook)
+                stats = {"sample_entropy": per_sample.detach(), "codebook_entropy": codebook.detach()}
+        bits = (zf > 0).long() * self.weights.view(1, -1, 1, 1)  # (B, bits, h, w)
+        indices = bits.view(b, self.split, self.sub_bits, h, w).sum(2).permute(0, 2, 3, 1)  # (B, h, w, split)
+        return QuantizerOutput(quantized.to(z.dtype), indices, loss, {**_stream_stats(indices, 2**self.sub_bits),
+                                                                      **stats})
+
+    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        tokens = self.check_indices(indices).permute(0, 3, 1, 2)  # (B, split, h, w)
+        bits = (tokens.repeat_interleave(self.sub_bits, 1) // self.weights.view(1, -1, 1, 1)) % 2
+        return (bits.float() * 2 - 1) * self.config.codebook_scale
+
+
+def _stream_stats(indices: torch.Tensor, vocab: int) -> dict[str, torch.Tensor]:
+    """Usage and perplexity of each sub-token stream, averaged (as the held-out evaluation reports them)."""
+    per = [stats_from_counts(torch.bincount(indices[..., d].reshape(-1), minlength=vocab).float())
+           for d in range(indices.shape[-1])]
+    return {k: torch.stack([s[k] for s in per]).mean() for k in per[0]}
