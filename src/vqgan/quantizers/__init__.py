@@ -3,11 +3,12 @@ here is its registry line."""
 from ..registry import QUANTIZERS
 from .base import Quantizer, QuantizerOutput, codebook_stats
 from .codebook import CodebookUpkeep
+from .ema import EMAConfig, EMAVectorQuantizer
 from .gumbel import GumbelConfig, GumbelQuantizer
 from .vq import VectorQuantizer, VQConfig, nearest_code
 
-__all__ = ["CodebookUpkeep", "GumbelConfig", "GumbelQuantizer", "Quantizer", "QuantizerOutput", "VQConfig",
-           "VectorQuantizer", "build_quantizer", "codebook_stats", "nearest_code"]
+__all__ = ["CodebookUpkeep", "EMAConfig", "EMAVectorQuantizer", "GumbelConfig", "GumbelQuantizer", "Quantizer",
+           "QuantizerOutput", "VQConfig", "VectorQuantizer", "build_quantizer", "codebook_stats", "nearest_code"]
 
 
 def build_quantizer(config, latent_channels: int) -> Quantizer:
