@@ -3,15 +3,16 @@ here is its registry line."""
 from ..registry import QUANTIZERS
 from .base import Quantizer, QuantizerOutput, codebook_stats
 from .codebook import CodebookUpkeep
+from .ema import EMAConfig, EMAVectorQuantizer
 from .fsq import FiniteScalarQuantizer, FSQConfig
 from .gumbel import GumbelConfig, GumbelQuantizer
 from .lfq import LFQConfig, LookupFreeQuantizer
 from .residual import ResidualConfig, ResidualQuantizer
 from .vq import VectorQuantizer, VQConfig, nearest_code
 
-__all__ = ["CodebookUpkeep", "FSQConfig", "FiniteScalarQuantizer", "GumbelConfig", "GumbelQuantizer", "LFQConfig",
-           "LookupFreeQuantizer", "Quantizer", "QuantizerOutput", "ResidualConfig", "ResidualQuantizer", "VQConfig",
-           "VectorQuantizer", "build_quantizer", "codebook_stats", "nearest_code"]
+__all__ = ["CodebookUpkeep", "EMAConfig", "EMAVectorQuantizer", "FSQConfig", "FiniteScalarQuantizer", "GumbelConfig",
+           "GumbelQuantizer", "LFQConfig", "LookupFreeQuantizer", "Quantizer", "QuantizerOutput", "ResidualConfig",
+           "ResidualQuantizer", "VQConfig", "VectorQuantizer", "build_quantizer", "codebook_stats", "nearest_code"]
 
 
 def build_quantizer(config, latent_channels: int) -> Quantizer:

@@ -1,4 +1,10 @@
-"""Nearest-neighbour vector quantizer (van den Oord et al. 2017; Esser et al. 2021, eq. 4)."""
+"""Nearest-neighbour vector quantizer (van den Oord et al. 2017; Esser et al. 2021, eq. 4).
+
+Optionally factorized and l2-normalised codes (Yu et al. 2021, ViT-VQGAN sec. 3.2; LlamaGen uses codes of
+width 8 with l2): the latent is projected to a small lookup space (`codebook_dim`), both it and the codes are
+put on the unit sphere (`l2_norm`: the squared distance becomes 2 - 2 cos), and the code found is projected
+back to `embed_dim`. The codebook, its data initialisation and its restarts live in the lookup space.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -51,6 +57,10 @@ class VQConfig(QuantizerConfig):
     # token id) or an integer). 0: off. The converter sets it.
     remap_codes: int = 0
     unknown_index: str = "random"
+    # factorized codes (ViT-VQGAN): 0 = look up at embed_dim; else Linear embed_dim -> codebook_dim before the
+    # lookup and codebook_dim -> embed_dim after it
+    codebook_dim: int = 0
+    l2_norm: bool = False  # the (projected) latent and the codes on the unit sphere for the search and the loss
 
     @property
     def vocab_per_depth(self) -> tuple[int, ...]:
@@ -62,13 +72,25 @@ class VQConfig(QuantizerConfig):
         super().validate(where)
         if self.n_embed < 1:
             raise UserError(f"{where}.n_embed must be >= 1, got {self.n_embed}")
+        if self.codebook_dim < 0:
+            raise UserError(f"{where}.codebook_dim must be >= 0 (0: look up at embed_dim, e.g. 8), "
+                            f"got {self.codebook_dim}")
+
+
+def l2_normalize(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Unit vectors along `dim`, in float32; the norm is clamped, so a zero vector stays zero (never NaN)."""
+    return F.normalize(x.float(), dim=dim, eps=_L2_EPS).to(x.dtype)
+
+
+_L2_EPS = 1e-6  # smallest norm divided by: zero latents or codes (a degenerate data init) give 0, not NaN
 
 
 @QUANTIZERS.register("vq", config=VQConfig)
 class VectorQuantizer(Quantizer):
     """Snaps each latent vector to its nearest code; straight-through gradients to the encoder.
 
-    loss = ||sg[z] - e||^2 + beta * ||z - sg[e]||^2  (codebook term + commitment term).
+    loss = ||sg[z] - e||^2 + beta * ||z - sg[e]||^2  (codebook term + commitment term), where z and e are the
+    latent and the code in the lookup space (projected and l2-normalised when configured).
     """
 
     def __init__(self, config: VQConfig, in_channels: int | None = None):
@@ -76,7 +98,8 @@ class VectorQuantizer(Quantizer):
         self.config = config
         self.n_embed = config.n_embed
         self.embed_dim = config.embed_dim
-        self.embedding = nn.Embedding(config.n_embed, config.embed_dim)
+        self.lookup_dim = config.codebook_dim or config.embed_dim
+        self.embedding = nn.Embedding(config.n_embed, self.lookup_dim)
         # taming's init; training normally re-seeds the codes from encoder outputs (codebook.py)
         nn.init.uniform_(self.embedding.weight, -1.0 / config.n_embed, 1.0 / config.n_embed)
         if config.remap_codes:  # tokens index `used`, not the codebook (n_embed: the token vocabulary)
@@ -85,7 +108,42 @@ class VectorQuantizer(Quantizer):
             self.n_embed = config.remap_codes + int(extra)
             self.unknown = config.remap_codes if extra else (
                 None if config.unknown_index == "random" else int(config.unknown_index))
+        if config.codebook_dim:  # made last: the default layout draws the same random numbers as before
+            self.project_in = nn.Linear(config.embed_dim, config.codebook_dim)
+            self.project_out = nn.Linear(config.codebook_dim, config.embed_dim)
 
+    # -- the lookup space: (projected, normalised) latents and codes -------------------------------
+    def codebook(self) -> torch.Tensor:
+        """The code vectors as matched and returned: (n_embed rows, lookup_dim), on the sphere with l2_norm."""
+        weight = self.embedding.weight
+        return l2_normalize(weight) if self.config.l2_norm else weight
+
+    def lookup_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """(..., embed_dim) latents -> (..., lookup_dim): projected, then normalised, as configured."""
+        if self.config.codebook_dim:
+            rows = self.project_in(rows)
+        return l2_normalize(rows) if self.config.l2_norm else rows
+
+    def to_lookup(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, embed_dim, h, w) -> (B, lookup_dim, h, w); z itself when there is neither projection nor l2."""
+        if not (self.config.codebook_dim or self.config.l2_norm):
+            return z
+        return self.lookup_rows(z.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    def from_lookup(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, h, w, lookup_dim) codes -> (B, embed_dim, h, w)."""
+        if self.config.codebook_dim:
+            x = self.project_out(x)
+        return x.permute(0, 3, 1, 2)
+
+    def _upkeep_rows(self, latents: torch.Tensor, dim: int) -> torch.Tensor:
+        """Encoder outputs handed to upkeep (maybe bf16, from autocast) -> the lookup space, at the weights' dtype."""
+        if not (self.config.codebook_dim or self.config.l2_norm):
+            return latents
+        rows = latents.movedim(dim, -1).to(self.embedding.weight.dtype)
+        return self.lookup_rows(rows).movedim(-1, dim)
+
+    # -- token renumbering (taming's remap) ----------------------------------------------------------
     def _to_tokens(self, codes: torch.Tensor) -> torch.Tensor:
         """Codebook ids -> token ids (their place in `used`; `unknown_index` for the rest)."""
         if not self.config.remap_codes:
@@ -105,27 +163,39 @@ class VectorQuantizer(Quantizer):
         tokens = torch.where(tokens >= len(self.used), torch.zeros_like(tokens), tokens)  # "extra" -> code used[0]
         return self.used[tokens]
 
+    # -- the quantizer -------------------------------------------------------------------------------
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
-        b, d, h, w = z.shape
-        flat = z.permute(0, 2, 3, 1).reshape(-1, d)  # (B*h*w, D), order (b, h, w)
-        indices = nearest_code(flat.detach(), self.embedding.weight)
-        z_q = F.embedding(indices, self.embedding.weight).view(b, h, w, d).permute(0, 3, 1, 2)
-        z_q = z_q.to(z.dtype)
-        codebook_term = F.mse_loss(z_q.float(), z.detach().float())
-        commitment_term = F.mse_loss(z.float(), z_q.detach().float())
-        if self.config.legacy_beta:
-            loss = self.config.beta * codebook_term + commitment_term
-        else:
-            loss = codebook_term + self.config.beta * commitment_term
-        quantized = z + (z_q - z).detach()  # straight-through estimator
+        x = self.to_lookup(z)
+        b, d, h, w = x.shape
+        flat = x.permute(0, 2, 3, 1).reshape(-1, d)  # (B*h*w, D), order (b, h, w)
+        codebook = self.codebook()
+        indices = nearest_code(flat.detach(), codebook)
+        x_q = F.embedding(indices, codebook).view(b, h, w, d)
+        self.observe(flat, indices)
+        x_q = x_q.permute(0, 3, 1, 2).to(x.dtype)
+        loss = self.code_loss(x, x_q)
+        quantized = x + (x_q - x).detach()  # straight-through estimator
+        if self.config.codebook_dim:
+            quantized = self.from_lookup(quantized.permute(0, 2, 3, 1)).to(z.dtype)
         rows = indices.view(b, h, w, 1)
         tokens = self._to_tokens(indices).view(b, h, w, 1)
         return QuantizerOutput(quantized, tokens, loss, codebook_stats(tokens, self.n_embed), codes=rows)
 
     def indices_of(self, z: torch.Tensor) -> torch.Tensor:
-        b, d, h, w = z.shape
-        rows = nearest_code(z.permute(0, 2, 3, 1).reshape(-1, d), self.embedding.weight)
+        x = self.to_lookup(z)
+        b, d, h, w = x.shape
+        rows = nearest_code(x.permute(0, 2, 3, 1).reshape(-1, d), self.codebook())
         return self._to_tokens(rows).view(b, h, w, 1)
+
+    def code_loss(self, x: torch.Tensor, x_q: torch.Tensor) -> torch.Tensor:
+        codebook_term = F.mse_loss(x_q.float(), x.detach().float())
+        commitment_term = F.mse_loss(x.float(), x_q.detach().float())
+        if self.config.legacy_beta:
+            return self.config.beta * codebook_term + commitment_term
+        return codebook_term + self.config.beta * commitment_term
+
+    def observe(self, flat: torch.Tensor, indices: torch.Tensor) -> None:
+        """What a training forward pass saw: (N, lookup_dim) latents and their rows (the EMA kind counts them)."""
 
     @property
     def codebook_size(self) -> int:
@@ -136,4 +206,14 @@ class VectorQuantizer(Quantizer):
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         tokens = self.check_indices(indices)[..., 0]
-        return self.embedding(self._to_codes(tokens)).permute(0, 3, 1, 2).contiguous()
+        return self.from_lookup(F.embedding(self._to_codes(tokens), self.codebook())).contiguous()
+
+    # -- upkeep in the lookup space -------------------------------------------------------------------
+    @torch.no_grad()
+    def initialize_from(self, latents: torch.Tensor) -> None:
+        super().initialize_from(self._upkeep_rows(latents, dim=1))
+
+    @torch.no_grad()
+    def maintain(self, step: int, latents: torch.Tensor, codes: torch.Tensor,
+                 optimizer: torch.optim.Optimizer | None = None) -> dict[str, float]:
+        return super().maintain(step, self._upkeep_rows(latents, dim=1), codes, optimizer)
