@@ -34,5 +34,14 @@ bench: setup .venv-bench/.installed
 	.venv-bench/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0 numpy pillow pyyaml safetensors tqdm
 	touch $@
 
+# vector-quantize-pytorch, the peer library bench/peer_quantizers.py compares against: never a dependency of
+# the package, so it lives in its own environment, which sees .venv's packages through a .pth file.
+.venv-peer/.installed: setup
+	$(PYTHON) -m venv .venv-peer
+	$(VENV)/bin/python -c "import site; print(site.getsitepackages()[0])" > .venv-peer/lib/$$(ls .venv-peer/lib)/site-packages/main-venv.pth
+	echo "$(CURDIR)/src" >> .venv-peer/lib/$$(ls .venv-peer/lib)/site-packages/main-venv.pth
+	.venv-peer/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt vector-quantize-pytorch
+	touch $@
+
 clean:
-	rm -rf runs .pytest_cache .cache .venv-bench
+	rm -rf runs .pytest_cache .cache .venv-bench .venv-peer
