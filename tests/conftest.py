@@ -34,6 +34,21 @@ def tiny_train_config(tmp_path, **sections) -> TokenizerTrainConfig:
     return load_config(TokenizerTrainConfig, data)
 
 
+def photo_crops(folder: Path, step: int = 16) -> Path:
+    """32 px crops of four of scikit-image's photographs (96 px, crops every `step` px across, 32 down): real
+    images for the tiny training tests, no download."""
+    skimage_data = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("astronaut", "coffee", "chelsea", "rocket"):
+        img = Image.fromarray(getattr(skimage_data, name)()).convert("RGB").resize((96, 96), Image.LANCZOS)
+        for dx in range(0, 65, step):
+            for dy in range(0, 65, 32):
+                img.crop((dx, dy, dx + 32, dy + 32)).save(folder / f"{name}_{dx}_{dy}.png")
+    return folder
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_two_processes, tiny_train_config
+from conftest import photo_crops, run_two_processes, tiny_train_config
 
 from vqgan.config import CodebookCareConfig, TokenizerTrainConfig, load_config, quantizer_config
 from vqgan.errors import UserError
@@ -245,16 +245,7 @@ def test_presets_load_and_build(name, kind, lookup):
 
 # -- training --------------------------------------------------------------------------------------
 def photos(folder: Path) -> Path:
-    skimage_data = pytest.importorskip("skimage.data")
-    from PIL import Image
-
-    folder.mkdir()
-    for name in ("astronaut", "coffee", "chelsea", "rocket"):
-        img = Image.fromarray(getattr(skimage_data, name)()).convert("RGB").resize((96, 96), Image.LANCZOS)
-        for dx in range(0, 65, 32):
-            for dy in range(0, 65, 32):
-                img.crop((dx, dy, dx + 32, dy + 32)).save(folder / f"{name}_{dx}_{dy}.png")
-    return folder
+    return photo_crops(folder, step=32)
 
 
 @pytest.mark.slow  # ~1 min each on 2 idle cores; 2-3 min on shared ones

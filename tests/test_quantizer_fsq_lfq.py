@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_train_config
-from PIL import Image
+from conftest import photo_crops, tiny_train_config
 
 from vqgan.checkpoint import load_model
 from vqgan.config import TokenizerTrainConfig, load_config, quantizer_config
@@ -192,15 +191,7 @@ def test_presets_load_and_build(name, vocab, meta):
 # -- training ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
-    """32 px crops of four skimage photographs (as tests/test_train.py)."""
-    skimage_data = pytest.importorskip("skimage.data")
-    folder = tmp_path_factory.mktemp("photos")
-    for name in ("astronaut", "coffee", "chelsea", "rocket"):
-        img = Image.fromarray(getattr(skimage_data, name)()).convert("RGB").resize((96, 96), Image.LANCZOS)
-        for dx in range(0, 65, 16):
-            for dy in range(0, 65, 32):
-                img.crop((dx, dy, dx + 32, dy + 32)).save(folder / f"{name}_{dx}_{dy}.png")
-    return folder
+    return photo_crops(tmp_path_factory.mktemp("photos"))
 
 
 @pytest.mark.parametrize("quantizer", [{"kind": "fsq", "levels": [8, 5, 5, 5]}, {"kind": "lfq", "bits": 10}],

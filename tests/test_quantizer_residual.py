@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_train_config
+from conftest import photo_crops, tiny_train_config
 from PIL import Image
 
 from vqgan.checkpoint import load_model
@@ -188,15 +188,7 @@ def test_presets_load_and_build():
 
 
 def photos(folder):
-    """32 px crops of four skimage photographs (as tests/test_train.py)."""
-    skimage_data = pytest.importorskip("skimage.data")
-    folder.mkdir()
-    for name in ("astronaut", "coffee", "chelsea", "rocket"):
-        img = Image.fromarray(getattr(skimage_data, name)()).convert("RGB").resize((96, 96), Image.LANCZOS)
-        for dx in range(0, 65, 16):
-            for dy in range(0, 65, 32):
-                img.crop((dx, dy, dx + 32, dy + 32)).save(folder / f"{name}_{dx}_{dy}.png")
-    return folder
+    return photo_crops(folder)
 
 
 def test_a_tiny_residual_model_trains_and_its_tokens_feed_a_prior(tmp_path):

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_two_processes, tiny_train_config
+from conftest import photo_crops, run_two_processes, tiny_train_config
 from PIL import Image
 
 from vqgan.checkpoint import load_model, load_state_dict_file
@@ -99,16 +99,7 @@ def test_no_readable_images_fails_before_training(tmp_path):
 @pytest.mark.slow
 def test_tiny_model_learns_real_images(tmp_path):
     """A few hundred CPU steps on real photographs: held-out PSNR must rise clearly."""
-    skimage_data = pytest.importorskip("skimage.data")
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    n = 0
-    for name in ("astronaut", "coffee", "chelsea", "rocket"):
-        img = Image.fromarray(getattr(skimage_data, name)()).convert("RGB").resize((96, 96), Image.LANCZOS)
-        for dx in range(0, 65, 16):
-            for dy in range(0, 65, 32):
-                img.crop((dx, dy, dx + 32, dy + 32)).save(folder / f"{name}_{dx}_{dy}.png")
-                n += 1
+    folder = photo_crops(tmp_path / "photos")
     cfg = tiny_train_config(tmp_path, data={"path": str(folder), "holdout": 4, "crop": "center", "flip": False},
                             model={"quantizer": {"n_embed": 128, "embed_dim": 16}},
                             loss={"disc_start": 10_000, "disc_train_start": 10_000},
