@@ -60,7 +60,11 @@ class CodeSpec:
 
     def row_length(self, height: int, width: int) -> int:
         """Codes per image of that size: the length of a flat row."""
-        return sum(h * w * level.depth for level, (h, w) in zip(self.levels, self.grids(height, width)))
+        return self.length_on(self.grids(height, width))
+
+    def length_on(self, grids: list[tuple[int, int]]) -> int:
+        """The length of a flat row on these grids (one (h, w) per level)."""
+        return sum(h * w * level.depth for level, (h, w) in zip(self.levels, grids))
 
     def bits_per_image(self, height: int, width: int) -> float:
         return sum(h * w * sum(math.log2(v) for v in level.vocab)

@@ -102,7 +102,7 @@ class TokenStore(Dataset):
             raise UserError(f"{self.directory} is incomplete ({self.meta.get('done', 0)}/{self.meta['count']} rows); "
                             "run the same `vqgan tokenize` command again to finish it")
         self.spec, self.grids = read_codes_record(self.meta)
-        self.row_length = self.spec.row_length(*self.resolution_of(self.spec, self.grids))
+        self.row_length = self.spec.length_on(self.grids)
         self.tokens = np.memmap(self.directory / TOKENS_BIN, dtype=self.meta["dtype"], mode="r",
                                 shape=(self.meta["count"], self.row_length))
         self.labels = np.load(self.directory / LABELS_FILE)
@@ -110,14 +110,9 @@ class TokenStore(Dataset):
         self.cond_spec, self.cond_grids, self.cond_tokens = None, None, None
         if cond:
             self.cond_spec, self.cond_grids = read_codes_record(cond)
-            length = self.cond_spec.row_length(*self.resolution_of(self.cond_spec, self.cond_grids))
+            length = self.cond_spec.length_on(self.cond_grids)
             self.cond_tokens = np.memmap(self.directory / COND_BIN, dtype=cond["dtype"], mode="r",
                                          shape=(self.meta["count"], length))
-
-    @staticmethod
-    def resolution_of(spec: CodeSpec, grids: list[tuple[int, int]]) -> tuple[int, int]:
-        h, w = grids[0]
-        return h * spec.levels[0].factor, w * spec.levels[0].factor
 
     @property
     def grid(self) -> tuple[int, int]:
