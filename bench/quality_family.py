@@ -27,7 +27,7 @@ PRESETS = {"vq": "small-cpu", "ema": "small-cpu-ema", "factorized": "small-cpu-f
            "lfq": "small-cpu-lfq", "residual": "small-cpu-rq"}
 
 
-def run_one(kind: str, data: str, steps: int, batch: int, out: Path, holdout: int) -> dict:
+def run_one(kind: str, data: str, steps: int, batch: int, out: Path, holdout: int, overrides: list[str] = ()) -> dict:
     """Train one preset in this process; returns the held-out evaluation and timing."""
     sys.path.insert(0, str(ROOT / "src"))
     import torch
@@ -41,7 +41,7 @@ def run_one(kind: str, data: str, steps: int, batch: int, out: Path, holdout: in
     cfg = load_config(TokenizerTrainConfig, resolve_config_path(PRESETS[kind]), [
         f"data.path={data}", f"data.holdout={holdout}", f"train.steps={steps}", f"train.batch_size={batch}",
         f"train.out_dir={out}", f"train.eval_every={steps}", f"train.ckpt_every={steps}",
-        f"train.image_every={steps}"])
+        f"train.image_every={steps}", *overrides])
     t0 = time.perf_counter()
     result = train_tokenizer(cfg, progress=False)
     seconds = time.perf_counter() - t0
@@ -52,7 +52,7 @@ def run_one(kind: str, data: str, steps: int, batch: int, out: Path, holdout: in
     rates = [r["it_per_s"] for r in logs[1:] if r.get("it_per_s")]  # the first window includes start-up
     per_step = sum(1 / r for r in rates) / len(rates) if rates else seconds / steps
     keep = ("psnr", "usage", "perplexity", "codes_used", "n_embed", "usage_per_stream", "perplexity_per_stream")
-    return {"kind": kind, **{k: result[k] for k in keep if k in result}, "bits_per_position": bits,
+    return {"kind": kind + "".join(f" {o}" for o in overrides), **{k: result[k] for k in keep if k in result}, "bits_per_position": bits,
             "depth": spec.levels[0].depth, "seconds_per_step": per_step, "seconds_total": seconds,
             "usage_window": logs[-1].get("usage_window") if logs else None}
 
@@ -87,11 +87,13 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--holdout", type=int, default=64)
     ap.add_argument("--out", default="runs/family")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for every kind (recipe experiments), e.g. model.quantizer.entropy_weight=0.1")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process: train this kind
     args = ap.parse_args()
     out = Path(args.out)
     if args.one:
-        result = run_one(args.one, args.data, args.steps, args.batch, out / args.one, args.holdout)
+        result = run_one(args.one, args.data, args.steps, args.batch, out / args.one, args.holdout, args.set)
         (out / f"{args.one}.json").write_text(json.dumps(result, indent=1))
         return 0
     rows = []
@@ -101,7 +103,8 @@ def main() -> int:
             return 2
         out.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, __file__, args.data, "--one", kind, "--steps", str(args.steps), "--batch",
-                        str(args.batch), "--holdout", str(args.holdout), "--out", str(out)], check=True)
+                        str(args.batch), "--holdout", str(args.holdout), "--out", str(out),
+                        *(f"--set={o}" for o in args.set)], check=True)
         rows.append(json.loads((out / f"{kind}.json").read_text()))
         print(table(rows, args.data, args.steps, args.batch), flush=True)
     (out / "table.md").write_text(table(rows, args.data, args.steps, args.batch) + "\n")

@@ -2,6 +2,7 @@
 formulas by hand, gradient accumulation, two processes, the lookup space, presets, and short trainings."""
 import copy
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from vqgan.config import CodebookCareConfig, TokenizerTrainConfig, load_config, 
 from vqgan.errors import UserError
 from vqgan.presets import resolve_config_path
 from vqgan.quantizers import EMAVectorQuantizer, VectorQuantizer, build_quantizer
+from vqgan.quantizers.entropy import assignment_entropies
 from vqgan.tokenizers import VQModel
 from vqgan.train.stage1 import TokenizerTrainer
 
@@ -218,7 +220,40 @@ def test_l2_codes_from_zero_latents_stay_finite(kind):
         assert torch.isfinite(t).all()
 
 
+# -- the entropy penalty (MaskGIT / LlamaGen) -------------------------------------------------------------
+def test_assignment_entropies_match_a_direct_computation():
+    z, codes = torch.randn(6, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    per_sample, batch = assignment_entropies(z.float(), codes.float(), 0.5)
+    p = [[math.exp(-sum((a - b) ** 2 for a, b in zip(zi, ci)) / 0.5) for ci in codes.tolist()] for zi in z.tolist()]
+    p = [[v / sum(row) for v in row] for row in p]
+    h = [-sum(v * math.log(v) for v in row) for row in p]
+    mean = [sum(row[k] for row in p) / len(p) for k in range(5)]
+    assert per_sample.item() == pytest.approx(sum(h) / len(h), rel=1e-4)
+    assert batch.item() == pytest.approx(-sum(m * math.log(m) for m in mean), rel=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["vq", "ema"])
+def test_entropy_penalty_spreads_latents_over_the_codes(kind):
+    """Latents all nearest to one code: the penalty's gradient alone moves them towards a spread of codes (the
+    batch entropy rises), training forward passes only."""
+    q = make(kind, n_embed=8, embed_dim=2, entropy_weight=1.0, entropy_temperature=0.5)
+    with torch.no_grad():
+        q.embedding.weight.copy_(torch.tensor([[math.cos(a), math.sin(a)] for a in
+                                               torch.arange(8) * 2 * math.pi / 8]))
+    z = (torch.tensor([1.0, 0.0]).view(1, 2, 1, 1) + 0.1 * torch.randn(1, 2, 4, 4)).requires_grad_(True)
+    first = q(z).stats["codebook_entropy"]
+    opt = torch.optim.SGD([z], lr=0.5)
+    for _ in range(30):
+        opt.zero_grad()
+        q(z).loss.backward()
+        opt.step()
+    assert q(z).stats["codebook_entropy"] > first + 0.3
+    assert "codebook_entropy" not in q.eval()(z).stats
+
+
 @pytest.mark.parametrize("options, key", [
+    ({"entropy_weight": -0.1}, "entropy_weight must be >= 0"),
+    ({"entropy_temperature": 0.0}, "entropy_temperature must be > 0"),
     ({"codebook_dim": -1}, "codebook_dim must be >= 0"),
     ({"kind": "ema", "decay": 1.0}, "decay must be in"),
     ({"kind": "ema", "epsilon": 0.0}, "epsilon must be > 0"),

@@ -13,7 +13,7 @@ from vqgan.checkpoint import load_model
 from vqgan.config import TokenizerTrainConfig, load_config, quantizer_config
 from vqgan.errors import UserError
 from vqgan.presets import resolve_config_path
-from vqgan.quantizers import build_quantizer, lfq
+from vqgan.quantizers import build_quantizer, entropy, lfq
 from vqgan.tokenizers.model import VQModel
 from vqgan.train.stage1 import TokenizerTrainer
 
@@ -159,6 +159,43 @@ def test_lfq_training_loss_is_commitment_plus_the_weighted_entropies():
     (out.quantized.sum() + out.loss).backward()
     assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
     assert q.eval()(z).loss.item() == pytest.approx(0.3 * F.mse_loss(z, 2.0 * torch.sign(z)).item(), rel=1e-5)
+
+
+def test_fsq_grid_entropies_equal_the_direct_computation_values_and_gradients(monkeypatch):
+    """The optional FSQ entropy penalty: each channel's soft assignment to its integers, the product over
+    channels for a code; the batch mean over all prod(levels) codes summed in chunks (here of 3 codes)."""
+    monkeypatch.setattr(entropy, "_CHUNK_ELEMENTS", 21)  # 7 positions: chunks of 3 of the 24 codes
+    torch.manual_seed(0)
+    levels = [3, 4, 2]
+    v = (torch.randn(7, 3, dtype=torch.float64)).requires_grad_(True)
+    ours = entropy.grid_entropies(entropy.grid_log_probs(v, levels, 0.5), levels)
+    per_channel = [F.softmax(-(v[:, i:i + 1] - (torch.arange(n, dtype=v.dtype) - n // 2)) ** 2 / 0.5, 1)
+                   for i, n in enumerate(levels)]
+    # code c = d0 + 3 d1 + 12 d2 (channel 0 least significant, as the tokens)
+    p = torch.stack([per_channel[0][:, d0] * per_channel[1][:, d1] * per_channel[2][:, d2]
+                     for d2, d1, d0 in itertools.product(range(2), range(4), range(3))], 1)
+    mean = p.mean(0)
+    direct = -(p * p.log()).sum(1).mean(), -(mean * mean.log()).sum()
+    for a, b in zip(ours, direct):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+        (ga,) = torch.autograd.grad(a, v, retain_graph=True)
+        (gb,) = torch.autograd.grad(b, v, retain_graph=True)
+        torch.testing.assert_close(ga, gb, rtol=1e-8, atol=1e-10)
+
+
+def test_fsq_entropy_penalty_is_a_training_loss_and_off_by_default():
+    z = torch.randn(2, 4, 3, 3, requires_grad=True)
+    assert make("fsq").train()(z).loss.item() == 0.0
+    q = make("fsq", entropy_weight=0.5).train()
+    out = q(z)
+    assert out.loss.item() == pytest.approx(0.5 * (out.stats["sample_entropy"] - out.stats["codebook_entropy"]).item())
+    out.loss.backward()
+    assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+    assert q.eval()(z).loss.item() == 0.0
+    for options, message in [({"entropy_weight": -1.0}, "entropy_weight must be >= 0"),
+                             ({"entropy_temperature": 0.0}, "entropy_temperature must be > 0")]:
+        with pytest.raises(UserError, match=message):
+            load_config(TokenizerTrainConfig, {"model": {"quantizer": {"kind": "fsq", **options}}})
 
 
 def test_lfq_bad_settings_are_one_line_errors():

@@ -16,6 +16,7 @@ from ..config import QuantizerConfig
 from ..errors import UserError
 from ..registry import QUANTIZERS
 from .base import Quantizer, QuantizerOutput, codebook_stats
+from .entropy import grid_entropies, grid_log_probs
 
 # the paper's bound shrinks the range a little so that tanh never reaches a rounding boundary
 _EPS = 1e-3
@@ -29,6 +30,10 @@ class FSQConfig(QuantizerConfig):
 
     kind: str = "fsq"
     levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])
+    # Beyond the paper (0: off, the paper's FSQ): LFQ's entropy penalty over the grid (entropy.py), with each
+    # channel's soft assignment p_i(g|z) = softmax_g(-(bound(z)_i - g)^2 / entropy_temperature) to its integers
+    entropy_weight: float = 0.0
+    entropy_temperature: float = 0.1  # in squared grid steps
 
     @property
     def code_width(self) -> int:
@@ -43,6 +48,10 @@ class FSQConfig(QuantizerConfig):
         if not self.levels or any(level < 2 for level in self.levels):
             raise UserError(f"{where}.levels must list values >= 2 (one per channel), got {self.levels}; "
                             f"e.g. [8, 5, 5, 5]")
+        if self.entropy_weight < 0:
+            raise UserError(f"{where}.entropy_weight must be >= 0 (0: off, e.g. 0.1), got {self.entropy_weight}")
+        if not self.entropy_temperature > 0:
+            raise UserError(f"{where}.entropy_temperature must be > 0, e.g. 0.1; got {self.entropy_temperature}")
         if math.prod(self.levels) > 2**31 - 1:
             raise UserError(f"{where}.levels {self.levels} give {math.prod(self.levels)} codes; token ids must fit "
                             f"int32 (at most 2**31 - 1): use fewer or smaller levels")
@@ -90,9 +99,16 @@ class FiniteScalarQuantizer(Quantizer):
             # value of the code, gradient of the bounded latent (straight-through rounding); exact value,
             # so decode_indices reproduces it bit for bit
             quantized = (grid + (bounded - bounded.detach())) / half_width
-        indices = (digits * self._per_channel(self.basis)).sum(1).unsqueeze(-1)  # (B, h, w, 1)
-        return QuantizerOutput(quantized.to(z.dtype), indices, z.new_zeros((), dtype=torch.float32),
-                               codebook_stats(indices, self.vocab))
+            loss = z.new_zeros((), dtype=torch.float32)
+            indices = (digits * self._per_channel(self.basis)).sum(1).unsqueeze(-1)  # (B, h, w, 1)
+            stats = codebook_stats(indices, self.vocab)
+            if self.training and self.config.entropy_weight:
+                rows = bounded.permute(0, 2, 3, 1).reshape(-1, bounded.shape[1])
+                per_sample, batch = grid_entropies(
+                    grid_log_probs(rows, self.config.levels, self.config.entropy_temperature), self.config.levels)
+                loss = self.config.entropy_weight * (per_sample - batch)
+                stats.update(sample_entropy=per_sample.detach(), codebook_entropy=batch.detach())
+        return QuantizerOutput(quantized.to(z.dtype), indices, loss, stats)
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         tokens = self.check_indices(indices)[..., 0].unsqueeze(1)  # (B, 1, h, w)

@@ -41,6 +41,9 @@ class ResidualConfig(QuantizerConfig):
     shared_codebook: bool = True  # the paper: one codebook for every depth; False: one per depth
     quantize_dropout: float = 0.0  # training: chance that a sample's decoder sees only its first k < depth codes
     codebook_kind: str = "vq"  # the kind of each depth's quantizer (nearest neighbour, a trainable codebook)
+    # each depth's entropy penalty (vq.py: VQConfig.entropy_weight; 0: off) on its own residuals
+    entropy_weight: float = 0.0
+    entropy_temperature: float = 0.01
 
     @property
     def vocab_per_depth(self) -> tuple[int, ...]:
@@ -53,7 +56,9 @@ class ResidualConfig(QuantizerConfig):
         if kind == self.kind or kind not in QUANTIZERS:
             raise UserError(hint)
         try:
-            return QuantizerConfig.build(kind, n_embed=self.n_embed, embed_dim=self.embed_dim, beta=self.beta)
+            entropy = {"entropy_weight": self.entropy_weight, "entropy_temperature": self.entropy_temperature}
+            return QuantizerConfig.build(kind, n_embed=self.n_embed, embed_dim=self.embed_dim, beta=self.beta,
+                                         **(entropy if self.entropy_weight else {}))
         except TypeError:  # a kind without these keys (gumbel, fsq, ...) is not matched by distance
             raise UserError(hint) from None
 

@@ -17,6 +17,7 @@ from ..config import QuantizerConfig
 from ..errors import UserError
 from ..registry import QUANTIZERS
 from .base import Quantizer, QuantizerOutput, codebook_stats
+from .entropy import assignment_entropies
 
 # rows of z per chunk, so that the (rows, n_embed) distance block stays near 64 MB
 _DISTANCE_BLOCK = 16 * 2**20
@@ -61,6 +62,11 @@ class VQConfig(QuantizerConfig):
     # lookup and codebook_dim -> embed_dim after it
     codebook_dim: int = 0
     l2_norm: bool = False  # the (projected) latent and the codes on the unit sphere for the search and the loss
+    # entropy penalty (MaskGIT / LlamaGen's `entropy_loss`): with p(k|z) = softmax_k(-||z - e_k||^2 / t),
+    # + entropy_weight * (E_z[H(p(.|z))] - H(E_z[p(.|z)])): confident assignments, all codes used on the batch.
+    # 0: off. Distances are those of the lookup space (in [0, 4] with l2_norm, for which t = 0.01 is made).
+    entropy_weight: float = 0.0
+    entropy_temperature: float = 0.01
 
     @property
     def vocab_per_depth(self) -> tuple[int, ...]:
@@ -75,6 +81,10 @@ class VQConfig(QuantizerConfig):
         if self.codebook_dim < 0:
             raise UserError(f"{where}.codebook_dim must be >= 0 (0: look up at embed_dim, e.g. 8), "
                             f"got {self.codebook_dim}")
+        if self.entropy_weight < 0:
+            raise UserError(f"{where}.entropy_weight must be >= 0 (0: off, e.g. 0.1), got {self.entropy_weight}")
+        if not self.entropy_temperature > 0:
+            raise UserError(f"{where}.entropy_temperature must be > 0, e.g. 0.01; got {self.entropy_temperature}")
 
 
 def l2_normalize(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -174,12 +184,17 @@ class VectorQuantizer(Quantizer):
         self.observe(flat, indices)
         x_q = x_q.permute(0, 3, 1, 2).to(x.dtype)
         loss = self.code_loss(x, x_q)
+        tokens = self._to_tokens(indices).view(b, h, w, 1)
+        stats = codebook_stats(tokens, self.n_embed)
+        if self.training and self.config.entropy_weight:  # a training loss only, as LFQ's
+            per_sample, batch = assignment_entropies(flat, codebook, self.config.entropy_temperature)
+            loss = loss + self.config.entropy_weight * (per_sample - batch)
+            stats.update(sample_entropy=per_sample.detach(), codebook_entropy=batch.detach())
         quantized = x + (x_q - x).detach()  # straight-through estimator
         if self.config.codebook_dim:
             quantized = self.from_lookup(quantized.permute(0, 2, 3, 1)).to(z.dtype)
         rows = indices.view(b, h, w, 1)
-        tokens = self._to_tokens(indices).view(b, h, w, 1)
-        return QuantizerOutput(quantized, tokens, loss, codebook_stats(tokens, self.n_embed), codes=rows)
+        return QuantizerOutput(quantized, tokens, loss, stats, codes=rows)
 
     def indices_of(self, z: torch.Tensor) -> torch.Tensor:
         x = self.to_lookup(z)

@@ -1,0 +1,100 @@
+"""Entropy penalties that keep codes used: confident assignments per position, all codes used on the batch.
+
+    penalty = E_z[H(p(.|z))] - H(E_z[p(.|z)])          (in nats; MaskGIT, MAGVIT-v2, LlamaGen)
+
+for a soft assignment p(c|z) of each position to the codes. Two shapes of codebook:
+- explicit (vq, ema, each depth of residual): p(k|z) = softmax_k(-||z - e_k||^2 / t), one (N, K) block
+  (`assignment_entropies`);
+- implicit grids (fsq): each channel's own soft assignment to its values, p(c|z) = prod_i p_i(c_i|z), so the
+  per-position entropy is the sum of the channels' and the batch mean over all prod(levels) codes is summed
+  in chunks of codes by `_MeanProductProbs` (never a (N, prod(levels)) tensor). LFQ (lfq.py) is the two-level
+  case, written there in its own closed form.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+# positions x codes per chunk of a grid's batch-mean distribution (16 MB of float32)
+_CHUNK_ELEMENTS = 2**22
+
+
+def entropy_of(p: torch.Tensor) -> torch.Tensor:
+    """H(p) in nats of a distribution `p` (K,)."""
+    return -(p * torch.log(p.clamp_min(1e-30))).sum()
+
+
+def assignment_entropies(z: torch.Tensor, codebook: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Soft assignments p(k|z) = softmax_k(-||z - e_k||^2 / temperature) of rows z (N, D) to codes (K, D) ->
+    (mean over rows of H(p(.|z)), H(mean over rows of p(.|z))), differentiable in both. One (N, K) block: a
+    training batch's positions times the codebook (512 x 1024 on the CPU presets)."""
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        z, codebook = z.float(), codebook.float()
+        d = (z * z).sum(1, keepdim=True) + (codebook * codebook).sum(1) - 2 * z @ codebook.t()  # (N, K)
+        log_p = F.log_softmax(-d / temperature, dim=1)
+        p = log_p.exp()
+        return -(p * log_p).sum(1).mean(), entropy_of(p.mean(0))
+
+
+# -- implicit grids ---------------------------------------------------------------------------------------
+def grid_log_probs(values: torch.Tensor, levels: Sequence[int], temperature: float) -> torch.Tensor:
+    """Each channel's soft assignment to its integer grid: `values` (N, C), channel i bounded to the L_i integers
+    -L_i//2 .. (L_i-1)//2 -> log p_i(g|z) = log_softmax_g(-(value_i - g)^2 / temperature), concatenated over the
+    channels: (N, sum(levels))."""
+    out = []
+    for i, level in enumerate(levels):
+        grid = torch.arange(level, device=values.device, dtype=values.dtype) - level // 2
+        out.append(F.log_softmax(-(values[:, i:i + 1] - grid).square() / temperature, dim=1))
+    return torch.cat(out, 1)
+
+
+def _selection(start: int, stop: int, levels: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    """(stop - start, sum(levels)) 0/1: row c picks code c's digit in each channel (mixed radix, channel 0 the
+    least significant, as fsq.py numbers its codes)."""
+    codes = torch.arange(start, stop, device=like.device)
+    columns, offset, basis = [], 0, 1
+    for level in levels:
+        columns.append(offset + (codes // basis) % level)
+        offset, basis = offset + level, basis * level
+    sel = torch.zeros(stop - start, offset, dtype=like.dtype, device=like.device)
+    return sel.scatter_(1, torch.stack(columns, 1), 1.0)
+
+
+class _MeanProductProbs(torch.autograd.Function):
+    """log_probs (N, S) of each channel's values -> E_n[p(c|z_n)] for every code c of the grid, p(c|z_n) =
+    exp(sum of the log-probabilities c selects); one (N, chunk) block at a time in either pass (the backward
+    recomputes each), as lfq.py's `_MeanCodeProbs`: nothing of the size of the grid times N outlives a chunk."""
+
+    @staticmethod
+    def forward(ctx, log_probs: torch.Tensor, levels: tuple[int, ...], chunk: int) -> torch.Tensor:
+        total = math.prod(levels)
+        mean = log_probs.new_empty(total)
+        for start in range(0, total, chunk):
+            stop = min(total, start + chunk)
+            mean[start:stop] = (log_probs @ _selection(start, stop, levels, log_probs).t()).exp_().mean(0)
+        ctx.save_for_backward(log_probs)
+        ctx.levels, ctx.chunk = levels, chunk
+        return mean
+
+    @staticmethod
+    def backward(ctx, grad_mean: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        # d p_nc / d A_ns = p_nc M_cs: grad A = (1/N) sum_c p_nc g_c M_cs
+        (log_probs,) = ctx.saved_tensors
+        grad = torch.zeros_like(log_probs)
+        total = math.prod(ctx.levels)
+        for start in range(0, total, ctx.chunk):
+            stop = min(total, start + ctx.chunk)
+            sel = _selection(start, stop, ctx.levels, log_probs)
+            grad.addmm_((log_probs @ sel.t()).exp_().mul_(grad_mean[start:stop]), sel)
+        return grad / log_probs.shape[0], None, None
+
+
+def grid_entropies(log_probs: torch.Tensor, levels: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`grid_log_probs` output (N, sum(levels)) -> (mean over positions of H(p(.|z)), H(mean of p(.|z))) over
+    all prod(levels) codes, exactly."""
+    per_sample = -(log_probs.exp() * log_probs).sum(1).mean()  # each channel's block sums to 1
+    chunk = min(math.prod(levels), max(1, _CHUNK_ELEMENTS // max(log_probs.shape[0], 1)))
+    return per_sample, entropy_of(_MeanProductProbs.apply(log_probs, tuple(levels), chunk))
