@@ -5,11 +5,9 @@ import math
 
 import pytest
 import torch
-from conftest import photo_crops, tiny_train_config
+from conftest import assert_setting_error, tiny_train_config, train_on_photos
 
-from vqgan.checkpoint import load_model
 from vqgan.config import LossConfig, TokenizerTrainConfig, load_config, quantizer_config
-from vqgan.errors import UserError
 from vqgan.losses import VQGANLoss
 from vqgan.losses.likelihood import logit_laplace_image, logit_laplace_nll
 from vqgan.presets import resolve_config_path
@@ -114,33 +112,24 @@ def test_a_resumed_run_continues_the_schedules(tmp_path):
         assert logs["temperature"] == temperature and "logit_laplace" in logs
 
 
-@pytest.mark.parametrize("override,key", [
-    ("model.encoder.groups=0", "model.encoder.groups"),
-    ("model.decoder.hidden_channels=30", "model.decoder.hidden_channels"),
-    ("model.quantizer.temperature_end=0", "model.quantizer.temperature_end"),
-    ("model.quantizer.kl_warmup_steps=-1", "model.quantizer.kl_warmup_steps"),
-    ("model.decoder_output=image", "model.decoder_output"),  # the logit-Laplace term needs the scale
-    ("model.decoder_output=gaussian", "model.decoder_output"),
-    ("loss.logit_laplace_weight=-1", "loss.logit_laplace_weight"),
+@pytest.mark.parametrize("override", [
+    "model.encoder.groups=0",
+    "model.decoder.hidden_channels=30",
+    "model.quantizer.temperature_end=0",
+    "model.quantizer.kl_warmup_steps=-1",
+    "model.decoder_output=image",  # the logit-Laplace term needs the scale
+    "model.decoder_output=gaussian",
+    "loss.logit_laplace_weight=-1",
 ])
-def test_bad_settings_are_one_line_errors_naming_the_key(override, key):
-    with pytest.raises(UserError, match=key.replace(".", r"\.")) as err:
-        load_config(TokenizerTrainConfig, resolve_config_path("small-cpu-dvae"), [override])
-    assert "\n" not in str(err.value)
+def test_bad_settings_are_one_line_errors_naming_the_key(override):
+    assert_setting_error("small-cpu-dvae", override)
 
 
 @pytest.mark.slow
 def test_a_tiny_dvae_learns_real_photographs(tmp_path):
-    photos = photo_crops(tmp_path / "photos")
-    cfg = tiny_train_config(tmp_path, model={**TINY, "quantizer": {**GUMBEL, "temperature_steps": 40}}, loss=LOSS,
-                            data={"path": str(photos), "holdout": 4, "crop": "center", "flip": False},
-                            train={"steps": 40, "batch_size": 8, "base_learning_rate": 2e-3, "scale_lr": False,
-                                   "eval_every": 1000, "ckpt_every": 1000})
-    trainer = TokenizerTrainer(cfg, progress=False)
-    before = trainer.evaluate()["psnr"]
-    after = trainer.fit()
-    assert after["psnr"] > before + 2.0, (before, after["psnr"])
-    model = load_model(tmp_path / "run")
+    cfg, before, after, model = train_on_photos(tmp_path, 40, 2e-3, loss=LOSS,
+                                                model={**TINY, "quantizer": {**GUMBEL, "temperature_steps": 40}})
+    assert after > before + 2.0, (before, after)
     assert model.config == cfg.model
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     tokens = model.encode(x)
