@@ -34,6 +34,17 @@ def tiny_train_config(tmp_path, **sections) -> TokenizerTrainConfig:
     return load_config(TokenizerTrainConfig, data)
 
 
+def assert_setting_error(preset: str, override: str) -> None:
+    """Loading the tokenizer preset `preset` with `override` (key=value) is a one-line error naming that key."""
+    from vqgan.errors import UserError
+    from vqgan.presets import resolve_config_path
+
+    key = override.split("=", 1)[0]
+    with pytest.raises(UserError, match=key.replace(".", r"\.")) as err:
+        load_config(TokenizerTrainConfig, resolve_config_path(preset), [override])
+    assert "\n" not in str(err.value)
+
+
 def photo_crops(folder: Path, step: int = 16) -> Path:
     """32 px crops of four of scikit-image's photographs (96 px, crops every `step` px across, 32 down): real
     images for the tiny training tests, no download."""
@@ -47,6 +58,22 @@ def photo_crops(folder: Path, step: int = 16) -> Path:
             for dy in range(0, 65, 32):
                 img.crop((dx, dy, dx + 32, dy + 32)).save(folder / f"{name}_{dx}_{dy}.png")
     return folder
+
+
+def train_on_photos(tmp_path: Path, steps: int, lr: float, **sections):
+    """A tiny model (`tiny_train_config` with `sections`) trained `steps` steps at learning rate `lr` on
+    `photo_crops`: its config, held-out PSNR before and after, and its saved model, loaded back."""
+    from vqgan.checkpoint import load_model
+    from vqgan.train.stage1 import TokenizerTrainer
+
+    photos = photo_crops(tmp_path / "photos")
+    cfg = tiny_train_config(tmp_path, data={"path": str(photos), "holdout": 4, "crop": "center", "flip": False},
+                            train={"steps": steps, "batch_size": 8, "base_learning_rate": lr, "scale_lr": False,
+                                   "eval_every": 1000, "ckpt_every": 1000}, **sections)
+    trainer = TokenizerTrainer(cfg, progress=False)
+    before = trainer.evaluate()["psnr"]
+    after = trainer.fit()["psnr"]
+    return cfg, before, after, load_model(tmp_path / "run")
 
 
 @pytest.fixture(autouse=True)

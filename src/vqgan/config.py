@@ -113,6 +113,9 @@ class EncoderConfig(ByKind):
         """Image side / latent grid side. The conv encoder halves the grid between its ch_mult levels."""
         return 2 ** (len(model.ch_mult) - 1)
 
+    def validate(self, where: str = "model.encoder") -> None:
+        self.check_kind(where)
+
 
 @dataclass
 class DecoderConfig(ByKind):
@@ -121,6 +124,9 @@ class DecoderConfig(ByKind):
     registry: ClassVar[Registry] = DECODERS
     default_kind: ClassVar[str] = "conv"
     kind: str = "conv"
+
+    def validate(self, where: str = "model.decoder") -> None:
+        self.check_kind(where)
 
 
 PartConfig = EncoderConfig  # the name before encoder and decoder sections had classes of their own
@@ -142,6 +148,10 @@ class VQGANConfig:
     attn_resolutions: list[int] = field(default_factory=lambda: [16])
     dropout: float = 0.0
     z_channels: int = 256
+    # what the decoder predicts: the "image" itself, or "logit_laplace": per sub-pixel the location (logit space)
+    # and log-scale of DALL-E's logit-Laplace distribution (2 * out_ch channels; the image is the sigmoid of the
+    # location, mapped back to [-1, 1]; losses/objective.py: loss.logit_laplace_weight needs it)
+    decoder_output: str = "image"
     quantizer: QuantizerConfig = field(default_factory=quantizer_config)
     encoder: EncoderConfig = field(default_factory=EncoderConfig.build)
     decoder: DecoderConfig = field(default_factory=DecoderConfig.build)
@@ -166,8 +176,13 @@ class VQGANConfig:
             if c % 32:
                 raise UserError(f"model.ch * model.ch_mult gives {c} channels; GroupNorm(32) needs multiples of 32")
         self.quantizer.validate()
-        self.encoder.check_kind("model.encoder")
-        self.decoder.check_kind("model.decoder")
+        self.encoder.validate("model.encoder")
+        self.decoder.validate("model.decoder")
+        if self.decoder_output not in ("image", "logit_laplace"):
+            raise UserError(f"model.decoder_output must be 'image' or 'logit_laplace', got {self.decoder_output!r}")
+        if self.decoder_output == "logit_laplace" and self.input_kind != "rgb":
+            raise UserError(f"model.decoder_output=logit_laplace models RGB pixels; model.input_kind is "
+                            f"{self.input_kind}")
         if self.input_kind not in ("rgb", "segmentation", "depth"):
             raise UserError(f"model.input_kind must be rgb, segmentation or depth, got {self.input_kind!r}")
         if self.input_kind == "segmentation" and not (self.in_channels == self.out_ch >= 2):
@@ -176,15 +191,19 @@ class VQGANConfig:
         if self.input_kind == "depth" and not (self.in_channels == self.out_ch == 1):
             raise UserError("model.input_kind=depth: set model.in_channels=1 and model.out_ch=1")
         if self.resolution % self.downsample_factor:
-            raise UserError(f"model.resolution {self.resolution} is not divisible by the downsampling factor "
-                            f"{self.downsample_factor} (2 ** (len(ch_mult) - 1))")
+            raise UserError(f"model.resolution {self.resolution} is not divisible by the encoder's downsampling "
+                            f"factor {self.downsample_factor}")
 
 
 @dataclass
 class LossConfig:
-    """L1 + LPIPS + codebook + adaptive-weighted PatchGAN loss."""
+    """L1 (+ MSE, + logit-Laplace) + LPIPS + codebook + adaptive-weighted PatchGAN loss."""
 
-    pixel_weight: float = 1.0
+    pixel_weight: float = 1.0  # L1
+    l2_weight: float = 0.0  # mean squared error (VQ-VAE's reconstruction term)
+    # DALL-E's logit-Laplace negative log-likelihood (Ramesh et al. 2021, sec. 3.1 / A.3); needs
+    # model.decoder_output=logit_laplace
+    logit_laplace_weight: float = 0.0
     perceptual_weight: float = 1.0  # 0 trains without the perceptual term (state it explicitly)
     codebook_weight: float = 1.0
     vgg_weights: str | None = None  # torchvision vgg16 state dict; default: torch hub cache
@@ -202,6 +221,10 @@ class LossConfig:
     adaptive_weight_max: float = 1e4
 
     def validate(self) -> None:
+        for name in ("pixel_weight", "l2_weight", "logit_laplace_weight", "perceptual_weight", "codebook_weight",
+                     "disc_factor", "disc_weight"):
+            if getattr(self, name) < 0:
+                raise UserError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
         if self.disc_loss not in ("hinge", "vanilla"):
             raise UserError(f"loss.disc_loss must be 'hinge' or 'vanilla', got {self.disc_loss!r}")
         if self.disc_norm not in ("batch", "actnorm"):
@@ -308,6 +331,12 @@ class TokenizerTrainConfig:
             raise UserError(f"model.input_kind={kind}: LPIPS compares RGB images; set loss.perceptual_weight=0")
         if kind == "segmentation" and self.loss.disc_factor > 0:
             raise UserError("model.input_kind=segmentation trains on cross-entropy alone; set loss.disc_factor=0")
+        if kind == "segmentation" and (self.loss.l2_weight > 0 or self.loss.logit_laplace_weight > 0):
+            raise UserError("model.input_kind=segmentation trains on cross-entropy alone; set loss.l2_weight=0 and "
+                            "loss.logit_laplace_weight=0")
+        if self.loss.logit_laplace_weight > 0 and self.model.decoder_output != "logit_laplace":
+            raise UserError("loss.logit_laplace_weight > 0 needs the decoder's scale: set "
+                            "model.decoder_output=logit_laplace")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,11 @@
 """The VQGAN objective (Esser et al. 2021, eq. 5-7).
 
-generator:      L = pixel_w * |x - x^| (cross-entropy for segmentation maps) + perceptual_w * LPIPS(x, x^) + codebook_w * L_VQ
+generator:      L = pixel_w * |x - x^| + l2_w * (x - x^)^2 + logit_laplace_w * NLL(x | mu, ln b)
+                    (cross-entropy for segmentation maps) + perceptual_w * LPIPS(x, x^) + codebook_w * L_VQ
                     + lambda * disc_factor * (-mean D(x^))
+                NLL: DALL-E's logit-Laplace likelihood (likelihood.py), read from the decoder's raw output `output`
+                (B, 2C, H, W): location mu and log-scale ln b; the image x^ = median(mu) is computed from it by
+                the model. The extra channels stay inside the model and this loss: every other path sees x^.
 lambda:         ||grad_W L_rec|| / (||grad_W L_gan|| + 1e-4), clamped to [0, 1e4], times disc_weight,
                 W = the decoder's last conv weight, detached.
 discriminator:  disc_factor * hinge (or softplus) loss on D(x), D(x^).
@@ -14,7 +18,10 @@ Two ways to take the generator's gradients:
   last layer is a conv whose output is x^ itself, grad_W = conv2d_weight(its input, grad_x^) gives lambda;
   for any other last layer (a ViT decoder's linear patch projection, followed by unpatchify) grad_W is the
   exact vector-Jacobian product of x^ with respect to W, through autograd (a short backward). The combined
-  gradient g_rec + lambda * g_gan is then pushed through the autoencoder in one backward. The
+  gradient g_rec + lambda * g_gan is then pushed through the autoencoder in one backward. With a raw decoder
+  output (logit-Laplace), the gradients with respect to x^ are first carried back to that output (an
+  elementwise VJP) and added to the NLL's own, so lambda's reconstruction norm holds every term and the conv
+  shortcut applies to the conv that makes the output. The
   discriminator logits on x^ are kept for the discriminator step, which reuses them.
 Both give the same lambda and the same parameter gradients (tests/test_objective.py).
 """
@@ -28,6 +35,7 @@ from torch import nn
 
 from ..config import LossConfig
 from .discriminator import NLayerDiscriminator
+from .likelihood import logit_laplace_nll
 from .lpips import LPIPS
 
 
@@ -62,13 +70,30 @@ class VQGANLoss(nn.Module):
         return self.config.disc_factor > 0 and step >= self.config.disc_train_step
 
     # -- terms -----------------------------------------------------------------------------------
-    def reconstruction_loss(self, x: torch.Tensor, rec: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def reconstruction_loss(self, x: torch.Tensor, rec: torch.Tensor,
+                            output: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """The weighted reconstruction terms of images `x` and reconstructions `rec`; `output`: the decoder's raw
+        output (B, 2C, H, W) = (location, log-scale) where it predicts the logit-Laplace statistics."""
+        cfg = self.config
         if self.input_kind == "segmentation":  # one-hot labels in, logits out
             ce = F.cross_entropy(rec.float(), x.argmax(1))
-            return self.config.pixel_weight * ce, {"ce": ce.detach()}
+            return cfg.pixel_weight * ce, {"ce": ce.detach()}
         l1 = (x - rec).abs().mean()
-        loss = self.config.pixel_weight * l1
+        loss = cfg.pixel_weight * l1
         logs = {"l1": l1.detach()}
+        if cfg.l2_weight > 0:
+            l2 = (x.float() - rec.float()).square().mean()
+            loss = loss + cfg.l2_weight * l2
+            logs["l2"] = l2.detach()
+        if cfg.logit_laplace_weight > 0:
+            c = x.shape[1]
+            if output is None or output.shape[1] != 2 * c:
+                raise ValueError("loss.logit_laplace_weight needs the decoder's (location, log-scale) output of "
+                                 f"{2 * c} channels (model.decoder_output=logit_laplace); got "
+                                 f"{None if output is None else tuple(output.shape)}")
+            nll = logit_laplace_nll(x, output[:, :c], output[:, c:]).mean()
+            loss = loss + cfg.logit_laplace_weight * nll
+            logs["logit_laplace"] = nll.detach()
         if self.perceptual is not None:
             p = self.perceptual(x.contiguous(), rec.contiguous()).mean()
             loss = loss + self.config.perceptual_weight * p
@@ -86,36 +111,53 @@ class VQGANLoss(nn.Module):
 
     # -- generator step --------------------------------------------------------------------------
     def generator_loss(self, x: torch.Tensor, rec: torch.Tensor, codebook_loss: torch.Tensor,
-                       last_layer: nn.Module, last_input: torch.Tensor | None, step: int) -> GeneratorResult:
+                       last_layer: nn.Module, last_input: torch.Tensor | None, step: int,
+                       output: torch.Tensor | None = None) -> GeneratorResult:
         """Fast path. Returns a surrogate loss whose gradient, for the autoencoder, is the objective's:
-        sum(rec * g) + codebook_weight * L_VQ with g = dL/drec computed here (LPIPS and D back-propagated
-        once, never into D's parameters). Call `.backward()` on it (through a GradScaler if any)."""
+        sum(top * g) + codebook_weight * L_VQ with g = dL/dtop computed here (LPIPS and D back-propagated
+        once, never into D's parameters); `top` is `rec`, or the decoder's raw `output` that `rec` is computed
+        from (logit-Laplace). Call `.backward()` on it (through a GradScaler if any)."""
         cfg = self.config
         rec_leaf = rec.detach().requires_grad_(True)
-        rec_loss, logs = self.reconstruction_loss(x, rec_leaf)
+        out_leaf = None if output is None else output.detach().requires_grad_(True)
+        rec_loss, logs = self.reconstruction_loss(x, rec_leaf, out_leaf)
         factor = self.gan_factor(step)
         logits_fake = self.discriminator(rec_leaf) if (factor > 0 or self.disc_trains(step)) else None
-        (grad,) = torch.autograd.grad(rec_loss, rec_leaf)
+        leaves = [rec_leaf] if out_leaf is None else [rec_leaf, out_leaf]
+        g_leaves = torch.autograd.grad(rec_loss, leaves, allow_unused=True)
+        top = rec if output is None else output
+
+        def to_top(g_rec: torch.Tensor | None, g_out: torch.Tensor | None = None) -> torch.Tensor:
+            """A gradient with respect to rec (and one with respect to the raw output) -> one with respect to top."""
+            g_rec = torch.zeros_like(rec_leaf) if g_rec is None else g_rec
+            if output is None:
+                return g_rec
+            (g,) = torch.autograd.grad(rec, output, grad_outputs=g_rec.to(rec.dtype), retain_graph=True)
+            return g.float() + (0 if g_out is None else g_out.float())
+
+        grad = to_top(*g_leaves)
         lam = torch.zeros((), device=x.device)
         total = rec_loss.detach() + cfg.codebook_weight * codebook_loss.detach()
         if factor > 0:
             gan_loss = -logits_fake.mean()
             (g_gan,) = torch.autograd.grad(gan_loss, rec_leaf, retain_graph=True)  # D graph kept for the D step
-            lam = self._lambda(_last_layer_grad(last_layer, last_input, rec, grad).norm(),
-                               _last_layer_grad(last_layer, last_input, rec, g_gan).norm())
+            g_gan = to_top(g_gan)
+            lam = self._lambda(_last_layer_grad(last_layer, last_input, top, grad).norm(),
+                               _last_layer_grad(last_layer, last_input, top, g_gan).norm())
             grad = grad + (lam * factor) * g_gan
             total = total + lam * factor * gan_loss.detach()
             logs["gan"] = gan_loss.detach()
-        surrogate = (rec.float() * grad.detach().float()).sum() + cfg.codebook_weight * codebook_loss
+        surrogate = (top.float() * grad.detach().float()).sum() + cfg.codebook_weight * codebook_loss
         logs.update(rec=rec_loss.detach(), codebook=codebook_loss.detach(), adaptive_weight=lam,
                     gan_factor=torch.tensor(factor), total=total)
         return GeneratorResult(surrogate, logs, logits_fake)
 
     def generator_loss_reference(self, x: torch.Tensor, rec: torch.Tensor, codebook_loss: torch.Tensor,
-                                 last_layer: nn.Module, step: int) -> GeneratorResult:
+                                 last_layer: nn.Module, step: int,
+                                 output: torch.Tensor | None = None) -> GeneratorResult:
         """Slow path, as the paper's code: autograd to W for lambda; returns the total loss itself."""
         cfg = self.config
-        rec_loss, logs = self.reconstruction_loss(x, rec)
+        rec_loss, logs = self.reconstruction_loss(x, rec, output)
         factor = self.gan_factor(step)
         lam = torch.zeros((), device=x.device)
         loss = rec_loss + cfg.codebook_weight * codebook_loss

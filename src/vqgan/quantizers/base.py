@@ -38,6 +38,12 @@ class Quantizer(nn.Module):
         """(B, h, w, depth) int64 -> (B, C, h, w) code vectors: the `quantized` of the forward pass."""
         raise NotImplementedError
 
+    def set_step(self, step: int) -> dict[str, float]:
+        """Called by the trainer before each training step's forward with the step about to run (0-based; a resumed
+        run passes its restored step): a kind with schedules (Gumbel: temperature, KL weight) sets them from it,
+        statelessly. Returns the scheduled values for the logs; the default has none."""
+        return {}
+
     def indices_of(self, z: torch.Tensor) -> torch.Tensor:
         """Just the indices of latents `z` (tokenizing): a kind may skip its losses and statistics here."""
         return self(z).indices

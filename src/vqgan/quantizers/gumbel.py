@@ -5,6 +5,14 @@ Gumbel noise (temperature `temperature`, straight-through hard samples when `str
 KL term pulls the code distribution towards uniform. In eval mode the token is the argmax of the logits:
 deterministic, unlike taming's GumbelVQ, which adds Gumbel noise even in eval (`noise_in_eval` reproduces
 that quirk, drawing the noise with the same torch calls).
+
+Schedules (Ramesh et al. 2021, "Zero-Shot Text-to-Image Generation", appendix A.2, where "all [decayed
+quantities] use a cosine schedule"): the temperature goes from `temperature` (1) to `temperature_end` (1/16)
+over the first `temperature_steps` updates (150,000 there; "a linear annealing schedule ... typically led to
+divergence"), and the KL weight from `kl_weight_start` (0) to `kl_weight` (beta = 6.6 there) over the first
+`kl_warmup_steps` (5,000), both by half a cosine, then constant. 0 steps: constant at the final value (the
+temperature at `temperature`). The trainer sets them from the step before each forward (`set_step`), so a
+resumed run continues where it was; outside training the temperature does not matter (argmax tokens).
 """
 from __future__ import annotations
 
@@ -27,10 +35,22 @@ class GumbelConfig(QuantizerConfig):
 
     kind: str = "gumbel"
     n_embed: int = 1024
-    temperature: float = 1.0
-    kl_weight: float = 5e-4
+    temperature: float = 1.0  # the relaxation temperature (its start, when annealed)
+    temperature_end: float = 1.0 / 16  # ... annealed to this over temperature_steps (0: no annealing)
+    temperature_steps: int = 0
+    kl_weight: float = 5e-4  # the weight of the KL to the uniform prior (its final value, when warmed up)
+    kl_weight_start: float = 0.0  # ... raised from this over kl_warmup_steps (0: kl_weight from the start)
+    kl_warmup_steps: int = 0
     straight_through: bool = True
     noise_in_eval: bool = False  # taming quirk: its GumbelVQ samples noise even in eval (off: argmax tokens)
+
+    def temperature_at(self, step: int) -> float:
+        if not self.temperature_steps:
+            return self.temperature
+        return cosine_schedule(step, self.temperature, self.temperature_end, self.temperature_steps)
+
+    def kl_weight_at(self, step: int) -> float:
+        return cosine_schedule(step, self.kl_weight_start, self.kl_weight, self.kl_warmup_steps)
 
     @property
     def vocab_per_depth(self) -> tuple[int, ...]:
@@ -40,8 +60,12 @@ class GumbelConfig(QuantizerConfig):
         super().validate(where)
         if self.n_embed < 2:
             raise UserError(f"{where}.n_embed must be >= 2, got {self.n_embed}")
-        if not self.temperature > 0:
-            raise UserError(f"{where}.temperature must be > 0, got {self.temperature}")
+        for name in ("temperature", "temperature_end"):
+            if not getattr(self, name) > 0:
+                raise UserError(f"{where}.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("kl_weight", "kl_weight_start", "temperature_steps", "kl_warmup_steps"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{where}.{name} must be >= 0, got {getattr(self, name)}")
 
 
 @QUANTIZERS.register("gumbel", config=GumbelConfig)
@@ -50,7 +74,8 @@ class GumbelQuantizer(Quantizer):
         super().__init__()
         self.config = config
         self.n_embed = config.n_embed
-        self.temperature = config.temperature
+        self.temperature = config.temperature_at(0)  # until the trainer sets the step
+        self.kl_weight = config.kl_weight_at(0)
         self.proj = nn.Conv2d(in_channels, config.n_embed, 1)  # latent -> logits over the codes
         self.embed = nn.Embedding(config.n_embed, config.embed_dim)
 
@@ -63,17 +88,22 @@ class GumbelQuantizer(Quantizer):
             one_hot = F.one_hot(logits.argmax(1), self.n_embed).permute(0, 3, 1, 2).float()
         quantized = torch.einsum("bkhw,kd->bdhw", one_hot, self.embed.weight.float()).to(z.dtype)
         q = F.softmax(logits, dim=1)
-        kl = self.config.kl_weight * (q * torch.log(q * self.n_embed + 1e-10)).sum(1).mean()
+        kl = self.kl_weight * (q * torch.log(q * self.n_embed + 1e-10)).sum(1).mean()
         indices = one_hot.argmax(1).unsqueeze(-1)  # (B, h, w, 1)
         return QuantizerOutput(quantized, indices, kl, codebook_stats(indices, self.n_embed))
+
+    def set_step(self, step: int) -> dict[str, float]:
+        self.temperature = self.config.temperature_at(step)
+        self.kl_weight = self.config.kl_weight_at(step)
+        return {"temperature": self.temperature, "kl_weight": self.kl_weight}
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         return self.embed(self.check_indices(indices)[..., 0]).permute(0, 3, 1, 2).contiguous()
 
 
-def gumbel_temperature(step: int, start: float = 1.0, end: float = 1.0 / 16, anneal_steps: int = 0) -> float:
-    """Exponential annealing from `start` to `end` over `anneal_steps` (constant when 0)."""
-    if anneal_steps <= 0:
-        return start
-    t = min(1.0, step / anneal_steps)
-    return start * math.exp(t * math.log(end / start))
+def cosine_schedule(step: int, start: float, end: float, steps: int) -> float:
+    """`start` at step 0 to `end` at `steps` by half a cosine, `end` after (and throughout when steps is 0)."""
+    if steps <= 0:
+        return end
+    t = min(1.0, step / steps)
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * t))

@@ -5,7 +5,7 @@ The conv VQGAN (Esser et al. 2021) is the default composition. Attribute names (
 """
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from torch import nn
 from ..checkpoint import load_model, save_model
 from ..codes import CodeSpec
 from ..config import VQGANConfig, from_dict
+from ..losses.likelihood import logit_laplace_image
 from ..quantizers import QuantizerOutput, build_quantizer
 from ..registry import DECODERS, ENCODERS, MODELS
 
@@ -26,6 +27,13 @@ class VQModel(nn.Module):
     >>> images = model.decode(tokens)          # (B, 3, H, W)
     >>> rec, codebook_loss, info = model(images)
     >>> model.code_spec                        # the grid factor and the vocabulary of each depth (codes.py)
+
+    With `decoder_output: logit_laplace` the decoder (any kind: it is built with twice `out_ch`) predicts
+    DALL-E's location and log-scale per sub-pixel; `forward` hands that raw output to the loss
+    (`info["decoder_output"]`) and every path, `forward`'s reconstruction included, gets the image made from the
+    location (losses/likelihood.py). A per-pixel scale rather than one learnt per channel: it is what DALL-E's
+    decoder predicts (Ramesh et al. 2021, A.3), and it keeps the likelihood a function of the decoder's output
+    alone, so the loss, its adaptive weight and the GAN step need no parameter outside the model.
     """
 
     def __init__(self, config: VQGANConfig):
@@ -33,7 +41,9 @@ class VQModel(nn.Module):
         config.validate()
         self.config = config
         self.encoder = ENCODERS.build(config.encoder.kind, config)
-        self.decoder = DECODERS.build(config.decoder.kind, config)
+        stats = config.decoder_output == "logit_laplace"
+        self.decoder = DECODERS.build(config.decoder.kind,
+                                      replace(config, out_ch=2 * config.out_ch) if stats else config)
         width = config.quantizer.code_width
         self.quant_conv = nn.Conv2d(config.z_channels, width, 1)
         self.post_quant_conv = nn.Conv2d(width, config.z_channels, 1)
@@ -47,9 +57,19 @@ class VQModel(nn.Module):
     def quantize_latents(self, h: torch.Tensor) -> QuantizerOutput:
         return self.quantize(h)
 
+    def decode_raw(self, quantized: torch.Tensor) -> torch.Tensor:
+        """Code vectors (B, code_width, h, w) -> the decoder's raw output: images, or (location, log-scale)."""
+        return self.decoder(self.post_quant_conv(quantized))
+
+    def image_of(self, output: torch.Tensor) -> torch.Tensor:
+        """The decoder's raw output -> images (B, out_ch, H, W)."""
+        if self.config.decoder_output == "logit_laplace":
+            return logit_laplace_image(output[:, :self.config.out_ch])
+        return output
+
     def decode_latents(self, quantized: torch.Tensor) -> torch.Tensor:
         """Code vectors (B, code_width, h, w) -> images."""
-        return self.decoder(self.post_quant_conv(quantized))
+        return self.image_of(self.decode_raw(quantized))
 
     # -- the public API --------------------------------------------------------------------------
     @torch.no_grad()
@@ -68,11 +88,13 @@ class VQModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         """Images -> (reconstruction, codebook loss, info with `indices`, `codes` (the codebook rows, for upkeep),
-        `prequant` and stats)."""
+        `prequant`, stats, and `decoder_output` where the decoder predicts more than the image)."""
         h = self.encode_to_prequant(images)
         q = self.quantize(h)
-        rec = self.decode_latents(q.quantized)
-        return rec, q.loss, {"indices": q.indices, "codes": q.codes, "prequant": h, **q.stats}
+        output = self.decode_raw(q.quantized)
+        rec = self.image_of(output)
+        extra = {"decoder_output": output} if rec is not output else {}
+        return rec, q.loss, {"indices": q.indices, "codes": q.codes, "prequant": h, **q.stats, **extra}
 
     # -- files -----------------------------------------------------------------------------------
     @property

@@ -1,8 +1,9 @@
 """Stage 1: train the VQGAN tokenizer on a folder of images.
 
 One process, or many under `torchrun --nproc_per_node N` (DistributedDataParallel for the autoencoder,
-averaged gradients and BatchNorm statistics for the discriminator). Each iteration: one autoencoder
-forward, the generator step (L1 + LPIPS + codebook + adaptive GAN term), and the discriminator step on
+averaged gradients and BatchNorm statistics for the discriminator). Each iteration: the quantizer's schedules
+set from the step (`Quantizer.set_step`), one autoencoder forward, the generator step (L1 / MSE / logit-Laplace
++ LPIPS + codebook + adaptive GAN term), and the discriminator step on
 the same reconstruction. Checkpoints are atomic and resumable bit for bit.
 """
 from __future__ import annotations
@@ -277,6 +278,8 @@ class TokenizerTrainer(TrainingLoop):
             group["lr"] = self.lr * min(1.0, (step + 1) / warm) if warm else self.lr
         self.opt_ae.zero_grad(set_to_none=True)
         self.opt_d.zero_grad(set_to_none=True)
+        # the quantizer's schedules (Gumbel temperature, KL weight) follow the step: a resumed run is where it was
+        schedule = self.model.quantize.set_step(step)
         disc_trains = self.loss.disc_trains(step)
         logs: dict[str, torch.Tensor] = {}
         finite = torch.tensor(True, device=self.rt.device)
@@ -288,7 +291,7 @@ class TokenizerTrainer(TrainingLoop):
             with sync, autocast(self.rt.device, self.dtype):
                 rec, codebook_loss, info = self.ae(x)
                 gen = self.loss.generator_loss(x, rec, codebook_loss, self.model.decoder.last_layer, self.tap.value,
-                                               step)
+                                               step, output=info.get("decoder_output"))
                 self.scaler_ae.scale(gen.loss / accum).backward()
             finite &= torch.isfinite(gen.loss.detach())
             logs = {k: logs.get(k, 0) + v.float() / accum for k, v in gen.logs.items()}
@@ -320,7 +323,7 @@ class TokenizerTrainer(TrainingLoop):
         # codebook upkeep on the last micro-batch (statistics reduced across ranks): the quantizer's own
         upkeep = self.model.quantize.maintain(step, info["prequant"], info["codes"], self.opt_ae)
         out = {k: float(v) for k, v in logs.items()}
-        out.update(usage_batch=float(info["usage"]), perplexity=float(info["perplexity"]), **upkeep,
+        out.update(usage_batch=float(info["usage"]), perplexity=float(info["perplexity"]), **upkeep, **schedule,
                    lr=self.opt_ae.param_groups[0]["lr"], skipped_files=self.skipped_files)
         return out
 

@@ -1,0 +1,136 @@
+"""DALL-E's dVAE (tokenizers/dvae.py): preset shapes, the logit-Laplace likelihood and the image it stands for,
+the Gumbel schedules (values at given steps, after a resume), a tiny one learning real photographs, its saved
+model and code contract, and its settings' errors."""
+import math
+
+import pytest
+import torch
+from conftest import assert_setting_error, tiny_train_config, train_on_photos
+
+from vqgan.config import LossConfig, TokenizerTrainConfig, load_config, quantizer_config
+from vqgan.losses import VQGANLoss
+from vqgan.losses.likelihood import logit_laplace_image, logit_laplace_nll
+from vqgan.presets import resolve_config_path
+from vqgan.quantizers import build_quantizer
+from vqgan.tokenizers import VQModel
+from vqgan.train.stage1 import TokenizerTrainer
+
+GUMBEL = {"kind": "gumbel", "n_embed": 64, "embed_dim": 16, "temperature_steps": 8, "kl_warmup_steps": 4,
+          "kl_weight": 0.03, "straight_through": False}
+TINY = {"encoder": {"kind": "dvae", "hidden_channels": 16, "blocks_per_group": 1, "groups": 3},
+        "decoder": {"kind": "dvae", "hidden_channels": 16, "blocks_per_group": 1, "init_channels": 16},
+        "z_channels": 16, "decoder_output": "logit_laplace", "quantizer": GUMBEL}
+LOSS = {"pixel_weight": 0.0, "logit_laplace_weight": 1.0, "disc_factor": 0.0}
+
+
+@pytest.mark.parametrize("name,grid,vocab,meta", [("dvae", 32, 8192, True), ("small-cpu-dvae", 8, 1024, False)])
+def test_presets_build(name, grid, vocab, meta):
+    cfg = load_config(TokenizerTrainConfig, resolve_config_path(name))
+    assert cfg.model.latent_size == grid and cfg.model.code_spec.levels[0].vocab == (vocab,)
+    assert cfg.loss.logit_laplace_weight == 1 and cfg.loss.pixel_weight == cfg.loss.disc_factor == 0
+    q = cfg.model.quantizer
+    assert q.temperature_at(0) == 1 and q.temperature_at(q.temperature_steps) == 1 / 16
+    assert q.kl_weight_at(0) == 0 and q.kl_weight_at(q.kl_warmup_steps) == pytest.approx(6.6 / 192, rel=1e-2)
+    with torch.device("meta" if meta else "cpu"):
+        model = VQModel(cfg.model)
+    assert model.decoder.conv_out.out_channels == 6  # location and log-scale of each of 3 channels
+    assert len(model.encoder.group) == len(model.decoder.group) == 4
+    if not meta:
+        model.eval()
+        tokens = model.encode(torch.zeros(2, 3, 64, 64))
+        assert tokens.shape == (2, grid, grid, 1) and model.decode(tokens).shape == (2, 3, 64, 64)
+
+
+def test_logit_laplace_matches_a_hand_computation():
+    x, mu, log_b = 0.5, 0.3, -0.7  # a pixel in [-1, 1]; location (logit space) and log-scale
+    y = 0.1 + 0.8 * (x + 1) / 2  # mapped into (eps, 1 - eps), eps = 0.1
+    b = math.exp(log_b)
+    density = 1 / (2 * b * y * (1 - y)) * math.exp(-abs(math.log(y / (1 - y)) - mu) / b)
+    got = logit_laplace_nll(torch.tensor([[[[x]]]]), torch.tensor([[[[mu]]]]), torch.tensor([[[[log_b]]]]))
+    assert float(got) == pytest.approx(-math.log(density), rel=1e-6)
+    # the image is the median sigmoid(mu), unmapped: (sigmoid(mu) - eps) / (1 - 2 eps) in [0, 1] units
+    median01 = (1 / (1 + math.exp(-mu)) - 0.1) / 0.8
+    assert float(logit_laplace_image(torch.tensor(mu))) == pytest.approx(2 * median01 - 1, rel=1e-6)
+    # the loss term is its mean, read from the decoder's raw (location, log-scale) output
+    loss = VQGANLoss(LossConfig(pixel_weight=0, logit_laplace_weight=2.0, perceptual_weight=0, disc_ndf=8), None)
+    xs, out = torch.rand(2, 3, 4, 4) * 2 - 1, torch.randn(2, 6, 4, 4)
+    value, logs = loss.reconstruction_loss(xs, logit_laplace_image(out[:, :3]), out)
+    torch.testing.assert_close(value, 2.0 * logit_laplace_nll(xs, out[:, :3], out[:, 3:]).mean())
+    with pytest.raises(ValueError, match="decoder_output=logit_laplace"):
+        loss.reconstruction_loss(xs, out[:, :3])
+
+
+def test_the_model_returns_images_and_hands_the_scale_to_the_loss_alone(tmp_path):
+    cfg = tiny_train_config(tmp_path, model=TINY, loss=LOSS).model
+    model = VQModel(cfg).eval()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        rec, _, info = model(x)
+    assert rec.shape == (2, 3, 32, 32) and info["decoder_output"].shape == (2, 6, 32, 32)
+    torch.testing.assert_close(rec, logit_laplace_image(info["decoder_output"][:, :3]))
+    tokens = model.encode(x)
+    assert tokens.shape == (2, 8, 8, 1)
+    torch.testing.assert_close(model.decode(tokens), rec)  # eval: argmax tokens, the same image
+
+
+def test_schedules_follow_the_config():
+    q = quantizer_config(**{**GUMBEL, "temperature": 1.0, "temperature_end": 1 / 16, "kl_weight_start": 0.0})
+    quantizer = build_quantizer(q, 16)
+    cosine = lambda t, a, b: b + (a - b) * 0.5 * (1 + math.cos(math.pi * t))  # noqa: E731
+    for step, t_frac, kl_frac in [(0, 0, 0), (2, 0.25, 0.5), (4, 0.5, 1), (8, 1, 1), (100, 1, 1)]:
+        logs = quantizer.set_step(step)
+        assert quantizer.temperature == pytest.approx(cosine(t_frac, 1.0, 1 / 16))
+        assert quantizer.kl_weight == pytest.approx(cosine(kl_frac, 0.0, 0.03))
+        assert logs == {"temperature": quantizer.temperature, "kl_weight": quantizer.kl_weight}
+    # the KL term is weighted by the scheduled weight: none at step 0
+    quantizer.train().set_step(0)
+    assert float(quantizer(torch.randn(2, 16, 4, 4)).loss.detach()) == 0
+    # no schedule: the constant settings
+    plain = build_quantizer(quantizer_config("gumbel", n_embed=8, embed_dim=4, temperature=0.5, kl_weight=1e-3), 4)
+    assert plain.set_step(10**6) == {"temperature": 0.5, "kl_weight": 1e-3}
+
+
+def test_a_resumed_run_continues_the_schedules(tmp_path):
+    cfg = tiny_train_config(tmp_path, model=TINY, loss=LOSS, train={"steps": 3, "ckpt_every": 3})
+    TokenizerTrainer(cfg, progress=False).fit()
+    cfg = tiny_train_config(tmp_path, model=TINY, loss=LOSS, train={"steps": 5, "ckpt_every": 3})
+    resumed = TokenizerTrainer(cfg, resume=True, progress=False)
+    assert resumed.step == 3
+    seen, step = [], resumed.train_step
+
+    def recording(batches):
+        out = step(batches)
+        seen.append((resumed.step, resumed.model.quantize.temperature, resumed.model.quantize.kl_weight, out))
+        return out
+
+    resumed.train_step = recording
+    resumed.fit()
+    q = cfg.model.quantizer
+    assert [s for s, *_ in seen] == [3, 4]
+    for s, temperature, kl_weight, logs in seen:
+        assert temperature == q.temperature_at(s) and kl_weight == q.kl_weight_at(s)
+        assert logs["temperature"] == temperature and "logit_laplace" in logs
+
+
+@pytest.mark.parametrize("override", [
+    "model.encoder.groups=0",
+    "model.decoder.hidden_channels=30",
+    "model.quantizer.temperature_end=0",
+    "model.quantizer.kl_warmup_steps=-1",
+    "model.decoder_output=image",  # the logit-Laplace term needs the scale
+    "model.decoder_output=gaussian",
+    "loss.logit_laplace_weight=-1",
+])
+def test_bad_settings_are_one_line_errors_naming_the_key(override):
+    assert_setting_error("small-cpu-dvae", override)
+
+
+@pytest.mark.slow
+def test_a_tiny_dvae_learns_real_photographs(tmp_path):
+    cfg, before, after, model = train_on_photos(tmp_path, 40, 2e-3, loss=LOSS,
+                                                model={**TINY, "quantizer": {**GUMBEL, "temperature_steps": 40}})
+    assert after > before + 2.0, (before, after)
+    assert model.config == cfg.model
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    tokens = model.encode(x)
+    assert tokens.shape == (2, 8, 8, 1) and model.decode(tokens).shape == (2, 3, 32, 32)
