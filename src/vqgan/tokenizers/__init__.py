@@ -2,5 +2,6 @@
 file here is its registry line."""
 from .conv import Decoder, Encoder
 from .model import VQModel
+from .vit import ViTDecoder, ViTEncoder
 
-__all__ = ["Decoder", "Encoder", "VQModel"]
+__all__ = ["Decoder", "Encoder", "VQModel", "ViTDecoder", "ViTEncoder"]
