@@ -20,9 +20,9 @@ def test_unknown_quantizer_kind_is_one_line_listing_the_kinds():
 
 
 def test_unknown_encoder_kind_is_one_line():
-    with pytest.raises(UserError, match=r"model\.encoder\.kind must be one of conv; got 'vit'"):
-        load_config(VQGANConfig, {"encoder": {"kind": "vit"}})
-    assert "conv" in ENCODERS and "vq" in QUANTIZERS
+    with pytest.raises(UserError, match=r"model\.encoder\.kind must be one of conv, vit; got 'swin'"):
+        load_config(VQGANConfig, {"encoder": {"kind": "swin"}})
+    assert "conv" in ENCODERS and "vit" in ENCODERS and "vq" in QUANTIZERS
 
 
 def test_a_kind_registers_once():

@@ -34,7 +34,8 @@ from ..registry import DECODERS, ENCODERS
 
 @dataclass
 class ViTShape:
-    """The settings of one ViT part; encoder and decoder sections each carry their own."""
+    """The settings of one ViT part; encoder and decoder sections each carry their own. Mixed in before the
+    section base, so `validate` adds its checks to the base's."""
 
     patch_size: int = 8  # pixels per token side: the grid factor
     width: int = 512  # token width
@@ -46,7 +47,8 @@ class ViTShape:
     def hidden(self) -> int:
         return int(self.width * self.mlp_ratio)
 
-    def check_shape(self, where: str) -> None:
+    def validate(self, model: VQGANConfig, where: str) -> None:
+        super().validate(model, where)  # type: ignore[misc]  # the section's own checks (its kind)
         for name in ("patch_size", "width", "depth", "heads"):
             if getattr(self, name) < 1:
                 raise UserError(f"{where}.{name} must be >= 1, got {getattr(self, name)}")
@@ -76,10 +78,6 @@ class ViTEncoderConfig(ViTShape, EncoderConfig):
     def downsample_factor(self, model: VQGANConfig) -> int:
         return self.patch_size
 
-    def validate(self, model: VQGANConfig, where: str = "model.encoder") -> None:
-        super().validate(model, where)
-        self.check_shape(where)
-
 
 @dataclass
 class ViTDecoderConfig(ViTShape, DecoderConfig):
@@ -90,10 +88,6 @@ class ViTDecoderConfig(ViTShape, DecoderConfig):
 
     def upsample_factor(self, model: VQGANConfig) -> int:
         return self.patch_size
-
-    def validate(self, model: VQGANConfig, where: str = "model.decoder") -> None:
-        super().validate(model, where)
-        self.check_shape(where)
 
 
 @ENCODERS.register("vit", config=ViTEncoderConfig)
