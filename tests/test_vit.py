@@ -164,7 +164,7 @@ def test_stylegan_discriminator_step_gives_finite_gradients(disc_loss):
     d_loss, logs = loss.discriminator_loss_step(real, fake)
     d_loss.backward()
     grads = [p.grad for p in loss.discriminator.parameters()]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads) and float(d_loss) > 0
+    assert all(g is not None and torch.isfinite(g).all() for g in grads) and float(d_loss.detach()) > 0
 
 
 def test_stylegan_discriminator_trains_and_resumes_with_its_saved_kind(tmp_path):

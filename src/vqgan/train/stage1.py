@@ -54,7 +54,7 @@ log = logging.getLogger("vqgan.train")
 
 
 class _InputTap:
-    """Keeps the input of a module from its last forward (the decoder's last conv, for lambda)."""
+    """Keeps the input of a module from its last forward (the decoder's last layer, for lambda)."""
 
     def __init__(self, module: torch.nn.Module):
         self.value: torch.Tensor | None = None
