@@ -20,9 +20,9 @@ def test_unknown_quantizer_kind_is_one_line_listing_the_kinds():
 
 
 def test_unknown_encoder_kind_is_one_line():
-    with pytest.raises(UserError, match=r"model\.encoder\.kind must be one of conv, .*vqvae.*; got 'nope'"):
+    with pytest.raises(UserError, match=r"model\.encoder\.kind must be one of conv, .*vit.*; got 'nope'"):
         load_config(VQGANConfig, {"encoder": {"kind": "nope"}})
-    assert "conv" in ENCODERS and "vq" in QUANTIZERS
+    assert "conv" in ENCODERS and "vit" in ENCODERS and "vq" in QUANTIZERS
 
 
 def test_a_kind_registers_once():

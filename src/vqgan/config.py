@@ -99,11 +99,28 @@ def quantizer_config(kind: str = "vq", **options: Any) -> QuantizerConfig:
     return QuantizerConfig.build(kind, **options)
 
 
+class _GridPart(ByKind):
+    """What encoder and decoder sections share: their checks, and the setting that says their grid factor."""
+
+    # the setting that says the grid factor, for error messages (a kind with its own names its key)
+    factor_key: ClassVar[str] = "model.ch_mult"
+
+    def validate(self, model: VQGANConfig, where: str) -> None:
+        self.check_kind(where)
+
+    def factor_fix(self, factor: int) -> str:
+        """How to give this part the grid factor `factor` (the end of a one-line mismatch error)."""
+        if factor & (factor - 1):
+            return "the conv encoder and decoder have power-of-two factors"
+        levels = factor.bit_length()
+        return f"give model.ch_mult {levels} levels (factor 2 ** (levels - 1)), e.g. {[1] * levels}"
+
+
 @dataclass
-class EncoderConfig(ByKind):
+class EncoderConfig(_GridPart):
     """`model.encoder`: its `kind`, and the keys of that kind. The conv VQGAN's shape (ch, ch_mult, ...) stays in
     the model section, shared by its encoder and decoder (the paper's `ddconfig`), so every flat config and
-    checkpoint loads unchanged; kinds with settings of their own register a subclass."""
+    checkpoint loads unchanged; kinds with settings of their own register a subclass (tokenizers/vit.py)."""
 
     registry: ClassVar[Registry] = ENCODERS
     default_kind: ClassVar[str] = "conv"
@@ -113,20 +130,19 @@ class EncoderConfig(ByKind):
         """Image side / latent grid side. The conv encoder halves the grid between its ch_mult levels."""
         return 2 ** (len(model.ch_mult) - 1)
 
-    def validate(self, where: str = "model.encoder") -> None:
-        self.check_kind(where)
-
 
 @dataclass
-class DecoderConfig(ByKind):
-    """`model.decoder`: its `kind`, and the keys of that kind (see EncoderConfig)."""
+class DecoderConfig(_GridPart):
+    """`model.decoder`: its `kind`, and the keys of that kind (see EncoderConfig). Its `upsample_factor` must
+    equal the encoder's grid factor."""
 
     registry: ClassVar[Registry] = DECODERS
     default_kind: ClassVar[str] = "conv"
     kind: str = "conv"
 
-    def validate(self, where: str = "model.decoder") -> None:
-        self.check_kind(where)
+    def upsample_factor(self, model: VQGANConfig) -> int:
+        """Image side / latent grid side. The conv decoder doubles the grid between its ch_mult levels."""
+        return 2 ** (len(model.ch_mult) - 1)
 
 
 PartConfig = EncoderConfig  # the name before encoder and decoder sections had classes of their own
@@ -172,12 +188,12 @@ class VQGANConfig:
     def validate(self) -> None:
         if not self.ch_mult:
             raise UserError("model.ch_mult must list at least one level, e.g. [1, 2, 2, 4]")
-        for c in [self.ch * m for m in self.ch_mult]:
+        for c in [self.ch * m for m in self.ch_mult] if "conv" in (self.encoder.kind, self.decoder.kind) else ():
             if c % 32:
                 raise UserError(f"model.ch * model.ch_mult gives {c} channels; GroupNorm(32) needs multiples of 32")
         self.quantizer.validate()
-        self.encoder.validate("model.encoder")
-        self.decoder.validate("model.decoder")
+        self.encoder.validate(self, "model.encoder")
+        self.decoder.validate(self, "model.decoder")
         if self.decoder_output not in ("image", "logit_laplace"):
             raise UserError(f"model.decoder_output must be 'image' or 'logit_laplace', got {self.decoder_output!r}")
         if self.decoder_output == "logit_laplace" and self.input_kind != "rgb":
@@ -190,14 +206,19 @@ class VQGANConfig:
                             f"labels (got {self.in_channels} and {self.out_ch})")
         if self.input_kind == "depth" and not (self.in_channels == self.out_ch == 1):
             raise UserError("model.input_kind=depth: set model.in_channels=1 and model.out_ch=1")
-        if self.resolution % self.downsample_factor:
-            raise UserError(f"model.resolution {self.resolution} is not divisible by the encoder's downsampling "
-                            f"factor {self.downsample_factor}")
+        f, up = self.downsample_factor, self.decoder.upsample_factor(self)
+        if up != f:
+            raise UserError(f"{self.decoder.factor_key} gives the decoder a factor of {up}, the encoder's grid factor "
+                            f"({self.encoder.factor_key}) is {f}; {self.decoder.factor_fix(f)}")
+        if self.resolution % f:
+            raise UserError(f"model.resolution {self.resolution} is not divisible by the downsampling factor {f} "
+                            f"({self.encoder.factor_key}); e.g. model.resolution={max(1, round(self.resolution / f)) * f}")
 
 
 @dataclass
 class LossConfig:
-    """L1 (+ MSE, + logit-Laplace) + LPIPS + codebook + adaptive-weighted PatchGAN loss."""
+    """L1 (+ MSE, + logit-Laplace) + LPIPS + codebook + adaptive-weighted GAN loss (PatchGAN or StyleGAN
+    discriminator)."""
 
     pixel_weight: float = 1.0  # L1
     l2_weight: float = 0.0  # mean squared error (VQ-VAE's reconstruction term)
@@ -215,6 +236,10 @@ class LossConfig:
     disc_factor: float = 1.0
     disc_weight: float = 0.8
     disc_loss: str = "hinge"  # or "vanilla" (softplus)
+    # "patch": PatchGAN, a logit per overlapping patch (Esser et al. 2021); "stylegan": StyleGAN2's residual
+    # discriminator, one logit per image (ViT-VQGAN, Yu et al. 2021, sec. 3.1). disc_ndf is the width of either's
+    # first layer; disc_layers and disc_norm shape the PatchGAN only (the StyleGAN one halves down to 4 px)
+    disc_kind: str = "patch"
     disc_layers: int = 3
     disc_ndf: int = 64
     disc_norm: str = "batch"  # or "actnorm"
@@ -227,6 +252,8 @@ class LossConfig:
                 raise UserError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
         if self.disc_loss not in ("hinge", "vanilla"):
             raise UserError(f"loss.disc_loss must be 'hinge' or 'vanilla', got {self.disc_loss!r}")
+        if self.disc_kind not in ("patch", "stylegan"):
+            raise UserError(f"loss.disc_kind must be 'patch' or 'stylegan', got {self.disc_kind!r}")
         if self.disc_norm not in ("batch", "actnorm"):
             raise UserError(f"loss.disc_norm must be 'batch' or 'actnorm', got {self.disc_norm!r}")
         if self.disc_train_start is not None and self.disc_train_start > self.disc_start:
@@ -287,7 +314,7 @@ class TrainConfig:
     keep_last: int = 3
     init_from: str | None = None  # a checkpoint to fine-tune from
     reset_codebook: bool = False  # with init_from: re-initialise the codebook from data
-    # with init_from: load its discriminator too, in the shape it was saved with (loss.disc_layers, disc_ndf,
+    # with init_from: load its discriminator too, in the shape it was saved with (loss.disc_kind, disc_layers, disc_ndf,
     # disc_norm are taken from its loss.yaml / train_config.yaml); false: a fresh one from this config's loss
     init_discriminator: bool = True
     # a step whose loss or gradients are not finite is skipped; this many in a row stop the run

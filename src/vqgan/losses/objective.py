@@ -8,7 +8,8 @@ generator:      L = pixel_w * |x - x^| + l2_w * (x - x^)^2 + logit_laplace_w * N
                 the model. The extra channels stay inside the model and this loss: every other path sees x^.
 lambda:         ||grad_W L_rec|| / (||grad_W L_gan|| + 1e-4), clamped to [0, 1e4], times disc_weight,
                 W = the decoder's last conv weight, detached.
-discriminator:  disc_factor * hinge (or softplus) loss on D(x), D(x^).
+discriminator:  disc_factor * hinge (or softplus) loss on D(x), D(x^); D is the PatchGAN or, with
+                `loss.disc_kind: stylegan`, the StyleGAN one (stylegan_discriminator.py).
 
 Two ways to take the generator's gradients:
 - `generator_loss_reference`: as the paper's code, the obviously correct way: gradients of both
@@ -37,6 +38,7 @@ from ..config import LossConfig
 from .discriminator import NLayerDiscriminator
 from .likelihood import logit_laplace_nll
 from .lpips import LPIPS
+from .stylegan_discriminator import StyleGANDiscriminator
 
 
 @dataclass
@@ -47,13 +49,13 @@ class GeneratorResult:
 
 
 class VQGANLoss(nn.Module):
-    def __init__(self, config: LossConfig, perceptual: LPIPS | None, in_channels: int = 3, input_kind: str = "rgb"):
+    def __init__(self, config: LossConfig, perceptual: LPIPS | None, in_channels: int = 3, input_kind: str = "rgb",
+                 resolution: int = 256):
         super().__init__()
         self.config = config
         self.input_kind = input_kind
         self.perceptual = perceptual if config.perceptual_weight > 0 else None
-        self.discriminator = NLayerDiscriminator(in_channels, config.disc_ndf, config.disc_layers,
-                                                 config.disc_norm)
+        self.discriminator = build_discriminator(config, in_channels, resolution)
 
     @property
     def perceptual_description(self) -> str:
@@ -189,6 +191,14 @@ class VQGANLoss(nn.Module):
         loss = self.config.disc_factor * self.discriminator_loss(logits_real, logits_fake)
         return loss, {"disc": loss.detach(), "logits_real": logits_real.detach().mean(),
                       "logits_fake": logits_fake.detach().mean()}
+
+
+def build_discriminator(config: LossConfig, in_channels: int, resolution: int) -> nn.Module:
+    """`loss.disc_kind`: the PatchGAN (a logit per patch, any image size) or the StyleGAN one (a logit per image,
+    built for `resolution`). Both losses (hinge, vanilla) average whatever logits D gives."""
+    if config.disc_kind == "stylegan":
+        return StyleGANDiscriminator(in_channels, config.disc_ndf, resolution)
+    return NLayerDiscriminator(in_channels, config.disc_ndf, config.disc_layers, config.disc_norm)
 
 
 def _last_layer_grad(layer: nn.Module, inp: torch.Tensor | None, rec: torch.Tensor,

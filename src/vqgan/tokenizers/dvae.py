@@ -63,8 +63,8 @@ class DVAEEncoderConfig(DVAEShape, EncoderConfig):
     def downsample_factor(self, model: VQGANConfig) -> int:
         return 2 ** (self.groups - 1)
 
-    def validate(self, where: str = "model.encoder") -> None:
-        super().validate(where)
+    def validate(self, model: VQGANConfig, where: str) -> None:
+        super().validate(model, where)
         self.check_shape(where)
         if not 1 <= self.groups <= 5:
             raise UserError(f"{where}.groups must be in 1..5 (f = 2^(groups - 1)), got {self.groups}")
@@ -77,8 +77,11 @@ class DVAEDecoderConfig(DVAEShape, DecoderConfig):
     kind: str = "dvae"
     init_channels: int = 128  # n_init: the width of the decoder's input conv
 
-    def validate(self, where: str = "model.decoder") -> None:
-        super().validate(where)
+    def upsample_factor(self, model: VQGANConfig) -> int:
+        return model.downsample_factor  # it has as many upsampling steps as the encoder's factor needs
+
+    def validate(self, model: VQGANConfig, where: str) -> None:
+        super().validate(model, where)
         self.check_shape(where)
         if self.init_channels < 1:
             raise UserError(f"{where}.init_channels must be >= 1, got {self.init_channels}")

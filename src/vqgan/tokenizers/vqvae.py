@@ -58,8 +58,8 @@ class VQVAEEncoderConfig(VQVAEShape, EncoderConfig):
     def downsample_factor(self, model: VQGANConfig) -> int:
         return self.factor
 
-    def validate(self, where: str = "model.encoder") -> None:
-        super().validate(where)
+    def validate(self, model: VQGANConfig, where: str) -> None:
+        super().validate(model, where)
         self.check_shape(where)
         if self.factor not in (2, 4, 8, 16):
             raise UserError(f"{where}.factor must be 2, 4, 8 or 16 (one strided conv per halving), got {self.factor}")
@@ -71,8 +71,11 @@ class VQVAEDecoderConfig(VQVAEShape, DecoderConfig):
 
     kind: str = "vqvae"
 
-    def validate(self, where: str = "model.decoder") -> None:
-        super().validate(where)
+    def upsample_factor(self, model: VQGANConfig) -> int:
+        return model.downsample_factor  # it has as many upsampling steps as the encoder's factor needs
+
+    def validate(self, model: VQGANConfig, where: str) -> None:
+        super().validate(model, where)
         self.check_shape(where)
 
 

@@ -55,7 +55,7 @@ log = logging.getLogger("vqgan.train")
 
 
 class _InputTap:
-    """Keeps the input of a module from its last forward (the decoder's last conv, for lambda)."""
+    """Keeps the input of a module from its last forward (the decoder's last layer, for lambda)."""
 
     def __init__(self, module: torch.nn.Module):
         self.value: torch.Tensor | None = None
@@ -65,7 +65,7 @@ class _InputTap:
         self.value = args[0]
 
 
-DISC_SHAPE_KEYS = ("disc_layers", "disc_ndf", "disc_norm")
+DISC_SHAPE_KEYS = ("disc_kind", "disc_layers", "disc_ndf", "disc_norm")
 
 
 def saved_loss_settings(path: str) -> dict[str, Any] | None:
@@ -105,7 +105,7 @@ def build_loss(cfg: TokenizerTrainConfig, lpips_state: dict[str, torch.Tensor] |
     if cfg.loss.perceptual_weight > 0:
         perceptual = build_lpips(cfg.loss.vgg_weights, cfg.loss.lpips_heads, cfg.loss.allow_random_perceptual,
                                  state_dict=lpips_state, state_source=lpips_source)
-    return VQGANLoss(cfg.loss, perceptual, cfg.model.out_ch, cfg.model.input_kind)
+    return VQGANLoss(cfg.loss, perceptual, cfg.model.out_ch, cfg.model.input_kind, cfg.model.resolution)
 
 
 def adam(params, lr: float) -> torch.optim.Adam:
