@@ -35,7 +35,7 @@ from tqdm import tqdm
 from ..checkpoint import fingerprint, load_model
 from ..codes import CodeSpec
 from ..errors import UserError
-from ..tokenizers import VQModel
+from ..tokenizers import VQVAE2, VQModel
 from ..userinput import at_least, output_dir, resolve_device
 from .images import ImageDataset, error_reason, report_bad_file
 from .maps import resample_for
@@ -153,7 +153,7 @@ class TokenStore(Dataset):
 def load_tokenizer(path: str, device: torch.device, option: str = "tokenizer") -> VQModel:
     """The image tokenizer (stage-1 model) at `path`; a prior given in its place is refused, naming the fix."""
     model = load_model(path, map_location=device)
-    if not isinstance(model, VQModel):
+    if not isinstance(model, (VQModel, VQVAE2)):
         bundled = [Path(path) / d / "tokenizer" for d in ("", "model") if (Path(path) / d / "tokenizer").is_dir()]
         hint = f" (the tokenizer it was trained with is {bundled[0]})" if bundled else ""
         raise UserError(f"{option} {path} is a transformer prior, not an image tokenizer{hint}; give a stage-1 "

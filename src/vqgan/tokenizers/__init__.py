@@ -2,5 +2,6 @@
 file here is its registry line."""
 from .conv import Decoder, Encoder
 from .model import VQModel
+from .vqvae2 import VQVAE2, VQVAE2Config
 
-__all__ = ["Decoder", "Encoder", "VQModel"]
+__all__ = ["Decoder", "Encoder", "VQModel", "VQVAE2", "VQVAE2Config"]

@@ -5,6 +5,7 @@ The conv VQGAN (Esser et al. 2021) is the default composition. Attribute names (
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from ..checkpoint import load_model, save_model
 from ..codes import CodeSpec
 from ..config import VQGANConfig, from_dict
 from ..quantizers import QuantizerOutput, build_quantizer
-from ..registry import DECODERS, ENCODERS, MODELS
+from ..registry import DECODERS, ENCODERS, MODELS, TOKENIZERS
 
 
 class VQModel(nn.Module):
@@ -51,11 +52,24 @@ class VQModel(nn.Module):
         """Code vectors (B, code_width, h, w) -> images."""
         return self.decoder(self.post_quant_conv(quantized))
 
+    @torch.no_grad()
+    def initialize_codebook(self, batches: Callable[[], Iterable[torch.Tensor]]) -> int:
+        """Data-dependent initialisation (the trainer's, before the first step; under its autocast): the codes
+        start as random encoder outputs of the images that `batches()` yields. Returns how many outputs."""
+        latents = []
+        for x in batches():
+            h = self.encode_to_prequant(x)
+            latents.append(h.float().permute(0, 2, 3, 1).reshape(-1, h.shape[1]))
+        rows = torch.cat(latents)
+        with torch.autocast(rows.device.type, enabled=False):
+            self.quantize.initialize_from(rows)
+        return rows.shape[0]
+
     # -- the public API --------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) in [-1, 1] -> tokens (B, H/f, W/f, depth) int64."""
-        return self.quantize.indices_of(self.encode_to_prequant(_inference_layout(images)))
+        return self.quantize.indices_of(self.encode_to_prequant(inference_layout(images)))
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -63,7 +77,7 @@ class VQModel(nn.Module):
         if tokens.dim() != 4:
             raise ValueError(f"tokens must be (B, h, w, {self.quantize.depth}), got shape {tuple(tokens.shape)}")
         self.code_spec.check_range(tokens)
-        images = self.decode_latents(_inference_layout(self.quantize.decode_indices(tokens)))
+        images = self.decode_latents(inference_layout(self.quantize.decode_indices(tokens)))
         return images.contiguous()
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
@@ -104,12 +118,13 @@ class VQModel(nn.Module):
         return model
 
 
-def _inference_layout(x: torch.Tensor) -> torch.Tensor:
+def inference_layout(x: torch.Tensor) -> torch.Tensor:
     """Channels-last activations on CPU: oneDNN's forward convolutions run faster in that layout (its
     backward does not, so training keeps the default layout)."""
     return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
 
 
 MODELS.register("vqgan")(VQModel.from_config_dict)
+TOKENIZERS.register("vqgan", config=VQGANConfig)(VQModel)
 
 __all__ = ["VQModel"]
