@@ -13,7 +13,7 @@ from .layout import TokenLayout
 from .sampling import sample_grid, sample_levels
 
 if TYPE_CHECKING:
-    from ..tokenizers import VQModel
+    from ..tokenizers import Tokenizer, VQModel
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ PARAMETER_NAMES = ArgNames()
 class Prior:
     gpt: GPT
     layout: TokenLayout
-    tokenizer: VQModel
+    tokenizer: Tokenizer
     grid: tuple[int, int]
     conditioning: dict
     cond_tokenizer: VQModel | None = None

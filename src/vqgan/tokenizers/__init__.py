@@ -1,7 +1,7 @@
 """Tokenizers: encoders and decoders by kind, composed with a quantizer into `VQModel`. Importing a part's
 file here is its registry line."""
 from .conv import Decoder, Encoder
-from .model import VQModel
+from .model import Tokenizer, VQModel
 from .vqvae2 import VQVAE2, VQVAE2Config
 
-__all__ = ["Decoder", "Encoder", "VQModel", "VQVAE2", "VQVAE2Config"]
+__all__ = ["VQVAE2", "Decoder", "Encoder", "Tokenizer", "VQModel", "VQVAE2Config"]

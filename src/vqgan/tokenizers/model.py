@@ -20,7 +20,32 @@ from ..quantizers import QuantizerOutput, build_quantizer
 from ..registry import DECODERS, ENCODERS, MODELS, TOKENIZERS
 
 
-class VQModel(nn.Module):
+class Tokenizer(nn.Module):
+    """What every tokenizer kind shares (model.kind: vqgan, vqvae2): its config's grid factor and code spec, and
+    its files (safetensors + config.yaml, loaded through the registry of model kinds)."""
+
+    config: Any
+
+    @property
+    def downsample_factor(self) -> int:
+        return self.config.downsample_factor
+
+    @property
+    def code_spec(self) -> CodeSpec:
+        return self.config.code_spec
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        save_model(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> Tokenizer:
+        model = load_model(path, map_location=map_location)
+        if not isinstance(model, cls):
+            raise TypeError(f"{path} holds a {type(model).__name__}, not a {cls.__name__}")
+        return model
+
+
+class VQModel(Tokenizer):
     """VQGAN tokenizer. Images are NCHW in [-1, 1]; tokens are (B, h, w, depth) int64 (depth 1 for VQ).
 
     >>> tokens = model.encode(images)          # (B, h, w, depth)
@@ -89,14 +114,6 @@ class VQModel(nn.Module):
         return rec, q.loss, {"indices": q.indices, "codes": q.codes, "prequant": h, **q.stats}
 
     # -- files -----------------------------------------------------------------------------------
-    @property
-    def downsample_factor(self) -> int:
-        return self.config.downsample_factor
-
-    @property
-    def code_spec(self) -> CodeSpec:
-        return self.config.code_spec
-
     def config_dict(self) -> dict[str, Any]:
         """The config as saved (config.yaml), with the code spec it implies (`codes`, for readers that do not
         build the model; ignored when loading)."""
@@ -106,16 +123,6 @@ class VQModel(nn.Module):
     def from_config_dict(cls, data: dict[str, Any]) -> VQModel:
         data = {k: v for k, v in data.items() if k not in ("kind", "codes")}
         return cls(from_dict(VQGANConfig, data, "model"))
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        save_model(self, directory)
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> VQModel:
-        model = load_model(path, map_location=map_location)
-        if not isinstance(model, cls):
-            raise TypeError(f"{path} holds a {type(model).__name__}, not a {cls.__name__}")
-        return model
 
 
 def inference_layout(x: torch.Tensor) -> torch.Tensor:
@@ -127,4 +134,4 @@ def inference_layout(x: torch.Tensor) -> torch.Tensor:
 MODELS.register("vqgan")(VQModel.from_config_dict)
 TOKENIZERS.register("vqgan", config=VQGANConfig)(VQModel)
 
-__all__ = ["VQModel"]
+__all__ = ["Tokenizer", "VQModel"]

@@ -28,13 +28,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..checkpoint import load_model, save_model
 from ..codes import CodeLevel, CodeSpec
 from ..config import CodebookCareConfig, QuantizerConfig, TokenizerConfig, from_dict, quantizer_config
 from ..errors import UserError
@@ -42,7 +40,7 @@ from ..nn import Conv2d
 from ..quantizers import Quantizer, build_quantizer
 from ..quantizers.residual import UpkeepPerDepth
 from ..registry import MODELS, TOKENIZERS
-from .model import inference_layout
+from .model import Tokenizer, inference_layout
 
 
 def _ema_512() -> QuantizerConfig:
@@ -196,7 +194,7 @@ class LevelQuantizers(nn.Module):
 # -- the model --------------------------------------------------------------------------------------------
 
 
-class VQVAE2(nn.Module):
+class VQVAE2(Tokenizer):
     """The two-level tokenizer. Images are NCHW in [-1, 1]; codes are a list [top (B, H/8, W/8, depth_top),
     bottom (B, H/4, W/4, depth_bottom)] of int64 tensors (codes.py: `code_spec.flatten` makes the row).
 
@@ -306,14 +304,6 @@ class VQVAE2(nn.Module):
         return top.shape[0] + bottom_rows.shape[0]
 
     # -- files -----------------------------------------------------------------------------------
-    @property
-    def downsample_factor(self) -> int:
-        return self.config.downsample_factor
-
-    @property
-    def code_spec(self) -> CodeSpec:
-        return self.config.code_spec
-
     def config_dict(self) -> dict[str, Any]:
         return {**asdict(self.config), "codes": self.code_spec.to_dict()}
 
@@ -321,18 +311,8 @@ class VQVAE2(nn.Module):
     def from_config_dict(cls, data: dict[str, Any]) -> VQVAE2:
         return cls(from_dict(VQVAE2Config, {k: v for k, v in data.items() if k != "codes"}, "model"))
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        save_model(self, directory)
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> VQVAE2:
-        model = load_model(path, map_location=map_location)
-        if not isinstance(model, cls):
-            raise TypeError(f"{path} holds a {type(model).__name__}, not a {cls.__name__}")
-        return model
-
 
 MODELS.register("vqvae2")(VQVAE2.from_config_dict)
 TOKENIZERS.register("vqvae2", config=VQVAE2Config)(VQVAE2)
 
-__all__ = ["LevelQuantizers", "VQVAE2", "VQVAE2Config"]
+__all__ = ["VQVAE2", "LevelQuantizers", "VQVAE2Config"]
