@@ -221,6 +221,38 @@ def test_the_prior_learns_a_two_level_distribution_and_samples_it(tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(big, slow))
 
 
+def test_a_prior_trained_on_windows_samples_the_whole_grid_through_them(tmp_path):
+    """The 256-px case in small (1024 + 4096 tokens are too many for one sequence): train on random windows of
+    [top | bottom] rows (data.window: 2x2 top positions with their 4x4 bottom ones), sample the store's 4x4 / 8x8
+    grids through the window across levels."""
+    from vqgan.priors.bundle import Prior
+    from vqgan.train.stage2 import PriorTrainer, TransformerTrainConfig
+
+    meta = {"tokenizer": {"path": "synthetic", "fingerprint": "none"}, "codes": SPEC.to_dict(),
+            "grids": [[4, 4], [8, 8]], "row_length": 80, "dtype": SPEC.dtype, "class_names": [], "condition": None,
+            "files": []}
+    write_store(tmp_path / "store", two_level_rows(256, top=(4, 4)), meta)
+    cfg = load_config(TransformerTrainConfig, {
+        "model": {"n_layer": 2, "n_head": 2, "n_embd": 64},
+        "data": {"tokens": str(tmp_path / "store"), "holdout": 32, "window": 2},
+        "train": {"out_dir": str(tmp_path / "run"), "steps": 150, "batch_size": 32, "learning_rate": 3e-3,
+                  "warmup_steps": 10, "log_every": 50, "eval_every": 1000, "ckpt_every": 1000}})
+    trainer = PriorTrainer(cfg, progress=False)
+    assert trainer.n_tokens == 20 and trainer.gpt_config.block_size == 20 and trainer.grids == [(2, 2), (4, 4)]
+    result = trainer.fit()
+    assert result["nll"] < 4 * math.log(4) / 20 + 0.08
+    recorded = trainer.config_dict()["conditioning"]  # what load_prior reads (this store has no tokenizer)
+    assert recorded["grid"] == [2, 2] and recorded["grids"] == [[2, 2], [4, 4]]
+    prior = Prior(trainer.model.eval(), trainer.layout, None, (2, 2), recorded, grids=[(2, 2), (4, 4)])
+    codes = prior.sample(8, (4, 4), generator=torch.Generator().manual_seed(0))
+    assert [tuple(c.shape) for c in codes] == [(8, 4, 4, 1), (8, 8, 8, 1)]
+    assert parents_agree(codes) > 0.9
+    with pytest.raises(vqgan.UserError, match="data.window"):
+        PriorTrainer(load_config(TransformerTrainConfig, {"data": {"tokens": str(tmp_path / "store"), "window": 5},
+                                                          "train": {"out_dir": str(tmp_path / "run3")}}),
+                     progress=False)
+
+
 def test_the_window_across_levels_sees_the_top_codes_of_its_region():
     grids, windows = [(3, 4), (6, 8)], [(2, 2), (4, 4)]
     policy = LevelWindows(grids, windows, [1, 1])

@@ -482,6 +482,9 @@ class PriorDataConfig:
     # auto: on the store's condition maps when it has them, else on its class labels when it has them;
     # or force one of: spatial, class, none
     conditioning: str = "auto"
+    # > 0: train on random windows of this many positions a side of the first level's grid (and the same image
+    # region of every other level: VQ-VAE-2's [top | bottom]); sampling the store's size then slides the window
+    window: int = 0
 
 
 @dataclass

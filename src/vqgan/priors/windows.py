@@ -108,6 +108,20 @@ class LevelWindows:
         (h, w), r = self.windows[k], self.ratios[k]
         return slice(unit[0] * r, unit[0] * r + h), slice(unit[1] * r, unit[1] * r + w)
 
+    def crop(self, unit: tuple[int, int], levels: int | None = None) -> torch.Tensor:
+        """The flat row positions of the window at `unit` (its origin on the coarsest level's grid) over the first
+        `levels` levels (default all), in the prior's reading order: a training sequence of a windowed prior."""
+        key = (len(self.starts) if levels is None else levels, *unit)
+        if key not in self._positions:
+            self._positions[key] = torch.cat([self._flat[k][self._region(k, unit)].reshape(-1) for k in range(key[0])])
+        return self._positions[key]
+
+    @property
+    def units(self) -> tuple[int, int]:
+        """How many window origins there are down and across (on the coarsest level's grid)."""
+        k = self.ratios.index(1)
+        return self.grids[k][0] - self.windows[k][0] + 1, self.grids[k][1] - self.windows[k][1] + 1
+
     def __call__(self, pos: int) -> Window:
         level = next(k for k in range(len(self.starts) - 1, -1, -1) if pos >= self.starts[k])
         (_, W), (h, w), r, depth = self.grids[level], self.windows[level], self.ratios[level], self.depths[level]
@@ -117,9 +131,6 @@ class LevelWindows:
         i0, j0 = i0 // r * r, j0 // r * r  # on multiples of r: every level's window covers the same pixels
         i0, j0 = i0 + r * (i - i0 >= h), j0 + r * (j - j0 >= w)  # (a window only r positions wide)
         unit = (i0 // r, j0 // r)  # the origin on the coarsest level's grid
-        key = (level, *unit)
-        if key not in self._positions:
-            self._positions[key] = torch.cat([self._flat[k][self._region(k, unit)].reshape(-1)
-                                              for k in range(level + 1)])
         before = sum(hk * wk * dk for (hk, wk), dk in zip(self.windows[:level], self.depths[:level]))
-        return Window(key, None, self._positions[key], before + ((i - i0) * w + (j - j0)) * depth + d)
+        return Window((level + 1, *unit), None, self.crop(unit, level + 1),
+                      before + ((i - i0) * w + (j - j0)) * depth + d)
