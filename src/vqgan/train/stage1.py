@@ -36,7 +36,7 @@ from ..errors import UserError
 from ..eval.metrics import evaluate_reconstruction
 from ..losses import VQGANLoss, build_lpips
 from ..registry import TOKENIZERS
-from ..tokenizers import VQModel
+from ..tokenizers import Tokenizer
 from .common import (
     ResumableSampler,
     Runtime,
@@ -235,7 +235,7 @@ class TokenizerTrainer(TrainingLoop):
         self.care.load_state_dict(state["codebook_care"])
         self.skipped_files = int(state.get("skipped_files", 0))
 
-    def _init_from(self, path: str, source: VQModel, disc_sd: dict[str, torch.Tensor] | None) -> None:
+    def _init_from(self, path: str, source: Tokenizer, disc_sd: dict[str, torch.Tensor] | None) -> None:
         if asdict(source.config) != asdict(self.cfg.model):
             differ = [k for k, v in asdict(source.config).items() if asdict(self.cfg.model).get(k) != v]
             log.warning("train.init_from %s: model settings differ from the config (%s); the checkpoint's weights "
