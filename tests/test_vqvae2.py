@@ -183,19 +183,24 @@ def parents_agree(codes: list[torch.Tensor]) -> float:
     return float((bottom == (top % 3).repeat_interleave(2, 1).repeat_interleave(2, 2)).float().mean())
 
 
-def test_the_prior_learns_a_two_level_distribution_and_samples_it(tmp_path):
+def prior_trainer(tmp_path, rows: np.ndarray, top: tuple[int, int], window: int = 0):
+    """A small GPT's trainer on a synthetic store of [top | bottom] rows (no tokenizer behind it)."""
     from vqgan.train.stage2 import PriorTrainer, TransformerTrainConfig
 
-    meta = {"tokenizer": {"path": "synthetic", "fingerprint": "none"}, "codes": SPEC.to_dict(),
-            "grids": [[2, 2], [4, 4]], "row_length": 20, "dtype": SPEC.dtype, "class_names": [], "condition": None,
-            "files": []}
-    write_store(tmp_path / "store", two_level_rows(384), meta)
+    grids = [list(top), [2 * top[0], 2 * top[1]]]
+    write_store(tmp_path / "store", rows, {"tokenizer": {"path": "synthetic", "fingerprint": "none"},
+                                           "codes": SPEC.to_dict(), "grids": grids, "row_length": rows.shape[1],
+                                           "dtype": SPEC.dtype, "class_names": [], "condition": None, "files": []})
     cfg = load_config(TransformerTrainConfig, {
         "model": {"n_layer": 2, "n_head": 2, "n_embd": 64},
-        "data": {"tokens": str(tmp_path / "store"), "holdout": 32},
+        "data": {"tokens": str(tmp_path / "store"), "holdout": 32, "window": window},
         "train": {"out_dir": str(tmp_path / "run"), "steps": 150, "batch_size": 32, "learning_rate": 3e-3,
                   "warmup_steps": 10, "log_every": 50, "eval_every": 1000, "ckpt_every": 1000}})
-    trainer = PriorTrainer(cfg, progress=False)
+    return PriorTrainer(cfg, progress=False)
+
+
+def test_the_prior_learns_a_two_level_distribution_and_samples_it(tmp_path):
+    trainer = prior_trainer(tmp_path, two_level_rows(384), (2, 2))
     assert trainer.layout.n_embed == 7 and trainer.gpt_config.block_size == 20  # ids: top 0-3, bottom 4-6
     result = trainer.fit()
     floor = 4 * math.log(4) / 20  # nats per token
@@ -228,16 +233,7 @@ def test_a_prior_trained_on_windows_samples_the_whole_grid_through_them(tmp_path
     from vqgan.priors.bundle import Prior
     from vqgan.train.stage2 import PriorTrainer, TransformerTrainConfig
 
-    meta = {"tokenizer": {"path": "synthetic", "fingerprint": "none"}, "codes": SPEC.to_dict(),
-            "grids": [[4, 4], [8, 8]], "row_length": 80, "dtype": SPEC.dtype, "class_names": [], "condition": None,
-            "files": []}
-    write_store(tmp_path / "store", two_level_rows(256, top=(4, 4)), meta)
-    cfg = load_config(TransformerTrainConfig, {
-        "model": {"n_layer": 2, "n_head": 2, "n_embd": 64},
-        "data": {"tokens": str(tmp_path / "store"), "holdout": 32, "window": 2},
-        "train": {"out_dir": str(tmp_path / "run"), "steps": 150, "batch_size": 32, "learning_rate": 3e-3,
-                  "warmup_steps": 10, "log_every": 50, "eval_every": 1000, "ckpt_every": 1000}})
-    trainer = PriorTrainer(cfg, progress=False)
+    trainer = prior_trainer(tmp_path, two_level_rows(256, top=(4, 4)), (4, 4), window=2)
     assert trainer.n_tokens == 20 and trainer.gpt_config.block_size == 20 and trainer.grids == [(2, 2), (4, 4)]
     result = trainer.fit()
     assert result["nll"] < 4 * math.log(4) / 20 + 0.08
