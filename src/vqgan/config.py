@@ -16,7 +16,7 @@ import yaml
 
 from .codes import CodeSpec
 from .errors import UserError
-from .registry import DECODERS, ENCODERS, QUANTIZERS, Registry
+from .registry import DECODERS, ENCODERS, QUANTIZERS, TOKENIZERS, Registry
 
 T = TypeVar("T")
 
@@ -149,7 +149,29 @@ PartConfig = EncoderConfig  # the name before encoder and decoder sections had c
 
 
 @dataclass
-class VQGANConfig:
+class TokenizerConfig(ByKind):
+    """`model` of train-tokenizer: the tokenizer's `kind` (vqgan, the default: VQGANConfig; vqvae2:
+    tokenizers/vqvae2.py) and that kind's keys. Every kind says `resolution`, `input_kind`, `in_channels`,
+    `out_ch`, `downsample_factor`, `latent_size`, `code_spec` and `validate`."""
+
+    registry: ClassVar[Registry] = TOKENIZERS
+    default_kind: ClassVar[str] = "vqgan"
+
+    def check_input(self) -> None:
+        """The kind of section and what its input holds: rgb images, or segmentation / depth maps."""
+        self.check_kind("model")
+        kind, cin, cout = self.input_kind, self.in_channels, self.out_ch  # type: ignore[attr-defined]
+        if kind not in ("rgb", "segmentation", "depth"):
+            raise UserError(f"model.input_kind must be rgb, segmentation or depth, got {kind!r}")
+        if kind == "segmentation" and not (cin == cout >= 2):
+            raise UserError("model.input_kind=segmentation: set model.in_channels and model.out_ch to the number of "
+                            f"labels (got {cin} and {cout})")
+        if kind == "depth" and not (cin == cout == 1):
+            raise UserError("model.input_kind=depth: set model.in_channels=1 and model.out_ch=1")
+
+
+@dataclass
+class VQGANConfig(TokenizerConfig):
     """Encoder/decoder shape (the paper's `ddconfig`) and the quantizer between them."""
 
     resolution: int = 256
@@ -171,6 +193,7 @@ class VQGANConfig:
     quantizer: QuantizerConfig = field(default_factory=quantizer_config)
     encoder: EncoderConfig = field(default_factory=EncoderConfig.build)
     decoder: DecoderConfig = field(default_factory=DecoderConfig.build)
+    kind: str = "vqgan"  # model.kind: which tokenizer (TokenizerConfig)
 
     @property
     def downsample_factor(self) -> int:
@@ -194,18 +217,12 @@ class VQGANConfig:
         self.quantizer.validate()
         self.encoder.validate(self, "model.encoder")
         self.decoder.validate(self, "model.decoder")
+        self.check_input()
         if self.decoder_output not in ("image", "logit_laplace"):
             raise UserError(f"model.decoder_output must be 'image' or 'logit_laplace', got {self.decoder_output!r}")
         if self.decoder_output == "logit_laplace" and self.input_kind != "rgb":
             raise UserError(f"model.decoder_output=logit_laplace models RGB pixels; model.input_kind is "
                             f"{self.input_kind}")
-        if self.input_kind not in ("rgb", "segmentation", "depth"):
-            raise UserError(f"model.input_kind must be rgb, segmentation or depth, got {self.input_kind!r}")
-        if self.input_kind == "segmentation" and not (self.in_channels == self.out_ch >= 2):
-            raise UserError("model.input_kind=segmentation: set model.in_channels and model.out_ch to the number of "
-                            f"labels (got {self.in_channels} and {self.out_ch})")
-        if self.input_kind == "depth" and not (self.in_channels == self.out_ch == 1):
-            raise UserError("model.input_kind=depth: set model.in_channels=1 and model.out_ch=1")
         f, up = self.downsample_factor, self.decoder.upsample_factor(self)
         if up != f:
             raise UserError(f"{self.decoder.factor_key} gives the decoder a factor of {up}, the encoder's grid factor "
@@ -343,7 +360,7 @@ def validate_loop(cfg: Any, where: str, at_least_one: tuple[str, ...]) -> None:
 class TokenizerTrainConfig:
     """Everything `vqgan train-tokenizer` needs."""
 
-    model: VQGANConfig = field(default_factory=VQGANConfig)
+    model: TokenizerConfig = field(default_factory=VQGANConfig)  # VQGANConfig, or the section of model.kind
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -521,6 +538,9 @@ class PriorDataConfig:
     # auto: on the store's condition maps when it has them, else on its class labels when it has them;
     # or force one of: spatial, class, none
     conditioning: str = "auto"
+    # > 0: train on random windows of this many positions a side of the first level's grid (and the same image
+    # region of every other level: VQ-VAE-2's [top | bottom]); sampling the store's size then slides the window
+    window: int = 0
 
 
 @dataclass

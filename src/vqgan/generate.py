@@ -138,27 +138,39 @@ def complete_images(prior: Prior, images: torch.Tensor, n: int = 4, keep_rows: f
         raise UserError("this prior is conditioned on maps: completion needs each image's condition map")
     cond = prior.encode_maps(maps) if maps is not None and prior.layout.spatial else None
     tokens = prior.tokenizer.encode(images.to(device))
-    b, h, w, depth = tokens.shape
+    spec = prior.tokenizer.code_spec
+    levels = spec.to_levels(tokens)  # one (B, h, w, depth) per level (VQ-VAE-2: top, bottom)
+    keeps = [kept_positions(c.shape[1], c.shape[2], keep_rows, box) for c in levels]
+    labels = torch.full((n,), prior.label_id(label, CLI_NAMES), device=device) if label is not None else None
+    g = torch.Generator(device=device).manual_seed(seed)
+    outs = []
+    for i in range(levels[0].shape[0]):
+        known = [c[i:i + 1].expand(n, *c.shape[1:]) for c in levels]
+        cond_i = None if cond is None else cond[i:i + 1].expand(n, *cond.shape[1:])
+        one = len(levels) == 1
+        outs.append(prior.tokenizer.decode(prior.sample(n, tuple(levels[0].shape[1:3]), labels, cond_i,
+                                                        known=known[0] if one else known,
+                                                        keep=keeps[0] if one else keeps, generator=g, **sampling)))
+        if on_image is not None:
+            on_image()
+    finest = min(range(len(levels)), key=lambda k: spec.levels[k].factor)  # shown at the finest level's mask
+    f = spec.levels[finest].factor
+    pixel_keep = keeps[finest].repeat_interleave(f, 0).repeat_interleave(f, 1).to(device)
+    masked = torch.where(pixel_keep, prior.tokenizer.decode(tokens), torch.full_like(images.to(device), 0.6))
+    return masked, torch.stack(outs)
+
+
+def kept_positions(h: int, w: int, keep_rows: float = 0.5, box: tuple[float, float, float, float] | None = None
+                   ) -> torch.Tensor:
+    """(h, w) bool: the positions a completion keeps: the top `keep_rows` fraction of the rows, or everything
+    outside `box` (top, left, bottom, right as fractions)."""
     keep = torch.ones(h, w, dtype=torch.bool)
     if box is not None:
         t, l, bt, r = box
         keep[round(t * h):max(round(bt * h), round(t * h) + 1), round(l * w):max(round(r * w), round(l * w) + 1)] = False
     else:
         keep[max(0, min(h - 1, round(keep_rows * h))):] = False
-    labels = torch.full((n,), prior.label_id(label, CLI_NAMES), device=device) if label is not None else None
-    g = torch.Generator(device=device).manual_seed(seed)
-    outs = []
-    for i in range(b):
-        known = tokens[i:i + 1].expand(n, h, w, depth)
-        cond_i = None if cond is None else cond[i:i + 1].expand(n, *cond.shape[1:])
-        outs.append(prior.tokenizer.decode(prior.sample(n, (h, w), labels, cond_i, known=known, keep=keep,
-                                                        generator=g, **sampling)))
-        if on_image is not None:
-            on_image()
-    f = prior.tokenizer.downsample_factor
-    pixel_keep = keep.repeat_interleave(f, 0).repeat_interleave(f, 1).to(device)
-    masked = torch.where(pixel_keep, prior.tokenizer.decode(tokens), torch.full_like(images.to(device), 0.6))
-    return masked, torch.stack(outs)
+    return keep
 
 
 def write_images(images: torch.Tensor, out: Path, stem: str = "sample") -> list[str]:

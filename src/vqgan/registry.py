@@ -77,6 +77,8 @@ class Registry:
 QUANTIZERS = Registry("quantizer", "model.quantizer.kind", ("vqgan.quantizers",))
 ENCODERS = Registry("encoder", "model.encoder.kind", ("vqgan.tokenizers",))
 DECODERS = Registry("decoder", "model.decoder.kind", ("vqgan.tokenizers",))
+# `model.kind` of train-tokenizer: the tokenizer (VQModel: vqgan; VQVAE2: vqvae2), with its config section
+TOKENIZERS = Registry("tokenizer", "model.kind", ("vqgan.tokenizers",))
 # a saved model folder's `kind` (config.yaml) -> a function building the model from that config dict
 MODELS = Registry("model", "the model config's kind", ("vqgan.tokenizers", "vqgan.priors.gpt"))
 # another project's checkpoint file format -> a function path -> (model, discriminator sd | None, LPIPS sd | None)

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from ..checkpoint import fingerprint, load_model
 from ..codes import CodeSpec
 from ..errors import UserError
-from ..tokenizers import VQModel
+from ..tokenizers import Tokenizer
 from ..userinput import at_least, output_dir, resolve_device
 from .images import ImageDataset, error_reason, report_bad_file
 from .maps import resample_for
@@ -66,7 +66,7 @@ def _save_labels_atomic(path: Path, labels: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def codes_record(model: VQModel, resolution: int) -> dict[str, Any]:
+def codes_record(model: Tokenizer, resolution: int) -> dict[str, Any]:
     """What a store records of the codes a tokenizer makes of images of `resolution`: spec, grids, row length,
     dtype."""
     spec = model.code_spec
@@ -83,7 +83,7 @@ def read_codes_record(record: dict[str, Any], n_embed: int | None = None) -> tup
     return CodeSpec.single(max(factor, 1), int(n_embed or record["tokenizer"]["n_embed"])), [grid]
 
 
-def encode_rows(model: VQModel, images: torch.Tensor) -> torch.Tensor:
+def encode_rows(model: Tokenizer, images: torch.Tensor) -> torch.Tensor:
     """Images -> code rows (B, row_length) in the store's order."""
     return model.code_spec.flatten(model.encode(images))
 
@@ -150,10 +150,10 @@ class TokenStore(Dataset):
 # -- checks shared by the commands that read images through a tokenizer ----------------------------------
 
 
-def load_tokenizer(path: str, device: torch.device, option: str = "tokenizer") -> VQModel:
+def load_tokenizer(path: str, device: torch.device, option: str = "tokenizer") -> Tokenizer:
     """The image tokenizer (stage-1 model) at `path`; a prior given in its place is refused, naming the fix."""
     model = load_model(path, map_location=device)
-    if not isinstance(model, VQModel):
+    if not isinstance(model, Tokenizer):
         bundled = [Path(path) / d / "tokenizer" for d in ("", "model") if (Path(path) / d / "tokenizer").is_dir()]
         hint = f" (the tokenizer it was trained with is {bundled[0]})" if bundled else ""
         raise UserError(f"{option} {path} is a transformer prior, not an image tokenizer{hint}; give a stage-1 "
@@ -161,7 +161,7 @@ def load_tokenizer(path: str, device: torch.device, option: str = "tokenizer") -
     return model.eval()
 
 
-def tokenizer_record(path: str, model: VQModel) -> dict[str, Any]:
+def tokenizer_record(path: str, model: Tokenizer) -> dict[str, Any]:
     """How a token file names its tokenizer: an absolute path (readable from any working directory) and the
     weights' fingerprint (which decides whether two tokenizers are the same, however their paths are spelled)."""
     return {"path": str(Path(path).expanduser().resolve()), "fingerprint": fingerprint(model),

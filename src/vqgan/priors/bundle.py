@@ -10,10 +10,10 @@ import torch
 from ..errors import UserError
 from .gpt import GPT
 from .layout import TokenLayout
-from .sampling import sample_grid
+from .sampling import sample_grid, sample_levels
 
 if TYPE_CHECKING:
-    from ..tokenizers import VQModel
+    from ..tokenizers import Tokenizer, VQModel
 
 
 @dataclass(frozen=True)
@@ -33,10 +33,21 @@ PARAMETER_NAMES = ArgNames()
 class Prior:
     gpt: GPT
     layout: TokenLayout
-    tokenizer: VQModel
+    tokenizer: Tokenizer
     grid: tuple[int, int]
     conditioning: dict
     cond_tokenizer: VQModel | None = None
+    grids: list[tuple[int, int]] | None = None  # the trained grid of each level (a prior over several levels)
+
+    @property
+    def levels(self) -> int:
+        return len(self.layout.codes.levels) if self.layout.codes is not None else 1
+
+    def level_grids(self, grid: tuple[int, int]) -> list[tuple[int, int]]:
+        """The grid of each level for first-level grid `grid` (the prior's `grid` is its first level's)."""
+        spec = self.layout.codes
+        f = spec.levels[0].factor
+        return spec.grids(grid[0] * f, grid[1] * f)
 
     @property
     def class_names(self) -> list[str]:
@@ -64,10 +75,15 @@ class Prior:
     def sample(self, batch: int, grid: tuple[int, int] | None = None, labels: torch.Tensor | None = None,
                cond: torch.Tensor | None = None, known: torch.Tensor | None = None, keep: torch.Tensor | None = None,
                progress: bool = False, **kwargs) -> torch.Tensor:
-        """(B, H, W, depth) codes on `grid` (default: the training grid; larger grids slide a window of the
+        """(B, H, W, depth) codes on `grid` (a prior over several levels: a list, one per level, `grid` the first's;
+        `known` and `keep` then lists too) (default: the training grid; larger grids slide a window of the
         training grid's size, with a progress bar if `progress`). `cond`: condition codes (B, H, W, depth) of a
         spatial prior; `known`/`keep`: completion; `kwargs`: guidance and token choice (sampling.sample_grid)."""
         grid = tuple(grid or (cond.shape[1:3] if cond is not None else self.grid))
         sliding = grid != tuple(self.grid)
+        if self.levels > 1:  # a list of codes per level; `known` / `keep` one per level too
+            return sample_levels(self.gpt, self.layout, self.level_grids(grid), batch,
+                                 self.grids or self.level_grids(self.grid), labels, cond, known, keep,
+                                 progress=progress and sliding, **kwargs)
         return sample_grid(self.gpt, self.layout, grid, batch, tuple(self.grid), labels, cond, known, keep,
                            progress=progress and sliding, **kwargs)

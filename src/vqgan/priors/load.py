@@ -66,7 +66,8 @@ def load_prior(path: str, tokenizer: str | None = None, device: str | torch.devi
     grid = tuple(conditioning.get("grid") or (vq.config.latent_size, vq.config.latent_size))
     # converted taming transformers written before the layout was recorded share code ids with conditions
     layout = TokenLayout.from_dict({"layout": "taming", "n_embed": code_ids(vq), **conditioning})
-    return Prior(gpt.eval(), layout, vq, grid, conditioning, cond_vq)
+    grids = [tuple(g) for g in conditioning.get("grids") or []] or None
+    return Prior(gpt.eval(), layout, vq, grid, conditioning, cond_vq, grids)
 
 
 def recorded_tokenizer(info: dict | None):

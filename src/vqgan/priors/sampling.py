@@ -15,7 +15,7 @@ from .gpt import GPT
 from .guidance import Guidance
 from .layout import TokenLayout
 from .pick import pick
-from .windows import SlidingWindow, WholeSequence, Window, Windows
+from .windows import LevelWindows, SlidingWindow, WholeSequence, Window, Windows
 
 
 @torch.inference_mode()
@@ -158,5 +158,41 @@ def sample_images_tokens(gpt: GPT, layout: TokenLayout, n_tokens: int, batch: in
     tokens = sample_tokens(gpt, tokens, windows, condition,
                            chooser(layout.n_embed, temperature, top_k, top_p, greedy, generator, slots), keep_mask,
                            Guidance.of(layout, labels, guidance_scale), use_cache, progress,
-                           "sliding window" if isinstance(windows, SlidingWindow) else "sampling")
+                           "sliding window" if isinstance(windows, (SlidingWindow, LevelWindows)) else "sampling")
     return tokens if slots is None else tokens - slots[0]
+
+
+def sample_levels(gpt: GPT, layout: TokenLayout, grids: list[tuple[int, int]], batch: int,
+                  windows: list[tuple[int, int]] | None = None, labels: torch.Tensor | None = None,
+                  cond: torch.Tensor | None = None, known: list[torch.Tensor] | None = None,
+                  keep: list[torch.Tensor] | None = None, progress: bool = False, **sampling) -> list[torch.Tensor]:
+    """The codes of a prior over several levels (VQ-VAE-2): one (B, h, w, depth) tensor per level on `grids`,
+    sampled as one row [level 0 | level 1 | ...] (a later level sees every earlier one: p(top) p(bottom | top)).
+
+    `windows`: the grids the prior was trained on; larger `grids` are sampled through a window across the levels
+    (LevelWindows). Completion: `known` codes (one tensor per level) and `keep` (one (h, w) or (B, h, w) bool
+    mask per level; default all) say which positions are given. `sampling`: guidance and token choice
+    (`sample_images_tokens`)."""
+    spec = layout.codes
+    if spec is None or len(spec.levels) != len(grids):
+        raise ValueError(f"a prior over {1 if spec is None else len(spec.levels)} level(s) of codes, given "
+                         f"{len(grids)} grids")
+    grids = [tuple(g) for g in grids]
+    depths = [level.depth for level in spec.levels]
+    n = spec.length_on(grids)
+    policy = None
+    if windows is not None and [tuple(w) for w in windows] != grids:
+        if layout.spatial:
+            raise ValueError("a map-conditioned prior over several levels samples at its training size only")
+        if layout.prefix_len + spec.length_on(windows) - 1 > gpt.config.block_size:
+            raise ValueError(f"windows {windows} with {layout.prefix_len} condition tokens exceed block_size "
+                             f"{gpt.config.block_size} + 1")
+        policy = LevelWindows(grids, windows, depths, next(gpt.parameters()).device)
+    row_known = None if known is None else spec.flatten(list(known))
+    row_keep = None
+    if keep is not None:
+        row_keep = torch.cat([k.reshape(-1, h * w).expand(batch, h * w).repeat_interleave(d, dim=1)
+                              for k, (h, w), d in zip(keep, grids, depths)], 1)
+    tokens = sample_images_tokens(gpt, layout, n, batch, labels, cond, row_known, row_keep, windows=policy,
+                                  progress=progress, grids=grids, **sampling)
+    return spec.unflatten(tokens, grids)

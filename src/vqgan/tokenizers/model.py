@@ -5,6 +5,7 @@ The conv VQGAN (Esser et al. 2021) is the default composition. Attribute names (
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,35 @@ from ..codes import CodeSpec
 from ..config import VQGANConfig, from_dict
 from ..losses.likelihood import logit_laplace_image
 from ..quantizers import QuantizerOutput, build_quantizer
-from ..registry import DECODERS, ENCODERS, MODELS
+from ..registry import DECODERS, ENCODERS, MODELS, TOKENIZERS
 
 
-class VQModel(nn.Module):
+class Tokenizer(nn.Module):
+    """What every tokenizer kind shares (model.kind: vqgan, vqvae2): its config's grid factor and code spec, and
+    its files (safetensors + config.yaml, loaded through the registry of model kinds)."""
+
+    config: Any
+
+    @property
+    def downsample_factor(self) -> int:
+        return self.config.downsample_factor
+
+    @property
+    def code_spec(self) -> CodeSpec:
+        return self.config.code_spec
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        save_model(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> Tokenizer:
+        model = load_model(path, map_location=map_location)
+        if not isinstance(model, cls):
+            raise TypeError(f"{path} holds a {type(model).__name__}, not a {cls.__name__}")
+        return model
+
+
+class VQModel(Tokenizer):
     """VQGAN tokenizer. Images are NCHW in [-1, 1]; tokens are (B, h, w, depth) int64 (depth 1 for VQ).
 
     >>> tokens = model.encode(images)          # (B, h, w, depth)
@@ -71,11 +97,24 @@ class VQModel(nn.Module):
         """Code vectors (B, code_width, h, w) -> images."""
         return self.image_of(self.decode_raw(quantized))
 
+    @torch.no_grad()
+    def initialize_codebook(self, batches: Callable[[], Iterable[torch.Tensor]]) -> int:
+        """Data-dependent initialisation (the trainer's, before the first step; under its autocast): the codes
+        start as random encoder outputs of the images that `batches()` yields. Returns how many outputs."""
+        latents = []
+        for x in batches():
+            h = self.encode_to_prequant(x)
+            latents.append(h.float().permute(0, 2, 3, 1).reshape(-1, h.shape[1]))
+        rows = torch.cat(latents)
+        with torch.autocast(rows.device.type, enabled=False):
+            self.quantize.initialize_from(rows)
+        return rows.shape[0]
+
     # -- the public API --------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) in [-1, 1] -> tokens (B, H/f, W/f, depth) int64."""
-        return self.quantize.indices_of(self.encode_to_prequant(_inference_layout(images)))
+        return self.quantize.indices_of(self.encode_to_prequant(inference_layout(images)))
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -83,7 +122,7 @@ class VQModel(nn.Module):
         if tokens.dim() != 4:
             raise ValueError(f"tokens must be (B, h, w, {self.quantize.depth}), got shape {tuple(tokens.shape)}")
         self.code_spec.check_range(tokens)
-        images = self.decode_latents(_inference_layout(self.quantize.decode_indices(tokens)))
+        images = self.decode_latents(inference_layout(self.quantize.decode_indices(tokens)))
         return images.contiguous()
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
@@ -97,14 +136,6 @@ class VQModel(nn.Module):
         return rec, q.loss, {"indices": q.indices, "codes": q.codes, "prequant": h, **q.stats, **extra}
 
     # -- files -----------------------------------------------------------------------------------
-    @property
-    def downsample_factor(self) -> int:
-        return self.config.downsample_factor
-
-    @property
-    def code_spec(self) -> CodeSpec:
-        return self.config.code_spec
-
     def config_dict(self) -> dict[str, Any]:
         """The config as saved (config.yaml), with the code spec it implies (`codes`, for readers that do not
         build the model; ignored when loading)."""
@@ -115,23 +146,14 @@ class VQModel(nn.Module):
         data = {k: v for k, v in data.items() if k not in ("kind", "codes")}
         return cls(from_dict(VQGANConfig, data, "model"))
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        save_model(self, directory)
 
-    @classmethod
-    def from_pretrained(cls, path: str | Path, map_location: str | torch.device = "cpu") -> VQModel:
-        model = load_model(path, map_location=map_location)
-        if not isinstance(model, cls):
-            raise TypeError(f"{path} holds a {type(model).__name__}, not a {cls.__name__}")
-        return model
-
-
-def _inference_layout(x: torch.Tensor) -> torch.Tensor:
+def inference_layout(x: torch.Tensor) -> torch.Tensor:
     """Channels-last activations on CPU: oneDNN's forward convolutions run faster in that layout (its
     backward does not, so training keeps the default layout)."""
     return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
 
 
 MODELS.register("vqgan")(VQModel.from_config_dict)
+TOKENIZERS.register("vqgan", config=VQGANConfig)(VQModel)
 
-__all__ = ["VQModel"]
+__all__ = ["Tokenizer", "VQModel"]

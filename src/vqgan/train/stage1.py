@@ -30,13 +30,14 @@ from ..checkpoint import (
     load_for_finetuning,
     save_model,
 )
-from ..config import TokenizerTrainConfig, VQGANConfig, from_dict
+from ..config import TokenizerConfig, TokenizerTrainConfig, from_dict
 from ..data.images import ImageDataset
 from ..data.sources import image_sources
 from ..errors import UserError
 from ..eval.metrics import evaluate_reconstruction
 from ..losses import VQGANLoss, build_lpips
-from ..tokenizers import VQModel
+from ..registry import TOKENIZERS
+from ..tokenizers import Tokenizer
 from .common import (
     ResumableSampler,
     Runtime,
@@ -130,7 +131,7 @@ class TokenizerTrainer(TrainingLoop):
         resuming = self.start_run(cfg, resume, runtime, progress)
         self.dtype = resolve_precision(cfg.train.precision, self.rt.device)
         self._build_data()
-        self.model = VQModel(cfg.model).to(self.rt.device)
+        self.model = TOKENIZERS.build(cfg.model.kind, cfg.model).to(self.rt.device)  # model.kind: vqgan, vqvae2
         init = load_for_finetuning(cfg.train.init_from) if cfg.train.init_from and not resuming else None
         if resuming:  # the discriminator in the checkpoint has the shape this run was started with
             _take_discriminator_shape(cfg, str(self.run_dir))
@@ -218,8 +219,9 @@ class TokenizerTrainer(TrainingLoop):
                    "codebook_care": self.care.state_dict(), "skipped_files": self.skipped_files})
 
     def load_parts(self, path: Path, parts: CheckpointParts) -> None:
-        saved_model_cfg = {k: v for k, v in parts.yaml[CONFIG_FILE].items() if k not in ("kind", "codes")}
-        if asdict(from_dict(VQGANConfig, saved_model_cfg, "model")) != asdict(self.cfg.model):  # defaults filled
+        saved_model_cfg = {k: v for k, v in parts.yaml[CONFIG_FILE].items() if k != "codes"}
+        saved_cls = TokenizerConfig.for_kind(saved_model_cfg.get("kind", "vqgan"))
+        if asdict(from_dict(saved_cls, saved_model_cfg, "model")) != asdict(self.cfg.model):  # defaults filled
             raise UserError(f"{path}: the model config differs from the checkpoint's; resume with the same model "
                             "section (see its config.yaml)")
         sd, dsd, state = parts.tensors[WEIGHTS_FILE], parts.tensors[DISC_FILE], parts.state
@@ -234,9 +236,9 @@ class TokenizerTrainer(TrainingLoop):
         self.care.load_state_dict(state["codebook_care"])
         self.skipped_files = int(state.get("skipped_files", 0))
 
-    def _init_from(self, path: str, source: VQModel, disc_sd: dict[str, torch.Tensor] | None) -> None:
+    def _init_from(self, path: str, source: Tokenizer, disc_sd: dict[str, torch.Tensor] | None) -> None:
         if asdict(source.config) != asdict(self.cfg.model):
-            differ = [k for k, v in asdict(source.config).items() if asdict(self.cfg.model)[k] != v]
+            differ = [k for k, v in asdict(source.config).items() if asdict(self.cfg.model).get(k) != v]
             log.warning("train.init_from %s: model settings differ from the config (%s); the checkpoint's weights "
                         "must still fit", path, ", ".join(differ))
         sd = source.state_dict()
@@ -261,14 +263,10 @@ class TokenizerTrainer(TrainingLoop):
         n_images = min(len(self.train_set), max(self.cfg.train.batch_size, math.ceil(4 * rows / per_image)), 512)
         g = torch.Generator().manual_seed(self.cfg.train.seed + 17)
         subset = Subset(self.train_set, torch.randperm(len(self.train_set), generator=g)[:n_images].tolist())
-        latents = []
-        for batch in DataLoader(subset, batch_size=32, num_workers=0):
-            with autocast(self.rt.device, self.dtype):
-                h = self.model.encode_to_prequant(batch["image"].to(self.rt.device))
-            latents.append(h.float().permute(0, 2, 3, 1).reshape(-1, h.shape[1]))
-        self.model.quantize.initialize_from(torch.cat(latents))
-        self.metrics.note(f"codebook initialised from {sum(len(x) for x in latents)} encoder outputs "
-                          f"of {n_images} images")
+        loader = DataLoader(subset, batch_size=32, num_workers=0)
+        with autocast(self.rt.device, self.dtype):  # the model's codebooks: the first level's first (VQ-VAE-2)
+            n = self.model.initialize_codebook(lambda: (batch["image"].to(self.rt.device) for batch in loader))
+        self.metrics.note(f"codebook initialised from {n} encoder outputs of {n_images} images")
 
     # -- one iteration ---------------------------------------------------------------------------
     def train_step(self, micro_batches: list[dict]) -> dict[str, float]:

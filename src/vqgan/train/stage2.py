@@ -34,6 +34,7 @@ from ..priors.gpt import GPT, GPTConfig
 from ..priors.layout import layout_for_store
 from ..priors.load import load_prior, recorded_tokenizer
 from ..priors.sampling import sample_images_tokens
+from ..priors.windows import LevelWindows
 from .common import ResumableSampler, Runtime, autocast, cleanup_runtime, resolve_precision, setup_runtime
 from .guard import all_finite
 from .loop import TrainingLoop
@@ -69,7 +70,8 @@ class PriorTrainer(TrainingLoop):
                  runtime: Runtime | None = None):
         resuming = self.start_run(cfg, resume, runtime, progress)
         self.store = TokenStore(cfg.data.tokens)
-        self.n_tokens = self.store.row_length
+        self.grids, self.windows = self._windows(cfg.data.window)  # the grids a sequence covers
+        self.n_tokens = self.store.spec.length_on(self.grids)
         init = self._init_prior(cfg.train.init_from) if cfg.train.init_from else None
         self.layout = init.layout if init else layout_for_store(self.store, cfg.data.conditioning, cfg.data.tokens)
         m = cfg.model
@@ -95,6 +97,20 @@ class PriorTrainer(TrainingLoop):
         self.net = (DistributedDataParallel(self.model, device_ids=[self.rt.device.index]
                                             if self.rt.device.type == "cuda" else None)
                     if self.rt.distributed else self.model)
+
+    def _windows(self, side: int) -> tuple[list[tuple[int, int]], LevelWindows | None]:
+        """data.window: (the window's grid at each level, the policy that crops rows to it), else the store's."""
+        grids = [tuple(g) for g in self.store.grids]
+        if not side:
+            return grids, None
+        (h0, w0) = grids[0]
+        windows = [(side * h // h0, side * w // w0) for h, w in grids]
+        if side > min(h0, w0) or any(side * h % h0 or side * w % w0 for h, w in grids):
+            raise UserError(f"data.window={side} must be at most the first level's grid {h0}x{w0} and give whole "
+                            f"windows at every level (grids {grids})")
+        if self.store.condition and self.cfg.data.conditioning in ("auto", "spatial"):
+            raise UserError("data.window: a prior conditioned on maps trains on whole rows; set data.window=0")
+        return windows, LevelWindows(grids, windows, [level.depth for level in self.store.spec.levels])
 
     def _init_prior(self, path: str):
         """The prior to fine-tune; it must speak the store's tokens (same tokenizer, same conditioning)."""
@@ -123,8 +139,8 @@ class PriorTrainer(TrainingLoop):
     def config_dict(self) -> dict[str, Any]:
         kind = "spatial" if self.layout.spatial else "class" if self.layout.n_classes else "unconditional"
         meta = self.store.meta
-        cond = {"kind": kind, **self.layout.to_dict(), "grid": list(self.store.grid),
-                "grids": [list(g) for g in self.store.grids],
+        cond = {"kind": kind, **self.layout.to_dict(), "grid": list(self.grids[0]),
+                "grids": [list(g) for g in self.grids],
                 "class_names": self.store.class_names if self.layout.n_classes else [],
                 "tokenizer": meta["tokenizer"]["path"], "tokenizer_fingerprint": meta["tokenizer"]["fingerprint"]}
         if self.layout.spatial:
@@ -154,6 +170,12 @@ class PriorTrainer(TrainingLoop):
         """Inputs (B, prefix + L - 1) and targets (B, L): every image token after its condition (L: the store's
         row length; codes become token ids by their stream's offset, layout.py)."""
         tokens = self.layout.codes_to_tokens(batch["tokens"].to(self.rt.device), self.store.grids)  # (B, L)
+        if self.windows is not None:  # a window of each row: random in training, the central one in evaluation
+            n_i, n_j = self.windows.units
+            units = (zip(torch.randint(n_i, (len(tokens),)).tolist(), torch.randint(n_j, (len(tokens),)).tolist())
+                     if train else [(n_i // 2, n_j // 2)] * len(tokens))
+            index = torch.stack([self.windows.crop(u) for u in units]).to(tokens.device)
+            tokens = tokens.gather(1, index)  # (B, window length)
         labels = batch["label"].to(self.rt.device) if self.layout.n_classes else None
         if labels is not None and train and self.cfg.train.label_dropout > 0:
             drop = torch.rand(labels.shape, device=labels.device) < self.cfg.train.label_dropout
@@ -259,9 +281,10 @@ class PriorTrainer(TrainingLoop):
         """Sampled codes as the tokenizer takes them: (B, h, w, depth), or one such tensor per level."""
         self.model.eval()
         tokens = sample_images_tokens(self.model, self.layout, self.n_tokens, batch, labels, cond,
-                                      grids=self.store.grids, **kwargs)
+                                      grids=self.grids, **kwargs)
         self.model.train()
-        return self.store.rows_to_codes(tokens)
+        levels = self.store.spec.unflatten(tokens, self.grids)
+        return levels[0] if len(levels) == 1 else levels
 
     @torch.no_grad()
     def write_samples(self, per_row: int = 8) -> str | None:
