@@ -24,7 +24,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {"vq": "small-cpu", "ema": "small-cpu-ema", "factorized": "small-cpu-factorized", "fsq": "small-cpu-fsq",
-           "lfq": "small-cpu-lfq", "residual": "small-cpu-rq"}
+           "lfq": "small-cpu-lfq", "residual": "small-cpu-rq",
+           # the architectures (each with its own quantizer; issue 15)
+           "vit": "small-cpu-vit", "vqvae": "small-cpu-vqvae", "dvae": "small-cpu-dvae", "vqvae2": "small-cpu-vqvae2"}
 
 
 def run_one(kind: str, data: str, steps: int, batch: int, out: Path, holdout: int, overrides: list[str] = ()) -> dict:
@@ -47,14 +49,45 @@ def run_one(kind: str, data: str, steps: int, batch: int, out: Path, holdout: in
     seconds = time.perf_counter() - t0
     tokenizer_report(out, result, title=f"quantizer family: {kind}")
     spec = cfg.model.code_spec
-    bits = sum(math.log2(v) for v in spec.levels[0].vocab)
+    side = cfg.model.resolution
+    positions = [(side // level.factor) ** 2 for level in spec.levels]
+    bits_per_image = sum(n * sum(math.log2(v) for v in level.vocab) for n, level in zip(positions, spec.levels))
+    bits = bits_per_image / positions[0] if len(positions) == 1 else float("nan")
+    speed = _throughput(out / "model", data, holdout, side)
     logs = _train_logs(out)
     rates = [r["it_per_s"] for r in logs[1:] if r.get("it_per_s")]  # the first window includes start-up
     per_step = sum(1 / r for r in rates) / len(rates) if rates else seconds / steps
     keep = ("psnr", "usage", "perplexity", "codes_used", "n_embed", "usage_per_stream", "perplexity_per_stream")
     return {"kind": kind + "".join(f" {o}" for o in overrides), **{k: result[k] for k in keep if k in result}, "bits_per_position": bits,
             "depth": spec.levels[0].depth, "seconds_per_step": per_step, "seconds_total": seconds,
+            "tokens_per_image": sum(n * level.depth for n, level in zip(positions, spec.levels)),
+            "bits_per_image": bits_per_image, **speed,
             "usage_window": logs[-1].get("usage_window") if logs else None}
+
+
+def _throughput(model_dir: Path, data: str, holdout: int, side: int, batch: int = 16) -> dict:
+    """Parameters, encode and decode images/s (batch 16, the held-out images, after a warm-up batch) and the
+    process's peak RSS (training included)."""
+    import resource
+
+    import torch
+
+    from vqgan.checkpoint import load_model
+    from vqgan.data.images import ImageDataset, scan_images
+
+    model = load_model(model_dir).eval()
+    paths = sorted(scan_images(data)[0])[-holdout:][:batch]
+    images = ImageDataset.from_paths(paths, resolution=side, crop="center", flip=False, train=False)
+    x = torch.stack([images[i]["image"] for i in range(len(images))])
+    model.decode(model.encode(x))  # warm-up
+    t0 = time.perf_counter()
+    tokens = model.encode(x)
+    t1 = time.perf_counter()
+    model.decode(tokens)
+    t2 = time.perf_counter()
+    return {"parameters": sum(p.numel() for p in model.parameters()), "encode_images_per_s": len(x) / (t1 - t0),
+            "decode_images_per_s": len(x) / (t2 - t1),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def _train_logs(out: Path) -> list[dict]:
@@ -67,15 +100,21 @@ def _train_logs(out: Path) -> list[dict]:
 
 def table(rows: list[dict], data: str, steps: int, batch: int) -> str:
     lines = [f"{steps} steps, batch {batch}, held-out = last 64 files of {data}", "",
-             "| kind | held-out PSNR (dB) | usage (held-out) | perplexity | bits/position | s/step | usage_window (train) |",
-             "|---|---|---|---|---|---|---|"]
+             "| kind | held-out PSNR (dB) | usage (held-out) | perplexity | bits/position | tokens/image | params (M) | "
+             "s/step | encode img/s | decode img/s | peak RSS (MB) | usage_window (train) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         usage = f"{r['usage']:.1%}"
         if r.get("usage_per_stream"):
             usage += " (" + " / ".join(f"{u:.0%}" for u in r["usage_per_stream"]) + ")"
         window = "-" if r.get("usage_window") is None else f"{r['usage_window']:.0%}"
-        lines.append(f"| {r['kind']} | {r['psnr']:.2f} | {usage} | {r['perplexity']:.1f} | "
-                     f"{r['bits_per_position']:.2f} | {r['seconds_per_step']:.2f} | {window} |")
+        extra = " | ".join("-" if r.get(k) is None else fmt.format(r[k] / div) for k, fmt, div in [
+            ("tokens_per_image", "{:.0f}", 1), ("parameters", "{:.1f}", 1e6)])
+        speed = " | ".join("-" if r.get(k) is None else f"{r[k]:.0f}" for k in
+                           ("encode_images_per_s", "decode_images_per_s", "peak_rss_mb"))
+        bits = "-" if math.isnan(r["bits_per_position"]) else f"{r['bits_per_position']:.2f}"
+        lines.append(f"| {r['kind']} | {r['psnr']:.2f} | {usage} | {r['perplexity']:.1f} | {bits} | {extra} | "
+                     f"{r['seconds_per_step']:.2f} | {speed} | {window} |")
     return "\n".join(lines)
 
 
