@@ -27,38 +27,16 @@ def entropy_of(p: torch.Tensor) -> torch.Tensor:
     return -(p * torch.log(p.clamp_min(1e-30))).sum()
 
 
-def soft_assignments(z: torch.Tensor, codebook: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def assignment_entropies(z: torch.Tensor, codebook: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Soft assignments p(k|z) = softmax_k(-||z - e_k||^2 / temperature) of rows z (N, D) to codes (K, D) ->
-    (mean over rows of H(p(.|z)), the mean over rows of p(.|z) (K,)), differentiable in both. One (N, K) block:
-    a training batch's positions times the codebook (512 x 1024 on the CPU presets)."""
+    (mean over rows of H(p(.|z)), H(mean over rows of p(.|z))), differentiable in both. One (N, K) block: a
+    training batch's positions times the codebook (512 x 1024 on the CPU presets)."""
     with torch.autocast(device_type=z.device.type, enabled=False):
         z, codebook = z.float(), codebook.float()
         d = (z * z).sum(1, keepdim=True) + (codebook * codebook).sum(1) - 2 * z @ codebook.t()  # (N, K)
         log_p = F.log_softmax(-d / temperature, dim=1)
         p = log_p.exp()
-        return -(p * log_p).sum(1).mean(), p.mean(0)
-
-
-def assignment_entropies(z: torch.Tensor, codebook: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """`soft_assignments` -> (mean per-row entropy, entropy of the batch's mean assignment)."""
-    per_sample, mean = soft_assignments(z, codebook, temperature)
-    return per_sample, entropy_of(mean)
-
-
-def running_usage_entropy(mean: torch.Tensor, running: torch.Tensor, decay: float) -> torch.Tensor:
-    """The entropy of the code usage over the last ~1/(1 - decay) steps rather than of one batch: H(u) with
-    u = (1 - decay) mean + decay sg(running), `running` (K,) the moving average of earlier batches' mean
-    assignments, updated here in place. Its value is H(u); its gradient is scaled by 1/(1 - decay), so that it
-    pushes a batch's assignments as hard as the batch entropy does, but towards the codes the recent batches
-    used little (dead ones) instead of towards codes this batch happens not to use: once usage is even, the
-    push is the same for every code, which the softmax ignores. (A small batch of similar images, made to
-    spread over all codes by the batch entropy, costs reconstruction.)"""
-    usage = (1 - decay) * mean + decay * running.to(mean.dtype)
-    h = entropy_of(usage)
-    with torch.no_grad():
-        running.copy_(usage.detach().to(running.dtype))
-    scaled = h / (1 - decay)
-    return scaled - (scaled - h).detach()
+        return -(p * log_p).sum(1).mean(), entropy_of(p.mean(0))
 
 
 # -- implicit grids ---------------------------------------------------------------------------------------
@@ -114,15 +92,9 @@ class _MeanProductProbs(torch.autograd.Function):
         return grad / log_probs.shape[0], None, None
 
 
-def grid_assignments(log_probs: torch.Tensor, levels: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """`grid_log_probs` output (N, sum(levels)) -> (mean over positions of H(p(.|z)), the mean of p(.|z) over
-    all prod(levels) codes (prod(levels),)), exactly."""
+def grid_entropies(log_probs: torch.Tensor, levels: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`grid_log_probs` output (N, sum(levels)) -> (mean over positions of H(p(.|z)), H(mean of p(.|z))) over
+    all prod(levels) codes, exactly."""
     per_sample = -(log_probs.exp() * log_probs).sum(1).mean()  # each channel's block sums to 1
     chunk = min(math.prod(levels), max(1, _CHUNK_ELEMENTS // max(log_probs.shape[0], 1)))
-    return per_sample, _MeanProductProbs.apply(log_probs, tuple(levels), chunk)
-
-
-def grid_entropies(log_probs: torch.Tensor, levels: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """`grid_assignments` -> (mean per-position entropy, entropy of the batch's mean assignment)."""
-    per_sample, mean = grid_assignments(log_probs, levels)
-    return per_sample, entropy_of(mean)
+    return per_sample, entropy_of(_MeanProductProbs.apply(log_probs, tuple(levels), chunk))

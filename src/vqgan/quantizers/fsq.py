@@ -16,7 +16,7 @@ from ..config import QuantizerConfig
 from ..errors import UserError
 from ..registry import QUANTIZERS
 from .base import Quantizer, QuantizerOutput, codebook_stats
-from .entropy import entropy_of, grid_assignments, grid_log_probs, running_usage_entropy
+from .entropy import grid_entropies, grid_log_probs
 
 # the paper's bound shrinks the range a little so that tanh never reaches a rounding boundary
 _EPS = 1e-3
@@ -34,7 +34,6 @@ class FSQConfig(QuantizerConfig):
     # channel's soft assignment p_i(g|z) = softmax_g(-(bound(z)_i - g)^2 / entropy_temperature) to its integers
     entropy_weight: float = 0.0
     entropy_temperature: float = 0.1  # in squared grid steps
-    entropy_decay: float = 0.0  # as vq's: 0, the batch's usage; else the usage over ~1/(1 - decay) steps
 
     @property
     def code_width(self) -> int:
@@ -53,9 +52,6 @@ class FSQConfig(QuantizerConfig):
             raise UserError(f"{where}.entropy_weight must be >= 0 (0: off, e.g. 0.1), got {self.entropy_weight}")
         if not self.entropy_temperature > 0:
             raise UserError(f"{where}.entropy_temperature must be > 0, e.g. 0.1; got {self.entropy_temperature}")
-        if not 0 <= self.entropy_decay < 1:
-            raise UserError(f"{where}.entropy_decay must be in [0, 1) (0: the batch's entropy), e.g. 0.99; "
-                            f"got {self.entropy_decay}")
         if math.prod(self.levels) > 2**31 - 1:
             raise UserError(f"{where}.levels {self.levels} give {math.prod(self.levels)} codes; token ids must fit "
                             f"int32 (at most 2**31 - 1): use fewer or smaller levels")
@@ -82,8 +78,6 @@ class FiniteScalarQuantizer(Quantizer):
         self.register_buffer("basis", basis, persistent=False)
         self.register_buffer("half_width", levels // 2, persistent=False)  # integer grid -> [-1, 1]
         self.vocab = math.prod(config.levels)
-        if config.entropy_weight and config.entropy_decay:  # the usage the entropy penalty averages (saved: resumes)
-            self.register_buffer("usage_mean", torch.full((self.vocab,), 1.0 / self.vocab))
 
     def _per_channel(self, t: torch.Tensor) -> torch.Tensor:
         return t.view(1, -1, 1, 1)
@@ -110,10 +104,8 @@ class FiniteScalarQuantizer(Quantizer):
             stats = codebook_stats(indices, self.vocab)
             if self.training and self.config.entropy_weight:
                 rows = bounded.permute(0, 2, 3, 1).reshape(-1, bounded.shape[1])
-                per_sample, mean = grid_assignments(
+                per_sample, batch = grid_entropies(
                     grid_log_probs(rows, self.config.levels, self.config.entropy_temperature), self.config.levels)
-                decay = self.config.entropy_decay
-                batch = running_usage_entropy(mean, self.usage_mean, decay) if decay else entropy_of(mean)
                 loss = self.config.entropy_weight * (per_sample - batch)
                 stats.update(sample_entropy=per_sample.detach(), codebook_entropy=batch.detach())
         return QuantizerOutput(quantized.to(z.dtype), indices, loss, stats)

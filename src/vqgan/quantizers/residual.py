@@ -44,7 +44,6 @@ class ResidualConfig(QuantizerConfig):
     # each depth's entropy penalty (vq.py: VQConfig.entropy_weight; 0: off) on its own residuals
     entropy_weight: float = 0.0
     entropy_temperature: float = 0.01
-    entropy_decay: float = 0.0
 
     @property
     def vocab_per_depth(self) -> tuple[int, ...]:
@@ -57,8 +56,7 @@ class ResidualConfig(QuantizerConfig):
         if kind == self.kind or kind not in QUANTIZERS:
             raise UserError(hint)
         try:
-            entropy = {"entropy_weight": self.entropy_weight, "entropy_temperature": self.entropy_temperature,
-                       "entropy_decay": self.entropy_decay}
+            entropy = {"entropy_weight": self.entropy_weight, "entropy_temperature": self.entropy_temperature}
             return QuantizerConfig.build(kind, n_embed=self.n_embed, embed_dim=self.embed_dim, beta=self.beta,
                                          **(entropy if self.entropy_weight else {}))
         except TypeError:  # a kind without these keys (gumbel, fsq, ...) is not matched by distance

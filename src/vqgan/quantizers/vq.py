@@ -17,7 +17,7 @@ from ..config import QuantizerConfig
 from ..errors import UserError
 from ..registry import QUANTIZERS
 from .base import Quantizer, QuantizerOutput, codebook_stats
-from .entropy import entropy_of, running_usage_entropy, soft_assignments
+from .entropy import assignment_entropies
 
 # rows of z per chunk, so that the (rows, n_embed) distance block stays near 64 MB
 _DISTANCE_BLOCK = 16 * 2**20
@@ -67,9 +67,6 @@ class VQConfig(QuantizerConfig):
     # 0: off. Distances are those of the lookup space (in [0, 4] with l2_norm, for which t = 0.01 is made).
     entropy_weight: float = 0.0
     entropy_temperature: float = 0.01
-    # 0: the entropy of the batch's mean assignment (as the papers); else that of the usage averaged over
-    # ~1/(1 - entropy_decay) steps (entropy.py: running_usage_entropy), e.g. 0.99
-    entropy_decay: float = 0.0
 
     @property
     def vocab_per_depth(self) -> tuple[int, ...]:
@@ -88,9 +85,6 @@ class VQConfig(QuantizerConfig):
             raise UserError(f"{where}.entropy_weight must be >= 0 (0: off, e.g. 0.1), got {self.entropy_weight}")
         if not self.entropy_temperature > 0:
             raise UserError(f"{where}.entropy_temperature must be > 0, e.g. 0.01; got {self.entropy_temperature}")
-        if not 0 <= self.entropy_decay < 1:
-            raise UserError(f"{where}.entropy_decay must be in [0, 1) (0: the batch's entropy), e.g. 0.99; "
-                            f"got {self.entropy_decay}")
 
 
 def l2_normalize(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -124,8 +118,6 @@ class VectorQuantizer(Quantizer):
             self.n_embed = config.remap_codes + int(extra)
             self.unknown = config.remap_codes if extra else (
                 None if config.unknown_index == "random" else int(config.unknown_index))
-        if config.entropy_weight and config.entropy_decay:  # the usage the entropy penalty averages (saved: resumes)
-            self.register_buffer("usage_mean", torch.full((config.n_embed,), 1.0 / config.n_embed))
         if config.codebook_dim:  # made last: the default layout draws the same random numbers as before
             self.project_in = nn.Linear(config.embed_dim, config.codebook_dim)
             self.project_out = nn.Linear(config.codebook_dim, config.embed_dim)
@@ -195,11 +187,7 @@ class VectorQuantizer(Quantizer):
         tokens = self._to_tokens(indices).view(b, h, w, 1)
         stats = codebook_stats(tokens, self.n_embed)
         if self.training and self.config.entropy_weight:  # a training loss only, as LFQ's
-            per_sample, mean = soft_assignments(flat, codebook, self.config.entropy_temperature)
-            if self.config.entropy_decay:
-                batch = running_usage_entropy(mean, self.usage_mean, self.config.entropy_decay)
-            else:
-                batch = entropy_of(mean)
+            per_sample, batch = assignment_entropies(flat, codebook, self.config.entropy_temperature)
             loss = loss + self.config.entropy_weight * (per_sample - batch)
             stats.update(sample_entropy=per_sample.detach(), codebook_entropy=batch.detach())
         quantized = x + (x_q - x).detach()  # straight-through estimator
