@@ -40,3 +40,14 @@ def test_bad_values_are_clear_errors():
 def test_yaml_float_without_a_dot_is_accepted():
     cfg = load_config(TokenizerTrainConfig, {}, ["train.base_learning_rate=5e-5"])
     assert cfg.train.base_learning_rate == 5e-5
+
+
+def test_overrides_leave_the_callers_dict_alone():
+    import copy
+
+    data = {"model": {"quantizer": {"kind": "vq", "n_embed": 64}}, "train": {"steps": 5}}
+    before = copy.deepcopy(data)
+    cfg = load_config(TokenizerTrainConfig, data, ["model.quantizer.kind=fsq", "model.quantizer.levels=[5,5,5]",
+                                                   "train.steps=7"])
+    assert cfg.train.steps == 7 and cfg.model.quantizer.kind == "fsq"
+    assert data == before

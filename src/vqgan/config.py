@@ -5,6 +5,7 @@ the valid ones.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -454,7 +455,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type, where
     """Apply `a.b.c=value` strings to a nested dict; values are parsed as YAML (1e-4, [1,2], true).
 
     `...kind=` overrides go first, so the other keys of a section chosen by kind are checked against the new
-    kind; keys the new kind does not have (a preset's settings for the old one) leave the section."""
+    kind; keys the new kind does not have (a preset's settings for the old one) leave the section. Returns a
+    new dict: the caller's (perhaps a shared preset's) is left as it was."""
+    data = copy.deepcopy(data)
     for item in overrides:
         if "=" not in item:
             raise UserError(f"override {item!r} is not key=value (e.g. train.steps=500)")
