@@ -23,6 +23,25 @@ TINY = ["model.resolution=32", "model.ch=32", "model.ch_mult=[1,2]", "model.attn
         "train.batch_size=4", "train.eval_every=2", "train.ckpt_every=2"]
 
 
+# the architectures (issue 15) at tiny sizes, each with its own preset's quantizer: (preset, overrides, grid side)
+ARCHITECTURES = {
+    "vit": ("small-cpu-vit", ["model.resolution=32", "model.z_channels=32", "model.encoder.width=32",
+                              "model.encoder.depth=1", "model.encoder.heads=2", "model.decoder.width=32",
+                              "model.decoder.depth=1", "model.decoder.heads=2", "model.quantizer.n_embed=32",
+                              "model.quantizer.embed_dim=32", "model.quantizer.codebook_dim=8",
+                              "loss.disc_start=1", "loss.disc_train_start=0", "loss.disc_ndf=8"], 4),
+    "vqvae": ("small-cpu-vqvae", ["model.resolution=32", "model.z_channels=8", "model.encoder.hidden_channels=16",
+                                  "model.encoder.residual_channels=8", "model.decoder.hidden_channels=16",
+                                  "model.decoder.residual_channels=8", "model.quantizer.n_embed=32",
+                                  "model.quantizer.embed_dim=8"], 4),
+    "dvae": ("small-cpu-dvae", ["model.resolution=32", "model.z_channels=8", "model.encoder.hidden_channels=16",
+                                "model.decoder.hidden_channels=16", "model.decoder.init_channels=8",
+                                "model.quantizer.n_embed=32", "model.quantizer.embed_dim=8"], 4),
+}
+DATA = ["data.path=builtin:scenes", "data.builtin_count=24", "data.holdout=4", "data.num_workers=0", "train.steps=2",
+        "train.batch_size=4", "train.eval_every=2", "train.ckpt_every=2"]
+
+
 def kinds_here() -> list[str]:
     return [k for k in SMALL if k in QUANTIZERS]
 
@@ -30,15 +49,29 @@ def kinds_here() -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", kinds_here())
 def test_a_kind_runs_the_whole_pipeline(kind, tmp_path):
-    run, quiet = tmp_path / "run", "--no-progress"
     options = [f"model.quantizer.kind={kind}"] + [f"model.quantizer.{k}={v}".replace(" ", "")
                                                   for k, v in SMALL[kind].items()]
-    assert main(["train-tokenizer", "small-cpu", quiet, *TINY, *options, f"train.out_dir={run}"]) == 0
+    run_whole_pipeline(tmp_path, "small-cpu", TINY + options, grid=16)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_an_architecture_runs_the_whole_pipeline(name, tmp_path):
+    preset, options, grid = ARCHITECTURES[name]
+    run_whole_pipeline(tmp_path, preset, DATA + options, grid)
+
+
+def run_whole_pipeline(tmp_path, preset: str, options: list[str], grid: int) -> None:
+    """train-tokenizer, encode, decode, reconstruct, tokenize, train-transformer, sample (at the training size
+    and larger, through the sliding window), complete: each exits 0 and writes what it should."""
+    run, quiet = tmp_path / "run", "--no-progress"
+    assert main(["train-tokenizer", preset, quiet, *options, f"train.out_dir={run}"]) == 0
     model = run / "model"
     assert main(["encode", str(model), "builtin:scenes", str(tmp_path / "enc"), quiet]) == 0
     store = TokenStore(tmp_path / "enc")
     depth = store.spec.levels[0].depth
-    assert store.row_length == 16 * 16 * depth and store.spec.streams == list(store.meta["codes"]["levels"][0]["vocab"])
+    assert store.row_length == grid * grid * depth
+    assert store.spec.streams == list(store.meta["codes"]["levels"][0]["vocab"])
     assert main(["decode", str(model), str(tmp_path / "enc"), str(tmp_path / "dec"), quiet]) == 0
     assert main(["reconstruct", str(model), "builtin:scenes", str(tmp_path / "rec"), quiet]) == 0
     assert main(["tokenize", str(model), "builtin:scenes", str(tmp_path / "store"), "--count", "24", quiet]) == 0
