@@ -303,3 +303,56 @@ def test_tiny_model_learns_real_images(tmp_path, quantizer):
     rows = [json.loads(line) for line in (tmp_path / "run/logs/metrics.jsonl").read_text().splitlines()]
     l1 = [r["l1"] for r in rows if r["kind"] == "train"]
     assert np.mean(l1[-2:]) < np.mean(l1[:2])
+
+
+ENTROPY_TERMS = """
+import torch
+from vqgan.quantizers.entropy import assignment_entropies, grid_entropies, grid_log_probs
+from vqgan.quantizers.lfq import codebook_entropy
+
+CODEBOOK = torch.nn.functional.normalize(torch.randn(16, 4, generator=torch.Generator().manual_seed(0)), dim=1)
+
+def terms(z):
+    \"\"\"The codebook entropies of rows z (N, 4): explicit codebook, FSQ grid, LFQ bits.\"\"\"
+    return [assignment_entropies(z, CODEBOOK, 0.5)[1], grid_entropies(grid_log_probs(z, [3, 4, 2, 5], 0.5),
+            [3, 4, 2, 5])[1], codebook_entropy(z)]
+
+def rows(rank):
+    return torch.randn(6, 4, generator=torch.Generator().manual_seed(rank)) + rank
+"""
+
+
+def test_codebook_entropies_are_of_the_global_batch_under_ddp(tmp_path):
+    """Each rank's codebook entropy is that of the union of the ranks' rows; its gradient, averaged over ranks
+    as DDP does, is the one-process gradient on the union."""
+    (tmp_path / "entropy_terms.py").write_text(ENTROPY_TERMS)
+    script = tmp_path / "entropy_ddp.py"
+    script.write_text(f"""
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, {str(tmp_path)!r})
+from entropy_terms import rows, terms
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+out = []
+for i in range(3):
+    z = rows(rank).requires_grad_(True)
+    value = terms(z)[i]
+    value.backward()
+    out.append((value.detach(), z.grad / dist.get_world_size()))  # DDP's average over ranks
+torch.save(out, {str(tmp_path)!r} + f"/rank{{rank}}.pt")
+dist.destroy_process_group()
+""")
+    run_two_processes(script)
+    import sys
+
+    sys.path.insert(0, str(tmp_path))
+    from entropy_terms import rows, terms
+
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for i in range(3):
+        z = torch.cat([rows(0), rows(1)]).requires_grad_(True)
+        value = terms(z)[i]
+        value.backward()
+        for r in range(2):
+            torch.testing.assert_close(ranks[r][i][0], value.detach(), msg=f"term {i}, rank {r}")
+            torch.testing.assert_close(ranks[r][i][1], z.grad[6 * r:6 * (r + 1)], msg=f"grad {i}, rank {r}")

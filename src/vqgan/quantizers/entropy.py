@@ -9,6 +9,8 @@ for a soft assignment p(c|z) of each position to the codes. Two shapes of codebo
   per-position entropy is the sum of the channels' and the batch mean over all prod(levels) codes is summed
   in chunks of codes by `_MeanProductProbs` (never a (N, prod(levels)) tensor). LFQ (lfq.py) is the two-level
   case, written there in its own closed form.
+Under DDP the batch is the global one: the mean distribution is averaged over ranks (`mean_over_ranks`), so
+"all codes used" means over everything the replicas saw in the step, as one process with the whole batch.
 """
 from __future__ import annotations
 
@@ -20,6 +22,20 @@ import torch.nn.functional as F
 
 # positions x codes per chunk of a grid's batch-mean distribution (16 MB of float32)
 _CHUNK_ELEMENTS = 2**22
+
+
+def mean_over_ranks(mean: torch.Tensor) -> torch.Tensor:
+    """A rank's batch-mean distribution -> the mean over all ranks (equal batches), differentiable. The
+    all-reduce's backward sums every rank's gradient of the (identical) loss, and DDP then averages parameter
+    gradients over ranks: together exactly the gradient of one process's loss on the union of the batches."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return mean
+    world = torch.distributed.get_world_size()
+    if world == 1:
+        return mean
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(mean) / world
 
 
 def entropy_of(p: torch.Tensor) -> torch.Tensor:
@@ -36,7 +52,7 @@ def assignment_entropies(z: torch.Tensor, codebook: torch.Tensor, temperature: f
         d = (z * z).sum(1, keepdim=True) + (codebook * codebook).sum(1) - 2 * z @ codebook.t()  # (N, K)
         log_p = F.log_softmax(-d / temperature, dim=1)
         p = log_p.exp()
-        return -(p * log_p).sum(1).mean(), entropy_of(p.mean(0))
+        return -(p * log_p).sum(1).mean(), entropy_of(mean_over_ranks(p.mean(0)))
 
 
 # -- implicit grids ---------------------------------------------------------------------------------------
@@ -97,4 +113,4 @@ def grid_entropies(log_probs: torch.Tensor, levels: Sequence[int]) -> tuple[torc
     all prod(levels) codes, exactly."""
     per_sample = -(log_probs.exp() * log_probs).sum(1).mean()  # each channel's block sums to 1
     chunk = min(math.prod(levels), max(1, _CHUNK_ELEMENTS // max(log_probs.shape[0], 1)))
-    return per_sample, entropy_of(_MeanProductProbs.apply(log_probs, tuple(levels), chunk))
+    return per_sample, entropy_of(mean_over_ranks(_MeanProductProbs.apply(log_probs, tuple(levels), chunk)))

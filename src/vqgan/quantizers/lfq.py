@@ -17,6 +17,7 @@ from ..config import QuantizerConfig
 from ..errors import UserError
 from ..registry import QUANTIZERS
 from .base import Quantizer, QuantizerOutput, stats_from_counts
+from .entropy import entropy_of, mean_over_ranks
 
 AUTO_SUBTOKEN_BITS = 12  # token_split 0: the fewest sub-tokens of at most this many bits (4096 ids each)
 MAX_SUBTOKEN_BITS = 16  # the prior takes at most 2^16 ids per position
@@ -155,8 +156,7 @@ def codebook_entropy(logits: torch.Tensor) -> torch.Tensor:
     bits, so it is summed in chunks of codes (`_MeanCodeProbs`); memory: the (2^bits,) mean and one block."""
     n, bits = logits.shape
     chunk = min(2**bits, max(1, _CHUNK_ELEMENTS // max(n, 1)))
-    mean = _MeanCodeProbs.apply(logits, chunk)
-    return -(mean * torch.log(mean.clamp_min(1e-30))).sum()
+    return entropy_of(mean_over_ranks(_MeanCodeProbs.apply(logits, chunk)))
 
 
 def factorized_codebook_entropy(logits: torch.Tensor, groups: int) -> torch.Tensor:
