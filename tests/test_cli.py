@@ -83,7 +83,10 @@ def test_train_tokenizer_command_writes_model_and_report(tmp_path):
     for f in ("report.html", "report/reconstructions.png", "report/losses.png", "model/model.safetensors",
               "logs/metrics.jsonl", "logs/train.log", "config.yaml"):
         assert (run / f).is_file(), f
-    assert "Perceptual network: none" in (run / "report.html").read_text()
+    report = (run / "report.html").read_text()
+    assert "Perceptual network: none" in report
+    assert "Model: vqgan at 32 px: encoder conv, decoder conv, quantizer vq (embed_dim 8, n_embed 32" in report
+    assert "tokens per image: 16x16 x 1" in report
 
 
 

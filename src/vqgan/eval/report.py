@@ -167,9 +167,10 @@ def tokenizer_report(run_dir: Path, result: dict, title: str = "VQGAN tokenizer"
                     "epoch_usage") else "n/a"),
                 "perplexity": round(result["perplexity"], 1), "steps": result.get("step"),
                 "skipped files": result.get("skipped_files", 0)}]
+    model = describe_model(run_dir / "model" / "config.yaml")
     sections = [
-        ("Summary", table(summary) + f"<p class=note>Perceptual network: {html.escape(str(result.get('perceptual')))}"
-                                     "</p>"),
+        ("Summary", table(summary) + f"<p class=note>Model: {html.escape(model)}</p>"
+                    f"<p class=note>Perceptual network: {html.escape(str(result.get('perceptual')))}</p>"),
         ("Held-out reconstructions", "<p class=note>Each input row is followed by its reconstruction.</p>"
                                      "<img src='report/reconstructions.png'>"),
         ("Losses", "<img src='report/losses.png'><img src='report/gan.png'>"),
@@ -178,3 +179,23 @@ def tokenizer_report(run_dir: Path, result: dict, title: str = "VQGAN tokenizer"
             [{k: r.get(k) for k in ("step", *quality, "l1", "usage", "codes_used", "perplexity")} for r in evals])),
     ]
     return write_report(run_dir / "report.html", title, sections)
+
+
+def describe_model(config_path: Path) -> str:
+    """One line naming a saved tokenizer's architecture, quantizer and codes, from its config.yaml."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(Path(config_path).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return "(no model config)"
+    skip = {"kind", "legacy_beta", "remap_codes", "unknown_index"}
+    quantizer = cfg.get("quantizer", {})
+    settings = ", ".join(f"{k} {v}" for k, v in quantizer.items() if k not in skip and v not in (0, False, None))
+    levels = cfg.get("codes", {}).get("levels", [])
+    side = cfg.get("resolution", 0)
+    grids = " + ".join(f"{side // lv['factor']}x{side // lv['factor']} x {len(lv['vocab'])}" for lv in levels
+                       if lv.get("factor"))
+    return (f"{cfg.get('kind', 'vqgan')} at {side} px: encoder {cfg.get('encoder', {}).get('kind', 'conv')}, "
+            f"decoder {cfg.get('decoder', {}).get('kind', 'conv')}, quantizer {quantizer.get('kind', '?')} "
+            f"({settings}); tokens per image: {grids or '?'} (grid x codes per position)")
