@@ -70,6 +70,21 @@ def test_checkpoint_roundtrip_and_final_model(tmp_path):
     assert not list(run.glob("checkpoints/.*tmp*"))  # no half-written directories left behind
 
 
+def test_a_time_budget_ends_the_run_like_its_last_step(tmp_path):
+    """train.max_minutes: the run ends after the step during which the budget runs out, with the final
+    evaluation and model; a resumed run gets the budget anew."""
+    cfg = tiny_train_config(tmp_path, train={"steps": 1000, "max_minutes": 1e-6})
+    result = TokenizerTrainer(cfg, progress=False).fit()
+    run = tmp_path / "run"
+    assert result["step"] == 1 and "psnr" in result and not result.get("stopped")
+    assert (run / "model" / "model.safetensors").is_file() and (run / "checkpoints" / "step_00000001").is_dir()
+    assert "time budget of 1e-06 minutes spent at step 1/1000" in (run / "logs" / "train.log").read_text()
+    again = TokenizerTrainer(cfg, resume=True, progress=False).fit()
+    assert again["step"] == 2
+    with pytest.raises(UserError, match=r"train\.max_minutes"):
+        tiny_train_config(tmp_path, train={"max_minutes": -1})
+
+
 def test_corrupt_images_in_training_data_are_skipped_and_counted(tmp_path):
     data = tmp_path / "images"
     data.mkdir()

@@ -337,6 +337,9 @@ class TrainConfig:
     init_discriminator: bool = True
     # a step whose loss or gradients are not finite is skipped; this many in a row stop the run
     max_nonfinite_steps: int = 20
+    # stop after this many minutes of training steps (0: no limit), then finish as after the last step (final
+    # evaluation, model/); schedules still run over `steps`; a resumed run gets the budget anew
+    max_minutes: float = 0.0
     codebook: CodebookCareConfig = field(default_factory=CodebookCareConfig)
 
     def validate(self) -> None:
@@ -349,12 +352,14 @@ class TrainConfig:
 
 
 def validate_loop(cfg: Any, where: str, at_least_one: tuple[str, ...]) -> None:
-    """The checks every training loop's settings share: precision, and counts and intervals >= 1."""
+    """The checks every training loop's settings share: precision, counts and intervals >= 1, a time budget."""
     if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise UserError(f"{where}.precision must be auto, fp32, bf16 or fp16, got {cfg.precision!r}")
     for name in at_least_one:
         if getattr(cfg, name) < 1:
             raise UserError(f"{where}.{name} must be >= 1, got {getattr(cfg, name)}")
+    if not cfg.max_minutes >= 0:
+        raise UserError(f"{where}.max_minutes must be >= 0 (0: no time limit), got {cfg.max_minutes}")
 
 
 @dataclass
@@ -567,6 +572,7 @@ class PriorTrainConfig:
     ckpt_every: int = 500
     keep_last: int = 3
     max_nonfinite_steps: int = 20  # a step with a non-finite loss or gradient is skipped; this many in a row stop
+    max_minutes: float = 0.0  # as the tokenizer's train.max_minutes: a time budget (0: none)
 
     def validate(self) -> None:
         validate_loop(self, "train", ("steps", "batch_size", "log_every", "eval_every", "ckpt_every", "keep_last",

@@ -1,12 +1,13 @@
 """Decisions a training loop takes after each step, the same on every rank: was the step finite (else it is
-skipped, and too many in a row stop the run), and should the run stop now (SIGTERM / SIGINT, or the torchrun
-launcher gone)? Under torchrun the ranks agree through one small all-reduce, so they stop at the same step
+skipped, and too many in a row stop the run), should the run stop now (SIGTERM / SIGINT, or the torchrun
+launcher gone), and is its time budget (`train.max_minutes`) spent? Under torchrun the ranks agree through one small all-reduce, so they stop at the same step
 and rank 0's checkpoint matches every replica."""
 from __future__ import annotations
 
 import logging
 import os
 import signal
+import time
 from typing import Iterable
 
 import torch
@@ -45,6 +46,12 @@ class StepGuard:
         self._parent = os.getppid()
         self._old: dict = {}
         self._agreed_stop = False
+        self._deadline: float | None = None
+        self.time_up = False  # the time budget is spent (agreed across ranks): finish normally after this step
+
+    def set_time_budget(self, seconds: float) -> None:
+        """Training time from now (0: none); the loop ends after the step during which it runs out."""
+        self._deadline = time.monotonic() + seconds if seconds > 0 else None
 
     # -- stop requests -----------------------------------------------------------------------------
     def _handle(self, signum, frame) -> None:
@@ -83,13 +90,15 @@ class StepGuard:
     def after_step(self, step: int, finite: torch.Tensor | bool) -> bool:
         """Agree on this step across ranks. Returns whether the step was finite (apply it) or not (skip it);
         sets `stop_requested`; raises `Diverged` after `max_nonfinite` non-finite steps in a row."""
-        flags = torch.tensor([0.0 if bool(finite) else 1.0, 1.0 if self._local_stop() else 0.0])
+        late = self._deadline is not None and time.monotonic() > self._deadline
+        flags = torch.tensor([0.0 if bool(finite) else 1.0, 1.0 if self._local_stop() else 0.0, float(late)])
         if self.rt.distributed:
             flags = flags.to(self.rt.device)
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             flags = flags.cpu()
         bad, stop = bool(flags[0]), bool(flags[1])
         self._agreed_stop = self._agreed_stop or stop
+        self.time_up = self.time_up or bool(flags[2])
         if not bad:
             self.nonfinite_in_row = 0
             return True

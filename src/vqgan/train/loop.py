@@ -129,24 +129,28 @@ class TrainingLoop:
             self.begin()
             batches = self.batches()
             t0, steps_timed = time.perf_counter(), 0
+            self.guard.set_time_budget(60.0 * t.max_minutes)
             with self.guard:
-                while self.step < t.steps and not self.guard.stop_requested:
+                while self.step < t.steps and not self.guard.stop_requested and not self.guard.time_up:
                     logs = self.train_step(next(batches))
                     self.step += 1
                     steps_timed += 1
                     bar.update(1)
-                    if self.step % t.log_every == 0 or self.step == t.steps:
+                    last = self.step == t.steps or self.guard.time_up
+                    if self.step % t.log_every == 0 or last:
                         rate = steps_timed / (time.perf_counter() - t0)
                         t0, steps_timed = time.perf_counter(), 0
                         logs.update(self.rates(rate), nonfinite_steps=self.nonfinite_steps)
                         self.metrics.write(self.step, logs)
                         bar.set_postfix(self.postfix(logs), refresh=False)
-                    if self.step % t.eval_every == 0 and self.step < t.steps:
+                    if self.step % t.eval_every == 0 and not last:
                         self.periodic_evaluation()
-                    if self.step % t.ckpt_every == 0 and self.step < t.steps:
+                    if self.step % t.ckpt_every == 0 and not last:
                         self.save_checkpoint()
             checkpoint = self.save_checkpoint()
             bar.close()
+            if self.guard.time_up and self.step < t.steps:
+                self.metrics.note(f"time budget of {t.max_minutes} minutes spent at step {self.step}/{t.steps}")
             if self.guard.stop_requested and self.step < t.steps:  # a checkpoint to resume from, no final model
                 self.metrics.note(f"stopped at step {self.step}: checkpoint {checkpoint}")
                 return {"step": self.step, "stopped": True, "exit_code": self.guard.exit_code,
