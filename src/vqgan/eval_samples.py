@@ -68,8 +68,8 @@ def folder_features(inception: InceptionFeatures, folder: str, batch_size: int =
     counts = {"skipped": len(bad)}
     loader = DataLoader(_Files(good), batch_size=None, num_workers=num_workers)
     features = _features(inception, _same_size_batches(loader, batch_size, counts), len(good), progress, what)
-    if features.count == 0:
-        raise UserError(f"none of the image files under {folder} could be decoded")
+    if features.count < 2:
+        raise UserError(f"{folder}: {features.count} decodable images; the metrics need at least 2 (FID's covariance)")
     return features, {"folder": str(folder), "count": features.count, "skipped": counts["skipped"]}
 
 
