@@ -1,18 +1,16 @@
-"""PNG grids, plots and an HTML report a person can read. No plotting library needed."""
+"""PNG grids, plots and an HTML report a person can read (the charts are matplotlib's, see plots.py)."""
 from __future__ import annotations
 
 import html
-import math
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from .metrics import to_unit
-
-_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75)]
+from .plots import bar_plot, histogram_plot, line_plot  # noqa: F401 - re-exported for the reports
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -40,60 +38,6 @@ def pairs_grid(inputs: torch.Tensor, recs: torch.Tensor, per_row: int = 8, scale
     for i in range(0, inputs.shape[0], per_row):
         rows += [inputs[i:i + per_row], recs[i:i + per_row]]
     return image_grid(rows, scale=scale)
-
-
-def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], title: str, size=(640, 360),
-              log_y: bool = False) -> Image.Image:
-    """A small line chart: {name: (xs, ys)}."""
-    w, h = size
-    left, right, top, bottom = 64, 16, 28, 36
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    d.text((left, 6), title, fill="black")
-    pts = [(x, y) for xs, ys in series.values() for x, y in zip(xs, ys) if y is not None and math.isfinite(y)
-           and (not log_y or y > 0)]
-    if not pts:
-        d.text((w // 2 - 30, h // 2), "no data", fill="gray")
-        return img
-    tf = (lambda v: math.log10(v)) if log_y else (lambda v: v)
-    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
-    y0, y1 = min(tf(p[1]) for p in pts), max(tf(p[1]) for p in pts)
-    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-6)
-
-    def to_px(x, y):
-        return (left + (x - x0) / (x1 - x0) * (w - left - right),
-                h - bottom - (tf(y) - y0) / (y1 - y0) * (h - top - bottom))
-
-    d.rectangle((left, top, w - right, h - bottom), outline=(180, 180, 180))
-    for i in range(5):
-        fy = y0 + (y1 - y0) * i / 4
-        py = h - bottom - (fy - y0) / (y1 - y0) * (h - top - bottom)
-        d.line((left, py, w - right, py), fill=(235, 235, 235))
-        label = f"{10 ** fy:.3g}" if log_y else f"{fy:.3g}"
-        d.text((4, py - 6), label, fill="black")
-        fx = x0 + (x1 - x0) * i / 4
-        d.text((left + (fx - x0) / (x1 - x0) * (w - left - right) - 10, h - bottom + 6), f"{fx:.0f}", fill="black")
-    for k, (name, (xs, ys)) in enumerate(series.items()):
-        colour = _COLOURS[k % len(_COLOURS)]
-        line = [to_px(x, y) for x, y in zip(xs, ys) if y is not None and math.isfinite(y) and (not log_y or y > 0)]
-        if len(line) > 1:
-            d.line(line, fill=colour, width=2)
-        d.text((w - right - 150, top + 6 + 14 * k), name, fill=colour)
-    return img
-
-
-def bar_plot(values: Sequence[float], title: str, size=(640, 200)) -> Image.Image:
-    """Bars for a histogram (e.g. how often each code is used, sorted)."""
-    w, h = size
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    d.text((8, 6), title, fill="black")
-    n = len(values)
-    top = max(values) if n and max(values) > 0 else 1.0
-    for i, v in enumerate(values):
-        x = 8 + i * (w - 16) / max(n, 1)
-        d.line((x, h - 8, x, h - 8 - v / top * (h - 36)), fill=_COLOURS[0])
-    return img
 
 
 def write_report(path: Path, title: str, sections: list[tuple[str, str]]) -> Path:
@@ -145,19 +89,19 @@ def tokenizer_report(run_dir: Path, result: dict, title: str = "VQGAN tokenizer"
 
     labels = "accuracy" in result  # a segmentation-map tokenizer
     quality = ("accuracy", "miou") if labels else ("psnr",)
-    line_plot(series(train, "total", "l1", "ce", "lpips", "codebook"), "generator losses", log_y=True).save(
-        out / "losses.png")
+    line_plot(series(train, "total", "l1", "ce", "lpips", "codebook"), "generator losses", log_y=True,
+              ylabel="loss").save(out / "losses.png")
     line_plot(series(train, "disc", "logits_real", "logits_fake", "adaptive_weight"),
               "discriminator: loss, mean logits, adaptive weight").save(out / "gan.png")
-    line_plot(series(train, "usage_window", "usage_batch"), "codebook usage (fraction of codes)").save(
+    line_plot(series(train, "usage_window", "usage_batch"), "codebook usage", ylabel="fraction of codes used").save(
         out / "usage.png")
-    line_plot(series(evals, *quality), "held-out pixel accuracy / mIoU" if labels else "held-out PSNR (dB)").save(
-        out / "psnr.png")
+    line_plot(series(evals, *quality), "held-out pixel accuracy / mIoU" if labels else "held-out PSNR",
+              ylabel="fraction" if labels else "PSNR (dB)").save(out / "psnr.png")
     x, rec = result["examples"]
     pairs_grid(x, rec, scale=3).save(out / "reconstructions.png")
     counts = sorted(result["counts"].tolist(), reverse=True)
-    bar_plot(counts, f"held-out code histogram, sorted: {result['codes_used']} of {result['n_embed']} codes used"
-             ).save(out / "codebook_histogram.png")
+    bar_plot(counts, f"held-out code histogram, sorted: {result['codes_used']} of {result['n_embed']} codes used",
+             xlabel="code (most used first)", ylabel="positions").save(out / "codebook_histogram.png")
     head = ({"pixel accuracy": round(result["accuracy"], 4), "mIoU": round(result["miou"], 4)} if labels else
             {"PSNR (dB)": round(result["psnr"], 3), "L1 [0,1]": round(result["l1"], 5)})
     summary = [{"held-out images": result["n_images"], **head,

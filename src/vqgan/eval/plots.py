@@ -1,0 +1,102 @@
+"""Report charts with matplotlib, returned as PIL images: line charts (training curves), bars (code histograms)
+and histograms (per-image PSNR).
+
+Figures are drawn on the Agg canvas directly (no pyplot, so no global state, no display and no backend choice).
+Legends sit outside the plotting area, to the right, where they never cover a line.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+DPI = 100
+
+
+def _figure(size: tuple[int, int]):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(size[0] / DPI, size[1] / DPI), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
+def _image(fig) -> Image.Image:
+    fig.canvas.draw()
+    return Image.fromarray(np.asarray(fig.canvas.buffer_rgba())).convert("RGB")
+
+
+def _no_data(ax) -> None:
+    ax.text(0.5, 0.5, "no data", ha="center", va="center", color="grey", transform=ax.transAxes)
+
+
+def _legend(ax) -> None:
+    """The legend outside the axes, on the right: it never covers a line."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, frameon=False, fontsize=8)
+
+
+def _finite(xs: Sequence[float], ys: Sequence[float], log_y: bool) -> tuple[list[float], list[float]]:
+    keep = [(x, y) for x, y in zip(xs, ys) if y is not None and math.isfinite(y) and (not log_y or y > 0)]
+    return [x for x, _ in keep], [y for _, y in keep]
+
+
+def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], title: str, size=(640, 360),
+              log_y: bool = False, xlabel: str = "step", ylabel: str = "") -> Image.Image:
+    """A line chart of {name: (xs, ys)}; points that are missing, not finite (or <= 0 on a log scale) are left
+    out."""
+    fig, ax = _figure(size)
+    ax.set_title(title, fontsize=10)
+    drawn = 0
+    for name, (xs, ys) in series.items():
+        xs, ys = _finite(xs, ys, log_y)
+        if xs:
+            ax.plot(xs, ys, label=name, linewidth=1.5, marker="." if len(xs) < 20 else None)
+            drawn += 1
+    if not drawn:
+        _no_data(ax)
+    else:
+        if log_y:
+            ax.set_yscale("log")
+        _legend(ax)
+        ax.grid(True, which="major", alpha=0.3)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    return _image(fig)
+
+
+def bar_plot(values: Sequence[float], title: str, size=(640, 200), xlabel: str = "rank", ylabel: str = "count",
+             log_y: bool = False) -> Image.Image:
+    """Bars for a histogram, one per value in order (e.g. how often each code is used, sorted)."""
+    fig, ax = _figure(size)
+    ax.set_title(title, fontsize=10)
+    if len(values):
+        ax.bar(np.arange(len(values)), values, width=1.0, color="tab:blue", linewidth=0)
+        if log_y and max(values) > 0:
+            ax.set_yscale("log")
+        ax.set_xlim(-0.5, len(values) - 0.5)
+    else:
+        _no_data(ax)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    return _image(fig)
+
+
+def histogram_plot(values: Sequence[float], title: str, xlabel: str, bins: int = 30, size=(640, 300),
+                   ylabel: str = "images") -> Image.Image:
+    """A histogram of `values` (e.g. per-image PSNR), its mean marked."""
+    fig, ax = _figure(size)
+    ax.set_title(title, fontsize=10)
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if finite:
+        ax.hist(finite, bins=bins, color="tab:blue", alpha=0.85)
+        mean = float(np.mean(finite))
+        ax.axvline(mean, color="tab:red", linewidth=1.5, label=f"mean {mean:.4g}")
+        _legend(ax)
+    else:
+        _no_data(ax)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    return _image(fig)
