@@ -10,6 +10,7 @@ codes that won on *training* batches in the last `restart_after` steps, codes ke
 single encoder outputs included, so it overstates what the data uses; it is shown for comparison only.
 
     python bench/quality_family.py DATA_DIR [--kinds vq,ema,...] [--steps 300] [--batch 8] [--out runs/family]
+    python bench/quality_family.py DATA_DIR --kinds vq,vit,vqvae,dvae,vqvae2 --minutes 5   # equal wall-clock
     python bench/make_photo_crops.py /tmp/photos; python bench/make_emoji_dataset.py /tmp/emoji   # the data
 """
 from __future__ import annotations
@@ -60,7 +61,7 @@ def run_one(kind: str, data: str, steps: int, batch: int, out: Path, holdout: in
     keep = ("psnr", "usage", "perplexity", "codes_used", "n_embed", "usage_per_stream", "perplexity_per_stream")
     return {"kind": kind + "".join(f" {o}" for o in overrides), **{k: result[k] for k in keep if k in result}, "bits_per_position": bits,
             "depth": spec.levels[0].depth, "seconds_per_step": per_step, "seconds_total": seconds,
-            "tokens_per_image": sum(n * level.depth for n, level in zip(positions, spec.levels)),
+            "steps": result.get("step"), "tokens_per_image": sum(n * level.depth for n, level in zip(positions, spec.levels)),
             "bits_per_image": bits_per_image, **speed,
             "usage_window": logs[-1].get("usage_window") if logs else None}
 
@@ -98,18 +99,18 @@ def _train_logs(out: Path) -> list[dict]:
     return [r for r in rows if r.get("kind") == "train"]
 
 
-def table(rows: list[dict], data: str, steps: int, batch: int) -> str:
-    lines = [f"{steps} steps, batch {batch}, held-out = last 64 files of {data}", "",
+def table(rows: list[dict], data: str, budget: str, batch: int) -> str:
+    lines = [f"{budget}, batch {batch}, held-out = last 64 files of {data}", "",
              "| kind | held-out PSNR (dB) | usage (held-out) | perplexity | bits/position | tokens/image | params (M) | "
-             "s/step | encode img/s | decode img/s | peak RSS (MB) | usage_window (train) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "steps | s/step | encode img/s | decode img/s | peak RSS (MB) | usage_window (train) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         usage = f"{r['usage']:.1%}"
         if r.get("usage_per_stream"):
             usage += " (" + " / ".join(f"{u:.0%}" for u in r["usage_per_stream"]) + ")"
         window = "-" if r.get("usage_window") is None else f"{r['usage_window']:.0%}"
         extra = " | ".join("-" if r.get(k) is None else fmt.format(r[k] / div) for k, fmt, div in [
-            ("tokens_per_image", "{:.0f}", 1), ("parameters", "{:.1f}", 1e6)])
+            ("tokens_per_image", "{:.0f}", 1), ("parameters", "{:.1f}", 1e6), ("steps", "{:.0f}", 1)])
         speed = " | ".join("-" if r.get(k) is None else f"{r[k]:.0f}" for k in
                            ("encode_images_per_s", "decode_images_per_s", "peak_rss_mb"))
         bits = "-" if math.isnan(r["bits_per_position"]) else f"{r['bits_per_position']:.2f}"
@@ -123,6 +124,8 @@ def main() -> int:
     ap.add_argument("data")
     ap.add_argument("--kinds", default=",".join(PRESETS))
     ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--minutes", type=float, default=0.0,
+                    help="equal wall-clock instead of equal steps: train each kind this long (train.max_minutes)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--holdout", type=int, default=64)
     ap.add_argument("--out", default="runs/family")
@@ -131,6 +134,10 @@ def main() -> int:
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process: train this kind
     args = ap.parse_args()
     out = Path(args.out)
+    if args.minutes:  # the schedules (warm-up, restarts) then run over 100,000 steps, as in a long run
+        args.set = [f"train.max_minutes={args.minutes}", *args.set]
+        args.steps = 100_000
+    budget = f"{args.minutes:g} minutes of training" if args.minutes else f"{args.steps} steps"
     if args.one:
         result = run_one(args.one, args.data, args.steps, args.batch, out / args.one, args.holdout, args.set)
         (out / f"{args.one}.json").write_text(json.dumps(result, indent=1))
@@ -145,8 +152,8 @@ def main() -> int:
                         str(args.batch), "--holdout", str(args.holdout), "--out", str(out),
                         *(f"--set={o}" for o in args.set)], check=True)
         rows.append(json.loads((out / f"{kind}.json").read_text()))
-        print(table(rows, args.data, args.steps, args.batch), flush=True)
-    (out / "table.md").write_text(table(rows, args.data, args.steps, args.batch) + "\n")
+        print(table(rows, args.data, budget, args.batch), flush=True)
+    (out / "table.md").write_text(table(rows, args.data, budget, args.batch) + "\n")
     return 0
 
 
