@@ -309,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="decode even if another tokenizer made the tokens")
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=_decode)
+
+    from .eval.reconstruct_cli import add_parser as add_eval_parser
+    add_eval_parser(sub)
     return p
 
 
