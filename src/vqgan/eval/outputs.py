@@ -135,15 +135,19 @@ def _write_report(folder: Path, summary: dict, rows: list[dict], names: list[str
         sections.append((f"The {len(chosen)} {name} reconstructions (by PSNR)",
                          "<p class=note>Inputs above, reconstructions below, left to right as listed.</p>"
                          f"<img src='{name}.png'>" + table(listing)))
-    _histogram_png([r["psnr"] for r in rows], "per-image PSNR", "PSNR (dB)", folder / "psnr_histogram.png")
-    sections.append(("Per-image PSNR", "<img src='psnr_histogram.png'>"))
+    drawn = _histogram_png([r["psnr"] for r in rows], "per-image PSNR", "PSNR (dB)", folder / "psnr_histogram.png")
+    sections.append(("Per-image PSNR", "<img src='psnr_histogram.png'>" if drawn else
+                     "<p class=note>not drawn: the plots need matplotlib (pip install vqgan[eval])</p>"))
     sections.append(("Codebook use per stream", table(code["streams"])))
     write_report(folder / "report.html", "Reconstruction evaluation", sections)
 
 
-def _histogram_png(values: list[float], title: str, xlabel: str, path: Path) -> None:
-    """A histogram with matplotlib (Agg, no display needed) and the mean marked."""
-    from matplotlib.figure import Figure
+def _histogram_png(values: list[float], title: str, xlabel: str, path: Path) -> bool:
+    """A histogram with matplotlib (its Agg canvas: no display needed) and the mean marked; False without it."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
 
     fig = Figure(figsize=(6.4, 3.2), dpi=100)
     ax = fig.add_subplot()
@@ -155,3 +159,4 @@ def _histogram_png(values: list[float], title: str, xlabel: str, path: Path) -> 
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
+    return True

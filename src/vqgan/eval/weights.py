@@ -60,13 +60,15 @@ def load_inception_or_reason(path: str | None, device: torch.device, needed_by: 
         from .inception import load_inception
     except ImportError:
         reason = "this installation has no Inception layer (vqgan.eval.inception)"
-        if needed_by:
-            raise UserError(f"{', '.join(needed_by)} need the FID Inception network: {reason}") from None
+        if needed_by or path:
+            raise UserError(f"{', '.join(needed_by) or f'--inception-weights {path}'}: {reason}") from None
         return None, f"{NOT_COMPUTED}: {reason}"
     try:
         net = load_inception(path, device)
     except UserError as e:
-        if path or needed_by:
-            raise UserError(f"{', '.join(needed_by) or '--inception-weights'}: {e}") from None
+        if needed_by:
+            raise UserError(f"{', '.join(needed_by)} need the FID Inception network: {e}") from None
+        if path:
+            raise
         return None, f"{NOT_COMPUTED}: {e}"
     return net, {"file": net.weights_path.name, "path": str(net.weights_path), "sha256": net.weights_sha256}
