@@ -85,7 +85,7 @@ def summarize(m, names: list[str], resolution: int, opts, unreadable: int, token
     tokenizer_s = s["encode"] + s["decode"]
     speed = {"images_per_s": n / s["wall"], "encode_images_per_s": n / s["encode"],
              "decode_images_per_s": n / s["decode"], "tokenizer_share": tokenizer_s / s["process_seconds"],
-             "metrics_share": s["metrics"] / s["process_seconds"], "data_share": s["data"] / s["process_seconds"],
+             **{f"{part}_share": s[part] / s["process_seconds"] for part in ("metrics", "lpips", "inception", "data")},
              "seconds": {k: round(v, 4) for k, v in s.items()}, "processes": world_size,
              "note": "seconds are summed over processes except wall (the slowest); encode/decode images/s are per "
                      "process; the metrics include LPIPS and Inception when computed"}

@@ -84,8 +84,8 @@ class Clock:
     """Seconds spent per part, each measured after the device finished its work."""
 
     device: torch.device
-    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("data", "encode", "decode", "metrics"),
-                                                                             0.0))
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
+        ("data", "encode", "decode", "metrics", "lpips", "inception"), 0.0))
 
     @contextmanager
     def part(self, name: str):
@@ -118,16 +118,19 @@ def reconstruct(model, images: torch.Tensor, clock: Clock | None = None) -> tupl
     return rec, tokens
 
 
-def measure_batch(x: torch.Tensor, rec: torch.Tensor, lpips, inception, m: Measures) -> list[dict]:
+def measure_batch(x: torch.Tensor, rec: torch.Tensor, lpips, inception, m: Measures, clock: Clock) -> list[dict]:
     """Per-image metrics of a uint8 batch and its reconstruction; Inception features into the set's stats."""
-    values = {"psnr": similarity.psnr(x, rec), "ssim": similarity.ssim(x, rec)}
-    if similarity.ms_ssim_fits(*x.shape[-2:]):
-        values["ms_ssim"] = similarity.ms_ssim(x, rec)
+    with clock.part("metrics"):
+        values = {"psnr": similarity.psnr(x, rec), "ssim": similarity.ssim(x, rec)}
+        if similarity.ms_ssim_fits(*x.shape[-2:]):
+            values["ms_ssim"] = similarity.ms_ssim(x, rec)
     if lpips is not None:
-        values["lpips"] = lpips(to_signed(x), to_signed(rec)).double()
+        with clock.part("lpips"):
+            values["lpips"] = lpips(to_signed(x), to_signed(rec)).double()
     if inception is not None:
-        m.real.update(inception(x)["pool"])
-        m.fake.update(inception(rec)["pool"])
+        with clock.part("inception"):
+            m.real.update(inception(x)["pool"])
+            m.fake.update(inception(rec)["pool"])
     columns = {k: v.cpu().tolist() for k, v in values.items()}
     return [{k: columns[k][i] if k in columns else None for k in ("psnr", "ssim", "ms_ssim", "lpips")}
             for i in range(x.shape[0])]
@@ -223,7 +226,7 @@ def _run(model, ds: ProtocolImages, rt: Runtime, dev: torch.device, opts: EvalOp
         rec, tokens = reconstruct(model, x, clock)
         with clock.part("metrics"):
             m.usage.update(tokens)
-            rows = measure_batch(x, rec, lpips, inception, m)
+        rows = measure_batch(x, rec, lpips, inception, m, clock)
         m.rows += [{"index": i, **r} for i, r in zip(batch["index"], rows)]
     bar.close()
     clock.seconds["wall"] = time.perf_counter() - start
