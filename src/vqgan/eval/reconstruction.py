@@ -74,7 +74,7 @@ def to_signed(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(127.5).sub_(1.0)
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
+def round_to_uint8(images: torch.Tensor) -> torch.Tensor:
     """A reconstruction in [-1, 1] (not clamped) -> uint8, rounded to nearest (as PNG files are written)."""
     return ((images.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round_().to(torch.uint8)
 
@@ -114,7 +114,7 @@ def reconstruct(model, images: torch.Tensor, clock: Clock | None = None) -> tupl
     with clock.part("encode"):
         tokens = model.encode(to_signed(images))
     with clock.part("decode"):
-        rec = to_uint8(model.decode(tokens))
+        rec = round_to_uint8(model.decode(tokens))
     return rec, tokens
 
 
