@@ -310,8 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=_decode)
 
+    from .eval.reconstruct_cli import add_parser as add_eval
     from .eval_samples import add_parser as add_eval_samples
 
+    add_eval(sub)
     add_eval_samples(sub)
     return p
 

@@ -139,12 +139,13 @@ def to_tensor(im: Image.Image) -> torch.Tensor:
 
 
 def fit_image(im: Image.Image, resolution: int, crop: str, rng: random.Random | None,
-              resample: int = Image.BICUBIC) -> Image.Image:
+              resample: int = Image.BICUBIC, exact: bool = False) -> Image.Image:
     """Resize so the short side is `resolution`, then crop a square (random when `rng` is given).
 
     The random draws depend only on the image size and `rng`, so an image and its condition map (same size,
-    same seed) get the same crop."""
-    gap = 3.0 if resample == Image.BICUBIC else None
+    same seed) get the same crop. `exact`: the named filter alone, without PIL's faster box pre-reduction of
+    large downscales (`reducing_gap`), as an evaluation protocol that names its filter needs."""
+    gap = 3.0 if resample == Image.BICUBIC and not exact else None
     if crop == "resize":
         return im.resize((resolution, resolution), resample, reducing_gap=gap)
     w, h = im.size

@@ -1,0 +1,162 @@
+"""What `vqgan eval` writes: summary.json (the protocol, the metrics, the weights and data they came from),
+per_image.csv (one row per image) and report.html (summary, the worst and best reconstructions, the per-image
+PSNR histogram)."""
+from __future__ import annotations
+
+import csv
+import html
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import replace_files
+from ..errors import UserError
+from . import similarity
+from .report import image_grid, table, write_report
+from .weights import NOT_COMPUTED
+
+PER_IMAGE = ("psnr", "ssim", "ms_ssim", "lpips")
+
+
+def protocol(resolution: int, resize_filter: str, filter_name: str, n_images: int) -> dict:
+    """The protocol in words: how each number was made."""
+    return {
+        "resolution": resolution, "resize_filter": resize_filter,
+        "resize": f"short side to {resolution} px by {filter_name}, then the centre {resolution}x{resolution} crop",
+        "round_trip": "inputs are uint8 after the resize and enter the tokenizer as x / 127.5 - 1; reconstructions "
+                      "are clamped to [-1, 1] and rounded to uint8 ((x + 1) * 127.5, to nearest); both are "
+                      "measured as uint8",
+        "psnr": "per image: 10 log10(255^2 / MSE), the MSE over all pixels and channels (floored at 1e-10); "
+                "then the mean over images",
+        "ssim": f"per image: Gaussian window of {similarity.WINDOW} taps, sigma {similarity.SIGMA}, K1 "
+                f"{similarity.K1}, K2 {similarity.K2}, data range 255 on uint8, population statistics, valid "
+                "window positions, mean over channels (scikit-image structural_similarity(gaussian_weights=True, "
+                "sigma=1.5, use_sample_covariance=False, data_range=255)); then the mean over images",
+        "ms_ssim": f"per image: {len(similarity.MS_SSIM_WEIGHTS)} scales weighted {list(similarity.MS_SSIM_WEIGHTS)}, "
+                   "2x2 average pooling between scales, the SSIM window above (pytorch-msssim ms_ssim("
+                   f"data_range=255)); needs {similarity.MS_SSIM_MIN_SIDE} px a side; then the mean over images",
+        "lpips": "per image: LPIPS v0.1 on VGG16, both images scaled to [-1, 1]; then the mean over images",
+        "rfid": f"FID between the Inception-v3 pool features (2048) of the {n_images} inputs and of their "
+                "reconstructions; FID is biased upwards on small sets: compare numbers at the same count",
+        "codebook": "token histograms over the whole set, one per code stream (level, depth): usage is the share "
+                    "of codes used at least once, perplexity 2^entropy, entropy in bits; bits per position and "
+                    "per image: nominal (log2 of the vocabularies) and by the histograms' entropy",
+    }
+
+
+def _mean_or(rows: list[dict], key: str, reason: str) -> float | str:
+    values = [r[key] for r in rows if r[key] is not None]
+    return sum(values) / len(values) if values else reason
+
+
+def _fids(m, reference_stats: str | None) -> dict:
+    """rFID (inputs vs reconstructions) and, with reference statistics, FID of each against those."""
+    from .fid import frechet_distance, load_stats
+
+    real, fake = m.real.mean_cov(), m.fake.mean_cov()
+    out = {"rfid": frechet_distance(*real, *fake), "inception_images": int(m.real.count)}
+    if reference_stats:
+        ref = load_stats(reference_stats)
+        out.update(fid_vs_reference=frechet_distance(*fake, *ref),
+                   inputs_fid_vs_reference=frechet_distance(*real, *ref), reference_stats=str(reference_stats))
+    return out
+
+
+def summarize(m, names: list[str], resolution: int, opts, unreadable: int, tokenizer: dict, data: dict,
+              weights: dict, world_size: int) -> dict:
+    """The summary of a finished run (every process holds the same gathered measures)."""
+    from .reconstruction import RESIZE_FILTERS
+
+    rows = m.rows
+    if not rows:
+        raise UserError(f"none of the {data['files']} images under {data['folder']} could be read; nothing measured")
+    too_small = (f"{NOT_COMPUTED}: images smaller than {similarity.MS_SSIM_MIN_SIDE} px a side (the 5 scales of an "
+                 f"{similarity.WINDOW}-tap window); evaluate at --resolution {similarity.MS_SSIM_MIN_SIDE} or more (a "
+                 "multiple of the grid factor) for it")
+    psnrs = torch.tensor([r["psnr"] for r in rows], dtype=torch.float64)
+    metrics = {"psnr": float(psnrs.mean()), "psnr_std": float(psnrs.std()) if len(rows) > 1 else 0.0,
+               "ssim": _mean_or(rows, "ssim", NOT_COMPUTED), "ms_ssim": _mean_or(rows, "ms_ssim", too_small),
+               "lpips": _mean_or(rows, "lpips", str(weights["lpips"]))}
+    metrics.update(_fids(m, opts.reference_stats) if m.real is not None else {"rfid": weights["inception"]})
+    n = len(rows)
+    s = m.seconds
+    tokenizer_s = s["encode"] + s["decode"]
+    speed = {"images_per_s": n / s["wall"], "encode_images_per_s": n / s["encode"],
+             "decode_images_per_s": n / s["decode"], "tokenizer_share": tokenizer_s / s["process_seconds"],
+             **{f"{part}_share": s[part] / s["process_seconds"] for part in ("metrics", "lpips", "inception", "data")},
+             "seconds": {k: round(v, 4) for k, v in s.items()}, "processes": world_size,
+             "note": "seconds are summed over processes except wall (the slowest); encode/decode images/s are per "
+                     "process; the metrics include LPIPS and Inception when computed"}
+    return {"protocol": protocol(resolution, opts.resize_filter, RESIZE_FILTERS[opts.resize_filter][1], n),
+            "metrics": {**metrics, "codebook": m.usage.summary(resolution, resolution), "speed": speed},
+            "weights": weights, "tokenizer": tokenizer,
+            "data": {**data, "images": n, "skipped": unreadable + m.skipped}}
+
+
+def _csv_value(v) -> str:
+    return "" if v is None else f"{v:.6f}"
+
+
+def write_outputs(out_dir: Path, summary: dict, rows: list[dict], names: list[str], shown: dict) -> None:
+    with replace_files(out_dir) as tmp:
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        with open(tmp / "per_image.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path", *PER_IMAGE])
+            w.writerows([names[r["index"]], *(_csv_value(r[k]) for k in PER_IMAGE)] for r in rows)
+        _write_report(tmp, summary, rows, names, shown)
+
+
+def _write_report(folder: Path, summary: dict, rows: list[dict], names: list[str], shown: dict) -> None:
+    from .reconstruction import to_signed
+
+    m, data = summary["metrics"], summary["data"]
+    code = m["codebook"]
+    head = {"images": data["images"], "skipped": data["skipped"], "PSNR (dB)": m["psnr"], "SSIM": m["ssim"],
+            "MS-SSIM": m["ms_ssim"], "LPIPS": m["lpips"], "rFID": m["rfid"], "codebook usage": code["usage"],
+            "perplexity": code["perplexity"], "entropy (bits)": code["entropy_bits"],
+            "bits / image": code["bits_per_image"], "images/s": m["speed"]["images_per_s"],
+            "time in tokenizer": f"{100 * m['speed']['tokenizer_share']:.0f}%"}
+    short = {k: (NOT_COMPUTED if isinstance(v, str) and v.startswith(NOT_COMPUTED) else v) for k, v in head.items()}
+    notes = "".join(f"<li>{html.escape(k)}: {html.escape(v)}</li>" for k, v in head.items()
+                    if isinstance(v, str) and v.startswith(NOT_COMPUTED))
+    tok = summary["tokenizer"]
+    sections = [("Summary", table([short]) + (f"<ul class=note>{notes}</ul>" if notes else "")
+                 + f"<p class=note>Tokenizer {html.escape(tok['path'])} ({html.escape(str(tok['kind']))}, "
+                   f"{html.escape(tok['codes'])}, fingerprint {tok['fingerprint']}); data "
+                   f"{html.escape(data['folder'])}</p>"),
+                ("Protocol", table([{"step": k, "how": v} for k, v in summary["protocol"].items()]))]
+    scale = max(1, 128 // summary["protocol"]["resolution"])
+    for name, (chosen, x, rec) in shown.items():
+        image_grid([to_signed(x), to_signed(rec)], scale=scale).save(folder / f"{name}.png")
+        listing = [{"#": i + 1, "path": names[r["index"]], **{k: r[k] for k in PER_IMAGE}} for i, r in enumerate(chosen)]
+        sections.append((f"The {len(chosen)} {name} reconstructions (by PSNR)",
+                         "<p class=note>Inputs above, reconstructions below, left to right as listed.</p>"
+                         f"<img src='{name}.png'>" + table(listing)))
+    drawn = _histogram_png([r["psnr"] for r in rows], "per-image PSNR", "PSNR (dB)", folder / "psnr_histogram.png")
+    sections.append(("Per-image PSNR", "<img src='psnr_histogram.png'>" if drawn else
+                     "<p class=note>not drawn: the plots need matplotlib (pip install vqgan[eval])</p>"))
+    sections.append(("Codebook use per stream", table(code["streams"])))
+    write_report(folder / "report.html", "Reconstruction evaluation", sections)
+
+
+def _histogram_png(values: list[float], title: str, xlabel: str, path: Path) -> bool:
+    """A histogram with matplotlib (its Agg canvas: no display needed) and the mean marked; False without it."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+
+    fig = Figure(figsize=(6.4, 3.2), dpi=100)
+    ax = fig.add_subplot()
+    finite = [v for v in values if math.isfinite(v)]
+    ax.hist(finite, bins=max(5, min(50, len(finite) // 4)), color="#1f77b4")
+    mean = sum(finite) / len(finite)
+    ax.axvline(mean, color="black", linestyle="--", label=f"mean {mean:.2f}")
+    ax.set(title=f"{title} ({len(finite)} images)", xlabel=xlabel, ylabel="images")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    return True

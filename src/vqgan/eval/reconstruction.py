@@ -1,0 +1,287 @@
+"""`vqgan eval TOKENIZER DATA`: how well a tokenizer reconstructs a folder of images, by the standard protocol.
+
+Each image: its short side resized to the resolution by a named filter and centre-cropped (uint8), encoded,
+decoded, the reconstruction rounded to uint8; then both uint8 images are measured (PSNR, SSIM, MS-SSIM, LPIPS:
+one value per image, averaged over images). Over the set: rFID (Inception features of the inputs against
+those of the reconstructions), codebook use, and where the time went. Unreadable images are skipped and
+counted. Under torchrun, process r takes files r, r + world, ...; per-image rows are gathered and histograms
+and Inception statistics summed, so the numbers equal one process's. Outputs: `outputs.py`.
+"""
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from ..checkpoint import fingerprint
+from ..data.images import ImageDataset, ReadableItems, collate_readable, fit_image
+from ..data.sources import image_sources
+from ..data.tokens import absolute_source, check_output_dir, check_resolution, load_tokenizer
+from ..errors import UserError
+from ..train.common import Runtime, cleanup_runtime, setup_runtime
+from ..userinput import at_least, resolve_device
+from . import similarity
+from .usage import CodeUsage
+from .weights import file_record, load_inception_or_reason, load_lpips_or_reason
+
+# name -> (PIL filter, how the protocol names it). PIL antialiases both when downsampling (the kernel is
+# widened by the scale), which torchvision's `antialias=True` bicubic imitates.
+RESIZE_FILTERS = {
+    "lanczos": (Image.LANCZOS, "PIL Image.LANCZOS (Lanczos-3, antialiased)"),
+    "bicubic": (Image.BICUBIC, "PIL Image.BICUBIC (antialiased, a=-0.5)"),
+}
+
+
+@dataclass
+class EvalOptions:
+    batch_size: int = 32
+    resolution: int | None = None  # default: the tokenizer's
+    resize_filter: str = "lanczos"
+    device: str | None = None  # default: the process's device (cuda:LOCAL_RANK under torchrun)
+    num_workers: int = 0
+    vgg_weights: str | None = None
+    lpips_heads: str | None = None
+    inception_weights: str | None = None
+    save_stats: str | None = None  # write the inputs' Inception statistics (.npz with mu, sigma)
+    reference_stats: str | None = None  # FID of the reconstructions against these
+    show: int = 8  # the k worst and k best reconstructions in the report
+    progress: bool = True
+
+
+class ProtocolImages(ImageDataset):
+    """Centre crops as uint8 (3, res, res): the short side resized to `res` by the named filter alone."""
+
+    def __init__(self, sources, resolution: int, resample: int):
+        super().__init__(sources, resolution, crop="center", flip=False, train=False)
+        self.resample = resample
+
+    def prepare(self, im: Image.Image, index: int) -> torch.Tensor:
+        im = fit_image(im, self.resolution, "center", None, self.resample, exact=True)
+        return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def to_signed(images: torch.Tensor) -> torch.Tensor:
+    """uint8 -> the tokenizer's [-1, 1] input (exact: x / 127.5 - 1)."""
+    return images.float().div_(127.5).sub_(1.0)
+
+
+def round_to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """A reconstruction in [-1, 1] (not clamped) -> uint8, rounded to nearest (as PNG files are written)."""
+    return ((images.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round_().to(torch.uint8)
+
+
+@dataclass
+class Clock:
+    """Seconds spent per part, each measured after the device finished its work."""
+
+    device: torch.device
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
+        ("data", "encode", "decode", "metrics", "lpips", "inception"), 0.0))
+
+    @contextmanager
+    def part(self, name: str):
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds[name] += time.perf_counter() - start
+
+
+@dataclass
+class Measures:
+    """What a process accumulates over its share of the set."""
+
+    usage: CodeUsage
+    rows: list[dict] = field(default_factory=list)
+    skipped: int = 0
+    real: object = None  # FeatureStats of the inputs' Inception features (None: rFID not computed)
+    fake: object = None  # ... and of the reconstructions'
+    seconds: dict[str, float] = field(default_factory=dict)  # Clock's parts, summed over processes
+
+
+def reconstruct(model, images: torch.Tensor, clock: Clock | None = None) -> tuple[torch.Tensor, object]:
+    """uint8 images on the model's device -> (uint8 reconstructions, tokens)."""
+    clock = clock or Clock(images.device)
+    with clock.part("encode"):
+        tokens = model.encode(to_signed(images))
+    with clock.part("decode"):
+        rec = round_to_uint8(model.decode(tokens))
+    return rec, tokens
+
+
+def measure_batch(x: torch.Tensor, rec: torch.Tensor, lpips, inception, m: Measures, clock: Clock) -> list[dict]:
+    """Per-image metrics of a uint8 batch and its reconstruction; Inception features into the set's stats."""
+    with clock.part("metrics"):
+        values = {"psnr": similarity.psnr(x, rec), "ssim": similarity.ssim(x, rec)}
+        if similarity.ms_ssim_fits(*x.shape[-2:]):
+            values["ms_ssim"] = similarity.ms_ssim(x, rec)
+    if lpips is not None:
+        with clock.part("lpips"):
+            values["lpips"] = lpips(to_signed(x), to_signed(rec)).double()
+    if inception is not None:
+        with clock.part("inception"):
+            m.real.update(inception(x)["pool"])
+            m.fake.update(inception(rec)["pool"])
+    columns = {k: v.cpu().tolist() for k, v in values.items()}
+    return [{k: columns[k][i] if k in columns else None for k in ("psnr", "ssim", "ms_ssim", "lpips")}
+            for i in range(x.shape[0])]
+
+
+def _check_model(model, path: str, resolution: int) -> None:
+    kind = getattr(model.config, "input_kind", "rgb")
+    if kind != "rgb" or getattr(model.config, "in_channels", 3) != 3:
+        raise UserError(f"{path} is a {kind} tokenizer; vqgan eval measures RGB image reconstructions")
+    if resolution % model.downsample_factor:
+        raise UserError(f"resolution {resolution} is not a multiple of {path}'s grid factor "
+                        f"{model.downsample_factor}; pass --resolution N with N a multiple of it")
+
+
+def _device(rt: Runtime, name: str | None) -> torch.device:
+    return resolve_device(name) if name else rt.device
+
+
+@torch.no_grad()
+def evaluate_folder(tokenizer: str, data: str, out: str, opts: EvalOptions | None = None) -> dict:
+    """Evaluate `tokenizer` on the images under `data`; write summary.json, per_image.csv and report.html to
+    `out` (process 0); the summary (every process)."""
+    from .outputs import summarize, write_outputs
+
+    opts = opts or EvalOptions()
+    at_least(opts.batch_size, 1, "--batch-size")
+    at_least(opts.num_workers, 0, "--num-workers")
+    at_least(opts.show, 0, "--show")
+    check_resolution(opts.resolution)
+    if opts.resize_filter not in RESIZE_FILTERS:
+        raise UserError(f"--resize-filter {opts.resize_filter!r}: choose {' or '.join(RESIZE_FILTERS)}")
+    out_dir = check_output_dir(out, "--out")
+    rt = setup_runtime()
+    try:
+        dev = _device(rt, opts.device)
+        model = load_tokenizer(tokenizer, dev)
+        res = opts.resolution or model.config.resolution
+        _check_model(model, tokenizer, res)
+        sources, unreadable = image_sources(data, builtin_size=res)
+        ds = ProtocolImages(sources, res, RESIZE_FILTERS[opts.resize_filter][0])
+        lpips, lpips_record = load_lpips_or_reason(opts.vgg_weights, opts.lpips_heads, dev)
+        inception, inception_record = load_inception_or_reason(
+            opts.inception_weights, dev, needed_by=[o for o, v in (("--save-stats", opts.save_stats),
+                                                                   ("--reference-stats", opts.reference_stats)) if v])
+        m = _run(model, ds, rt, dev, opts, lpips, inception)
+        names = [absolute_source(ds.name(i), data) for i in range(len(ds))]
+        summary = summarize(
+            m, names, res, opts, unreadable=unreadable,
+            tokenizer={"path": str(Path(tokenizer).expanduser().resolve()), "fingerprint": fingerprint(model),
+                       **model_record(model, tokenizer)},
+            data={"folder": absolute_source(os.path.expanduser(data), data),
+                  "files": len(ds) + unreadable},
+            weights={"lpips": lpips_record, "inception": inception_record}, world_size=rt.world_size)
+        if rt.is_main:
+            if opts.save_stats:
+                from .fid import save_stats
+
+                save_stats(opts.save_stats, *m.real.mean_cov())
+                summary["metrics"]["saved_stats"] = str(Path(opts.save_stats).resolve())
+            worst_best = _worst_and_best(model, ds, m.rows, opts.show, dev)
+            write_outputs(out_dir, summary, m.rows, names, worst_best)
+        return summary
+    finally:
+        cleanup_runtime(rt)
+
+
+def _run(model, ds: ProtocolImages, rt: Runtime, dev: torch.device, opts: EvalOptions, lpips, inception
+         ) -> Measures:
+    """This process's share of the set, then everything gathered and summed over processes."""
+    m = Measures(CodeUsage(model.code_spec))
+    if inception is not None:
+        from .fid import FeatureStats
+
+        m.real, m.fake = FeatureStats(), FeatureStats()
+    shard = Subset(ReadableItems(ds), range(rt.rank, len(ds), rt.world_size))
+    loader = DataLoader(shard, batch_size=opts.batch_size, shuffle=False, num_workers=opts.num_workers,
+                        collate_fn=collate_readable)
+    clock = Clock(dev)
+    start = time.perf_counter()
+    bar = tqdm(total=len(ds), desc="eval", unit="img", disable=not (opts.progress and rt.is_main))
+    batches = iter(loader)
+    while True:
+        with clock.part("data"):
+            batch = next(batches, None)
+            if batch is not None and batch["image"] is not None:
+                x = batch["image"].to(dev)
+        if batch is None:
+            break
+        m.skipped += batch["skipped"]
+        bar.update((len(batch["index"]) + batch["skipped"]) * rt.world_size)
+        if batch["image"] is None:
+            continue
+        rec, tokens = reconstruct(model, x, clock)
+        with clock.part("metrics"):
+            m.usage.update(tokens)
+        rows = measure_batch(x, rec, lpips, inception, m, clock)
+        m.rows += [{"index": i, **r} for i, r in zip(batch["index"], rows)]
+    bar.close()
+    clock.seconds["wall"] = time.perf_counter() - start
+    _reduce(m, clock, rt)
+    m.seconds = clock.seconds
+    return m
+
+
+def _reduce(m: Measures, clock: Clock, rt: Runtime) -> None:
+    """Sum over processes: rows (gathered, in file order), histograms, Inception statistics, skip counts and
+    seconds; the wall time is the slowest process's."""
+    if rt.distributed:
+        shards: list = [None] * rt.world_size
+        dist.all_gather_object(shards, m.rows)
+        m.rows = [r for s in shards for r in s]
+        m.usage.all_reduce()
+        if m.real is not None:
+            m.real.all_reduce()
+            m.fake.all_reduce()
+        parts = list(clock.seconds)
+        totals = torch.tensor([m.skipped, *[clock.seconds[p] for p in parts]], dtype=torch.float64)
+        dist.all_reduce(totals)
+        wall = torch.tensor([clock.seconds["wall"]], dtype=torch.float64)
+        dist.all_reduce(wall, op=dist.ReduceOp.MAX)
+        m.skipped = int(totals[0])
+        clock.seconds = {**dict(zip(parts, totals[1:].tolist())), "process_seconds": float(totals[1 + parts.index(
+            "wall")]), "wall": float(wall[0])}
+    else:
+        clock.seconds["process_seconds"] = clock.seconds["wall"]
+    m.rows.sort(key=lambda r: r["index"])
+
+
+def _worst_and_best(model, ds: ProtocolImages, rows: list[dict], k: int, dev: torch.device
+                    ) -> dict[str, tuple[list[dict], torch.Tensor, torch.Tensor]]:
+    """The k rows of lowest and of highest PSNR, with their inputs and reconstructions (uint8, made again)."""
+    ranked = sorted(rows, key=lambda r: r["psnr"])
+    k = min(k, len(ranked))
+    out = {}
+    for name, chosen in (("worst", ranked[:k]), ("best", ranked[::-1][:k])):
+        if not chosen:
+            continue
+        x = torch.stack([ds.read(r["index"]) for r in chosen]).to(dev)
+        rec, _ = reconstruct(model, x)
+        out[name] = (chosen, x.cpu(), rec.cpu())
+    return out
+
+
+def model_record(model, path: str) -> dict:
+    """The tokenizer's kind (and its parts' kinds) and the sha256 of the weights file it was loaded from."""
+    from ..checkpoint import WEIGHTS_FILE, _model_path
+
+    config = model.config_dict()
+    where = _model_path(path)
+    record = {"kind": config.get("kind"), "codes": model.code_spec.describe()}
+    for part in ("encoder", "quantizer", "decoder"):
+        if isinstance(config.get(part), dict) and "kind" in config[part]:
+            record[f"{part}_kind"] = config[part]["kind"]
+    return {**record, "weights": file_record(where / WEIGHTS_FILE if where.is_dir() else where)}
