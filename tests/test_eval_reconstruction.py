@@ -257,3 +257,26 @@ def test_two_processes_give_the_numbers_of_one(tokenizer_and_photos, tmp_path):
     assert one["metrics"]["codebook"] == two["metrics"]["codebook"]
     rows_one, rows_two = _read_csv(tmp_path / "one" / "per_image.csv"), _read_csv(tmp_path / "two" / "per_image.csv")
     assert rows_one == rows_two
+
+
+@pytest.mark.slow
+def test_rfid_through_the_real_inception_layer(tokenizer_and_photos, tmp_path):
+    """The Inception network (random weights in the real key layout: the number is not an FID of any meaning)
+    and the FID code of `vqgan.eval.inception` / `vqgan.eval.fid`, end to end: the summary names the file and
+    its sha256, the inputs' statistics are written, and the inputs against their own statistics give ~0."""
+    from vqgan.eval.inception import FID_WEIGHTS_FILES, build_network
+
+    tok, photos = tokenizer_and_photos
+    weights = tmp_path / FID_WEIGHTS_FILES[0]
+    torch.manual_seed(0)
+    torch.save(build_network().state_dict(), weights)
+    common = ["--no-progress", "--batch-size", "12", "--inception-weights", str(weights)]
+    assert main(["eval", str(tok), str(photos), "--out", str(tmp_path / "a"), "--save-stats",
+                 str(tmp_path / "ref.npz"), *common]) == 0
+    assert main(["eval", str(tok), str(photos), "--out", str(tmp_path / "b"), "--reference-stats",
+                 str(tmp_path / "ref.npz"), *common]) == 0
+    a = json.loads((tmp_path / "a" / "summary.json").read_text())
+    b = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert a["metrics"]["rfid"] > 0 and b["metrics"]["rfid"] == pytest.approx(a["metrics"]["rfid"], rel=1e-6)
+    assert b["metrics"]["inputs_fid_vs_reference"] == pytest.approx(0.0, abs=1e-3)
+    assert FID_WEIGHTS_FILES[0] in json.dumps(a["weights"]) and "sha256" in json.dumps(a["weights"])

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import html
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -14,6 +13,7 @@ import torch
 from ..checkpoint import replace_files
 from ..errors import UserError
 from . import similarity
+from .plots import histogram_plot
 from .report import image_grid, table, write_report
 from .weights import NOT_COMPUTED
 
@@ -135,28 +135,8 @@ def _write_report(folder: Path, summary: dict, rows: list[dict], names: list[str
         sections.append((f"The {len(chosen)} {name} reconstructions (by PSNR)",
                          "<p class=note>Inputs above, reconstructions below, left to right as listed.</p>"
                          f"<img src='{name}.png'>" + table(listing)))
-    drawn = _histogram_png([r["psnr"] for r in rows], "per-image PSNR", "PSNR (dB)", folder / "psnr_histogram.png")
-    sections.append(("Per-image PSNR", "<img src='psnr_histogram.png'>" if drawn else
-                     "<p class=note>not drawn: the plots need matplotlib (pip install vqgan[eval])</p>"))
+    histogram_plot([r["psnr"] for r in rows], f"per-image PSNR ({len(rows)} images)", "PSNR (dB)").save(
+        folder / "psnr_histogram.png")
+    sections.append(("Per-image PSNR", "<img src='psnr_histogram.png'>"))
     sections.append(("Codebook use per stream", table(code["streams"])))
     write_report(folder / "report.html", "Reconstruction evaluation", sections)
-
-
-def _histogram_png(values: list[float], title: str, xlabel: str, path: Path) -> bool:
-    """A histogram with matplotlib (its Agg canvas: no display needed) and the mean marked; False without it."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        return False
-
-    fig = Figure(figsize=(6.4, 3.2), dpi=100)
-    ax = fig.add_subplot()
-    finite = [v for v in values if math.isfinite(v)]
-    ax.hist(finite, bins=max(5, min(50, len(finite) // 4)), color="#1f77b4")
-    mean = sum(finite) / len(finite)
-    ax.axvline(mean, color="black", linestyle="--", label=f"mean {mean:.2f}")
-    ax.set(title=f"{title} ({len(finite)} images)", xlabel=xlabel, ylabel="images")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    return True
