@@ -309,6 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="decode even if another tokenizer made the tokens")
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=_decode)
+
+    from .imagine.cli import add_parser as add_imagine
+
+    add_imagine(sub)
     return p
 
 
