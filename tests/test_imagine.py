@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_model_config, train_on_photos
+
 from vqgan.config import TokenizerTrainConfig, load_config
 from vqgan.errors import UserError
 from vqgan.imagine import memory

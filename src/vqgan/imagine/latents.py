@@ -12,8 +12,14 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from ..quantizers import (FiniteScalarQuantizer, GumbelQuantizer, LookupFreeQuantizer, Quantizer,
-                          ResidualQuantizer, VectorQuantizer)
+from ..quantizers import (
+    FiniteScalarQuantizer,
+    GumbelQuantizer,
+    LookupFreeQuantizer,
+    Quantizer,
+    ResidualQuantizer,
+    VectorQuantizer,
+)
 from ..tokenizers.model import VQModel
 from ..tokenizers.vqvae2 import VQVAE2
 
