@@ -92,6 +92,10 @@ class Steerable:
 
     def __init__(self, model: torch.nn.Module):
         self.model = model.eval().requires_grad_(False)
+        config = getattr(model, "config", None)
+        if getattr(config, "input_kind", "rgb") != "rgb" or getattr(config, "out_ch", 3) != 3:
+            raise UserError("vqgan imagine steers RGB image tokenizers; this one codes "
+                            f"{getattr(config, 'input_kind', '?')} maps, which CLIP cannot judge")
         if isinstance(model, VQModel):
             self.levels = [LevelSteer(model.quantize, model.quant_conv.out_channels)]
             self.factors = [model.downsample_factor]
