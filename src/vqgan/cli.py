@@ -312,9 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .eval.reconstruct_cli import add_parser as add_eval
     from .eval_samples import add_parser as add_eval_samples
+    from .imagine.cli import add_parser as add_imagine
 
     add_eval(sub)
     add_eval_samples(sub)
+    add_imagine(sub)
     return p
 
 

@@ -1,0 +1,205 @@
+"""CLIP models through open_clip, from local weight files only: nothing is downloaded.
+
+Where weights are looked for, in order:
+1. `--clip-weights PATH`: an open_clip state dict (`open_clip_model.safetensors`, `open_clip_pytorch_model.bin`,
+   a training `.pt` with `state_dict`), or OpenAI's TorchScript file from the `clip` package (`ViT-B-32.pt`).
+2. The Hugging Face cache (`$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`), where
+   open_clip keeps a pretrained tag's files: e.g. `ViT-B-32` / `openai` is the repo
+   `timm/vit_base_patch32_clip_224.openai`, file `open_clip_model.safetensors` or `open_clip_pytorch_model.bin`.
+3. open_clip's URL cache (`~/.cache/clip`), and OpenAI's `clip` package cache (the same folder, `ViT-B-32.pt`).
+Missing weights are a one-line error naming the file and where to put it; a file whose keys or shapes do not
+fit the model is refused the same way. The pretrained tag (`--clip-pretrained`, default `openai`) also sets the
+activation open_clip pairs with those weights (QuickGELU for OpenAI's). The BPE vocabulary ships with open_clip.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..checkpoint import check_state_dict, load_state_dict_file
+from ..errors import UserError
+
+_OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+_HF_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # open_clip's names, safetensors first
+_JIT_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")  # in OpenAI's file, not in the model
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """One CLIP of the ensemble: open_clip's model name, its pretrained tag, and an explicit weights file."""
+
+    model: str = "ViT-B-32"
+    pretrained: str = "openai"
+    weights: Path | None = None
+
+
+def _open_clip():
+    os.environ["HF_HUB_OFFLINE"] = "1"  # before open_clip imports huggingface_hub: never reach the network
+    try:
+        import open_clip
+    except ImportError:
+        raise UserError("vqgan imagine needs open_clip: pip install 'vqgan[clip]' (open-clip-torch)") from None
+    return open_clip
+
+
+def hf_cache_dir() -> Path:
+    """The Hugging Face hub cache, as huggingface_hub resolves it (read now, so tests can point it elsewhere)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def _tag_config(spec: ClipSpec) -> dict:
+    open_clip = _open_clip()
+    if spec.model not in open_clip.list_models():
+        raise UserError(f"--clip-model {spec.model!r} is not an open_clip model; e.g. ViT-B-32, ViT-B-16, "
+                        "ViT-L-14 (open_clip.list_models() lists them)")
+    cfg = open_clip.get_pretrained_cfg(spec.model, spec.pretrained) or {}
+    if not cfg and spec.weights is None:
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(spec.model)[:6])
+        raise UserError(f"--clip-pretrained {spec.pretrained!r} is not a weight set of {spec.model}; its tags: {tags}")
+    return cfg
+
+
+def where_to_put(spec: ClipSpec, cfg: dict) -> str:
+    """One sentence naming the file a tag needs and where it goes."""
+    repo = cfg.get("hf_hub", "").strip("/")
+    if repo:
+        if repo.count("/") > 1:  # 'org/name/file'
+            repo, name = repo.rsplit("/", 1)
+            files = name
+        else:
+            files = f"{_HF_FILES[0]} (or {_HF_FILES[1]})"
+        return (f"put {files} from https://huggingface.co/{repo} into the Hugging Face cache ({hf_cache_dir()}; "
+                f"`huggingface-cli download {repo}` on a machine with network does it) or pass --clip-weights PATH")
+    url = cfg.get("url", "")
+    return (f"put {os.path.basename(url)} ({url}) into {Path('~/.cache/clip').expanduser()} or pass "
+            "--clip-weights PATH")
+
+
+def find_weights(spec: ClipSpec) -> Path:
+    """The weights file for `spec`: the explicit one, else the caches; a one-line error when there is none."""
+    cfg = _tag_config(spec)
+    if spec.weights is not None:
+        path = Path(spec.weights).expanduser()
+        if not path.is_file():
+            raise UserError(f"--clip-weights {path} does not exist; {where_to_put(spec, cfg)}")
+        return path
+    candidates: list[Path] = []
+    repo = cfg.get("hf_hub", "").strip("/")
+    if repo:
+        from huggingface_hub import try_to_load_from_cache
+
+        files = _HF_FILES
+        if repo.count("/") > 1:
+            repo, name = repo.rsplit("/", 1)
+            files = (name,)
+        for name in files:
+            found = try_to_load_from_cache(repo, name, cache_dir=str(hf_cache_dir()))
+            if isinstance(found, str):
+                candidates.append(Path(found))
+    if cfg.get("url"):
+        candidates.append(Path("~/.cache/clip").expanduser() / os.path.basename(cfg["url"]))
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise UserError(f"CLIP weights for {spec.model} ({spec.pretrained}) not found (nothing is downloaded): "
+                    f"{where_to_put(spec, cfg)}")
+
+
+def _is_torchscript(path: Path) -> bool:
+    """OpenAI's `clip` files are TorchScript archives (code + constants), not plain state dicts."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A CLIP state dict in open_clip's key layout from any of the accepted files."""
+    if _is_torchscript(path):
+        # TorchScript's own loader: it restores tensors and the compiled graph, it does not run pickled Python
+        sd = torch.jit.load(str(path), map_location="cpu").state_dict()
+        return {k: v for k, v in sd.items() if k not in _JIT_EXTRA_KEYS}
+    sd = load_state_dict_file(path)
+    if sd and all(k.startswith("module.") for k in sd):  # saved from DistributedDataParallel
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class ClipModel:
+    """A frozen CLIP: images in [0, 1] -> unit embeddings, texts -> unit embeddings. `source` records which
+    weights (file name and sha256) were used, for the outputs."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, spec: ClipSpec, weights: Path, sha256: str):
+        self.model, self.tokenizer, self.spec = model, tokenizer, spec
+        size = model.visual.image_size
+        self.input_size = int(size if isinstance(size, int) else size[0])
+        preprocess = getattr(model.visual, "preprocess_cfg", {}) or {}
+        device = next(model.parameters()).device
+        self.mean = torch.tensor(preprocess.get("mean", _OPENAI_MEAN), device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(preprocess.get("std", _OPENAI_STD), device=device).view(1, 3, 1, 1)
+        self.source = {"model": spec.model, "pretrained": spec.pretrained, "file": weights.name,
+                       "path": str(weights), "sha256": sha256}
+
+    @property
+    def device(self) -> torch.device:
+        return self.mean.device
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) in [0, 1] at `input_size` -> (N, D) unit vectors (differentiable)."""
+        return F.normalize(self.model.encode_image((images - self.mean) / self.std).float(), dim=-1)
+
+    @torch.no_grad()
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        return F.normalize(self.model.encode_text(self.tokenizer(texts).to(self.device)).float(), dim=-1)
+
+
+def load_clip(spec: ClipSpec, device: torch.device | str = "cpu") -> ClipModel:
+    """Build `spec.model` with open_clip (random init, no download) and load its weights file, strictly."""
+    open_clip = _open_clip()
+    cfg = _tag_config(spec)
+    path = find_weights(spec)
+    model = open_clip.create_model(spec.model, pretrained=None, load_weights=False, pretrained_image=False,
+                                   pretrained_text=False, force_quick_gelu=bool(cfg.get("quick_gelu")))
+    sd = read_weights(path)
+    own = model.state_dict()
+    if "logit_scale" in sd and "logit_scale" in own and sd["logit_scale"].ndim != own["logit_scale"].ndim:
+        sd["logit_scale"] = sd["logit_scale"].reshape(own["logit_scale"].shape)
+    check_state_dict(model, sd, f"CLIP weights {path} (for {spec.model})")
+    model.load_state_dict(sd)
+    model = model.to(device).eval().requires_grad_(False)
+    try:
+        tokenizer = open_clip.get_tokenizer(spec.model)
+    except Exception as e:  # a model with a Hugging Face text tower needs its tokenizer files cached
+        raise UserError(f"the tokenizer of {spec.model} is not available offline: {str(e).splitlines()[0][:160]}")
+    return ClipModel(model, tokenizer, spec, path, sha256_of(path))
+
+
+def clip_specs(models: list[str], weights: list[str], pretrained: str) -> list[ClipSpec]:
+    """The CLI's repeatable `--clip-model` and `--clip-weights` -> the ensemble. The i-th weights file goes
+    with the i-th model; one model name with several files uses that name for each."""
+    models = models or ["ViT-B-32"]
+    if weights and len(models) == 1 and len(weights) > 1:
+        models = models * len(weights)
+    if weights and len(weights) != len(models):
+        raise UserError(f"{len(models)} --clip-model values and {len(weights)} --clip-weights files: give one file "
+                        "per model (in the same order), or none to use the caches")
+    files = [Path(w) for w in weights] or [None] * len(models)
+    return [ClipSpec(m, pretrained, f) for m, f in zip(models, files)]

@@ -1,0 +1,124 @@
+"""What a run leaves in `--out`: PNGs, the animation (GIF; MP4 where ffmpeg is installed), log.jsonl and the
+run's HTML page. Each file is written under a temporary name and renamed into place: a reader never sees half
+a file, and a folder the user names keeps its other files."""
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ..eval.report import image_grid, line_plot, table, to_uint8, write_report
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """(1, 3, H, W) in [-1, 1] -> a PIL image."""
+    return Image.fromarray(to_uint8(image)[0])
+
+
+def write_text(path: Path, text: str) -> Path:
+    return _atomic(path, lambda p: p.write_text(text))
+
+
+def save_picture(picture: Image.Image, path: Path) -> Path:
+    return _atomic(path, lambda p: picture.save(p, format="PNG"))
+
+
+def save_png(image: torch.Tensor, path: Path) -> Path:
+    return save_picture(to_pil(image), path)
+
+
+def save_animation(frames: list[Image.Image], out: Path, fps: int = 10) -> list[Path]:
+    """animation.gif (Pillow), and animation.mp4 when an ffmpeg binary is on PATH."""
+    if not frames:
+        return []
+    written = [_atomic(out / "animation.gif", lambda p: frames[0].save(
+        p, format="GIF", save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0))]
+    ffmpeg = shutil.which("ffmpeg")
+    if ffmpeg:
+        with tempfile.TemporaryDirectory() as tmp:
+            for i, frame in enumerate(frames):
+                frame.save(Path(tmp) / f"{i:05d}.png")
+            w, h = frames[0].size
+
+            def encode(p: Path) -> None:
+                subprocess.run([ffmpeg, "-y", "-loglevel", "error", "-framerate", str(fps), "-i",
+                                str(Path(tmp) / "%05d.png"), "-vf", f"scale={w // 2 * 2}:{h // 2 * 2}",
+                                "-pix_fmt", "yuv420p", "-f", "mp4", str(p)], check=True)
+
+            try:
+                written.append(_atomic(out / "animation.mp4", encode))
+            except subprocess.CalledProcessError:  # an ffmpeg without an H.264 encoder: the GIF stays
+                pass
+    return written
+
+
+class RunLog:
+    """log.jsonl: one JSON object per step (step, loss, similarity per prompt, lr; frame in video mode)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows: list[dict] = []
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("")
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def write_page(out: Path, result: dict, rows: list[dict], frames: list[tuple[str, torch.Tensor]]) -> Path:
+    """report.html: prompts, settings, seed, the CLIP weights (file and sha256), frames and the loss curve."""
+    steps = list(range(len(rows)))
+    curves = {"loss": (steps, [r["loss"] for r in rows])}
+    for label in (rows[0]["similarity"] if rows else {}):
+        curves[f"sim {label}"[:24]] = (steps, [r["similarity"].get(label) for r in rows])
+    save_picture(line_plot({"loss": curves.pop("loss")}, "loss (all steps in order)"), out / "loss.png")
+    save_picture(line_plot(curves, "cosine similarity of the cutouts with each prompt"), out / "similarity.png")
+    shown = frames[-12:] if len(frames) > 12 else frames
+    if shown:
+        per_row = 6
+        batch = [f for _, f in shown]
+        grid_rows = [torch.cat(batch[i:i + per_row]) for i in range(0, len(batch), per_row)]
+        scale = max(1, math.ceil(128 / batch[0].shape[-1]))
+        save_picture(image_grid(grid_rows, scale=scale), out / "frames.png")
+    prompts = [{"scene start": s["start"], "prompt": p["label"], "kind": p["kind"], "weight": p["weight"],
+                "stop": p["stop"]} for s in result["story"] for p in s["prompts"]]
+    settings = [{"setting": k, "value": json.dumps(v) if isinstance(v, (list, dict)) else v}
+                for k, v in result["settings"].items()]
+    clips = [{k: c[k] for k in ("model", "pretrained", "file", "sha256")} for c in result["clip"]]
+    names = ", ".join(html.escape(n) for n, _ in shown)
+    sections = [
+        ("Result", "<img src='final.png' style='min-width:256px'>"),
+        ("Prompts", table(prompts)),
+        ("Settings", table(settings) + f"<p class=note>seed {result['seed']} on {html.escape(result['device'])}: "
+                                       "the same seed gives the same image on the same device and software</p>"),
+        ("CLIP weights", table(clips) + "<p class=note>Images are only as good as these weights: random or "
+                                        "wrong weights steer toward nothing a person would recognise.</p>"),
+        ("Frames", f"<p class=note>{names}</p><img src='frames.png'>" + (
+            "<p><img src='animation.gif'></p>" if (out / "animation.gif").exists() else "")),
+        ("Loss", "<img src='loss.png'><img src='similarity.png'>"),
+    ]
+    return _atomic(out / "report.html", lambda p: write_report(p, "vqgan imagine", sections))

@@ -1,0 +1,293 @@
+"""`vqgan imagine` (VQGAN+CLIP) without pretrained CLIP: open_clip's ViT-B-32 with random weights, saved in the
+real key layout under the real file names, stands in for the released weights. What is checked: the prompt and
+story syntax, the spherical-distance loss against a hand computation, loading (explicit file, Hugging Face cache
+layout, missing and mismatched files), every steerable quantizer kind, that the optimisation raises the
+similarity to the target through decoder, snapping and cutouts, reproducibility, outputs and one-line errors."""
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model_config, train_on_photos
+
+from vqgan.config import TokenizerTrainConfig, load_config
+from vqgan.errors import UserError
+from vqgan.imagine import memory
+from vqgan.imagine.clip_models import ClipModel, ClipSpec, clip_specs, load_clip
+from vqgan.imagine.latents import LevelSteer, Steerable
+from vqgan.imagine.losses import prompt_loss, spherical_distance
+from vqgan.imagine.optimise import OptimiseConfig, Optimiser, Targets
+from vqgan.imagine.prompts import Prompt, parse_prompts, parse_story, story_from_options
+from vqgan.imagine.run import ImagineConfig, VideoConfig, imagine
+from vqgan.quantizers import Quantizer
+from vqgan.tokenizers import VQVAE2
+from vqgan.tokenizers.model import VQModel
+
+open_clip = pytest.importorskip("open_clip")
+pytest.importorskip("kornia")
+
+HF_REPO = "timm/vit_base_patch32_clip_224.openai"  # where open_clip keeps ViT-B-32 / openai
+
+
+def one_line(err) -> str:
+    assert "\n" not in str(err.value)
+    return str(err.value)
+
+
+# -- prompts ----------------------------------------------------------------------------------------------
+def test_prompt_weights_negatives_and_stop():
+    a, b, c = parse_prompts("a red house:1 | fog:-0.5 | a sign: open:2:-0.3")
+    assert (a.text, a.weight, a.stop) == ("a red house", 1.0, -math.inf)
+    assert (b.text, b.weight) == ("fog", -0.5)
+    assert (c.text, c.weight, c.stop) == ("a sign: open", 2.0, -0.3)  # only trailing numbers are fields
+    assert parse_prompts("just text")[0].weight == 1.0
+    with pytest.raises(UserError) as err:
+        parse_prompts("fog:0")
+    assert "weight 0" in one_line(err)
+
+
+def test_image_prompts_and_story(tmp_path):
+    img = tmp_path / "cat.png"
+    img.write_bytes(b"")
+    (p,) = parse_prompts(f"{img}:0.5", image=True)
+    assert p.image == img and p.weight == 0.5 and p.text == ""
+    with pytest.raises(UserError, match="does not exist"):
+        parse_prompts(str(tmp_path / "nope.png"), image=True, option="--image-prompt")
+    story = parse_story("a house | fog:-0.5 || the sea || a storm @0.8", extra=[p])
+    assert [s.start for s in story.scenes] == pytest.approx([0, 0.4, 0.8])
+    assert [q.text for q in story.scenes[0].prompts] == ["a house", "fog", ""]
+    assert story.at(0.5).prompts[0].text == "the sea" and story.at(0.99).prompts[0].text == "a storm"
+    assert len(story.prompts) == 5  # every distinct prompt once (the image prompt joins each scene)
+    with pytest.raises(UserError) as err:
+        parse_story("a @0.6 || b @0.2")
+    assert "first scene" in one_line(err)
+    with pytest.raises(UserError, match="either --prompt or --story"):
+        story_from_options("a", "b || c", [])
+
+
+# -- the loss ---------------------------------------------------------------------------------------------
+def test_spherical_distance_by_hand():
+    a, b = torch.tensor([[3.0, 0.0]]), torch.tensor([[0.0, 2.0], [-1.0, 0.0], [1.0, 0.0]])
+    # unit vectors at angle theta: ||a - b|| = 2 sin(theta / 2), so d = 2 arcsin(sin(theta / 2))^2 = theta^2 / 2
+    expected = torch.tensor([[(math.pi / 2) ** 2 / 2, math.pi ** 2 / 2, 0.0]])
+    assert torch.allclose(spherical_distance(a, b), expected, atol=1e-5)
+
+
+def test_prompt_loss_weight_sign_and_stop():
+    e = torch.tensor([[1.0, 0.0], [0.0, 1.0]], requires_grad=True)
+    target = torch.tensor([1.0, 0.0])
+    d = (math.pi / 2) ** 2 / 2  # the second row's distance; the first's is 0
+    assert prompt_loss(e, target, Prompt("x", weight=2.0)).item() == pytest.approx(2 * d / 2, rel=1e-5)
+    assert prompt_loss(e, target, Prompt("x", weight=-0.5)).item() == pytest.approx(-0.5 * d / 2, rel=1e-5)
+    loss = prompt_loss(e, target, Prompt("x", weight=1.0, stop=2.0))  # both distances below stop: no pull
+    loss.backward()
+    assert loss.item() == pytest.approx(d / 2, rel=1e-5) and e.grad.abs().sum() == 0
+
+
+# -- CLIP weights -----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def clip_file(tmp_path_factory) -> Path:
+    """ViT-B-32 with random weights in open_clip's key layout, under the file name of its Hugging Face repo."""
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-32", pretrained=None, force_quick_gelu=True)
+    path = tmp_path_factory.mktemp("clip") / "open_clip_pytorch_model.bin"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def hf_cache(root: Path, weights: Path) -> Path:
+    """The Hugging Face hub cache layout holding `weights` as HF_REPO's file (a snapshot links to it)."""
+    repo = root / ("models--" + HF_REPO.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / weights.name).symlink_to(weights)
+    return root
+
+
+@pytest.mark.slow
+def test_clip_loads_from_a_file_and_from_the_hf_cache(clip_file, tmp_path, monkeypatch):
+    clip = load_clip(ClipSpec(weights=clip_file))
+    assert clip.source["file"] == "open_clip_pytorch_model.bin" and len(clip.source["sha256"]) == 64
+    assert clip.input_size == 224
+    text = clip.encode_text(["a red house"])
+    assert text.shape == (1, 512) and torch.allclose(text.norm(dim=-1), torch.ones(1))
+    monkeypatch.setenv("HF_HUB_CACHE", str(hf_cache(tmp_path / "hub", clip_file)))
+    cached = load_clip(ClipSpec())
+    assert cached.source["sha256"] == clip.source["sha256"]
+    assert torch.equal(cached.encode_text(["a red house"]), text)
+
+
+def test_missing_clip_weights_say_which_file_and_where(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.cache/clip either
+    with pytest.raises(UserError) as err:
+        load_clip(ClipSpec("ViT-B-32", "openai"))
+    message = one_line(err)
+    assert "open_clip_model.safetensors" in message and HF_REPO in message and "--clip-weights" in message
+    with pytest.raises(UserError) as err:
+        load_clip(ClipSpec(weights=tmp_path / "gone.bin"))
+    assert "does not exist" in one_line(err)
+
+
+def test_mismatched_clip_weights_are_refused(tmp_path):
+    wrong = tmp_path / "open_clip_pytorch_model.bin"
+    torch.save({"visual.proj": torch.zeros(3, 3), "foo": torch.zeros(1)}, wrong)
+    with pytest.raises(UserError) as err:
+        load_clip(ClipSpec(weights=wrong))
+    assert "does not match the model" in one_line(err) and "missing keys" in str(err.value)
+
+
+def test_ensemble_options():
+    specs = clip_specs(["ViT-B-32"], ["a.bin", "b.bin"], "openai")
+    assert [s.weights for s in specs] == [Path("a.bin"), Path("b.bin")]
+    assert clip_specs([], [], "openai") == [ClipSpec()]
+    with pytest.raises(UserError, match="one file per model"):
+        clip_specs(["ViT-B-32", "ViT-B-16", "RN50"], ["a", "b"], "openai")
+
+
+# -- the tokenizer side -----------------------------------------------------------------------------------
+KINDS = {"vq": {}, "ema": {"kind": "ema"}, "l2-factorized": {"codebook_dim": 4, "l2_norm": True},
+         "residual": {"kind": "residual", "depth": 2}, "fsq": {"kind": "fsq", "levels": [4, 4, 2]},
+         "lfq": {"kind": "lfq", "bits": 5}, "gumbel": {"kind": "gumbel"}}
+
+
+def _kind_model(options: dict) -> VQModel:
+    opts = dict(options)
+    if opts.get("kind") in ("fsq", "lfq"):
+        from vqgan.config import VQGANConfig, quantizer_config
+
+        base = tiny_model_config()
+        return VQModel(VQGANConfig(**{**base.__dict__, "quantizer": quantizer_config(**opts)})).eval()
+    return VQModel(tiny_model_config(**opts)).eval()
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_every_kind_snaps_with_gradients(kind):
+    steer = Steerable(_kind_model(KINDS[kind]))
+    (z,) = steer.noise(48, 32, torch.Generator().manual_seed(0))
+    z = z.requires_grad_(True)
+    image = steer.decode(steer.snap([z]))
+    assert image.shape == (1, 3, 32, 48)
+    image.square().mean().backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
+    with torch.no_grad():
+        z.mul_(100)
+    steer.clamp_([z])
+    if steer.levels[0].range is not None:
+        lo, hi = steer.levels[0].range
+        assert (z >= lo - 1e-6).all() and (z <= hi + 1e-6).all()
+
+
+def test_vqvae2_two_levels():
+    from test_vqvae2 import TINY
+
+    steer = Steerable(VQVAE2(load_config(TokenizerTrainConfig, {"model": TINY}).model).eval())
+    assert steer.factor == 8
+    top, bottom = steer.encode(torch.zeros(1, 3, 32, 64))
+    assert top.shape[-2:] == (4, 8) and bottom.shape[-2:] == (8, 16)
+    assert steer.decode(steer.snap([top, bottom])).shape == (1, 3, 32, 64)
+
+
+def test_size_and_kind_errors():
+    steer = Steerable(VQModel(tiny_model_config()).eval())
+    with pytest.raises(UserError) as err:
+        steer.check_size(33, 32)
+    assert "multiples of the tokenizer's factor 2" in one_line(err)
+
+    class Odd(Quantizer):
+        config = type("C", (), {"kind": "odd"})()
+
+    with pytest.raises(UserError) as err:
+        LevelSteer(Odd(), 4)
+    assert "'odd' cannot be steered" in one_line(err)
+    with pytest.raises(UserError, match="not a Linear"):
+        Steerable(torch.nn.Linear(2, 2))
+
+
+def test_memory_suggestion_with_a_fake_budget():
+    gib = 2.0**30
+    # a fake device: 1 GiB fixed, 0.05 MiB per pixel, 0.25 GiB per cutout
+    fake = memory.fit(lambda w, h, n: gib + w * h * 0.05 * 2**20 + n * 0.25 * gib, factor=16, cutn=16)
+    assert fake.predict(0, 0, 0) == pytest.approx(gib) and fake.per_cutout == pytest.approx(0.25 * gib)
+    assert memory.check_fits(fake, 256, 256, 8, free_bytes=20 * gib, factor=16) < 20 * gib
+    # 8 GiB free -> a budget of 7.2: 1 + 16 * 0.25 + 0.05 / 1024 * w * h <= 7.2 -> w * h <= 45056
+    with pytest.raises(UserError) as err:
+        memory.check_fits(fake, 512, 256, 16, free_bytes=8 * gib, factor=16)
+    message = one_line(err)
+    assert "needs about 11.4 GiB" in message and "--size 304 144 with --cutn 16" in message
+    assert "--cutn" not in message.split("with --cutn 16")[1]  # no cutn makes 512 x 256 fit: not suggested
+    with pytest.raises(UserError) as err:
+        memory.check_fits(fake, 128, 128, 40, free_bytes=8 * gib, factor=16)
+    assert one_line(err).endswith("fit: --cutn 21 at --size 128 128")  # (7.2 - 1 - 0.8) / 0.25; no size fits 40
+
+
+# -- the optimisation -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained_tokenizer(tmp_path_factory) -> Path:
+    """The tiny conftest tokenizer trained 12 steps on photo crops (its codebook initialised from data)."""
+    root = tmp_path_factory.mktemp("tokenizer")
+    *_, model = train_on_photos(root, steps=12, lr=2e-4)
+    model.save_pretrained(root / "model")
+    return root / "model"
+
+
+@pytest.fixture(scope="module")
+def small_clip() -> ClipModel:
+    """ViT-B-32 (random weights) at 64 px input: the same network at ~1/10 of the cost of 224 px per cutout."""
+    torch.manual_seed(1)
+    model = open_clip.create_model("ViT-B-32", pretrained=None, force_image_size=64).eval().requires_grad_(False)
+    return ClipModel(model, open_clip.get_tokenizer("ViT-B-32"), ClipSpec(), Path("random-vit-b-32.bin"), "-" * 64)
+
+
+@pytest.mark.slow
+def test_optimisation_raises_the_similarity(trained_tokenizer, small_clip):
+    from vqgan.checkpoint import load_model
+
+    steer = Steerable(load_model(trained_tokenizer))
+    prompt = Prompt("a red house")
+    targets = Targets([small_clip], [prompt], None)
+    g = torch.Generator().manual_seed(0)
+    # without the augmentations: a random CLIP's response to them swamps its small range of similarities
+    config = OptimiseConfig(steps=30, cutn=4, lr=0.1, lr_end=1.0, augment=False, noise=0.0)
+    opt = Optimiser(steer, [small_clip], targets, config, steer.noise(32, 32, g), None, g)
+    sims = [opt.step(s, 30, (prompt,))["similarity"]["a red house"] for s in range(30)]
+    assert sum(sims[-5:]) / 5 - sims[0] > 0.03, sims
+
+
+@pytest.mark.slow
+def test_same_seed_same_image_and_outputs(trained_tokenizer, small_clip, tmp_path):
+    def run(out, seed=3, **video):
+        cfg = ImagineConfig(tokenizer=str(trained_tokenizer), story=parse_story("a house | fog:-0.5 || the sea"),
+                            out=tmp_path / out, size=(32, 32), seed=seed, save_every=1, progress=False,
+                            optimise=OptimiseConfig(steps=3, cutn=2), video=VideoConfig(**video))
+        return imagine(cfg, clips=[small_clip])
+
+    first, again = run("a"), run("b")
+    assert (tmp_path / "a" / "final.png").read_bytes() == (tmp_path / "b" / "final.png").read_bytes()
+    assert first["final_similarity"] == again["final_similarity"]
+    other = run("c", seed=4)
+    assert (tmp_path / "c" / "final.png").read_bytes() != (tmp_path / "a" / "final.png").read_bytes()
+    assert other["clip"][0]["file"] == "random-vit-b-32.bin"
+    for name in ("log.jsonl", "report.html", "animation.gif", "steps/step_00001.png", "run.json"):
+        assert (tmp_path / "a" / name).is_file(), name
+    page = (tmp_path / "a" / "report.html").read_text()
+    assert "random-vit-b-32.bin" in page and "the sea" in page and "seed 3" in page
+    video = run("v", frames=2, frame_steps=1)
+    assert video["steps"] == 5 and (tmp_path / "v" / "frames" / "frame_00002.png").is_file()
+
+
+def test_cli_one_line_errors(tmp_path, monkeypatch, capsys):
+    from vqgan.cli import main
+
+    VQModel(tiny_model_config()).save_pretrained(tmp_path / "tok")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert main(["imagine", str(tmp_path / "tok"), "--prompt", "a house", "--size", "31", "32", "--out",
+                 str(tmp_path / "out"), "--no-progress"]) == 2
+    assert "multiples" in capsys.readouterr().err
+    assert main(["imagine", str(tmp_path / "tok"), "--prompt", "a house", "--out", str(tmp_path / "out"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "CLIP weights for ViT-B-32" in err
