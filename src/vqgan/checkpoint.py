@@ -369,6 +369,17 @@ def prune_checkpoints(root: str | Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes (weights files named in outputs), read in 4 MB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def fingerprint(model: torch.nn.Module) -> str:
     """A short hash of the weights: token files record which tokenizer made them."""
     import hashlib

@@ -11,13 +11,13 @@ keys and shapes are checked before use.
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import os
 from pathlib import Path
 
 import torch
 
+from ..checkpoint import file_sha256
 from ..errors import UserError
 
 FID_WEIGHTS_FILES = (
@@ -105,14 +105,6 @@ def read_weights(path: Path, net: torch.nn.Module) -> dict[str, torch.Tensor]:
         raise UserError(f"{e}; expected torch-fidelity's {FID_WEIGHTS_FILES[0]} or pytorch-fid's "
                         f"{FID_WEIGHTS_FILES[1]}") from None
     return sd
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class InceptionFeatures(torch.nn.Module):

@@ -4,23 +4,15 @@ random weights. An explicitly named file that does not exist is an error. Each r
 their sha256, so a summary says which weights made its numbers."""
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import torch
 
+from ..checkpoint import file_sha256
 from ..errors import UserError
 
 NOT_COMPUTED = "not computed"
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def file_record(path: Path) -> dict[str, str]:

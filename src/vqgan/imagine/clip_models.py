@@ -13,7 +13,6 @@ activation open_clip pairs with those weights (QuickGELU for OpenAI's). The BPE 
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import zipfile
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import check_state_dict, load_state_dict_file
+from ..checkpoint import check_state_dict, file_sha256, load_state_dict_file
 from ..errors import UserError
 
 _OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -135,14 +134,6 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class ClipModel:
     """A frozen CLIP: images in [0, 1] -> unit embeddings, texts -> unit embeddings. `source` records which
     weights (file name and sha256) were used, for the outputs."""
@@ -189,7 +180,7 @@ def load_clip(spec: ClipSpec, device: torch.device | str = "cpu") -> ClipModel:
         tokenizer = open_clip.get_tokenizer(spec.model)
     except Exception as e:  # a model with a Hugging Face text tower needs its tokenizer files cached
         raise UserError(f"the tokenizer of {spec.model} is not available offline: {str(e).splitlines()[0][:160]}")
-    return ClipModel(model, tokenizer, spec, path, sha256_of(path))
+    return ClipModel(model, tokenizer, spec, path, file_sha256(path))
 
 
 def clip_specs(models: list[str], weights: list[str], pretrained: str) -> list[ClipSpec]:
