@@ -287,7 +287,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> to
     """Load a model from a directory (save_pretrained, `vqgan convert`, a training checkpoint or run) or an
     original taming-transformers `.ckpt` (its YAML config found beside it). The model is built by the `kind` in
     its config.yaml, through the registry of model kinds."""
-    path = _model_path(path)
+    path = resolve_model_path(path)
     if not path.is_dir():  # an original taming-transformers checkpoint
         return FOREIGN_CHECKPOINTS.build("taming", path)[0].to(map_location)
     data = _read_model_config(path)
@@ -302,7 +302,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> to
     return model.to(map_location).eval()
 
 
-def _model_path(path: str | Path) -> Path:
+def resolve_model_path(path: str | Path) -> Path:
     """A model folder (a run directory resolves to its final model, else its latest checkpoint) or a taming
     checkpoint file; anything else is a one-line error."""
     path = Path(path)
@@ -334,7 +334,7 @@ def load_for_finetuning(path: str | Path) -> tuple[torch.nn.Module, dict[str, to
     directory, a training checkpoint or a run directory. Our own folders load without the converter."""
     p = Path(path)
     if p.is_file():
-        model, disc, lpips = FOREIGN_CHECKPOINTS.build("taming", _model_path(p))
+        model, disc, lpips = FOREIGN_CHECKPOINTS.build("taming", resolve_model_path(p))
         _require_tokenizer(model, p)
         return model, disc or None, lpips or None
     model = load_model(p)

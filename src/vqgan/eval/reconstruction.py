@@ -276,10 +276,10 @@ def _worst_and_best(model, ds: ProtocolImages, rows: list[dict], k: int, dev: to
 
 def model_record(model, path: str) -> dict:
     """The tokenizer's kind (and its parts' kinds) and the sha256 of the weights file it was loaded from."""
-    from ..checkpoint import WEIGHTS_FILE, _model_path
+    from ..checkpoint import WEIGHTS_FILE, resolve_model_path
 
     config = model.config_dict()
-    where = _model_path(path)
+    where = resolve_model_path(path)
     record = {"kind": config.get("kind"), "codes": model.code_spec.describe()}
     for part in ("encoder", "quantizer", "decoder"):
         if isinstance(config.get(part), dict) and "kind" in config[part]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import html
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -41,9 +42,12 @@ def pairs_grid(inputs: torch.Tensor, recs: torch.Tensor, per_row: int = 8, scale
 
 
 def write_report(path: Path, title: str, sections: list[tuple[str, str]]) -> Path:
-    """A self-contained HTML page: sections of (heading, html body); images referenced by relative path."""
+    """A self-contained HTML page: sections of (heading, html body); images referenced by relative path.
+    Written to a temporary file and renamed, so a reader never sees half a page."""
     body = "\n".join(f"<h2>{html.escape(h)}</h2>\n{content}" for h, content in sections)
-    path.write_text(f"""<!doctype html>
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
 img{{image-rendering:pixelated;max-width:100%;border:1px solid #ddd}}
@@ -53,6 +57,7 @@ th{{background:#f4f4f4}} .note{{color:#555}}</style></head>
 {body}
 </body></html>
 """)
+    os.replace(partial, path)
     return path
 
 
