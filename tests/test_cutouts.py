@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vqgan.imagine import homography
+from vqgan.imagine import colour, homography
 from vqgan.imagine.cutouts import MakeCutouts
 
 kornia = pytest.importorskip("kornia")
@@ -105,3 +105,19 @@ def test_large_downscales_sample_a_pooled_image():
     torch.testing.assert_close(views, torch.full_like(views, 0.5), atol=1e-5, rtol=0)
     aliased = homography.sample(board, draw.src_from_dst(60), 60)
     assert (aliased - 0.5).abs().max() > 0.25
+
+
+def test_colour_matrices():
+    """W3C hueRotate / saturate: identity at no jitter and at a whole turn, greys stay grey, luma is kept."""
+    eye = torch.eye(3, dtype=torch.float64).expand(3, 3, 3)
+    torch.testing.assert_close(colour.hue_rotation(torch.tensor([0.0, 1.0, -1.0])), eye)
+    torch.testing.assert_close(colour.saturation(torch.ones(3)), eye)
+    m = colour.hue_rotation(torch.tensor([0.1, -0.07])) @ colour.saturation(torch.tensor([0.9, 1.1]))
+    grey = torch.full((2, 3, 1), 0.4, dtype=torch.float64)
+    torch.testing.assert_close(m @ grey, grey)
+    luma = torch.tensor(colour.LUMA, dtype=torch.float64)
+    torch.testing.assert_close(luma @ m, luma.expand(2, 3), atol=2e-3, rtol=0)  # the spec rounds its weights
+    flat = colour.saturation(torch.zeros(1)) @ torch.rand(1, 3, 5, dtype=torch.float64)
+    torch.testing.assert_close(flat, flat[:, :1].expand_as(flat))
+    batch = torch.rand(2, 3, 4, 4)
+    assert colour.apply(batch, m).min() >= 0 and colour.apply(batch, 3 * m).max() <= 1

@@ -11,7 +11,8 @@ cost more than the rest of the cutout code. Here each view's crop, resize, flip,
 `RandomAffine(degrees=15, translate=0.1, p=0.7)` and `RandomPerspective(0.7, p=0.7)`, and all views are sampled
 by one `grid_sample` per pyramid level. A view shrunk by more than ~1.4x is sampled from the image average-pooled
 by the nearest power of two (as the notebooks' adaptive average pooling), so bilinear sampling does not alias.
-Colour jitter (kornia's `ColorJitter(hue=0.1, saturation=0.1, p=0.7)`) and noise stay elementwise.
+Colour jitter has the ranges of kornia's `ColorJitter(hue=0.1, saturation=0.1, p=0.7)` as one 3x3 matrix per view
+(colour.py); the noise is added elementwise.
 
 Randomness: every parameter comes from this object's generator, so a seed reproduces the cutouts on one device.
 """
@@ -24,12 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import homography
-
-try:
-    from kornia.enhance import adjust_hue, adjust_saturation
-except ImportError:  # pragma: no cover - kornia is in the `clip` extra
-    adjust_hue = adjust_saturation = None
+from . import colour, homography
 
 FLIP_P, AFFINE_P, PERSPECTIVE_P, COLOUR_P = 0.5, 0.7, 0.7, 0.7
 DEGREES, TRANSLATE, DISTORTION = 15.0, 0.1, 0.7  # degrees; fraction of the side; corners move up to 0.7 * side / 2
@@ -47,7 +43,7 @@ class Draw:
     corners: torch.Tensor  # (N, 4, 2) where the view's corners (0,0) (s-1,0) (s-1,s-1) (0,s-1) go
     hue: torch.Tensor  # (N,) turns
     saturation: torch.Tensor  # (N,)
-    hue_first: bool  # kornia draws the order of its colour steps once per batch
+    hue_first: bool  # kornia draws the order of its colour steps once per call
     noise: torch.Tensor  # (N,) std of each view's noise
 
     def src_from_dst(self, size: int) -> torch.Tensor:
@@ -73,10 +69,6 @@ class MakeCutouts(nn.Module):
     def __init__(self, cut_size: int, cutn: int, cut_pow: float = 1.0, noise: float = 0.1,
                  augment: bool = True, generator: torch.Generator | None = None):
         super().__init__()
-        from ..errors import UserError
-
-        if augment and adjust_hue is None:
-            raise UserError("vqgan imagine needs kornia for its augmentations: pip install 'vqgan[clip]'")
         self.cut_size, self.cutn, self.cut_pow, self.noise = cut_size, cutn, cut_pow, noise
         self.augment, self.generator = augment, generator
 
@@ -139,12 +131,8 @@ class MakeCutouts(nn.Module):
         draw = self.draw(*image.shape[-2:])
         batch = self.warp(image, draw)
         if self.augment:
-            hue = (draw.hue * 2 * math.pi).to(image.device, image.dtype)
-            sat = draw.saturation.to(image.device, image.dtype)
-            steps = [lambda x: adjust_hue(x, hue), lambda x: adjust_saturation(x, sat)]
-            for step in steps if draw.hue_first else steps[::-1]:
-                batch = step(batch)
-            batch = batch.clamp(0, 1)
+            hue, sat = colour.hue_rotation(draw.hue), colour.saturation(draw.saturation)
+            batch = colour.apply(batch, sat @ hue if draw.hue_first else hue @ sat)
         if self.noise:
             # a device generator seeded from ours: the noise is drawn where the image lives
             seed = int(torch.randint(2 ** 62, (), generator=self.generator))
