@@ -24,8 +24,7 @@ def smooth_image(side: int = 128, seed: int = 0) -> torch.Tensor:
 def chain(image: torch.Tensor, draw, size: int, padding: str = "border", clamped: float | None = None) -> torch.Tensor:
     """The old path: each stage resamples the previous one's output (kornia's warps, as its augmentations).
     `clamped`: the value to give the resized pixels that the resize clamped to the crop's edge row."""
-    from kornia.geometry.transform import get_affine_matrix2d, get_perspective_transform, warp_affine
-    from kornia.geometry.transform import warp_perspective
+    from kornia.geometry.transform import get_affine_matrix2d, get_perspective_transform, warp_affine, warp_perspective
 
     views = []
     for x, y, s in draw.boxes.tolist():
