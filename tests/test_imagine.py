@@ -24,7 +24,7 @@ from vqgan.tokenizers import VQVAE2
 from vqgan.tokenizers.model import VQModel
 
 open_clip = pytest.importorskip("open_clip")
-pytest.importorskip("kornia")
+
 
 HF_REPO = "timm/vit_base_patch32_clip_224.openai"  # where open_clip keeps ViT-B-32 / openai
 

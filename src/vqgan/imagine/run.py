@@ -122,8 +122,8 @@ def imagine(cfg: ImagineConfig, clips: list[ClipModel] | None = None) -> dict:
     targets = Targets(clips, cfg.story.prompts, prompt_image)
     predicted = check_memory(steer, clips, targets, cfg, size, cfg.story.scenes[0].prompts, device)
 
-    torch.manual_seed(cfg.seed)  # kornia's augmentation parameters and the cutout noise
-    generator = torch.Generator().manual_seed(cfg.seed)  # the noise start and the cutouts' places
+    torch.manual_seed(cfg.seed)  # anything drawing from the global generator (the cutouts use `generator`)
+    generator = torch.Generator().manual_seed(cfg.seed)  # the noise start, the cutouts and their augmentations
     if cfg.init_image is not None:
         init = steer.encode(read_image(cfg.init_image, size, crop=True).to(device) * 2 - 1)
     else:
