@@ -30,7 +30,8 @@ PRESETS = {"vq": "small-cpu", "ema": "small-cpu-ema", "factorized": "small-cpu-f
            "vit": "small-cpu-vit", "vqvae": "small-cpu-vqvae", "dvae": "small-cpu-dvae", "vqvae2": "small-cpu-vqvae2"}
 
 
-def run_one(kind: str, data: str, steps: int, batch: int, out: Path, holdout: int, overrides: list[str] = ()) -> dict:
+def run_one(kind: str, data: str, steps: int, batch: int, out: Path, holdout: int, overrides: list[str] = (),
+            threads: int = 2) -> dict:
     """Train one preset in this process; returns the held-out evaluation and timing."""
     sys.path.insert(0, str(ROOT / "src"))
     import torch
@@ -40,7 +41,7 @@ def run_one(kind: str, data: str, steps: int, batch: int, out: Path, holdout: in
     from vqgan.presets import resolve_config_path
     from vqgan.train.stage1 import train_tokenizer
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     cfg = load_config(TokenizerTrainConfig, resolve_config_path(PRESETS[kind]), [
         f"data.path={data}", f"data.holdout={holdout}", f"train.steps={steps}", f"train.batch_size={batch}",
         f"train.out_dir={out}", f"train.eval_every={steps}", f"train.ckpt_every={steps}",
@@ -127,6 +128,8 @@ def main() -> int:
     ap.add_argument("--minutes", type=float, default=0.0,
                     help="equal wall-clock instead of equal steps: train each kind this long (train.max_minutes)")
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2,
+                    help="torch threads (1 when the machine is shared: two threads waiting on a busy core crawl)")
     ap.add_argument("--holdout", type=int, default=64)
     ap.add_argument("--out", default="runs/family")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -138,8 +141,10 @@ def main() -> int:
         args.set = [f"train.max_minutes={args.minutes}", *args.set]
         args.steps = 100_000
     budget = f"{args.minutes:g} minutes of training" if args.minutes else f"{args.steps} steps"
+    budget += f", {args.threads} thread{'s' if args.threads > 1 else ''}"
     if args.one:
-        result = run_one(args.one, args.data, args.steps, args.batch, out / args.one, args.holdout, args.set)
+        result = run_one(args.one, args.data, args.steps, args.batch, out / args.one, args.holdout, args.set,
+                         args.threads)
         (out / f"{args.one}.json").write_text(json.dumps(result, indent=1))
         return 0
     rows = []
@@ -149,7 +154,7 @@ def main() -> int:
             return 2
         out.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, __file__, args.data, "--one", kind, "--steps", str(args.steps), "--batch",
-                        str(args.batch), "--holdout", str(args.holdout), "--out", str(out),
+                        str(args.batch), "--holdout", str(args.holdout), "--out", str(out), "--threads", str(args.threads),
                         *(f"--set={o}" for o in args.set)], check=True)
         rows.append(json.loads((out / f"{kind}.json").read_text()))
         print(table(rows, args.data, budget, args.batch), flush=True)
