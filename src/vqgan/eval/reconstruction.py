@@ -136,7 +136,7 @@ def measure_batch(x: torch.Tensor, rec: torch.Tensor, lpips, inception, m: Measu
             for i in range(x.shape[0])]
 
 
-def _check_model(model, path: str, resolution: int) -> None:
+def check_model(model, path: str, resolution: int) -> None:
     kind = getattr(model.config, "input_kind", "rgb")
     if kind != "rgb" or getattr(model.config, "in_channels", 3) != 3:
         raise UserError(f"{path} is a {kind} tokenizer; vqgan eval measures RGB image reconstructions")
@@ -145,7 +145,7 @@ def _check_model(model, path: str, resolution: int) -> None:
                         f"{model.downsample_factor}; pass --resolution N with N a multiple of it")
 
 
-def _device(rt: Runtime, name: str | None) -> torch.device:
+def eval_device(rt: Runtime, name: str | None) -> torch.device:
     return resolve_device(name) if name else rt.device
 
 
@@ -198,7 +198,7 @@ def evaluate_model(model, tokenizer: str, ds: ProtocolImages, data: str, unreada
     """Measure a loaded tokenizer (from path `tokenizer`) on `ds`; every process gets the gathered result."""
     from .outputs import summarize
 
-    _check_model(model, tokenizer, ds.resolution)
+    check_model(model, tokenizer, ds.resolution)
     m = _run(model, ds, rt, dev, opts, nets.lpips, nets.inception)
     names = [absolute_source(ds.name(i), data) for i in range(len(ds))]
     summary = summarize(
@@ -227,7 +227,7 @@ def evaluate_folder(tokenizer: str, data: str, out: str, opts: EvalOptions | Non
     out_dir = check_output_dir(out, "--out")
     rt = setup_runtime()
     try:
-        dev = _device(rt, opts.device)
+        dev = eval_device(rt, opts.device)
         model = load_tokenizer(tokenizer, dev)
         ds, unreadable = protocol_images(data, opts.resolution or model.config.resolution, opts)
         nets = load_networks(opts, dev)
