@@ -20,9 +20,17 @@ from ..data.tokens import check_output_dir, load_tokenizer
 from ..errors import UserError
 from ..train.common import cleanup_runtime, read_metrics, setup_runtime
 from ..userinput import at_least
-from .reconstruction import (EvalOptions, Evaluation, check_model, check_options, eval_device, evaluate_model,
-                             load_networks, protocol_images)
 from .compare_outputs import write_comparison
+from .reconstruction import (
+    EvalOptions,
+    Evaluation,
+    check_model,
+    check_options,
+    eval_device,
+    evaluate_model,
+    load_networks,
+    protocol_images,
+)
 from .report import describe_config
 
 METRICS_LOG = Path("logs") / "metrics.jsonl"
