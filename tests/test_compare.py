@@ -20,7 +20,7 @@ from vqgan.eval.report import labelled_grid
 
 @pytest.fixture(scope="module")
 def models_and_photos(tmp_path_factory):
-    """(a 3-step run with a checkpoint at step 2, an untrained tokenizer folder, 36 photo crops of 32 px)."""
+    """(a 3-step run with a checkpoint at step 2, an untrained tokenizer folder, 24 photo crops of 32 px)."""
     from conftest import photo_crops, tiny_model_config, tiny_train_config
 
     from vqgan.checkpoint import save_model
@@ -28,7 +28,7 @@ def models_and_photos(tmp_path_factory):
     from vqgan.train.stage1 import train_tokenizer
 
     root = tmp_path_factory.mktemp("compare")
-    photos = photo_crops(root / "photos", step=32)
+    photos = photo_crops(root / "photos", step=64)  # 4 photos x 2 x 3 crops
     torch.manual_seed(0)
     cfg = tiny_train_config(root, data={"path": str(photos), "holdout": 4},
                             train={"steps": 3, "log_every": 1, "eval_every": 2, "ckpt_every": 2})
@@ -52,7 +52,7 @@ def test_compare_agrees_with_eval_and_draws_curves_only_for_runs(models_and_phot
     summary = json.loads((out / "summary.json").read_text())
     names = ["run", "run-step_00000002", "untrained"]
     assert [r["name"] for r in summary["models"]] == names
-    assert summary["data"]["images"] == 36 and summary["protocol"]["resolution"] == 32
+    assert summary["data"]["images"] == 24 and summary["protocol"]["resolution"] == 32
     rows = {r["name"]: r for r in _csv(out / "comparison.csv")}
     for name, path in zip(names, (run, checkpoint, untrained)):  # the numbers of `vqgan eval` alone
         assert main(["eval", str(path), str(photos), "--out", str(tmp_path / name), "--no-progress"]) == 0
