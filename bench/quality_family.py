@@ -3,7 +3,8 @@
 the same steps at the same batch on the same folder, one process per kind (clean timings), held-out = the last
 64 files by name. Prints a markdown table: held-out PSNR, codebook usage (distinct codes in the held-out
 tokens / vocabulary, per depth where a position holds several codes), perplexity, bits per position, seconds
-per training step.
+per training step. Then `vqgan compare` of the runs on those held-out images: OUT/compare.html (the table, the
+same images reconstructed by each kind, the training curves on shared axes, per-image PSNR histograms).
 
 Usage is measured on held-out images, where it means something. The training log's `usage_window` counts the
 codes that won on *training* batches in the last `restart_after` steps, codes kept alive by restarts onto
@@ -159,7 +160,25 @@ def main() -> int:
         rows.append(json.loads((out / f"{kind}.json").read_text()))
         print(table(rows, args.data, budget, args.batch), flush=True)
     (out / "table.md").write_text(table(rows, args.data, budget, args.batch) + "\n")
+    compare_runs(args.kinds.split(","), args.data, args.holdout, out)
     return 0
+
+
+def compare_runs(kinds: list[str], data: str, holdout: int, out: Path) -> None:
+    """OUT/compare.html (`vqgan compare`) of the runs just trained, on their held-out images (the last `holdout`
+    files by name, linked into OUT/holdout so the comparison reads exactly those)."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from vqgan.data.images import scan_images
+    from vqgan.eval.compare import CompareOptions, compare
+
+    folder = out / "holdout"
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.iterdir():
+        old.unlink()
+    for i, path in enumerate(sorted(scan_images(data)[0])[-holdout:]):  # the index keeps the name order
+        (folder / f"{i:05d}_{path.name}").symlink_to(path.resolve())
+    compare([str(out / kind) for kind in kinds], str(folder), str(out), CompareOptions(names=kinds, progress=False))
+    print(f"comparison: {(out / 'compare.html').resolve()}", flush=True)
 
 
 if __name__ == "__main__":

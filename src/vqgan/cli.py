@@ -310,11 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=_decode)
 
+    from .eval.compare_cli import add_parser as add_compare
     from .eval.reconstruct_cli import add_parser as add_eval
     from .eval_samples import add_parser as add_eval_samples
     from .imagine.cli import add_parser as add_imagine
 
     add_eval(sub)
+    add_compare(sub)
     add_eval_samples(sub)
     add_imagine(sub)
     return p

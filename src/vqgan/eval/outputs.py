@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import replace_files
 from ..errors import UserError
 from . import similarity
 from .plots import histogram_plot
@@ -99,14 +98,15 @@ def _csv_value(v) -> str:
     return "" if v is None else f"{v:.6f}"
 
 
-def write_outputs(out_dir: Path, summary: dict, rows: list[dict], names: list[str], shown: dict) -> None:
-    with replace_files(out_dir) as tmp:
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-        with open(tmp / "per_image.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["path", *PER_IMAGE])
-            w.writerows([names[r["index"]], *(_csv_value(r[k]) for k in PER_IMAGE)] for r in rows)
-        _write_report(tmp, summary, rows, names, shown)
+def write_files(folder: Path, summary: dict, rows: list[dict], names: list[str], shown: dict) -> None:
+    """The outputs into `folder` (made if missing); callers write into a temporary folder (`replace_files`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    with open(folder / "per_image.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", *PER_IMAGE])
+        w.writerows([names[r["index"]], *(_csv_value(r[k]) for k in PER_IMAGE)] for r in rows)
+    _write_report(folder, summary, rows, names, shown)
 
 
 def _write_report(folder: Path, summary: dict, rows: list[dict], names: list[str], shown: dict) -> None:

@@ -1,5 +1,5 @@
 """Report charts with matplotlib, returned as PIL images: line charts (training curves), bars (code histograms)
-and histograms (per-image PSNR).
+and histograms (per-image PSNR, one set or several overlaid).
 
 Figures are drawn on the Agg canvas directly (no pyplot, so no global state, no display and no backend choice).
 Legends sit outside the plotting area, to the right, where they never cover a line.
@@ -84,16 +84,28 @@ def bar_plot(values: Sequence[float], title: str, size=(640, 200), xlabel: str =
     return _image(fig)
 
 
-def histogram_plot(values: Sequence[float], title: str, xlabel: str, bins: int = 30, size=(640, 300),
-                   ylabel: str = "images") -> Image.Image:
-    """A histogram of `values` (e.g. per-image PSNR), its mean marked."""
+def histogram_plot(values: Sequence[float] | dict[str, Sequence[float]], title: str, xlabel: str, bins: int = 30,
+                   size=(640, 300), ylabel: str = "images") -> Image.Image:
+    """A histogram of `values` (e.g. per-image PSNR), its mean marked; or of {name: values}: the sets overlaid as
+    outlines on shared bins, each mean a dashed line of its colour."""
     fig, ax = _figure(size)
     ax.set_title(title, fontsize=10)
-    finite = [v for v in values if v is not None and math.isfinite(v)]
-    if finite:
-        ax.hist(finite, bins=bins, color="tab:blue", alpha=0.85)
-        mean = float(np.mean(finite))
-        ax.axvline(mean, color="tab:red", linewidth=1.5, label=f"mean {mean:.4g}")
+    sets = values if isinstance(values, dict) else {None: values}
+    finite = {name: [v for v in vs if v is not None and math.isfinite(v)] for name, vs in sets.items()}
+    pooled = [v for vs in finite.values() for v in vs]
+    if pooled:
+        edges = np.histogram_bin_edges(pooled, bins=bins)
+        for i, (name, vs) in enumerate(finite.items()):
+            if not vs:
+                continue
+            mean = float(np.mean(vs))
+            if name is None:
+                ax.hist(vs, bins=edges, color="tab:blue", alpha=0.85)
+                ax.axvline(mean, color="tab:red", linewidth=1.5, label=f"mean {mean:.4g}")
+            else:
+                color = f"C{i % 10}"
+                ax.hist(vs, bins=edges, histtype="step", linewidth=1.8, color=color, label=f"{name} (mean {mean:.4g})")
+                ax.axvline(mean, color=color, linewidth=1.2, linestyle="--")
         _legend(ax)
     else:
         _no_data(ax)

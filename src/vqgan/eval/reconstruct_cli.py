@@ -10,6 +10,19 @@ def add_parser(sub) -> argparse.ArgumentParser:
     e.add_argument("model", help="tokenizer directory (a run, a checkpoint, or a converted model)")
     e.add_argument("images", help="image folder (recursive) or file, or builtin:scenes")
     e.add_argument("--out", required=True, help="output folder: summary.json, per_image.csv, report.html")
+    add_protocol_arguments(e)
+    e.add_argument("--save-stats", default=None, metavar="NPZ",
+                   help="write the inputs' Inception statistics (mu, sigma) to this .npz")
+    e.add_argument("--reference-stats", default=None, metavar="NPZ",
+                   help="also report the FID of the reconstructions against these statistics (.npz with mu, sigma)")
+    e.add_argument("--show", type=int, default=8, help="the k worst and k best reconstructions in the report")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=run)
+    return e
+
+
+def add_protocol_arguments(e: argparse.ArgumentParser) -> None:
+    """The options of the protocol and its measuring networks (shared with `vqgan compare`)."""
     e.add_argument("--resolution", type=int, default=None,
                    help="evaluate at this size (a multiple of the tokenizer's grid factor; default: its training "
                         "resolution)")
@@ -24,14 +37,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
     e.add_argument("--lpips-heads", default=None, help="LPIPS v0.1 vgg.pth (default: the lpips package's copy)")
     e.add_argument("--inception-weights", default=None,
                    help="the FID Inception weights file (default: found in the torch hub cache)")
-    e.add_argument("--save-stats", default=None, metavar="NPZ",
-                   help="write the inputs' Inception statistics (mu, sigma) to this .npz")
-    e.add_argument("--reference-stats", default=None, metavar="NPZ",
-                   help="also report the FID of the reconstructions against these statistics (.npz with mu, sigma)")
-    e.add_argument("--show", type=int, default=8, help="the k worst and k best reconstructions in the report")
-    e.add_argument("--no-progress", action="store_true")
-    e.set_defaults(func=run)
-    return e
+
+
+def protocol_options(args) -> dict:
+    """`EvalOptions` fields from the arguments of `add_protocol_arguments`, --show and --no-progress."""
+    return dict(batch_size=args.batch_size, resolution=args.resolution, resize_filter=args.resize_filter,
+                device=args.device, num_workers=args.num_workers, vgg_weights=args.vgg_weights,
+                lpips_heads=args.lpips_heads, inception_weights=args.inception_weights, show=args.show,
+                progress=not args.no_progress)
 
 
 def run(args) -> dict:
@@ -39,11 +52,7 @@ def run(args) -> dict:
 
     from .reconstruction import EvalOptions, evaluate_folder
 
-    opts = EvalOptions(batch_size=args.batch_size, resolution=args.resolution, resize_filter=args.resize_filter,
-                       device=args.device, num_workers=args.num_workers, vgg_weights=args.vgg_weights,
-                       lpips_heads=args.lpips_heads, inception_weights=args.inception_weights,
-                       save_stats=args.save_stats, reference_stats=args.reference_stats, show=args.show,
-                       progress=not args.no_progress)
+    opts = EvalOptions(**protocol_options(args), save_stats=args.save_stats, reference_stats=args.reference_stats)
     summary = evaluate_folder(args.model, args.images, args.out, opts)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
         return {}

@@ -22,7 +22,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from ..checkpoint import fingerprint
+from ..checkpoint import fingerprint, replace_files
 from ..data.images import ImageDataset, ReadableItems, collate_readable, fit_image
 from ..data.sources import image_sources
 from ..data.tokens import absolute_source, check_output_dir, check_resolution, load_tokenizer
@@ -136,7 +136,7 @@ def measure_batch(x: torch.Tensor, rec: torch.Tensor, lpips, inception, m: Measu
             for i in range(x.shape[0])]
 
 
-def _check_model(model, path: str, resolution: int) -> None:
+def check_model(model, path: str, resolution: int) -> None:
     kind = getattr(model.config, "input_kind", "rgb")
     if kind != "rgb" or getattr(model.config, "in_channels", 3) != 3:
         raise UserError(f"{path} is a {kind} tokenizer; vqgan eval measures RGB image reconstructions")
@@ -145,54 +145,102 @@ def _check_model(model, path: str, resolution: int) -> None:
                         f"{model.downsample_factor}; pass --resolution N with N a multiple of it")
 
 
-def _device(rt: Runtime, name: str | None) -> torch.device:
+def eval_device(rt: Runtime, name: str | None) -> torch.device:
     return resolve_device(name) if name else rt.device
 
 
-@torch.no_grad()
-def evaluate_folder(tokenizer: str, data: str, out: str, opts: EvalOptions | None = None) -> dict:
-    """Evaluate `tokenizer` on the images under `data`; write summary.json, per_image.csv and report.html to
-    `out` (process 0); the summary (every process)."""
-    from .outputs import summarize, write_outputs
+@dataclass
+class Networks:
+    """The measuring networks (None: that metric is not computed) and the records of their weights files."""
 
-    opts = opts or EvalOptions()
+    lpips: object
+    inception: object
+    weights: dict
+
+
+@dataclass
+class Evaluation:
+    """One tokenizer measured on a set: its summary, per-image rows (in file order) and what remakes them."""
+
+    summary: dict
+    measures: Measures
+    names: list[str]  # by row index: the images' absolute paths
+    model: torch.nn.Module
+    images: ProtocolImages
+
+
+def check_options(opts: EvalOptions) -> None:
     at_least(opts.batch_size, 1, "--batch-size")
     at_least(opts.num_workers, 0, "--num-workers")
     at_least(opts.show, 0, "--show")
     check_resolution(opts.resolution)
     if opts.resize_filter not in RESIZE_FILTERS:
         raise UserError(f"--resize-filter {opts.resize_filter!r}: choose {' or '.join(RESIZE_FILTERS)}")
+
+
+def load_networks(opts: EvalOptions, dev: torch.device) -> Networks:
+    lpips, lpips_record = load_lpips_or_reason(opts.vgg_weights, opts.lpips_heads, dev)
+    inception, inception_record = load_inception_or_reason(
+        opts.inception_weights, dev, needed_by=[o for o, v in (("--save-stats", opts.save_stats),
+                                                               ("--reference-stats", opts.reference_stats)) if v])
+    return Networks(lpips, inception, {"lpips": lpips_record, "inception": inception_record})
+
+
+def protocol_images(data: str, resolution: int, opts: EvalOptions, limit: int | None = None
+                    ) -> tuple[ProtocolImages, int]:
+    """The images under `data` (the first `limit` by name) prepared by the protocol; unreadable files skipped."""
+    sources, unreadable = image_sources(data, builtin_size=resolution)
+    return ProtocolImages(sources[:limit], resolution, RESIZE_FILTERS[opts.resize_filter][0]), unreadable
+
+
+def evaluate_model(model, tokenizer: str, ds: ProtocolImages, data: str, unreadable: int, opts: EvalOptions,
+                   rt: Runtime, dev: torch.device, nets: Networks) -> Evaluation:
+    """Measure a loaded tokenizer (from path `tokenizer`) on `ds`; every process gets the gathered result."""
+    from .outputs import summarize
+
+    check_model(model, tokenizer, ds.resolution)
+    m = _run(model, ds, rt, dev, opts, nets.lpips, nets.inception)
+    names = [absolute_source(ds.name(i), data) for i in range(len(ds))]
+    summary = summarize(
+        m, names, ds.resolution, opts, unreadable=unreadable,
+        tokenizer={"path": str(Path(tokenizer).expanduser().resolve()), "fingerprint": fingerprint(model),
+                   **model_record(model, tokenizer)},
+        data={"folder": absolute_source(os.path.expanduser(data), data), "files": len(ds) + unreadable},
+        weights=nets.weights, world_size=rt.world_size)
+    return Evaluation(summary, m, names, model, ds)
+
+
+def write_evaluation(folder: Path, ev: Evaluation, show: int, dev: torch.device) -> None:
+    """summary.json, per_image.csv, report.html and its pictures into `folder` (a temporary one: no atomicity)."""
+    from .outputs import write_files
+
+    worst_best = _worst_and_best(ev.model, ev.images, ev.measures.rows, show, dev)
+    write_files(folder, ev.summary, ev.measures.rows, ev.names, worst_best)
+
+
+@torch.no_grad()
+def evaluate_folder(tokenizer: str, data: str, out: str, opts: EvalOptions | None = None) -> dict:
+    """Evaluate `tokenizer` on the images under `data`; write summary.json, per_image.csv and report.html to
+    `out` (process 0); the summary (every process)."""
+    opts = opts or EvalOptions()
+    check_options(opts)
     out_dir = check_output_dir(out, "--out")
     rt = setup_runtime()
     try:
-        dev = _device(rt, opts.device)
+        dev = eval_device(rt, opts.device)
         model = load_tokenizer(tokenizer, dev)
-        res = opts.resolution or model.config.resolution
-        _check_model(model, tokenizer, res)
-        sources, unreadable = image_sources(data, builtin_size=res)
-        ds = ProtocolImages(sources, res, RESIZE_FILTERS[opts.resize_filter][0])
-        lpips, lpips_record = load_lpips_or_reason(opts.vgg_weights, opts.lpips_heads, dev)
-        inception, inception_record = load_inception_or_reason(
-            opts.inception_weights, dev, needed_by=[o for o, v in (("--save-stats", opts.save_stats),
-                                                                   ("--reference-stats", opts.reference_stats)) if v])
-        m = _run(model, ds, rt, dev, opts, lpips, inception)
-        names = [absolute_source(ds.name(i), data) for i in range(len(ds))]
-        summary = summarize(
-            m, names, res, opts, unreadable=unreadable,
-            tokenizer={"path": str(Path(tokenizer).expanduser().resolve()), "fingerprint": fingerprint(model),
-                       **model_record(model, tokenizer)},
-            data={"folder": absolute_source(os.path.expanduser(data), data),
-                  "files": len(ds) + unreadable},
-            weights={"lpips": lpips_record, "inception": inception_record}, world_size=rt.world_size)
+        ds, unreadable = protocol_images(data, opts.resolution or model.config.resolution, opts)
+        nets = load_networks(opts, dev)
+        ev = evaluate_model(model, tokenizer, ds, data, unreadable, opts, rt, dev, nets)
         if rt.is_main:
             if opts.save_stats:
                 from .fid import save_stats
 
-                save_stats(opts.save_stats, *m.real.mean_cov())
-                summary["metrics"]["saved_stats"] = str(Path(opts.save_stats).resolve())
-            worst_best = _worst_and_best(model, ds, m.rows, opts.show, dev)
-            write_outputs(out_dir, summary, m.rows, names, worst_best)
-        return summary
+                save_stats(opts.save_stats, *ev.measures.real.mean_cov())
+                ev.summary["metrics"]["saved_stats"] = str(Path(opts.save_stats).resolve())
+            with replace_files(out_dir) as tmp:
+                write_evaluation(tmp, ev, opts.show, dev)
+        return ev.summary
     finally:
         cleanup_runtime(rt)
 

@@ -33,6 +33,27 @@ def image_grid(rows: Sequence[torch.Tensor], pad: int = 2, scale: int = 1, fill:
     return grid
 
 
+def labelled_grid(labels: Sequence[str], rows: Sequence[torch.Tensor], scale: int = 1, pad: int = 2) -> Image.Image:
+    """`image_grid` of `rows` with each row's label written to its left (the text is not scaled up)."""
+    from PIL import ImageDraw, ImageFont
+
+    grid = image_grid(rows, pad=pad, scale=scale)
+    try:
+        font = ImageFont.load_default(size=14)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        font = ImageFont.load_default()
+    draw = ImageDraw.Draw(grid)
+    margin = int(max(draw.textlength(label, font=font) for label in labels)) + 12
+    out = Image.new("RGB", (grid.width + margin, grid.height), (255, 255, 255))
+    out.paste(grid, (margin, 0))
+    draw = ImageDraw.Draw(out)
+    h = rows[0].shape[-2]
+    for r, label in enumerate(labels):
+        top, bottom = draw.textbbox((0, 0), label, font=font)[1::2]
+        draw.text((6, (pad + r * (h + pad) + h / 2) * scale - (top + bottom) / 2), label, fill=(0, 0, 0), font=font)
+    return out
+
+
 def pairs_grid(inputs: torch.Tensor, recs: torch.Tensor, per_row: int = 8, scale: int = 2) -> Image.Image:
     """Input row above its reconstruction row, `per_row` images wide."""
     rows = []
@@ -61,13 +82,18 @@ th{{background:#f4f4f4}} .note{{color:#555}}</style></head>
     return path
 
 
-def table(rows: list[dict], columns: Sequence[str] | None = None) -> str:
+def table(rows: list[dict], columns: Sequence[str] | None = None, bold: set[tuple[int, str]] = frozenset()) -> str:
+    """An HTML table of `rows`; the cells at (row index, column) in `bold` are set in bold (e.g. the best)."""
     if not rows:
         return "<p class=note>none</p>"
     columns = list(columns or rows[0].keys())
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(r.get(c)))}</td>" for c in columns) + "</tr>"
-                   for r in rows)
+
+    def cell(i: int, c: str) -> str:
+        text = html.escape(_cell(rows[i].get(c)))
+        return f"<td><b>{text}</b></td>" if (i, c) in bold else f"<td>{text}</td>"
+
+    body = "".join("<tr>" + "".join(cell(i, c) for c in columns) + "</tr>" for i in range(len(rows)))
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
@@ -138,6 +164,11 @@ def describe_model(config_path: Path) -> str:
         cfg = yaml.safe_load(Path(config_path).read_text()) or {}
     except (OSError, yaml.YAMLError):
         return "(no model config)"
+    return describe_config(cfg)
+
+
+def describe_config(cfg: dict) -> str:
+    """One line naming a tokenizer's architecture, quantizer and codes, from its config (`config_dict()`)."""
     skip = {"kind", "legacy_beta", "remap_codes", "unknown_index"}
     quantizer = cfg.get("quantizer", {})
     settings = ", ".join(f"{k} {v}" for k, v in quantizer.items() if k not in skip and v not in (0, False, None))
