@@ -47,19 +47,24 @@ def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], title:
               log_y: bool = False, xlabel: str = "step", ylabel: str = "") -> Image.Image:
     """A line chart of {name: (xs, ys)}; points that are missing, not finite (or <= 0 on a log scale) are left
     out."""
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = _figure(size)
     ax.set_title(title, fontsize=10)
-    drawn = 0
+    drawn, whole = 0, True
     for name, (xs, ys) in series.items():
         xs, ys = _finite(xs, ys, log_y)
         if xs:
             ax.plot(xs, ys, label=name, linewidth=1.5, marker="." if len(xs) < 20 else None)
             drawn += 1
+            whole = whole and all(float(x).is_integer() for x in xs)
     if not drawn:
         _no_data(ax)
     else:
         if log_y:
             ax.set_yscale("log")
+        if whole:  # steps: no ticks at 1.25 or 2.5
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         _legend(ax)
         ax.grid(True, which="major", alpha=0.3)
     ax.set_xlabel(xlabel)
