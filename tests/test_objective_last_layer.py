@@ -41,4 +41,4 @@ def test_linear_last_layer_gives_the_reference_adaptive_weight_and_gradients():
     assert float(ref.logs["adaptive_weight"]) > 0
     torch.testing.assert_close(fast.logs["adaptive_weight"], ref.logs["adaptive_weight"], rtol=1e-4, atol=1e-6)
     for (name, p), q in zip(fast_head.named_parameters(), ref_head.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6 + 1e-5 * float(q.grad.abs().max()), msg=name)

@@ -140,7 +140,9 @@ def test_fast_generator_step_equals_reference_for_a_vit(disc_kind):
     g_ref = {n: p.grad for n, p in ref_model.named_parameters() if p.grad is not None}
     assert g_fast.keys() == g_ref.keys() and len(g_fast) == len(list(fast_model.parameters()))
     for name in g_ref:
-        torch.testing.assert_close(g_fast[name], g_ref[name], rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(g_fast[name], g_ref[name], rtol=1e-4,
+                                   atol=1e-6 + 1e-5 * float(g_ref[name].abs().max()),
+                                   msg=name)
     assert not any(p.grad is not None for p in fast_loss.discriminator.parameters())
 
 
