@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PRESETS = {"vq": "small-cpu", "ema": "small-cpu-ema", "factorized": "small-cpu-factorized", "fsq": "small-cpu-fsq",
+PRESETS = {"vq": "small-cpu-vq", "ema": "small-cpu-ema", "factorized": "small-cpu-factorized", "fsq": "small-cpu",
            "lfq": "small-cpu-lfq", "residual": "small-cpu-rq",
            # the architectures (each with its own quantizer; issue 15)
            "vit": "small-cpu-vit", "vqvae": "small-cpu-vqvae", "dvae": "small-cpu-dvae", "vqvae2": "small-cpu-vqvae2"}
@@ -155,8 +155,8 @@ def main() -> int:
             return 2
         out.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, __file__, args.data, "--one", kind, "--steps", str(args.steps), "--batch",
-                        str(args.batch), "--holdout", str(args.holdout), "--out", str(out), "--threads", str(args.threads),
-                        *(f"--set={o}" for o in args.set)], check=True)
+                        str(args.batch), "--holdout", str(args.holdout), "--out", str(out), "--threads",
+                        str(args.threads), *(f"--set={o}" for o in args.set)], check=True)
         rows.append(json.loads((out / f"{kind}.json").read_text()))
         print(table(rows, args.data, budget, args.batch), flush=True)
     (out / "table.md").write_text(table(rows, args.data, budget, args.batch) + "\n")

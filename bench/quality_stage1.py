@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Quality side by side: our tokenizer (small-cpu preset, its recommended settings) and the reference
+"""Quality side by side: our tokenizer (small-cpu-vq preset: the VQ quantizer, like the reference) and the reference
 taming-transformers VQModel, trained for the same steps at the same batch on the same folder of images.
 
 Held out: the last 64 files by name (as ../shared/reference/taming_train_quality.py does). Prints PSNR,
@@ -30,7 +30,7 @@ def run_ours(data: str, steps: int, batch: int, out: Path, holdout: int) -> dict
     from vqgan.presets import resolve_config_path
     from vqgan.train.stage1 import train_tokenizer
 
-    cfg = load_config(TokenizerTrainConfig, resolve_config_path("small-cpu"), [
+    cfg = load_config(TokenizerTrainConfig, resolve_config_path("small-cpu-vq"), [
         f"data.path={data}", f"data.holdout={holdout}", f"train.steps={steps}", f"train.batch_size={batch}",
         f"train.out_dir={out}", "train.eval_every=100", f"train.ckpt_every={steps}"])
     t0 = time.perf_counter()

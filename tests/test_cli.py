@@ -72,7 +72,8 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys):
 def test_train_tokenizer_command_writes_model_and_report(tmp_path):
     cmd = [sys.executable, "-m", "vqgan.cli", "train-tokenizer", "small-cpu", "--no-progress",
            "model.resolution=32", "model.ch=32", "model.ch_mult=[1,2]", "model.attn_resolutions=[]",
-           "model.quantizer.n_embed=32", "model.quantizer.embed_dim=8", "loss.disc_start=1",
+           "model.quantizer.kind=vq", "model.quantizer.n_embed=32", "model.quantizer.embed_dim=8",
+           "loss.disc_start=1",
            "loss.disc_train_start=0", "loss.disc_ndf=8", "data.path=builtin:scenes", "data.builtin_count=24",
            "data.holdout=4", "data.num_workers=0", "train.steps=2", "train.batch_size=4",
            f"train.out_dir={tmp_path / 'run'}"]

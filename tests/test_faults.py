@@ -39,8 +39,8 @@ from vqgan.train.run import CheckpointParts, DiskFull, RunFolder
 from vqgan.train.stage1 import TokenizerTrainer
 from vqgan.train.stage2 import PriorTrainer
 
-TINY = ["model.resolution=32", "model.ch=32", "model.ch_mult=[1,2]", "model.attn_resolutions=[]",
-        "model.quantizer.n_embed=32", "model.quantizer.embed_dim=8", "loss.perceptual_weight=0", "loss.disc_start=1",
+TINY = ["model.quantizer.kind=vq", "model.resolution=32", "model.ch=32", "model.ch_mult=[1,2]",
+        "model.attn_resolutions=[]", "model.quantizer.n_embed=32", "model.quantizer.embed_dim=8", "loss.perceptual_weight=0", "loss.disc_start=1",
         "loss.disc_train_start=0", "loss.disc_ndf=8", "data.path=builtin:scenes", "data.builtin_count=24",
         "data.holdout=4", "data.num_workers=0", "train.batch_size=4"]
 

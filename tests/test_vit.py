@@ -47,7 +47,7 @@ def test_paper_presets_build_on_meta_with_the_papers_sizes(name, params_per_part
 
 def test_cpu_preset_matches_small_cpu_tokens_and_bits():
     vit = load_config(TokenizerTrainConfig, resolve_config_path("small-cpu-vit")).model
-    conv = load_config(TokenizerTrainConfig, resolve_config_path("small-cpu")).model
+    conv = load_config(TokenizerTrainConfig, resolve_config_path("small-cpu-vq")).model
     assert vit.latent_size == conv.latent_size == 8 and vit.resolution == conv.resolution == 64
     assert vit.code_spec.levels[0].vocab == conv.code_spec.levels[0].vocab == (1024,)
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 from pathlib import Path
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+# names that moved: small-cpu's FSQ recipe became small-cpu itself (its old VQ recipe is small-cpu-vq)
+ALIASES = {"small-cpu-fsq": "small-cpu"}
 
 
 def preset_names() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    return sorted([p.stem for p in CONFIG_DIR.glob("*.yaml")] + list(ALIASES))
 
 
 def resolve_config_path(name_or_path: str) -> Path:
@@ -15,7 +17,7 @@ def resolve_config_path(name_or_path: str) -> Path:
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or p.exists():
         return p
-    preset = CONFIG_DIR / f"{name_or_path}.yaml"
+    preset = CONFIG_DIR / f"{ALIASES.get(name_or_path, name_or_path)}.yaml"
     if preset.is_file():
         return preset
     from .errors import UserError
