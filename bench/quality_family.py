@@ -61,7 +61,8 @@ def run_one(kind: str, data: str, steps: int, batch: int, out: Path, holdout: in
     rates = [r["it_per_s"] for r in logs[1:] if r.get("it_per_s")]  # the first window includes start-up
     per_step = sum(1 / r for r in rates) / len(rates) if rates else seconds / steps
     keep = ("psnr", "usage", "perplexity", "codes_used", "n_embed", "usage_per_stream", "perplexity_per_stream")
-    return {"kind": kind + "".join(f" {o}" for o in overrides), **{k: result[k] for k in keep if k in result}, "bits_per_position": bits,
+    recipe = [o for o in overrides if not o.startswith("train.max_minutes=")]  # the budget is in the title
+    return {"kind": kind + "".join(f" {o}" for o in recipe), **{k: result[k] for k in keep if k in result}, "bits_per_position": bits,
             "depth": spec.levels[0].depth, "seconds_per_step": per_step, "seconds_total": seconds,
             "steps": result.get("step"), "tokens_per_image": sum(n * level.depth for n, level in zip(positions, spec.levels)),
             "bits_per_image": bits_per_image, **speed,
