@@ -309,3 +309,16 @@ def test_the_commands_work_on_two_levels(tmp_path):
     assert main(["complete", str(tmp_path / "prior"), str(folder), str(tmp_path / "c"), "--n", "2",
                  "--n-images", "2", "--no-progress"]) == 0
     assert (tmp_path / "c" / "completions.png").is_file()
+
+
+def test_reports_name_both_levels_quantizers(tmp_path):
+    from vqgan.checkpoint import save_model
+    from vqgan.eval.reconstruction import model_record
+    from vqgan.eval.report import describe_config
+
+    model = VQVAE2(load_config(TokenizerTrainConfig, CONFIG_DIR / "small-cpu-vqvae2.yaml").model)
+    line = describe_config(model.config_dict())
+    assert "top quantizer ema (" in line and "bottom quantizer ema (" in line
+    assert "tokens per image: 8x8 x 1 + 16x16 x 1" in line
+    save_model(model, tmp_path / "tok")
+    assert model_record(model, str(tmp_path / "tok"))["quantizer_kind"] == "ema / ema"

@@ -332,4 +332,7 @@ def model_record(model, path: str) -> dict:
     for part in ("encoder", "quantizer", "decoder"):
         if isinstance(config.get(part), dict) and "kind" in config[part]:
             record[f"{part}_kind"] = config[part]["kind"]
+    levels = [config[k]["kind"] for k in ("top_quantizer", "bottom_quantizer") if isinstance(config.get(k), dict)]
+    if levels and "quantizer_kind" not in record:  # two levels (VQ-VAE-2): top / bottom
+        record["quantizer_kind"] = " / ".join(levels)
     return {**record, "weights": file_record(where / WEIGHTS_FILE if where.is_dir() else where)}

@@ -168,14 +168,20 @@ def describe_model(config_path: Path) -> str:
 
 
 def describe_config(cfg: dict) -> str:
-    """One line naming a tokenizer's architecture, quantizer and codes, from its config (`config_dict()`)."""
+    """One line naming a tokenizer's architecture, quantizer(s) and codes, from its config (`config_dict()`)."""
     skip = {"kind", "legacy_beta", "remap_codes", "unknown_index"}
-    quantizer = cfg.get("quantizer", {})
-    settings = ", ".join(f"{k} {v}" for k, v in quantizer.items() if k not in skip and v not in (0, False, None))
+
+    def quantizer(q: dict) -> str:
+        settings = ", ".join(f"{k} {v}" for k, v in q.items() if k not in skip and v not in (0, False, None))
+        return f"{q.get('kind', '?')} ({settings})"
+
+    sections = [("quantizer", "quantizer")] if "quantizer" in cfg else [
+        (key, key.replace("_", " ")) for key in ("top_quantizer", "bottom_quantizer") if key in cfg]
+    quantizers = ", ".join(f"{label} {quantizer(cfg[key])}" for key, label in sections) or "quantizer ?"
     levels = cfg.get("codes", {}).get("levels", [])
     side = cfg.get("resolution", 0)
     grids = " + ".join(f"{side // lv['factor']}x{side // lv['factor']} x {len(lv['vocab'])}" for lv in levels
                        if lv.get("factor"))
     return (f"{cfg.get('kind', 'vqgan')} at {side} px: encoder {cfg.get('encoder', {}).get('kind', 'conv')}, "
-            f"decoder {cfg.get('decoder', {}).get('kind', 'conv')}, quantizer {quantizer.get('kind', '?')} "
-            f"({settings}); tokens per image: {grids or '?'} (grid x codes per position)")
+            f"decoder {cfg.get('decoder', {}).get('kind', 'conv')}, {quantizers}; "
+            f"tokens per image: {grids or '?'} (grid x codes per position)")
