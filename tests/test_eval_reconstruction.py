@@ -227,7 +227,7 @@ def test_eval_refuses_bad_input_in_one_line(tokenizer_and_photos, tmp_path, caps
 
 def test_protocol_resize_is_the_named_filter_then_the_centre_crop(tmp_path):
     from vqgan.data.images import ImageSource
-    from vqgan.eval.reconstruction import RESIZE_FILTERS, ProtocolImages
+    from vqgan.eval.protocol import RESIZE_FILTERS, ProtocolImages
 
     img = Image.fromarray(_photos()[0]).resize((90, 60))
     for name, (resample, _) in RESIZE_FILTERS.items():

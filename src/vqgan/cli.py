@@ -83,27 +83,12 @@ def _train_transformer(args) -> dict:
     return {}
 
 
-def _sampling_options(args) -> dict:
-    """The sampling options of `sample` and `complete`, checked before any work."""
-    from .userinput import at_least
-
-    at_least(args.n, 1, "--n")
-    if not args.temperature > 0:
-        raise UserError(f"--temperature {args.temperature}: must be > 0 (lower is closer to always taking the most "
-                        "likely token)")
-    at_least(args.top_k, 0, "--top-k")
-    if not 0.0 <= args.top_p <= 1.0:
-        raise UserError(f"--top-p {args.top_p}: must be between 0 and 1 (0: off)")
-    return dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p or None,
-                guidance_scale=args.guidance)
-
-
 def _sample(args) -> dict:
     from .generate import open_prior as load_prior
     from .generate import sample_images, write_grid, write_images
-    from .userinput import at_least, output_dir, resolve_device
+    from .userinput import at_least, output_dir, resolve_device, sampling_options
 
-    sampling = _sampling_options(args)
+    sampling = sampling_options(args)
     at_least(args.batch_size, 1, "--batch-size")
     device, out = resolve_device(args.device), output_dir(args.out, "output folder")
     prior = load_prior(args.model, args.tokenizer, device, force=args.force)
@@ -124,9 +109,9 @@ def _complete(args) -> dict:
     from .data.tokens import match_maps
     from .generate import complete_images, write_grid, write_images
     from .generate import open_prior as load_prior
-    from .userinput import at_least, output_dir, resolve_device
+    from .userinput import at_least, output_dir, resolve_device, sampling_options
 
-    sampling = _sampling_options(args)
+    sampling = sampling_options(args)
     at_least(args.n_images, 1, "--n-images")
     device, out = resolve_device(args.device), output_dir(args.out, "output folder")
     prior = load_prior(args.model, args.tokenizer, device, force=args.force)

@@ -149,9 +149,8 @@ def _check_common(args) -> torch.device:
 
 def eval_samples(args) -> dict:
     """The `eval-samples` command: every input checked before the long work starts."""
-    from .cli import _sampling_options
     from .eval.fid import save_stats
-    from .userinput import at_least
+    from .userinput import at_least, sampling_options
 
     device = _check_common(args)
     at_least(args.kid_subset_size, 2, "--kid-subset-size")
@@ -166,7 +165,7 @@ def eval_samples(args) -> dict:
     prior = None
     if args.prior:
         at_least(args.n, 2, "--n")
-        sampling = _sampling_options(args)
+        sampling = sampling_options(args)
         from .generate import open_prior
 
         prior = open_prior(args.prior, args.tokenizer, device, force=args.force)

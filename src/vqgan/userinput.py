@@ -42,3 +42,16 @@ def output_dir(path: str | Path, option: str = "output directory") -> Path:
     if p.exists() and not p.is_dir():
         raise UserError(f"{option} {p} is an existing file, not a folder; give a folder path")
     return p
+
+
+def sampling_options(args) -> dict:
+    """The sampling options of `sample`, `complete` and `eval-samples` (argparse values), checked before any work."""
+    at_least(args.n, 1, "--n")
+    if not args.temperature > 0:
+        raise UserError(f"--temperature {args.temperature}: must be > 0 (lower is closer to always taking the most "
+                        "likely token)")
+    at_least(args.top_k, 0, "--top-k")
+    if not 0.0 <= args.top_p <= 1.0:
+        raise UserError(f"--top-p {args.top_p}: must be between 0 and 1 (0: off)")
+    return dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p or None,
+                guidance_scale=args.guidance)

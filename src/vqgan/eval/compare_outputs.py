@@ -13,7 +13,8 @@ import torch
 
 from ..checkpoint import replace_files
 from .plots import histogram_plot, line_plot
-from .reconstruction import Evaluation, reconstruct, to_signed, write_evaluation
+from .protocol import to_signed
+from .reconstruction import Evaluation, reconstruct, write_evaluation
 from .report import labelled_grid, table, write_report
 from .weights import NOT_COMPUTED
 

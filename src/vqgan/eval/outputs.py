@@ -13,6 +13,7 @@ import torch
 from ..errors import UserError
 from . import similarity
 from .plots import histogram_plot
+from .protocol import RESIZE_FILTERS, to_signed
 from .report import image_grid, table, write_report
 from .weights import NOT_COMPUTED
 
@@ -66,7 +67,6 @@ def _fids(m, reference_stats: str | None) -> dict:
 def summarize(m, names: list[str], resolution: int, opts, unreadable: int, tokenizer: dict, data: dict,
               weights: dict, world_size: int) -> dict:
     """The summary of a finished run (every process holds the same gathered measures)."""
-    from .reconstruction import RESIZE_FILTERS
 
     rows = m.rows
     if not rows:
@@ -110,7 +110,6 @@ def write_files(folder: Path, summary: dict, rows: list[dict], names: list[str],
 
 
 def _write_report(folder: Path, summary: dict, rows: list[dict], names: list[str], shown: dict) -> None:
-    from .reconstruction import to_signed
 
     m, data = summary["metrics"], summary["data"]
     code = m["codebook"]
@@ -131,7 +130,8 @@ def _write_report(folder: Path, summary: dict, rows: list[dict], names: list[str
     scale = max(1, 128 // summary["protocol"]["resolution"])
     for name, (chosen, x, rec) in shown.items():
         image_grid([to_signed(x), to_signed(rec)], scale=scale).save(folder / f"{name}.png")
-        listing = [{"#": i + 1, "path": names[r["index"]], **{k: r[k] for k in PER_IMAGE}} for i, r in enumerate(chosen)]
+        listing = [{"#": i + 1, "path": names[r["index"]], **{k: r[k] for k in PER_IMAGE}}
+                   for i, r in enumerate(chosen)]
         sections.append((f"The {len(chosen)} {name} reconstructions (by PSNR)",
                          "<p class=note>Inputs above, reconstructions below, left to right as listed.</p>"
                          f"<img src='{name}.png'>" + table(listing)))

@@ -15,30 +15,22 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from ..checkpoint import fingerprint, replace_files
-from ..data.images import ImageDataset, ReadableItems, collate_readable, fit_image
+from ..data.images import ReadableItems, collate_readable
 from ..data.sources import image_sources
 from ..data.tokens import absolute_source, check_output_dir, check_resolution, load_tokenizer
 from ..errors import UserError
 from ..train.common import Runtime, cleanup_runtime, setup_runtime
 from ..userinput import at_least, resolve_device
 from . import similarity
+from .protocol import RESIZE_FILTERS, ProtocolImages, round_to_uint8, to_signed
 from .usage import CodeUsage
 from .weights import file_record, load_inception_or_reason, load_lpips_or_reason
-
-# name -> (PIL filter, how the protocol names it). PIL antialiases both when downsampling (the kernel is
-# widened by the scale), which torchvision's `antialias=True` bicubic imitates.
-RESIZE_FILTERS = {
-    "lanczos": (Image.LANCZOS, "PIL Image.LANCZOS (Lanczos-3, antialiased)"),
-    "bicubic": (Image.BICUBIC, "PIL Image.BICUBIC (antialiased, a=-0.5)"),
-}
 
 
 @dataclass
@@ -55,28 +47,6 @@ class EvalOptions:
     reference_stats: str | None = None  # FID of the reconstructions against these
     show: int = 8  # the k worst and k best reconstructions in the report
     progress: bool = True
-
-
-class ProtocolImages(ImageDataset):
-    """Centre crops as uint8 (3, res, res): the short side resized to `res` by the named filter alone."""
-
-    def __init__(self, sources, resolution: int, resample: int):
-        super().__init__(sources, resolution, crop="center", flip=False, train=False)
-        self.resample = resample
-
-    def prepare(self, im: Image.Image, index: int) -> torch.Tensor:
-        im = fit_image(im, self.resolution, "center", None, self.resample, exact=True)
-        return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
-
-
-def to_signed(images: torch.Tensor) -> torch.Tensor:
-    """uint8 -> the tokenizer's [-1, 1] input (exact: x / 127.5 - 1)."""
-    return images.float().div_(127.5).sub_(1.0)
-
-
-def round_to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """A reconstruction in [-1, 1] (not clamped) -> uint8, rounded to nearest (as PNG files are written)."""
-    return ((images.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round_().to(torch.uint8)
 
 
 @dataclass
