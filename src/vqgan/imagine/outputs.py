@@ -121,4 +121,4 @@ def write_page(out: Path, result: dict, rows: list[dict], frames: list[tuple[str
             "<p><img src='animation.gif'></p>" if (out / "animation.gif").exists() else "")),
         ("Loss", "<img src='loss.png'><img src='similarity.png'>"),
     ]
-    return _atomic(out / "report.html", lambda p: write_report(p, "vqgan imagine", sections))
+    return write_report(out / "report.html", "vqgan imagine", sections)  # itself atomic
