@@ -25,9 +25,11 @@ def add_parser(sub) -> None:
     p.add_argument("--no-augment", action="store_true", help="cutouts without flips, warps and colour jitter")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clip-model", action="append", default=[],
-                   help="open_clip model name (default ViT-B-32); repeat for an ensemble")
+                   help="open_clip model name (default ViT-B-32; OpenAI's names such as ViT-B/32 work too); repeat "
+                        "for an ensemble")
     p.add_argument("--clip-weights", action="append", default=[],
-                   help="its weights file (repeatable, one per --clip-model); default: the Hugging Face / CLIP caches")
+                   help="its weights file: open_clip's, or OpenAI's (ViT-B-32.pt) (repeatable, one per --clip-model); "
+                        "default: the Hugging Face cache, then ~/.cache/clip")
     p.add_argument("--clip-pretrained", default="openai",
                    help="open_clip's tag of those weights (where the cache is looked up; sets QuickGELU for openai)")
     p.add_argument("--save-every", type=int, default=50, help="a PNG (and an animation frame) every N steps; 0: off")

@@ -2,18 +2,25 @@
 
 Where weights are looked for, in order:
 1. `--clip-weights PATH`: an open_clip state dict (`open_clip_model.safetensors`, `open_clip_pytorch_model.bin`,
-   a training `.pt` with `state_dict`), or OpenAI's TorchScript file from the `clip` package (`ViT-B-32.pt`).
+   a training `.pt` with `state_dict`), OpenAI's TorchScript file from its `clip` package (`ViT-B-32.pt`), or a
+   plain state dict in OpenAI's layout.
 2. The Hugging Face cache (`$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `~/.cache/huggingface/hub`), where
    open_clip keeps a pretrained tag's files: e.g. `ViT-B-32` / `openai` is the repo
    `timm/vit_base_patch32_clip_224.openai`, file `open_clip_model.safetensors` or `open_clip_pytorch_model.bin`.
-3. open_clip's URL cache (`~/.cache/clip`), and OpenAI's `clip` package cache (the same folder, `ViT-B-32.pt`).
+3. `~/.cache/clip`, where OpenAI's `clip` package (and open_clip's URL download) keeps the released files under
+   their standard names (`ViT-B-32.pt`, `RN50.pt`, `ViT-L-14-336px.pt`).
+OpenAI's layout is open_clip's (open_clip's CLIP keeps OpenAI's module names) plus three hyperparameter entries
+and float16 weights; `from_openai_layout` converts it. A TorchScript archive is read with torch.jit.load, which
+restores tensors and TorchScript code but runs no pickled Python; only its state dict is kept.
 Missing weights are a one-line error naming the file and where to put it; a file whose keys or shapes do not
-fit the model is refused the same way. The pretrained tag (`--clip-pretrained`, default `openai`) also sets the
-activation open_clip pairs with those weights (QuickGELU for OpenAI's). The BPE vocabulary ships with open_clip.
+fit the model is refused the same way. The pretrained tag (`--clip-pretrained`, default `openai`) sets the
+activation open_clip pairs with those weights (QuickGELU for OpenAI's; an OpenAI file always gets QuickGELU).
+The BPE vocabulary ships with open_clip.
 """
 from __future__ import annotations
 
 import os
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +34,7 @@ from ..errors import UserError
 _OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 _HF_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # open_clip's names, safetensors first
-_JIT_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")  # in OpenAI's file, not in the model
+_OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")  # hyperparameters in OpenAI's files
 
 
 @dataclass(frozen=True)
@@ -69,7 +76,8 @@ def _tag_config(spec: ClipSpec) -> dict:
 
 
 def where_to_put(spec: ClipSpec, cfg: dict) -> str:
-    """One sentence naming the file a tag needs and where it goes."""
+    """One sentence naming the files a tag can come from and where each goes."""
+    places = []
     repo = cfg.get("hf_hub", "").strip("/")
     if repo:
         if repo.count("/") > 1:  # 'org/name/file'
@@ -77,11 +85,12 @@ def where_to_put(spec: ClipSpec, cfg: dict) -> str:
             files = name
         else:
             files = f"{_HF_FILES[0]} (or {_HF_FILES[1]})"
-        return (f"put {files} from https://huggingface.co/{repo} into the Hugging Face cache ({hf_cache_dir()}; "
-                f"`huggingface-cli download {repo}` on a machine with network does it) or pass --clip-weights PATH")
+        places.append(f"{files} from https://huggingface.co/{repo} into the Hugging Face cache ({hf_cache_dir()}; "
+                      f"`huggingface-cli download {repo}` on a machine with network does it)")
     url = cfg.get("url", "")
-    return (f"put {os.path.basename(url)} ({url}) into {Path('~/.cache/clip').expanduser()} or pass "
-            "--clip-weights PATH")
+    if url:  # for the openai tag: the file OpenAI's `clip` package downloads
+        places.append(f"{os.path.basename(url)} ({url}) into {Path('~/.cache/clip').expanduser()}")
+    return "put " + ", or ".join(places) + ", or pass --clip-weights PATH"
 
 
 def find_weights(spec: ClipSpec) -> Path:
@@ -122,16 +131,30 @@ def _is_torchscript(path: Path) -> bool:
         return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """A CLIP state dict in open_clip's key layout from any of the accepted files."""
+def from_openai_layout(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """OpenAI's CLIP state dict -> open_clip's: the same names less the hyperparameter entries, in float32
+    (OpenAI's files hold the conv, linear and attention weights and both projections in float16)."""
+    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items() if k not in _OPENAI_EXTRA_KEYS}
+
+
+def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
+    """A CLIP state dict in open_clip's key layout from any of the accepted files, and whether it came from an
+    OpenAI file (its TorchScript archive, or a state dict carrying OpenAI's hyperparameter entries)."""
     if _is_torchscript(path):
-        # TorchScript's own loader: it restores tensors and the compiled graph, it does not run pickled Python
-        sd = torch.jit.load(str(path), map_location="cpu").state_dict()
-        return {k: v for k, v in sd.items() if k not in _JIT_EXTRA_KEYS}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch.jit's deprecation notice
+                sd = torch.jit.load(str(path), map_location="cpu").state_dict()
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"CLIP weights {path}: not a readable TorchScript archive ({first[:160]})") from None
+        return from_openai_layout(dict(sd)), True
     sd = load_state_dict_file(path)
     if sd and all(k.startswith("module.") for k in sd):  # saved from DistributedDataParallel
         sd = {k[len("module."):]: v for k, v in sd.items()}
-    return sd
+    if any(k in sd for k in _OPENAI_EXTRA_KEYS):
+        return from_openai_layout(sd), True
+    return sd, False
 
 
 class ClipModel:
@@ -167,9 +190,9 @@ def load_clip(spec: ClipSpec, device: torch.device | str = "cpu") -> ClipModel:
     open_clip = _open_clip()
     cfg = _tag_config(spec)
     path = find_weights(spec)
+    sd, openai_file = read_weights(path)
     model = open_clip.create_model(spec.model, pretrained=None, load_weights=False, pretrained_image=False,
-                                   pretrained_text=False, force_quick_gelu=bool(cfg.get("quick_gelu")))
-    sd = read_weights(path)
+                                   pretrained_text=False, force_quick_gelu=openai_file or bool(cfg.get("quick_gelu")))
     own = model.state_dict()
     if "logit_scale" in sd and "logit_scale" in own and sd["logit_scale"].ndim != own["logit_scale"].ndim:
         sd["logit_scale"] = sd["logit_scale"].reshape(own["logit_scale"].shape)
@@ -183,10 +206,16 @@ def load_clip(spec: ClipSpec, device: torch.device | str = "cpu") -> ClipModel:
     return ClipModel(model, tokenizer, spec, path, file_sha256(path))
 
 
+def open_clip_name(name: str) -> str:
+    """OpenAI's `clip` package's model names (`ViT-B/32`, `ViT-L/14@336px`) -> open_clip's (`ViT-B-32`,
+    `ViT-L-14-336`); open_clip's names pass unchanged."""
+    return name.replace("/", "-").replace("@336px", "-336")
+
+
 def clip_specs(models: list[str], weights: list[str], pretrained: str) -> list[ClipSpec]:
     """The CLI's repeatable `--clip-model` and `--clip-weights` -> the ensemble. The i-th weights file goes
     with the i-th model; one model name with several files uses that name for each."""
-    models = models or ["ViT-B-32"]
+    models = [open_clip_name(m) for m in models] or ["ViT-B-32"]
     if weights and len(models) == 1 and len(weights) > 1:
         models = models * len(weights)
     if weights and len(weights) != len(models):
