@@ -76,6 +76,21 @@ def train_on_photos(tmp_path: Path, steps: int, lr: float, **sections):
     return cfg, before, after, load_model(tmp_path / "run")
 
 
+@pytest.fixture(scope="session")
+def demo_tokenizer(tmp_path_factory) -> Path:
+    """The demo's image tokenizer recipe (preset `demo`: 64 px, f = 8, FSQ with 1000 codes) trained 60 of the
+    demo's 400 steps on the built-in scenes (~30 s at one thread); its saved model folder."""
+    from vqgan.presets import resolve_config_path
+    from vqgan.train.stage1 import TokenizerTrainer
+
+    root = tmp_path_factory.mktemp("demo-tokenizer")
+    cfg = load_config(TokenizerTrainConfig, resolve_config_path("demo"), [
+        f"train.out_dir={root}", "train.steps=60", "data.builtin_count=512", "data.holdout=8", "data.num_workers=0",
+        "train.eval_every=1000", "train.ckpt_every=1000", "train.log_every=1000"])
+    TokenizerTrainer(cfg, progress=False).fit()
+    return root / "model"
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

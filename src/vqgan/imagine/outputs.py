@@ -1,10 +1,11 @@
-"""What a run leaves in `--out`: PNGs, the animation (GIF; MP4 where ffmpeg is installed), log.jsonl and the
+"""What a run leaves in `--out`: PNGs, the animation (GIF; MP4 where an ffmpeg is found), log.jsonl and the
 run's HTML page. Each file is written under a temporary name and renamed into place: a reader never sees half
 a file, and a folder the user names keeps its other files."""
 from __future__ import annotations
 
 import html
 import json
+import logging
 import math
 import os
 import shutil
@@ -17,6 +18,8 @@ import torch
 from PIL import Image
 
 from ..eval.report import image_grid, line_plot, table, to_uint8, write_report
+
+log = logging.getLogger("vqgan.imagine")
 
 
 def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
@@ -49,28 +52,47 @@ def save_png(image: torch.Tensor, path: Path) -> Path:
     return save_picture(to_pil(image), path)
 
 
+def find_ffmpeg() -> str | None:
+    """The ffmpeg binary that the `imageio-ffmpeg` package ships (pip install imageio-ffmpeg: no system package
+    needed), else `ffmpeg` on PATH, else None."""
+    try:
+        import imageio_ffmpeg
+    except ImportError:
+        return shutil.which("ffmpeg")
+    try:
+        return imageio_ffmpeg.get_ffmpeg_exe()  # its own binary, else a system one
+    except RuntimeError:  # a platform it ships no binary for, and none on PATH
+        return None
+
+
 def save_animation(frames: list[Image.Image], out: Path, fps: int = 10) -> list[Path]:
-    """animation.gif (Pillow), and animation.mp4 when an ffmpeg binary is on PATH."""
+    """animation.gif (Pillow), and animation.mp4 when an ffmpeg is found (its default MP4 encoder: H.264)."""
     if not frames:
         return []
     written = [_atomic(out / "animation.gif", lambda p: frames[0].save(
         p, format="GIF", save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0))]
-    ffmpeg = shutil.which("ffmpeg")
-    if ffmpeg:
-        with tempfile.TemporaryDirectory() as tmp:
-            for i, frame in enumerate(frames):
-                frame.save(Path(tmp) / f"{i:05d}.png")
-            w, h = frames[0].size
+    ffmpeg = find_ffmpeg()
+    if ffmpeg is None:
+        log.info("no ffmpeg found (pip install imageio-ffmpeg, or put ffmpeg on PATH): animation.gif only, "
+                 "no animation.mp4")
+        return written
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, frame in enumerate(frames):
+            frame.save(Path(tmp) / f"{i:05d}.png")
+        w, h = frames[0].size
 
-            def encode(p: Path) -> None:
-                subprocess.run([ffmpeg, "-y", "-loglevel", "error", "-framerate", str(fps), "-i",
-                                str(Path(tmp) / "%05d.png"), "-vf", f"scale={w // 2 * 2}:{h // 2 * 2}",
-                                "-pix_fmt", "yuv420p", "-f", "mp4", str(p)], check=True)
+        def encode(p: Path) -> None:  # yuv420p, which every player reads, needs even sides
+            subprocess.run([ffmpeg, "-y", "-loglevel", "error", "-framerate", str(fps), "-i",
+                            str(Path(tmp) / "%05d.png"), "-vf", f"scale={w // 2 * 2}:{h // 2 * 2}",
+                            "-pix_fmt", "yuv420p", "-f", "mp4", str(p)],
+                           check=True, capture_output=True, text=True)
 
-            try:
-                written.append(_atomic(out / "animation.mp4", encode))
-            except subprocess.CalledProcessError:  # an ffmpeg without an H.264 encoder: the GIF stays
-                pass
+        try:
+            written.append(_atomic(out / "animation.mp4", encode))
+        except subprocess.CalledProcessError as e:  # an ffmpeg without an MP4 encoder: the GIF stays
+            why = (e.stderr or "").strip().splitlines()
+            log.warning("%s could not write animation.mp4 (%s): animation.gif only", ffmpeg,
+                        why[-1][:160] if why else f"exit status {e.returncode}")
     return written
 
 
@@ -110,6 +132,7 @@ def write_page(out: Path, result: dict, rows: list[dict], frames: list[tuple[str
                 for k, v in result["settings"].items()]
     clips = [{k: c[k] for k in ("model", "pretrained", "file", "sha256")} for c in result["clip"]]
     names = ", ".join(html.escape(n) for n, _ in shown)
+    animations = {Path(p).name for p in result["animation"]}  # this run's, not a file an earlier run left
     sections = [
         ("Result", "<img src='final.png' style='min-width:256px'>"),
         ("Prompts", table(prompts)),
@@ -118,7 +141,8 @@ def write_page(out: Path, result: dict, rows: list[dict], frames: list[tuple[str
         ("CLIP weights", table(clips) + "<p class=note>Images are only as good as these weights: random or "
                                         "wrong weights steer toward nothing a person would recognise.</p>"),
         ("Frames", f"<p class=note>{names}</p><img src='frames.png'>" + (
-            "<p><img src='animation.gif'></p>" if (out / "animation.gif").exists() else "")),
+            "<p><img src='animation.gif'></p>" if "animation.gif" in animations else "") + (
+            "<p><a href='animation.mp4'>animation.mp4</a></p>" if "animation.mp4" in animations else "")),
         ("Loss", "<img src='loss.png'><img src='similarity.png'>"),
     ]
     return write_report(out / "report.html", "vqgan imagine", sections)  # itself atomic
