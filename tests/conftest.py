@@ -110,7 +110,42 @@ def run_two_processes(*args: str | Path) -> str:
     import sys
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    module = ["-m"] if args[0] == "-m" else []
+    # "--": the script's options are not torchrun's (argparse would read `--n` as an abbreviation of `--nnodes`)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           *map(str, args)], capture_output=True, text=True, timeout=600, env=env)
+                           *module, "--", *map(str, args[len(module):])], capture_output=True, text=True,
+                          timeout=600, env=env)
     assert proc.returncode == 0, f"stdout: {proc.stdout[-1000:]}\nstderr: {proc.stderr[-3000:]}"
     return proc.stdout
+
+
+def run_one_process(*args: str | Path) -> str:
+    """The same as `run_two_processes` in one plain process (no torchrun): its stdout."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, f"stdout: {proc.stdout[-1000:]}\nstderr: {proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory):
+    """torch-fidelity's FID Inception network with random weights, saved under the real file name: the real key
+    layout (the real weights cannot be downloaded here; the metrics it gives mean nothing, only their plumbing).
+    He-initialised so that features differ from image to image: with torch-fidelity's own init they vanish
+    (~1e-8) and every metric is degenerate (FID 0, IS 1), which would hide mixed-up or reordered features."""
+    pytest.importorskip("torch_fidelity")
+    from vqgan.eval.inception import FID_WEIGHTS_FILES, build_network
+
+    path = tmp_path_factory.mktemp("inception") / FID_WEIGHTS_FILES[0]
+    torch.manual_seed(0)
+    net = build_network()
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+        elif isinstance(m, torch.nn.Linear):  # the logits: spread enough for an Inception Score above 1
+            torch.nn.init.normal_(m.weight, std=0.3)
+    torch.save(net.state_dict(), path)
+    return path

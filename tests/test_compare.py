@@ -133,3 +133,48 @@ def test_names_spacing_runs_and_pictures(tmp_path):
     rows = [torch.zeros(3, 3, 8, 8), torch.ones(2, 3, 8, 8)]
     grid = labelled_grid(["inputs", "a much longer label"], rows, scale=2)
     assert grid.height == 2 * (2 * 10 + 2) and grid.width > 2 * (3 * 10 + 2)
+
+
+@pytest.mark.slow
+def test_the_inputs_go_through_inception_once(models_and_photos, inception_weights, tmp_path, monkeypatch):
+    """The inputs are the same for every model: their Inception statistics are computed once and reused. One
+    model compared with itself: the second entry's rFID (from the reused statistics) is the first's (from its
+    own pass over the inputs)."""
+    from vqgan.eval.inception import InceptionFeatures
+
+    _, untrained, photos = models_and_photos
+    seen = []
+    forward = InceptionFeatures.forward
+    monkeypatch.setattr(InceptionFeatures, "forward", lambda self, x: seen.append(len(x)) or forward(self, x))
+    assert main(["compare", str(untrained), str(untrained), "--names", "first,again", "--data", str(photos),
+                 "--out", str(tmp_path / "cmp"), "--max-images", "4", "--show", "0", "--inception-weights",
+                 str(inception_weights), "--no-progress"]) == 0
+    assert sum(seen) == 4 * (1 + 2)  # the inputs once, then each model's reconstructions
+    first, again = json.loads((tmp_path / "cmp" / "summary.json").read_text())["models"]
+    assert isinstance(first["rfid"], float) and again["rfid"] == first["rfid"]
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_comparison_of_one(models_and_photos, tmp_path):
+    """torchrun (gloo, two processes, each a shard of every model's images) against one process: the same table,
+    the same per-image rows for every model; only process 0 writes. (Without Inception weights: two 2048-wide
+    FIDs per process on one CPU thread would take most of a minute; the reuse of the inputs' statistics is
+    checked above, and the sharded statistics' sums in test_eval_reconstruction / test_eval_generation.)"""
+    from conftest import run_one_process, run_two_processes
+
+    run, untrained, photos = models_and_photos
+    args = ["-m", "vqgan.cli", "compare", run, untrained, "--data", photos, "--max-images", "9", "--batch-size", "2",
+            "--show", "2", "--no-progress"]
+    for name, launch in (("one", run_one_process), ("two", run_two_processes)):
+        stdout = launch(*args, "--out", tmp_path / name)
+        assert stdout.count('"report"') == 1, stdout  # one summary printed
+    one, two = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
+    timed = ("encode_images_per_s", "decode_images_per_s")
+    assert one["data"] == two["data"] and {k: v for k, v in one["best"].items() if k not in timed} == {
+        k: v for k, v in two["best"].items() if k not in timed}
+    for a, b in zip(one["models"], two["models"]):
+        for key in a.keys() - set(timed):
+            assert b[key] == (pytest.approx(a[key], rel=1e-9) if isinstance(a[key], float) else a[key]), key
+        ev_one, ev_two = (tmp_path / d / "eval" / a["name"] for d in ("one", "two"))
+        assert _csv(ev_one / "per_image.csv") == _csv(ev_two / "per_image.csv")
+        assert json.loads((ev_two / "summary.json").read_text())["metrics"]["speed"]["processes"] == 2

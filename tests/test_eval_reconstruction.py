@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import subprocess
 import sys
 import types
 
@@ -240,15 +239,12 @@ def test_protocol_resize_is_the_named_filter_then_the_centre_crop(tmp_path):
 @pytest.mark.slow
 def test_two_processes_give_the_numbers_of_one(tokenizer_and_photos, tmp_path):
     """torchrun (gloo, two processes, each a shard) against one process: the same rows and histograms."""
-    import os
-
-    from conftest import run_two_processes
+    from conftest import run_one_process, run_two_processes
 
     tok, photos = tokenizer_and_photos
     args = ["-m", "vqgan.cli", "eval", str(tok), str(photos), "--no-progress", "--batch-size", "4"]
     run_two_processes(*args, "--out", str(tmp_path / "two"))
-    subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], check=True, capture_output=True,
-                   env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    run_one_process(*args, "--out", str(tmp_path / "one"))
     one, two = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
     assert two["metrics"]["speed"]["processes"] == 2
     assert one["data"] == two["data"]
@@ -260,17 +256,14 @@ def test_two_processes_give_the_numbers_of_one(tokenizer_and_photos, tmp_path):
 
 
 @pytest.mark.slow
-def test_rfid_through_the_real_inception_layer(tokenizer_and_photos, tmp_path):
+def test_rfid_through_the_real_inception_layer(tokenizer_and_photos, inception_weights, tmp_path):
     """The Inception network (random weights in the real key layout: the number is not an FID of any meaning)
     and the FID code of `vqgan.eval.inception` / `vqgan.eval.fid`, end to end: the summary names the file and
     its sha256, the inputs' statistics are written, and the inputs against their own statistics give ~0."""
-    from vqgan.eval.inception import FID_WEIGHTS_FILES, build_network
+    from vqgan.eval.inception import FID_WEIGHTS_FILES
 
     tok, photos = tokenizer_and_photos
-    weights = tmp_path / FID_WEIGHTS_FILES[0]
-    torch.manual_seed(0)
-    torch.save(build_network().state_dict(), weights)
-    common = ["--no-progress", "--batch-size", "12", "--inception-weights", str(weights)]
+    common = ["--no-progress", "--batch-size", "12", "--inception-weights", str(inception_weights)]
     assert main(["eval", str(tok), str(photos), "--out", str(tmp_path / "a"), "--save-stats",
                  str(tmp_path / "ref.npz"), *common]) == 0
     assert main(["eval", str(tok), str(photos), "--out", str(tmp_path / "b"), "--reference-stats",

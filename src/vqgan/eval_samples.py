@@ -4,6 +4,11 @@ from a prior, against reference images or FID statistics.
 Images go to the Inception network as they are stored (uint8, own size); torch-fidelity's network resizes them
 to 299x299 the way the original TF code did. Samples from a prior are rounded to uint8 first, exactly as their
 PNGs would be.
+
+Under torchrun the work is split (`eval/shards.py`): process r of W takes files r, r + W, ... of a folder, and
+batches r, r + W, ... of the samples (each batch seeded by its position, so the samples do not depend on W);
+the features come back to process 0 in the set's order, which computes the metrics and writes the summary and
+statistics files, so the numbers are those of one process. Each process writes its own samples' PNGs.
 """
 from __future__ import annotations
 
@@ -21,6 +26,9 @@ from .data.images import error_reason, load_rgb, report_bad_file, scan_images
 from .errors import UserError
 from .eval.generation import IS_SPLITS, KID_SUBSET_SIZE, FeatureSet, generation_metrics
 from .eval.inception import InceptionFeatures, load_inception
+from .eval.reconstruction import eval_device
+from .eval.shards import all_reduce, rank_and_world, share
+from .train.common import cleanup_runtime, setup_runtime
 
 PROTOCOL = ("Inception-v3 (torch-fidelity's TF port, FID weights) pool features (2048) for FID, KID and "
             "precision/recall (k=3), fc logits without bias for IS (10 splits); uint8 images resized to 299x299 "
@@ -45,42 +53,56 @@ class _Files(Dataset):
             return None
 
 
-def _same_size_batches(images, batch_size: int, counts: dict) -> Iterator[torch.Tensor]:
-    """Consecutive images of one size stacked, at most `batch_size`; None items counted as skipped."""
+Batch = tuple[list[int], torch.Tensor]  # (the images' positions in their set, uint8 images (B, 3, H, W))
+
+
+def _same_size_batches(images, batch_size: int, counts: dict) -> Iterator[Batch]:
+    """Consecutive (position, image) pairs of one size stacked, at most `batch_size`; None images counted as
+    skipped."""
+    index: list[int] = []
     batch: list[torch.Tensor] = []
-    for im in images:
+    for i, im in images:
         if im is None:
             counts["skipped"] += 1
             continue
         if batch and (len(batch) == batch_size or im.shape != batch[0].shape):
-            yield torch.stack(batch)
-            batch = []
+            yield index, torch.stack(batch)
+            index, batch = [], []
+        index.append(i)
         batch.append(im)
     if batch:
-        yield torch.stack(batch)
+        yield index, torch.stack(batch)
 
 
 def folder_features(inception: InceptionFeatures, folder: str, batch_size: int = 50, num_workers: int = 2,
                     progress: bool = True, what: str = "images") -> tuple[FeatureSet, dict]:
     """The Inception features of every readable image under `folder` (recursive), and a record of the folder
-    (path, count, skipped: unreadable files)."""
+    (path, count, skipped: unreadable files). Under torchrun: this process's share, gathered (`_features`)."""
     good, bad = scan_images(folder)
-    counts = {"skipped": len(bad)}
-    loader = DataLoader(_Files(good), batch_size=None, num_workers=num_workers)
-    features = _features(inception, _same_size_batches(loader, batch_size, counts), len(good), progress, what)
+    mine = share(len(good))
+    counts = {"skipped": 0}
+    loader = DataLoader(_Files([good[i] for i in mine]), batch_size=None, num_workers=num_workers)
+    features = _features(inception, _same_size_batches(zip(mine, loader), batch_size, counts), len(good), progress,
+                         what)
+    skipped = len(bad) + int(all_reduce(torch.tensor([counts["skipped"]]))[0])
     if features.count < 2:
         raise UserError(f"{folder}: {features.count} decodable images; the metrics need at least 2 (FID's covariance)")
-    return features, {"folder": str(folder), "count": features.count, "skipped": counts["skipped"]}
+    return features, {"folder": str(folder), "count": features.count, "skipped": skipped}
 
 
-def _features(inception: InceptionFeatures, batches, total: int, progress: bool, what: str) -> FeatureSet:
+def _features(inception: InceptionFeatures, batches: Iterator[Batch], total: int, progress: bool, what: str
+              ) -> FeatureSet:
+    """The features of this process's batches, gathered (`FeatureSet.gather`): the statistics on every process,
+    the rows on process 0 in their set's order."""
     device = next(inception.parameters()).device
-    out = FeatureSet()
-    with tqdm(total=total, desc=f"Inception features: {what}", unit="img", disable=not progress) as bar:
-        for batch in batches:
+    rank, world = rank_and_world()
+    out, positions = FeatureSet(), []
+    with tqdm(total=total, desc=f"Inception features: {what}", unit="img", disable=not progress or rank != 0) as bar:
+        for index, batch in batches:
             out.add(inception(batch.to(device)))
-            bar.update(batch.shape[0])
-    return out
+            positions += index
+            bar.update(min(batch.shape[0] * world, total - bar.n))  # the other processes keep pace
+    return out.gather(positions)
 
 
 def class_plan(n: int, n_classes: int) -> list[int | None]:
@@ -91,10 +113,25 @@ def class_plan(n: int, n_classes: int) -> list[int | None]:
     return [c for c in range(n_classes) for _ in range(n // n_classes + (c < n % n_classes))]
 
 
+def sample_batches(n: int, n_classes: int, batch_size: int) -> list[tuple[int, int, int | None]]:
+    """(first sample, size, class) of each batch drawn: consecutive samples of one class (`class_plan`), at most
+    `batch_size`. Fixed by these three alone, not by the number of processes that draw them."""
+    plan, out, start = class_plan(n, n_classes), [], 0
+    while start < n:
+        label, size = plan[start], 1
+        while size < batch_size and start + size < n and plan[start + size] == label:
+            size += 1
+        out.append((start, size, label))
+        start += size
+    return out
+
+
 def prior_batches(prior, n: int, batch_size: int, seed: int, sampling: dict, save_to: Path | None = None
-                  ) -> Iterator[torch.Tensor]:
-    """`n` samples of `prior` as uint8 batches (B, 3, H, W), one class per batch (balanced over the classes of
-    a class-conditional prior); each batch seeded from `seed` and its position, so a run is reproducible."""
+                  ) -> Iterator[Batch]:
+    """`n` samples of `prior` as uint8 batches (B, 3, H, W) with their sample numbers, one class per batch
+    (balanced over the classes of a class-conditional prior); batch k seeded from `seed` and k, so a run is
+    reproducible and its samples are the same however many processes draw them (process r: batches r, r + W,
+    ...)."""
     from PIL import Image
 
     from .eval.report import to_uint8
@@ -103,22 +140,18 @@ def prior_batches(prior, n: int, batch_size: int, seed: int, sampling: dict, sav
     if prior.layout.spatial:
         raise UserError("this prior is conditioned on maps: draw samples with `vqgan sample --cond-map` and pass "
                         "their folder with --images")
-    plan, names = class_plan(n, prior.layout.n_classes), prior.class_names
-    start, chunk = 0, 0
-    while start < n:
-        label, size = plan[start], 1
-        while size < batch_size and start + size < n and plan[start + size] == label:
-            size += 1
+    batches, names = sample_batches(n, prior.layout.n_classes, batch_size), prior.class_names
+    for k in share(len(batches)):
+        start, size, label = batches[k]
         name = None if label is None else (names[label] if label < len(names) else str(label))
-        images, _ = sample_images(prior, size, name, seed=seed * 1_000_003 + chunk, progress=False, batch_size=size,
+        images, _ = sample_images(prior, size, name, seed=seed * 1_000_003 + k, progress=False, batch_size=size,
                                   **sampling)
         batch = to_uint8(images)  # what the PNGs would hold
         if save_to is not None:
             save_to.mkdir(parents=True, exist_ok=True)
             for i, im in enumerate(batch):
                 Image.fromarray(im).save(save_to / f"{start + i:06d}{'' if label is None else f'_class{label}'}.png")
-        yield torch.from_numpy(batch).permute(0, 3, 1, 2)
-        start, chunk = start + size, chunk + 1
+        yield list(range(start, start + size)), torch.from_numpy(batch).permute(0, 3, 1, 2)
 
 
 def reference_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -139,33 +172,46 @@ def _write_json(path: Path, data: dict) -> None:
     tmp.replace(path)
 
 
-def _check_common(args) -> torch.device:
+def _check_common(args) -> None:
     from .userinput import at_least, resolve_device
 
     at_least(args.batch_size, 1, "--batch-size")
     at_least(args.num_workers, 0, "--num-workers")
-    return resolve_device(args.device)
+    resolve_device(args.device)  # a wrong --device before any work
 
 
 def eval_samples(args) -> dict:
-    """The `eval-samples` command: every input checked before the long work starts."""
-    from .eval.fid import save_stats
+    """The `eval-samples` command: every input checked before the long work starts. Under torchrun process 0
+    computes, writes and returns the summary; the others return {}."""
     from .userinput import at_least, sampling_options
 
-    device = _check_common(args)
+    _check_common(args)
     at_least(args.kid_subset_size, 2, "--kid-subset-size")
     at_least(args.is_splits, 1, "--is-splits")
-    progress = not args.no_progress
     from_stats = Path(args.reference).suffix == ".npz"
     if from_stats and args.save_stats:
         raise UserError("--save-stats writes a reference folder's statistics; the reference is already a .npz file")
     reference = reference_statistics(args.reference) if from_stats else None
     if args.images and not Path(args.images).exists():
         raise UserError(f"--images {args.images}: no such folder")
-    prior = None
+    sampling = None
     if args.prior:
         at_least(args.n, 2, "--n")
         sampling = sampling_options(args)
+    rt = setup_runtime()
+    try:
+        return _eval_samples(args, eval_device(rt, args.device), reference, sampling, rt.is_main)
+    finally:
+        cleanup_runtime(rt)
+
+
+def _eval_samples(args, device: torch.device, reference: tuple[np.ndarray, np.ndarray] | None,
+                  sampling: dict | None, is_main: bool) -> dict:
+    from .eval.fid import save_stats
+
+    progress = not args.no_progress
+    prior = None
+    if args.prior:
         from .generate import open_prior
 
         prior = open_prior(args.prior, args.tokenizer, device, force=args.force)
@@ -174,7 +220,7 @@ def eval_samples(args) -> dict:
         ref_features, ref_record = folder_features(inception, args.reference, args.batch_size, args.num_workers,
                                                    progress, "reference")
         reference = ref_features
-        if args.save_stats:
+        if args.save_stats and is_main:
             ref_record["statistics_saved"] = str(save_stats(args.save_stats, *ref_features.stats.mean_cov()))
     else:
         ref_record = {"statistics": str(args.reference)}
@@ -190,6 +236,8 @@ def eval_samples(args) -> dict:
     else:
         samples, sample_record = folder_features(inception, args.images, args.batch_size, args.num_workers, progress,
                                                  "samples")
+    if not is_main:  # the features' rows are on process 0
+        return {}
     summary = {"metrics": generation_metrics(samples, reference, args.kid_subset_size, args.is_splits),
                "samples": sample_record, "reference": ref_record, "inception_weights": inception.describe(),
                "protocol": PROTOCOL}
@@ -202,17 +250,24 @@ def eval_samples(args) -> dict:
 
 
 def fid_stats(args) -> dict:
-    """The `fid-stats` command: a folder's FID statistics as an `.npz` file."""
+    """The `fid-stats` command: a folder's FID statistics as an `.npz` file (under torchrun: the features in
+    shards, written by process 0; the others return {})."""
     from .eval.fid import save_stats
 
-    device = _check_common(args)
+    _check_common(args)
     if Path(args.out).suffix != ".npz":
         raise UserError(f"{args.out}: the statistics file must end in .npz")
-    inception = load_inception(args.inception_weights, device)
-    features, record = folder_features(inception, args.folder, args.batch_size, args.num_workers,
-                                       not args.no_progress, "reference")
-    save_stats(args.out, *features.stats.mean_cov())
-    return {"out": str(args.out), **record, "inception_weights": inception.describe()}
+    rt = setup_runtime()
+    try:
+        inception = load_inception(args.inception_weights, eval_device(rt, args.device))
+        features, record = folder_features(inception, args.folder, args.batch_size, args.num_workers,
+                                           not args.no_progress, "reference")
+        if not rt.is_main:
+            return {}
+        save_stats(args.out, *features.stats.mean_cov())
+        return {"out": str(args.out), **record, "inception_weights": inception.describe()}
+    finally:
+        cleanup_runtime(rt)
 
 
 def _common_options(p: argparse.ArgumentParser) -> None:

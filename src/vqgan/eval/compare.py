@@ -1,9 +1,11 @@
 """`vqgan compare MODEL... --data DIR --out DIR`: several tokenizers measured on the same images, side by side.
 
 Each model goes through the pieces of `vqgan eval` (`reconstruction.py`): the same protocol images, the same
-measuring networks, the same per-image metrics, so its numbers are those `vqgan eval` gives it alone. The
-comparison adds a table with the best value per column marked, the same images reconstructed by every model,
-the training curves of the models that are runs, and the per-image PSNR histograms (`compare_outputs.py`).
+measuring networks, the same per-image metrics, so its numbers are those `vqgan eval` gives it alone (the
+inputs' Inception statistics, the same for every model, are computed once). Under torchrun each model's set is
+sharded as in `vqgan eval`; process 0 writes. The comparison adds a table with the best value per column
+marked, the same images reconstructed by every model, the training curves of the models that are runs, and the
+per-image PSNR histograms (`compare_outputs.py`).
 
 Models trained at different resolutions are refused unless `--resolution` names one size for all: "the same
 images" must be the same pixels, and PSNR at 32 px and at 256 px are not numbers on one scale.
@@ -136,11 +138,12 @@ def compare(models: list[str], data: str, out: str, opts: CompareOptions | None 
             check_model(e.model, e.path, res)
         ds, unreadable = protocol_images(data, res, opts, opts.max_images)
         nets = load_networks(opts, dev)
-        evals = []
+        evals, inputs_stats = [], None
         for e in entries:
             if opts.progress and rt.is_main:
                 print(f"compare: {e.name} ({e.path})", file=sys.stderr, flush=True)
-            evals.append(evaluate_model(e.model, e.path, ds, data, unreadable, opts, rt, dev, nets))
+            evals.append(evaluate_model(e.model, e.path, ds, data, unreadable, opts, rt, dev, nets, inputs_stats))
+            inputs_stats = evals[0].measures.real  # the same inputs for every model: through Inception once
         summary = comparison_summary(entries, evals)
         if rt.is_main:
             write_comparison(out_dir, {e.name: e.model for e in entries}, evals, summary, opts.show, dev)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from .shards import all_reduce
 
 
 class FeatureStats:
@@ -41,13 +42,10 @@ class FeatureStats:
 
     def all_reduce(self) -> FeatureStats:
         """Sum the statistics of every process (under torch.distributed; a no-op without it)."""
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            count = torch.tensor([float(self.count)], dtype=torch.float64, device=self.sum.device)
-            for t in (count, self.sum, self.outer):
-                dist.all_reduce(t)
-            self.count = int(count.item())
+        count = torch.tensor([float(self.count)], dtype=torch.float64)
+        for t in (count, self.sum, self.outer):
+            all_reduce(t)
+        self.count = int(count.item())
         return self
 
     def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .fid import FeatureStats, frechet_distance
+from .shards import distributed, gather_to_main
 
 KID_SUBSETS, KID_SUBSET_SIZE, IS_SPLITS, PR_NEIGHBOURS, SEED = 100, 1000, 10, 3, 2020
 
@@ -43,6 +44,21 @@ class FeatureSet:
 
     def logit_features(self) -> torch.Tensor:
         return torch.cat(self.logits) if self.logits else torch.zeros(0, 1008)
+
+    def gather(self, indices: list[int]) -> FeatureSet:
+        """Under torchrun, where each process holds the rows `indices` (in the set) of one set: the statistics
+        summed on every process (`count` is the set's everywhere), the rows on process 0 in the set's order
+        (KID and IS draw subsets by position) and none left on the others. In one process: unchanged."""
+        if not distributed():
+            return self
+        self.stats.all_reduce()
+        parts = gather_to_main((indices, self.pool_features(), self.logit_features()))
+        self.pool, self.logits = [], []
+        if parts is not None:
+            order = torch.tensor([i for index, _, _ in parts for i in index], dtype=torch.long).argsort()
+            self.pool = [torch.cat([pool for _, pool, _ in parts])[order]]
+            self.logits = [torch.cat([logits for _, _, logits in parts])[order]]
+        return self
 
 
 def _mmd2_unbiased(k_xx: np.ndarray, k_xy: np.ndarray, k_yy: np.ndarray) -> float:

@@ -14,6 +14,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -29,8 +30,12 @@ from ..train.common import Runtime, cleanup_runtime, setup_runtime
 from ..userinput import at_least, resolve_device
 from . import similarity
 from .protocol import RESIZE_FILTERS, ProtocolImages, round_to_uint8, to_signed
+from .shards import all_reduce
 from .usage import CodeUsage
 from .weights import file_record, load_inception_or_reason, load_lpips_or_reason
+
+if TYPE_CHECKING:
+    from .fid import FeatureStats
 
 
 @dataclass
@@ -75,6 +80,7 @@ class Measures:
     skipped: int = 0
     real: object = None  # FeatureStats of the inputs' Inception features (None: rFID not computed)
     fake: object = None  # ... and of the reconstructions'
+    real_given: bool = False  # `real` came complete from the caller (the same inputs, measured before)
     seconds: dict[str, float] = field(default_factory=dict)  # Clock's parts, summed over processes
 
 
@@ -99,7 +105,8 @@ def measure_batch(x: torch.Tensor, rec: torch.Tensor, lpips, inception, m: Measu
             values["lpips"] = lpips(to_signed(x), to_signed(rec)).double()
     if inception is not None:
         with clock.part("inception"):
-            m.real.update(inception(x)["pool"])
+            if not m.real_given:
+                m.real.update(inception(x)["pool"])
             m.fake.update(inception(rec)["pool"])
     columns = {k: v.cpu().tolist() for k, v in values.items()}
     return [{k: columns[k][i] if k in columns else None for k in ("psnr", "ssim", "ms_ssim", "lpips")}
@@ -164,12 +171,15 @@ def protocol_images(data: str, resolution: int, opts: EvalOptions, limit: int | 
 
 
 def evaluate_model(model, tokenizer: str, ds: ProtocolImages, data: str, unreadable: int, opts: EvalOptions,
-                   rt: Runtime, dev: torch.device, nets: Networks) -> Evaluation:
-    """Measure a loaded tokenizer (from path `tokenizer`) on `ds`; every process gets the gathered result."""
+                   rt: Runtime, dev: torch.device, nets: Networks, inputs_stats: FeatureStats | None = None
+                   ) -> Evaluation:
+    """Measure a loaded tokenizer (from path `tokenizer`) on `ds`; every process gets the gathered result.
+    `inputs_stats`: the Inception statistics of `ds` from an earlier evaluation on it (`measures.real`), reused
+    for the rFID instead of running the inputs through Inception again."""
     from .outputs import summarize
 
     check_model(model, tokenizer, ds.resolution)
-    m = _run(model, ds, rt, dev, opts, nets.lpips, nets.inception)
+    m = _run(model, ds, rt, dev, opts, nets.lpips, nets.inception, inputs_stats)
     names = [absolute_source(ds.name(i), data) for i in range(len(ds))]
     summary = summarize(
         m, names, ds.resolution, opts, unreadable=unreadable,
@@ -215,14 +225,15 @@ def evaluate_folder(tokenizer: str, data: str, out: str, opts: EvalOptions | Non
         cleanup_runtime(rt)
 
 
-def _run(model, ds: ProtocolImages, rt: Runtime, dev: torch.device, opts: EvalOptions, lpips, inception
-         ) -> Measures:
+def _run(model, ds: ProtocolImages, rt: Runtime, dev: torch.device, opts: EvalOptions, lpips, inception,
+         inputs_stats: FeatureStats | None = None) -> Measures:
     """This process's share of the set, then everything gathered and summed over processes."""
     m = Measures(CodeUsage(model.code_spec))
     if inception is not None:
         from .fid import FeatureStats
 
-        m.real, m.fake = FeatureStats(), FeatureStats()
+        m.real, m.fake = FeatureStats() if inputs_stats is None else inputs_stats, FeatureStats()
+        m.real_given = inputs_stats is not None
     shard = Subset(ReadableItems(ds), range(rt.rank, len(ds), rt.world_size))
     loader = DataLoader(shard, batch_size=opts.batch_size, shuffle=False, num_workers=opts.num_workers,
                         collate_fn=collate_readable)
@@ -262,13 +273,13 @@ def _reduce(m: Measures, clock: Clock, rt: Runtime) -> None:
         m.rows = [r for s in shards for r in s]
         m.usage.all_reduce()
         if m.real is not None:
-            m.real.all_reduce()
+            if not m.real_given:
+                m.real.all_reduce()
             m.fake.all_reduce()
         parts = list(clock.seconds)
         totals = torch.tensor([m.skipped, *[clock.seconds[p] for p in parts]], dtype=torch.float64)
-        dist.all_reduce(totals)
-        wall = torch.tensor([clock.seconds["wall"]], dtype=torch.float64)
-        dist.all_reduce(wall, op=dist.ReduceOp.MAX)
+        all_reduce(totals)
+        wall = all_reduce(torch.tensor([clock.seconds["wall"]], dtype=torch.float64), op=dist.ReduceOp.MAX)
         m.skipped = int(totals[0])
         clock.seconds = {**dict(zip(parts, totals[1:].tolist())), "process_seconds": float(totals[1 + parts.index(
             "wall")]), "wall": float(wall[0])}

@@ -9,9 +9,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 
 from ..codes import CodeSpec
+from .shards import all_reduce
 
 
 def entropy_bits(counts: torch.Tensor) -> float:
@@ -35,7 +35,7 @@ class CodeUsage:
     def all_reduce(self) -> None:
         """Sum the histograms of all processes (torch.distributed), in place."""
         flat = torch.cat(self.counts)
-        dist.all_reduce(flat)
+        all_reduce(flat)
         self.counts = list(flat.split(self.spec.streams))
 
     def summary(self, height: int, width: int) -> dict:
