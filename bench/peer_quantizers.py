@@ -111,7 +111,7 @@ for _kind in PAIRS.values():
     QUANTIZERS.register(_kind, config=PeerConfig)(PeerQuantizer)
 
 
-def train_peer(kind: str, data: str, steps: int, batch: int, out: Path, holdout: int) -> dict:
+def train_peer(kind: str, data: str, steps: int, batch: int, out: Path, holdout: int, threads: int = 2) -> dict:
     """Like quality_family.run_one, with the peer module in place of our quantizer."""
     from quality_family import PRESETS, _train_logs
 
@@ -125,7 +125,7 @@ def train_peer(kind: str, data: str, steps: int, batch: int, out: Path, holdout:
         f"model.quantizer.kind={kind}", *options, f"data.path={data}", f"data.holdout={holdout}",
         f"train.steps={steps}", f"train.batch_size={batch}", f"train.out_dir={out}", f"train.eval_every={steps}",
         f"train.ckpt_every={steps}", f"train.image_every={steps}"])
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     t0 = time.perf_counter()
     result = train_tokenizer(cfg, progress=False)
     logs = _train_logs(out)
@@ -178,16 +178,20 @@ def main() -> int:
     ap.add_argument("--out", default="runs/peer")
     ap.add_argument("--ours-dir", default="runs/family", help="quality_family.py's output with our kinds' results")
     ap.add_argument("--pairs", default=",".join(PAIRS))
+    ap.add_argument("--threads", type=int, default=2,
+                    help="torch threads for training (1 when the machine is shared)")
     ap.add_argument("--timing-only", action="store_true")
+    ap.add_argument("--skip-timing", action="store_true", help="train and compare only (time on a quiet machine)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     out = Path(args.out)
     if args.one:
-        result = train_peer(args.one, args.data, args.steps, args.batch, out / args.one, args.holdout)
+        result = train_peer(args.one, args.data, args.steps, args.batch, out / args.one, args.holdout, args.threads)
         (out / f"{args.one}.json").write_text(json.dumps(result, indent=1))
         return 0
-    print("quantizer forward+backward, batch 8, 8x8 latent, 2 threads, median of 30 x 3 alternating rounds\n")
-    print(timing_table(), flush=True)
+    if not args.skip_timing:
+        print("quantizer forward+backward, batch 8, 8x8 latent, 2 threads, median of 30 x 3 alternating rounds\n")
+        print(timing_table(), flush=True)
     if args.timing_only:
         return 0
     rows = ["| pair | PSNR ours | PSNR peer | usage ours | usage peer | s/step ours | s/step peer |",
@@ -196,9 +200,14 @@ def main() -> int:
         peer = PAIRS[ours]
         out.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, __file__, args.data, "--one", peer, "--steps", str(args.steps), "--batch",
-                        str(args.batch), "--holdout", str(args.holdout), "--out", str(out)], check=True)
+                        str(args.batch), "--holdout", str(args.holdout), "--out", str(out), "--threads",
+                        str(args.threads)], check=True)
         theirs = json.loads((out / f"{peer}.json").read_text())
-        mine = json.loads((Path(args.ours_dir) / f"{ours}.json").read_text())
+        mine_file = Path(args.ours_dir) / f"{ours}.json"
+        if not mine_file.exists():  # ours not run here (quality_family.py --out OURS_DIR): the peer's side alone
+            mine = {"psnr": math.nan, "usage": math.nan, "seconds_per_step": math.nan}
+        else:
+            mine = json.loads(mine_file.read_text())
         rows.append(f"| {ours} / {peer} | {mine['psnr']:.2f} | {theirs['psnr']:.2f} | {mine['usage']:.1%} | "
                     f"{theirs['usage']:.1%} | {mine['seconds_per_step']:.2f} | {theirs['seconds_per_step']:.2f} |")
         print("\n".join(rows), flush=True)

@@ -112,11 +112,27 @@ def test_a_resumed_run_continues_the_schedules(tmp_path):
         assert logs["temperature"] == temperature and "logit_laplace" in logs
 
 
+def test_the_entropy_penalty_matches_a_hand_computation():
+    """entropy_weight adds w * (mean per-position entropy of softmax(logits) - entropy of their batch mean) to the
+    scheduled KL, in training only."""
+    torch.manual_seed(0)
+    q = build_quantizer(quantizer_config(**{**GUMBEL, "kl_weight": 0.0, "kl_warmup_steps": 0, "entropy_weight": 0.3}), 16)
+    z = torch.randn(2, 16, 3, 3)
+    logits = q.proj(z).permute(0, 2, 3, 1).reshape(-1, 64).double()
+    p = logits.softmax(1)
+    per_sample = -(p * p.log()).sum(1).mean()
+    mean = p.mean(0)
+    expected = 0.3 * (per_sample + (mean * mean.log()).sum())
+    assert float(q.train()(z).loss) == pytest.approx(float(expected), rel=1e-5)
+    assert float(q.eval()(z).loss) == 0
+
+
 @pytest.mark.parametrize("override", [
     "model.encoder.groups=0",
     "model.decoder.hidden_channels=30",
     "model.quantizer.temperature_end=0",
     "model.quantizer.kl_warmup_steps=-1",
+    "model.quantizer.entropy_weight=-0.1",
     "model.decoder_output=image",  # the logit-Laplace term needs the scale
     "model.decoder_output=gaussian",
     "loss.logit_laplace_weight=-1",

@@ -4,7 +4,7 @@
 
 for a soft assignment p(c|z) of each position to the codes. Two shapes of codebook:
 - explicit (vq, ema, each depth of residual): p(k|z) = softmax_k(-||z - e_k||^2 / t), one (N, K) block
-  (`assignment_entropies`);
+  (`assignment_entropies`); gumbel's own logits over its codes (`softmax_entropies`);
 - implicit grids (fsq): each channel's own soft assignment to its values, p(c|z) = prod_i p_i(c_i|z), so the
   per-position entropy is the sum of the channels' and the batch mean over all prod(levels) codes is summed
   in chunks of codes by `_MeanProductProbs` (never a (N, prod(levels)) tensor). LFQ (lfq.py) is the two-level
@@ -50,9 +50,14 @@ def assignment_entropies(z: torch.Tensor, codebook: torch.Tensor, temperature: f
     with torch.autocast(device_type=z.device.type, enabled=False):
         z, codebook = z.float(), codebook.float()
         d = (z * z).sum(1, keepdim=True) + (codebook * codebook).sum(1) - 2 * z @ codebook.t()  # (N, K)
-        log_p = F.log_softmax(-d / temperature, dim=1)
-        p = log_p.exp()
-        return -(p * log_p).sum(1).mean(), entropy_of(mean_over_ranks(p.mean(0)))
+        return softmax_entropies(-d / temperature)
+
+
+def softmax_entropies(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of logits (N, K) -> (mean over rows of H(softmax(row)), H(mean over rows of softmax(row)))."""
+    log_p = F.log_softmax(logits.float(), dim=1)
+    p = log_p.exp()
+    return -(p * log_p).sum(1).mean(), entropy_of(mean_over_ranks(p.mean(0)))
 
 
 # -- implicit grids ---------------------------------------------------------------------------------------

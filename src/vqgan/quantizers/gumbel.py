@@ -27,6 +27,7 @@ from ..config import QuantizerConfig
 from ..errors import UserError
 from ..registry import QUANTIZERS
 from .base import Quantizer, QuantizerOutput, codebook_stats
+from .entropy import softmax_entropies
 
 
 @dataclass
@@ -43,6 +44,10 @@ class GumbelConfig(QuantizerConfig):
     kl_warmup_steps: int = 0
     straight_through: bool = True
     noise_in_eval: bool = False  # taming quirk: its GumbelVQ samples noise even in eval (off: argmax tokens)
+    # the family's entropy penalty on q = softmax(logits) (entropy.py): + entropy_weight * (E[H(q)] - H(E[q])).
+    # Beyond the paper: its KL pulls each position's q toward uniform, which does not stop every position
+    # choosing the same code; this term spreads the batch over the codes. 0: off (the paper).
+    entropy_weight: float = 0.0
 
     def temperature_at(self, step: int) -> float:
         if not self.temperature_steps:
@@ -63,7 +68,7 @@ class GumbelConfig(QuantizerConfig):
         for name in ("temperature", "temperature_end"):
             if not getattr(self, name) > 0:
                 raise UserError(f"{where}.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("kl_weight", "kl_weight_start", "temperature_steps", "kl_warmup_steps"):
+        for name in ("kl_weight", "kl_weight_start", "temperature_steps", "kl_warmup_steps", "entropy_weight"):
             if getattr(self, name) < 0:
                 raise UserError(f"{where}.{name} must be >= 0, got {getattr(self, name)}")
 
@@ -90,7 +95,12 @@ class GumbelQuantizer(Quantizer):
         q = F.softmax(logits, dim=1)
         kl = self.kl_weight * (q * torch.log(q * self.n_embed + 1e-10)).sum(1).mean()
         indices = one_hot.argmax(1).unsqueeze(-1)  # (B, h, w, 1)
-        return QuantizerOutput(quantized, indices, kl, codebook_stats(indices, self.n_embed))
+        stats = codebook_stats(indices, self.n_embed)
+        if self.training and self.config.entropy_weight:
+            per_sample, batch = softmax_entropies(logits.permute(0, 2, 3, 1).reshape(-1, self.n_embed))
+            kl = kl + self.config.entropy_weight * (per_sample - batch)
+            stats.update(sample_entropy=per_sample.detach(), codebook_entropy=batch.detach())
+        return QuantizerOutput(quantized, indices, kl, stats)
 
     def set_step(self, step: int) -> dict[str, float]:
         self.temperature = self.config.temperature_at(step)
