@@ -309,6 +309,7 @@ class CodebookCareConfig:
     """Keeps nearest-neighbour VQ from collapsing onto a few codes."""
 
     init_from_data: bool = True  # first step: codes := random encoder outputs
+    kmeans_iters: int = 0  # ... then this many k-means (Lloyd) iterations on those outputs (0: random ones alone)
     restart_every: int = 20  # steps between dead-code restarts (0 = never)
     restart_after: int = 100  # a code unused for this many steps is dead
     restart_until: float = 0.9  # fraction of training after which codes are no longer restarted

@@ -61,8 +61,10 @@ class CodebookUpkeep:
 
     @torch.no_grad()
     def initialize(self, codebook: torch.Tensor, latents: torch.Tensor) -> None:
-        """Codes := random encoder outputs. `latents`: (N, D) from this rank; rank 0's are used."""
-        codes = self._sample(latents.detach().float().cpu(), self.n_embed)
+        """Codes := random encoder outputs, refined by `kmeans_iters` k-means iterations on them. `latents`: (N, D)
+        from this rank; rank 0's are used."""
+        vectors = latents.detach().float().cpu()
+        codes = kmeans(vectors, self._sample(vectors, self.n_embed), self.config.kmeans_iters)
         codebook.copy_(codes.to(codebook))
         _broadcast(codebook)
         self.initialized = True
@@ -113,6 +115,19 @@ class CodebookUpkeep:
     def window_usage(self, step: int) -> float:
         """Fraction of codes that won at least once in the last `restart_after` steps."""
         return float(((step - self.last_used) < self.config.restart_after).float().mean())
+
+
+def kmeans(vectors: torch.Tensor, codes: torch.Tensor, iters: int) -> torch.Tensor:
+    """Lloyd's iterations from `codes` (K, D) on `vectors` (N, D): each code moves to the mean of the vectors
+    nearest to it; a code nearest to none stays where it is (a restart can move it later)."""
+    codes = codes.clone()
+    for _ in range(iters):
+        nearest = torch.cdist(vectors, codes).argmin(1)
+        counts = torch.bincount(nearest, minlength=codes.shape[0])
+        sums = torch.zeros_like(codes).index_add_(0, nearest, vectors)
+        filled = counts > 0
+        codes[filled] = sums[filled] / counts[filled, None]
+    return codes
 
 
 def _param_of(optimizer: torch.optim.Optimizer, tensor: torch.Tensor):
