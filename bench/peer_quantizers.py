@@ -152,20 +152,24 @@ def quantizer_seconds(kind: str, options: dict, rounds: int = 30) -> float:
     return statistics.median(times)
 
 
-OURS_OPTIONS = {"ema": {"n_embed": 1024, "embed_dim": 64}, "residual": {"n_embed": 32, "depth": 2, "embed_dim": 64},
-                "fsq": {"levels": [8, 5, 5, 5]}, "lfq": {"bits": 10}}
+# what is timed: (label, our kind, its options, the peer kind); the peer's options are PEER_OPTIONS
+TIMED = [("ema", "ema", {"n_embed": 1024, "embed_dim": 64}, "peer-vq"),
+         ("residual", "residual", {"n_embed": 32, "depth": 2, "embed_dim": 64}, "peer-rq"),
+         ("fsq", "fsq", {"levels": [8, 5, 5, 5]}, "peer-fsq"),
+         ("fsq + entropy 0.02 (small-cpu)", "fsq", {"levels": [8, 5, 5, 5], "entropy_weight": 0.02}, "peer-fsq"),
+         ("lfq", "lfq", {"bits": 10}, "peer-lfq")]
 
 
-def timing_table() -> str:
-    torch.set_num_threads(2)
-    lines = ["| pair | ours ms | peer ms | ours / peer |", "|---|---|---|---|"]
-    for ours, peer in PAIRS.items():
+def timing_table(threads: int = 2) -> str:
+    torch.set_num_threads(threads)
+    lines = ["| ours / peer | ours ms | peer ms | ours / peer |", "|---|---|---|---|"]
+    for label, ours, options, peer in TIMED:
         a, b = [], []
         for _ in range(3):  # alternate: the machine's speed drifts
-            a.append(quantizer_seconds(ours, OURS_OPTIONS[ours]))
+            a.append(quantizer_seconds(ours, options))
             b.append(quantizer_seconds(peer, PEER_OPTIONS[peer]))
         ta, tb = statistics.median(a), statistics.median(b)
-        lines.append(f"| {ours} / {peer} | {ta * 1e3:.2f} | {tb * 1e3:.2f} | {ta / tb:.2f}x |")
+        lines.append(f"| {label} / {peer} | {ta * 1e3:.2f} | {tb * 1e3:.2f} | {ta / tb:.2f}x |")
     return "\n".join(lines)
 
 
@@ -190,8 +194,9 @@ def main() -> int:
         (out / f"{args.one}.json").write_text(json.dumps(result, indent=1))
         return 0
     if not args.skip_timing:
-        print("quantizer forward+backward, batch 8, 8x8 latent, 2 threads, median of 30 x 3 alternating rounds\n")
-        print(timing_table(), flush=True)
+        print(f"quantizer forward+backward, batch 8, 8x8 latent, {args.threads} thread(s), median of 30 x 3 "
+              "alternating rounds\n")
+        print(timing_table(args.threads), flush=True)
     if args.timing_only:
         return 0
     rows = ["| pair | PSNR ours | PSNR peer | usage ours | usage peer | s/step ours | s/step peer |",

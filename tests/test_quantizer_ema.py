@@ -157,7 +157,10 @@ assert torch.equal(both[0], both[1]), "ranks diverged"
 if rank == 0:
     torch.save(q.state_dict(), {str(tmp_path / 'ddp.pt')!r})
     print("EMA_RANKS_IDENTICAL")
+dist.barrier()
 dist.destroy_process_group()
+from vqgan.train.common import leave_worker
+leave_worker(0)  # gloo's worker threads can abort interpreter finalization (see leave_worker)
 """)
     assert "EMA_RANKS_IDENTICAL" in run_two_processes(script)
     ddp = torch.load(tmp_path / "ddp.pt")
@@ -340,7 +343,10 @@ for i in range(3):
     value.backward()
     out.append((value.detach(), z.grad / dist.get_world_size()))  # DDP's average over ranks
 torch.save(out, {str(tmp_path)!r} + f"/rank{{rank}}.pt")
+dist.barrier()
 dist.destroy_process_group()
+from vqgan.train.common import leave_worker
+leave_worker(0)  # the autograd all-reduce's gloo threads can abort interpreter finalization (see leave_worker)
 """)
     run_two_processes(script)
     import sys

@@ -17,7 +17,7 @@ from ..config import QuantizerConfig
 from ..errors import UserError
 from ..registry import QUANTIZERS
 from .base import Quantizer, QuantizerOutput, stats_from_counts
-from .entropy import entropy_of, mean_over_ranks
+from .entropy import entropy_of, exp_floored_, mean_over_ranks
 
 AUTO_SUBTOKEN_BITS = 12  # token_split 0: the fewest sub-tokens of at most this many bits (4096 ids each)
 MAX_SUBTOKEN_BITS = 16  # the prior takes at most 2^16 ids per position
@@ -113,7 +113,7 @@ def _code_bits(start: int, stop: int, bits: int, like: torch.Tensor) -> torch.Te
 
 def _chunk_probs(logits: torch.Tensor, log_norm: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """p(c|z_n) for the codes whose bits are `codes` (chunk, bits): one (N, chunk) block."""
-    return torch.addmm(-log_norm, logits, codes.t()).exp_()
+    return exp_floored_(torch.addmm(-log_norm, logits, codes.t()))
 
 
 class _MeanCodeProbs(torch.autograd.Function):
