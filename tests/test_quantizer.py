@@ -97,3 +97,52 @@ def test_gumbel_model_trains(tmp_path):
     cfg = tiny_train_config(tmp_path, model={"quantizer": {"kind": "gumbel", "n_embed": 32, "embed_dim": 16}},
                             train={"steps": 2})
     assert TokenizerTrainer(cfg, progress=False).fit()["step"] == 2
+
+
+def test_rotation_trick_gives_the_codes_and_the_rotated_gradient():
+    """estimator: rotation (Fifty et al. 2024): the output is the codes exactly; the latent's gradient is
+    lambda R^T g, R the rotation of the latent's direction onto its code's (a full D x D matrix here), lambda =
+    |code| / |latent|; straight-through passes g unchanged."""
+    from vqgan.quantizers.vq import rotation_trick, straight_through
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 2, 2, dtype=torch.float64, requires_grad=True)
+    q = torch.randn(3, 5, 2, 2, dtype=torch.float64)
+    g = torch.randn(3, 5, 2, 2, dtype=torch.float64)
+    out = rotation_trick(x, q)
+    torch.testing.assert_close(out, q)
+    out.backward(g)
+    for b, i, j in [(0, 0, 0), (1, 1, 0), (2, 1, 1)]:
+        e, c = x.detach()[b, :, i, j], q[b, :, i, j]
+        u, w = e / e.norm(), c / c.norm()
+        r = (u + w) / (u + w).norm()
+        rot = torch.eye(5, dtype=torch.float64) - 2 * torch.outer(r, r) + 2 * torch.outer(w, u)
+        torch.testing.assert_close(rot @ u, w)  # it is the rotation onto the code's direction
+        torch.testing.assert_close(rot.T @ rot, torch.eye(5, dtype=torch.float64))
+        torch.testing.assert_close(x.grad[b, :, i, j], c.norm() / e.norm() * rot.T @ g[b, :, i, j])
+    x.grad = None
+    straight_through(x, q).backward(g)
+    torch.testing.assert_close(x.grad, g)
+
+
+@pytest.mark.parametrize("kind", ["vq", "ema", "residual"])
+def test_rotation_estimator_trains_through_every_nearest_neighbour_kind(kind):
+    from vqgan.config import quantizer_config
+    from vqgan.quantizers import build_quantizer
+
+    extra = {"depth": 2} if kind == "residual" else {}
+    q = build_quantizer(quantizer_config(kind, n_embed=16, embed_dim=8, estimator="rotation", **extra), 8).train()
+    z = torch.randn(2, 8, 3, 3, requires_grad=True)
+    out = q(z)
+    torch.testing.assert_close(out.quantized, q.decode_indices(out.indices), atol=1e-5, rtol=1e-5)
+    out.quantized.square().sum().backward()
+    assert z.grad is not None and torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["vq", "ema", "residual"])
+def test_an_unknown_estimator_is_a_one_line_error(kind):
+    from vqgan.config import TokenizerTrainConfig, load_config
+    from vqgan.errors import UserError
+
+    with pytest.raises(UserError, match=r"model\.quantizer\.estimator must be one of straight_through, rotation"):
+        load_config(TokenizerTrainConfig, {"model": {"quantizer": {"kind": kind, "estimator": "sideways"}}})

@@ -27,7 +27,7 @@ from ..config import CodebookCareConfig, QuantizerConfig
 from ..errors import UserError
 from ..registry import QUANTIZERS
 from .base import Quantizer, QuantizerOutput, codebook_stats
-from .vq import nearest_code
+from .vq import ESTIMATORS, nearest_code
 
 
 @dataclass
@@ -44,6 +44,8 @@ class ResidualConfig(QuantizerConfig):
     # each depth's entropy penalty (vq.py: VQConfig.entropy_weight; 0: off) on its own residuals
     entropy_weight: float = 0.0
     entropy_temperature: float = 0.01
+    # the gradient through the sum of the codes: straight_through or rotation (vq.py: VQConfig.estimator)
+    estimator: str = "straight_through"
 
     @property
     def vocab_per_depth(self) -> tuple[int, ...]:
@@ -66,6 +68,8 @@ class ResidualConfig(QuantizerConfig):
         super().validate(where)
         if self.depth < 1:
             raise UserError(f"{where}.depth must be >= 1, got {self.depth}")
+        if self.estimator not in ESTIMATORS:
+            raise UserError(f"{where}.estimator must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
         if self.n_embed < 2:
             raise UserError(f"{where}.n_embed must be >= 2, got {self.n_embed}")
         if not 0 <= self.quantize_dropout < 1:
@@ -110,7 +114,7 @@ class ResidualQuantizer(Quantizer):
             losses.append(out.loss)
         if self.training:
             self._last = (z.detach(), torch.stack(residuals))
-        quantized = z + (shown.to(z.dtype) - z).detach()  # straight-through on the whole sum
+        quantized = ESTIMATORS[self.config.estimator](z, shown.to(z.dtype))  # on the whole sum
         indices, codes = torch.stack(indices, -1), torch.stack(codes, -1)
         stats = self._stats(indices)
         stats["residual"] = ((zf - partial).square().mean() / zf.square().mean().clamp_min(1e-12)).detach()

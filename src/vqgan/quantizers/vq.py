@@ -67,6 +67,11 @@ class VQConfig(QuantizerConfig):
     # 0: off. Distances are those of the lookup space (in [0, 4] with l2_norm, for which t = 0.01 is made).
     entropy_weight: float = 0.0
     entropy_temperature: float = 0.01
+    # how the decoder's gradient reaches the encoder through the lookup: "straight_through" (VQ-VAE: copied as
+    # is) or "rotation" (Fifty et al. 2024, "Restructuring Vector Quantization with the Rotation Trick": the
+    # latent is rotated and scaled onto its code by a transform treated as constant, so the gradient turns with
+    # it; vector-quantize-pytorch's default)
+    estimator: str = "straight_through"
 
     @property
     def vocab_per_depth(self) -> tuple[int, ...]:
@@ -85,6 +90,32 @@ class VQConfig(QuantizerConfig):
             raise UserError(f"{where}.entropy_weight must be >= 0 (0: off, e.g. 0.1), got {self.entropy_weight}")
         if not self.entropy_temperature > 0:
             raise UserError(f"{where}.entropy_temperature must be > 0, e.g. 0.01; got {self.entropy_temperature}")
+        if self.estimator not in ESTIMATORS:
+            raise UserError(f"{where}.estimator must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
+
+
+def straight_through(x: torch.Tensor, x_q: torch.Tensor) -> torch.Tensor:
+    """The value of the codes x_q, the gradient of the latents x as it is."""
+    return x + (x_q - x).detach()
+
+
+def rotation_trick(x: torch.Tensor, x_q: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """The value of the codes x_q; the gradient of x through lambda R x, where R rotates x's direction u onto
+    x_q's direction w in their plane and lambda = |x_q| / |x|, both held constant:
+    R = I - 2 r r^T + 2 w u^T with r = (u + w) / |u + w| (the paper's Householder form, no D x D matrix)."""
+    wide = torch.promote_types(x.dtype, torch.float32)  # at least float32 under autocast
+    xf, qf = x.to(wide), x_q.detach().to(wide)
+    with torch.no_grad():
+        norm_x = xf.norm(dim=dim, keepdim=True).clamp_min(_L2_EPS)
+        norm_q = qf.norm(dim=dim, keepdim=True)
+        u, w = xf / norm_x, qf / norm_q.clamp_min(_L2_EPS)
+        r = F.normalize(u + w, dim=dim, eps=_L2_EPS)
+        scale = norm_q / norm_x
+    rotated = xf - 2 * r * (r * xf).sum(dim, keepdim=True) + 2 * w * (u * xf).sum(dim, keepdim=True)
+    return (scale * rotated + (qf - scale * rotated).detach()).to(x.dtype)  # exact codes, rotated gradient
+
+
+ESTIMATORS = {"straight_through": straight_through, "rotation": rotation_trick}
 
 
 def l2_normalize(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -190,7 +221,7 @@ class VectorQuantizer(Quantizer):
             per_sample, batch = assignment_entropies(flat, codebook, self.config.entropy_temperature)
             loss = loss + self.config.entropy_weight * (per_sample - batch)
             stats.update(sample_entropy=per_sample.detach(), codebook_entropy=batch.detach())
-        quantized = x + (x_q - x).detach()  # straight-through estimator
+        quantized = ESTIMATORS[self.config.estimator](x, x_q)
         if self.config.codebook_dim:
             quantized = self.from_lookup(quantized.permute(0, 2, 3, 1)).to(z.dtype)
         rows = indices.view(b, h, w, 1)
