@@ -12,6 +12,7 @@ single encoder outputs included, so it overstates what the data uses; it is show
 
     python bench/quality_family.py DATA_DIR [--kinds vq,ema,...] [--steps 300] [--batch 8] [--out runs/family]
     python bench/quality_family.py DATA_DIR --kinds vq,vit,vqvae,dvae,vqvae2 --minutes 5   # equal wall-clock
+    python bench/quality_family.py DATA_DIR --kinds vqvae,vqvae2 --seeds 3   # + mean +- sd over seeds 0, 1, 2
     python bench/make_photo_crops.py /tmp/photos; python bench/make_emoji_dataset.py /tmp/emoji   # the data
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import subprocess
 import sys
 import time
@@ -136,7 +138,10 @@ def main() -> int:
     ap.add_argument("--out", default="runs/family")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for every kind (recipe experiments), e.g. model.quantizer.entropy_weight=0.1")
+    ap.add_argument("--seeds", type=int, default=1,
+                    help="train each kind with seeds 0..N-1 and add mean +- sd: single short runs differ by ~1 dB")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process: train this kind
+    ap.add_argument("--name", default=None, help=argparse.SUPPRESS)  # ... into OUT/NAME
     args = ap.parse_args()
     out = Path(args.out)
     if args.minutes:  # the schedules (warm-up, restarts) then run over 100,000 steps, as in a long run
@@ -145,24 +150,49 @@ def main() -> int:
     budget = f"{args.minutes:g} minutes of training" if args.minutes else f"{args.steps} steps"
     budget += f", {args.threads} thread{'s' if args.threads > 1 else ''}"
     if args.one:
-        result = run_one(args.one, args.data, args.steps, args.batch, out / args.one, args.holdout, args.set,
+        name = args.name or args.one
+        result = run_one(args.one, args.data, args.steps, args.batch, out / name, args.holdout, args.set,
                          args.threads)
-        (out / f"{args.one}.json").write_text(json.dumps(result, indent=1))
+        (out / f"{name}.json").write_text(json.dumps(result, indent=1))
         return 0
-    rows = []
+    rows, names = [], []
     for kind in args.kinds.split(","):
         if kind not in PRESETS:
             print(f"unknown kind {kind}; one of {', '.join(PRESETS)}", file=sys.stderr)
             return 2
         out.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, __file__, args.data, "--one", kind, "--steps", str(args.steps), "--batch",
-                        str(args.batch), "--holdout", str(args.holdout), "--out", str(out), "--threads",
-                        str(args.threads), *(f"--set={o}" for o in args.set)], check=True)
-        rows.append(json.loads((out / f"{kind}.json").read_text()))
-        print(table(rows, args.data, budget, args.batch), flush=True)
-    (out / "table.md").write_text(table(rows, args.data, budget, args.batch) + "\n")
-    compare_runs(args.kinds.split(","), args.data, args.holdout, out)
+        for seed in range(args.seeds):
+            name = kind if args.seeds == 1 else f"{kind}-seed{seed}"
+            seed_set = [] if args.seeds == 1 else [f"train.seed={seed}"]
+            subprocess.run([sys.executable, __file__, args.data, "--one", kind, "--name", name, "--steps",
+                            str(args.steps), "--batch", str(args.batch), "--holdout", str(args.holdout), "--out",
+                            str(out), "--threads", str(args.threads),
+                            *(f"--set={o}" for o in [*args.set, *seed_set])], check=True)
+            rows.append(json.loads((out / f"{name}.json").read_text()))
+            names.append(name)
+            print(table(rows, args.data, budget, args.batch), flush=True)
+    text = table(rows, args.data, budget, args.batch)
+    if args.seeds > 1:
+        text += "\n\n" + seed_table(rows, args.seeds)
+        print(seed_table(rows, args.seeds), flush=True)
+    (out / "table.md").write_text(text + "\n")
+    compare_runs(names, args.data, args.holdout, out)
     return 0
+
+
+def seed_table(rows: list[dict], seeds: int) -> str:
+    """Mean +- sample standard deviation over each kind's seeds (rows in order, `seeds` per kind)."""
+    import statistics
+
+    lines = ["| kind | seeds | held-out PSNR (dB) | usage (held-out) |", "|---|---|---|---|"]
+    for i in range(0, len(rows), seeds):
+        group = rows[i:i + seeds]
+        psnr = [r["psnr"] for r in group]
+        usage = [100 * r["usage"] for r in group]
+        lines.append(f"| {re.sub(r' train.seed=[0-9]+', '', group[0]['kind'])} | {len(group)} | "
+                     f"{statistics.mean(psnr):.2f} +- {statistics.stdev(psnr):.2f} | "
+                     f"{statistics.mean(usage):.1f}% +- {statistics.stdev(usage):.1f} |")
+    return "\n".join(lines)
 
 
 def compare_runs(kinds: list[str], data: str, holdout: int, out: Path) -> None:
