@@ -54,3 +54,14 @@ def test_kmeans_init_finds_separated_clusters_and_beats_random_outputs():
         return float(torch.cdist(points, book).min(1).values.square().mean())
 
     assert error(10) < error(0)
+
+
+def test_negative_codebook_care_settings_are_one_line_errors():
+    import pytest
+
+    from vqgan.config import TokenizerTrainConfig, load_config
+    from vqgan.errors import UserError
+
+    for name in ("kmeans_iters", "restart_every", "restart_after"):
+        with pytest.raises(UserError, match=rf"train\.codebook\.{name} must be >= 0"):
+            load_config(TokenizerTrainConfig, {"train": {"codebook": {name: -1}}})

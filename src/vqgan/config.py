@@ -350,6 +350,9 @@ class TrainConfig:
             raise UserError(f"train.base_learning_rate must be > 0, got {self.base_learning_rate}")
         if self.warmup_steps < 0:
             raise UserError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        for name in ("kmeans_iters", "restart_every", "restart_after"):
+            if getattr(self.codebook, name) < 0:
+                raise UserError(f"train.codebook.{name} must be >= 0, got {getattr(self.codebook, name)}")
 
 
 def validate_loop(cfg: Any, where: str, at_least_one: tuple[str, ...]) -> None:
