@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_setting_error, tiny_train_config, train_on_photos
+from conftest import assert_setting_error, photo_crops, tiny_train_config, train_on_photos
 
 from vqgan.config import LossConfig, TokenizerTrainConfig, load_config, quantizer_config
 from vqgan.losses import VQGANLoss
@@ -112,27 +112,65 @@ def test_a_resumed_run_continues_the_schedules(tmp_path):
         assert logs["temperature"] == temperature and "logit_laplace" in logs
 
 
-def test_the_entropy_penalty_matches_a_hand_computation():
-    """entropy_weight adds w * (mean per-position entropy of softmax(logits) - entropy of their batch mean) to the
-    scheduled KL, in training only."""
+@pytest.mark.parametrize("share", [1.0, 0.0])
+def test_the_entropy_penalty_matches_a_hand_computation(share):
+    """entropy_weight adds w * (s * mean per-position entropy of softmax(logits) - entropy of their batch mean)
+    to the scheduled KL, s = sample_entropy_weight, in training only."""
     torch.manual_seed(0)
-    q = build_quantizer(quantizer_config(**{**GUMBEL, "kl_weight": 0.0, "kl_warmup_steps": 0, "entropy_weight": 0.3}), 16)
+    q = build_quantizer(quantizer_config(**{**GUMBEL, "kl_weight": 0.0, "kl_warmup_steps": 0, "entropy_weight": 0.3,
+                                            "sample_entropy_weight": share}), 16)
     z = torch.randn(2, 16, 3, 3)
-    logits = q.proj(z).permute(0, 2, 3, 1).reshape(-1, 64).double()
+    logits = q.proj(z).detach().permute(0, 2, 3, 1).reshape(-1, 64).double()
     p = logits.softmax(1)
     per_sample = -(p * p.log()).sum(1).mean()
     mean = p.mean(0)
-    expected = 0.3 * (per_sample + (mean * mean.log()).sum())
-    assert float(q.train()(z).loss) == pytest.approx(float(expected), rel=1e-5)
-    assert float(q.eval()(z).loss) == 0
+    expected = 0.3 * (share * per_sample + (mean * mean.log()).sum())
+    assert float(q.train()(z).loss.detach()) == pytest.approx(float(expected), rel=1e-5)
+    assert float(q.eval()(z).loss.detach()) == 0
+
+
+def test_convs_start_as_the_released_code():
+    """Normal 1/sqrt(fan_in) weights and zero biases, as dall_e's Conv2d; codes of the gumbel quantizer with
+    init dalle as the released decoder's first conv reads a one-hot."""
+    torch.manual_seed(0)
+    cfg = load_config(TokenizerTrainConfig, resolve_config_path("small-cpu-dvae"))
+    assert cfg.model.quantizer.init == "dalle"
+    model = VQModel(cfg.model)
+    convs = [c for part in (model.encoder, model.decoder) for c in part.modules() if isinstance(c, torch.nn.Conv2d)]
+    convs.append(model.quantize.proj)
+    for conv in convs:
+        assert not conv.bias.any()
+        if conv.weight.numel() >= 4096:  # enough samples for the std to be within a few percent
+            assert conv.weight.std().item() == pytest.approx(conv.weight[0].numel() ** -0.5, rel=0.1)
+    assert model.quantize.embed.weight.std().item() == pytest.approx(1024 ** -0.5, rel=0.1)
+    taming = build_quantizer(quantizer_config("gumbel", n_embed=64, embed_dim=16), 16)
+    assert taming.proj.bias.abs().sum() > 0 and taming.embed.weight.std() > 0.5  # PyTorch's defaults
+
+
+def test_the_released_init_does_not_start_collapsed(tmp_path):
+    """At init, real photographs' logits must depend on the image: with PyTorch's default init the biases
+    outweighed the signal and every position picked one of a handful of codes (8 of 1024 on the photo crops)."""
+    import numpy as np
+    from PIL import Image
+
+    folder = photo_crops(tmp_path / "photos")
+    images = torch.stack([torch.from_numpy(np.array(Image.open(f))).permute(2, 0, 1)
+                          for f in sorted(folder.glob("*.png"))]).float() / 127.5 - 1
+    torch.manual_seed(0)
+    cfg = load_config(TokenizerTrainConfig, resolve_config_path("small-cpu-dvae"), ["model.resolution=32"])
+    with torch.no_grad():
+        codes = VQModel(cfg.model).eval().encode(images)
+    assert codes.unique().numel() >= 16, codes.unique().numel()
 
 
 @pytest.mark.parametrize("override", [
+    "model.quantizer.init=pytorch",
     "model.encoder.groups=0",
     "model.decoder.hidden_channels=30",
     "model.quantizer.temperature_end=0",
     "model.quantizer.kl_warmup_steps=-1",
     "model.quantizer.entropy_weight=-0.1",
+    "model.quantizer.sample_entropy_weight=-1",
     "model.decoder_output=image",  # the logit-Laplace term needs the scale
     "model.decoder_output=gaussian",
     "loss.logit_laplace_weight=-1",

@@ -6,9 +6,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-
-def distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+from ..parallel import is_distributed as distributed
 
 
 def rank_and_world() -> tuple[int, int]:

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import CodebookCareConfig
+from ..parallel import is_distributed
 
 __all__ = ["CodebookUpkeep"]
 
@@ -73,7 +74,7 @@ class CodebookUpkeep:
     def observe(self, codes: torch.Tensor, latents: torch.Tensor, step: int) -> None:
         """Record which codebook rows won this step (all ranks) and keep some encoder outputs (N, D) for restarts."""
         counts = torch.bincount(codes.reshape(-1), minlength=self.n_embed)
-        if dist.is_available() and dist.is_initialized():
+        if is_distributed():
             dist.all_reduce(counts)
         counts = counts.cpu()
         self.last_used[counts > 0] = step
@@ -139,5 +140,5 @@ def _param_of(optimizer: torch.optim.Optimizer, tensor: torch.Tensor):
 
 
 def _broadcast(t: torch.Tensor) -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if is_distributed():
         dist.broadcast(t, src=0)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from ..parallel import is_distributed
 from ..registry import QUANTIZERS
 from .vq import VectorQuantizer, VQConfig
 
@@ -96,7 +97,7 @@ class EMAVectorQuantizer(VectorQuantizer):
         """The EMA step from this step's statistics (summed over micro-batches and ranks); clears them."""
         e = self.embedding
         stats = torch.cat([e.step_counts[:, None], e.step_sums], 1)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if is_distributed():
             dist.all_reduce(stats)  # one collective: every rank then makes the same update
         counts, sums = stats[:, 0], stats[:, 1:]
         e.step_counts.zero_()

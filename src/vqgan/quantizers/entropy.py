@@ -20,6 +20,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..parallel import is_distributed
+
 # positions x codes per chunk of a grid's batch-mean distribution (16 MB of float32)
 _CHUNK_ELEMENTS = 2**22
 
@@ -28,11 +30,9 @@ def mean_over_ranks(mean: torch.Tensor) -> torch.Tensor:
     """A rank's batch-mean distribution -> the mean over all ranks (equal batches), differentiable. The
     all-reduce's backward sums every rank's gradient of the (identical) loss, and DDP then averages parameter
     gradients over ranks: together exactly the gradient of one process's loss on the union of the batches."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not is_distributed():
         return mean
     world = torch.distributed.get_world_size()
-    if world == 1:
-        return mean
     from torch.distributed.nn.functional import all_reduce
 
     return all_reduce(mean) / world

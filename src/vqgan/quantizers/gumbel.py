@@ -48,6 +48,14 @@ class GumbelConfig(QuantizerConfig):
     # Beyond the paper: its KL pulls each position's q toward uniform, which does not stop every position
     # choosing the same code; this term spreads the batch over the codes. 0: off (the paper).
     entropy_weight: float = 0.0
+    # the per-position term's share of it (as lfq's): 0 keeps only "spread the batch over the codes", leaving
+    # each position's confidence to the reconstruction (the per-position term saturates the logits: measured,
+    # README's dVAE paragraph)
+    sample_entropy_weight: float = 1.0
+    # taming: PyTorch's defaults (the logits conv uniform with biases, codes N(0, 1)); dalle: the released
+    # dVAE's (logits conv normal 1/sqrt(fan_in), zero bias; codes as its decoder's first conv reads a one-hot,
+    # std 1/sqrt(n_embed), small enough that Adam moves them within a short run)
+    init: str = "taming"
 
     def temperature_at(self, step: int) -> float:
         if not self.temperature_steps:
@@ -68,7 +76,10 @@ class GumbelConfig(QuantizerConfig):
         for name in ("temperature", "temperature_end"):
             if not getattr(self, name) > 0:
                 raise UserError(f"{where}.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("kl_weight", "kl_weight_start", "temperature_steps", "kl_warmup_steps", "entropy_weight"):
+        if self.init not in ("taming", "dalle"):
+            raise UserError(f"{where}.init must be taming or dalle, got {self.init!r}")
+        for name in ("kl_weight", "kl_weight_start", "temperature_steps", "kl_warmup_steps", "entropy_weight",
+                     "sample_entropy_weight"):
             if getattr(self, name) < 0:
                 raise UserError(f"{where}.{name} must be >= 0, got {getattr(self, name)}")
 
@@ -83,6 +94,10 @@ class GumbelQuantizer(Quantizer):
         self.kl_weight = config.kl_weight_at(0)
         self.proj = nn.Conv2d(in_channels, config.n_embed, 1)  # latent -> logits over the codes
         self.embed = nn.Embedding(config.n_embed, config.embed_dim)
+        if config.init == "dalle":
+            nn.init.normal_(self.proj.weight, std=in_channels ** -0.5)
+            nn.init.zeros_(self.proj.bias)
+            nn.init.normal_(self.embed.weight, std=config.n_embed ** -0.5)
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         logits = self.proj(z).float()  # (B, K, h, w)
@@ -98,7 +113,7 @@ class GumbelQuantizer(Quantizer):
         stats = codebook_stats(indices, self.n_embed)
         if self.training and self.config.entropy_weight:
             per_sample, batch = softmax_entropies(logits.permute(0, 2, 3, 1).reshape(-1, self.n_embed))
-            kl = kl + self.config.entropy_weight * (per_sample - batch)
+            kl = kl + self.config.entropy_weight * (self.config.sample_entropy_weight * per_sample - batch)
             stats.update(sample_entropy=per_sample.detach(), codebook_entropy=batch.detach())
         return QuantizerOutput(quantized, indices, kl, stats)
 

@@ -20,6 +20,11 @@ Where this differs from the released code, and why:
   the logits have rank <= `embed_dim` (the codebook's width), and the decoder's input conv reads
   `model.z_channels`. The presets keep those widths at DALL-E's n_init (128).
 - The number of groups (`groups`, 4: f = 8) is a setting; group g has width 2^g n_hid.
+- Every conv is initialised as the released code's: weights normal with std 1 / sqrt(fan_in), biases zero
+  (`dalle_init`). PyTorch's default (uniform, ~1/sqrt(3) of that scale, and biases of the same size as the
+  weights) shrinks the signal through the 1x1 convs between groups until the biases dominate: at init the
+  latent varied 5x less across positions than its constant offset, every position's logits picked one of 8
+  codes, and training kept that collapse (1-2% of the codes used; 42+ codes at init with this one).
 - Inputs are images in [-1, 1], not DALL-E's pixels mapped into (0.1, 0.9) (an affine map the first conv absorbs).
 - The decoder's output is twice `model.out_ch` only under `model.decoder_output: logit_laplace` (VQModel builds
   it so); the image is the location's median (losses/likelihood.py).
@@ -106,6 +111,14 @@ class Block(nn.Module):
         return self.id_path(x) + self.post_gain * h
 
 
+def dalle_init(module: nn.Module) -> None:
+    """Every conv of `module` as the released dall_e `Conv2d`: w ~ N(0, 1 / (n_in * kw * kw)), b = 0."""
+    for conv in module.modules():
+        if isinstance(conv, nn.Conv2d):
+            nn.init.normal_(conv.weight, std=conv.weight[0].numel() ** -0.5)
+            nn.init.zeros_(conv.bias)
+
+
 def _groups(widths: list[int], n_in: int, blocks: int, n_layers: int, kernels: tuple[int, ...]) -> nn.ModuleList:
     groups = nn.ModuleList()
     for width in widths:
@@ -127,6 +140,7 @@ class DVAEEncoder(nn.Module):
         self.group = _groups([n_hid * 2 ** g for g in range(shape.groups)], n_hid, shape.blocks_per_group,
                              shape.groups * shape.blocks_per_group, (3, 3, 3, 1))
         self.conv_out = Conv2d(n_hid * 2 ** (shape.groups - 1), cfg.z_channels, 1)
+        dalle_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
@@ -153,6 +167,7 @@ class DVAEDecoder(nn.Module):
         self.group = _groups([n_hid * 2 ** g for g in reversed(range(groups))], shape.init_channels,
                              shape.blocks_per_group, groups * shape.blocks_per_group, (1, 3, 3, 3))
         self.conv_out = Conv2d(n_hid, cfg.out_ch, 1)
+        dalle_init(self)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(z)
