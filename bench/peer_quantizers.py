@@ -12,6 +12,7 @@ vector-quantize-pytorch is never a dependency of the package: it lives in `.venv
 which sees the project's own environment through a .pth file.
 
     .venv-peer/bin/python bench/peer_quantizers.py DATA_DIR [--steps 300] [--ours-dir runs/family]
+    .venv-peer/bin/python bench/peer_quantizers.py DATA_DIR --pairs ema,residual --seeds 3   # + mean +- sd
     .venv-peer/bin/python bench/peer_quantizers.py --timing-only
 """
 from __future__ import annotations
@@ -111,7 +112,8 @@ for _kind in PAIRS.values():
     QUANTIZERS.register(_kind, config=PeerConfig)(PeerQuantizer)
 
 
-def train_peer(kind: str, data: str, steps: int, batch: int, out: Path, holdout: int, threads: int = 2) -> dict:
+def train_peer(kind: str, data: str, steps: int, batch: int, out: Path, holdout: int, threads: int = 2,
+               overrides: list[str] = ()) -> dict:
     """Like quality_family.run_one, with the peer module in place of our quantizer."""
     from quality_family import PRESETS, _train_logs
 
@@ -124,7 +126,7 @@ def train_peer(kind: str, data: str, steps: int, batch: int, out: Path, holdout:
     cfg = load_config(TokenizerTrainConfig, resolve_config_path(PRESETS[ours]), [
         f"model.quantizer.kind={kind}", *options, f"data.path={data}", f"data.holdout={holdout}",
         f"train.steps={steps}", f"train.batch_size={batch}", f"train.out_dir={out}", f"train.eval_every={steps}",
-        f"train.ckpt_every={steps}", f"train.image_every={steps}"])
+        f"train.ckpt_every={steps}", f"train.image_every={steps}", *overrides])
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     result = train_tokenizer(cfg, progress=False)
@@ -186,12 +188,19 @@ def main() -> int:
                     help="torch threads for training (1 when the machine is shared)")
     ap.add_argument("--timing-only", action="store_true")
     ap.add_argument("--skip-timing", action="store_true", help="train and compare only (time on a quiet machine)")
-    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--seeds", type=int, default=1,
+                    help="train each peer with seeds 0..N-1 and compare mean +- sd with quality_family.py --seeds N")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process: train this peer kind
+    ap.add_argument("--name", default=None, help=argparse.SUPPRESS)  # ... into OUT/NAME
+    ap.add_argument("--seed", type=int, default=None, help=argparse.SUPPRESS)  # ... with this train.seed
     args = ap.parse_args()
     out = Path(args.out)
     if args.one:
-        result = train_peer(args.one, args.data, args.steps, args.batch, out / args.one, args.holdout, args.threads)
-        (out / f"{args.one}.json").write_text(json.dumps(result, indent=1))
+        name = args.name or args.one
+        seed_set = [] if args.seed is None else [f"train.seed={args.seed}"]
+        result = train_peer(args.one, args.data, args.steps, args.batch, out / name, args.holdout, args.threads,
+                            seed_set)
+        (out / f"{name}.json").write_text(json.dumps(result, indent=1))
         return 0
     if not args.skip_timing:
         print(f"quantizer forward+backward, batch 8, 8x8 latent, {args.threads} thread(s), median of 30 x 3 "
@@ -201,23 +210,58 @@ def main() -> int:
         return 0
     rows = ["| pair | PSNR ours | PSNR peer | usage ours | usage peer | s/step ours | s/step peer |",
             "|---|---|---|---|---|---|---|"]
+    spread = ["| pair | seeds | PSNR ours | PSNR peer | usage ours | usage peer |", "|---|---|---|---|---|---|"]
+    out.mkdir(parents=True, exist_ok=True)
     for ours in args.pairs.split(","):
         peer = PAIRS[ours]
-        out.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, __file__, args.data, "--one", peer, "--steps", str(args.steps), "--batch",
-                        str(args.batch), "--holdout", str(args.holdout), "--out", str(out), "--threads",
-                        str(args.threads)], check=True)
-        theirs = json.loads((out / f"{peer}.json").read_text())
-        mine_file = Path(args.ours_dir) / f"{ours}.json"
-        if not mine_file.exists():  # ours not run here (quality_family.py --out OURS_DIR): the peer's side alone
-            mine = {"psnr": math.nan, "usage": math.nan, "seconds_per_step": math.nan}
-        else:
-            mine = json.loads(mine_file.read_text())
-        rows.append(f"| {ours} / {peer} | {mine['psnr']:.2f} | {theirs['psnr']:.2f} | {mine['usage']:.1%} | "
-                    f"{theirs['usage']:.1%} | {mine['seconds_per_step']:.2f} | {theirs['seconds_per_step']:.2f} |")
-        print("\n".join(rows), flush=True)
-    (out / "table.md").write_text("\n".join(rows) + "\n")
+        mine_runs, their_runs = [], []
+        for seed in range(args.seeds):
+            suffix = "" if args.seeds == 1 else f"-seed{seed}"  # quality_family.py's names for its runs
+            theirs = train_child(args, peer, peer + suffix, seed if suffix else None)
+            mine = ours_result(Path(args.ours_dir) / f"{ours}{suffix}.json")
+            label = f"{ours} / {peer}" + (f" (seed {seed})" if suffix else "")
+            rows.append(f"| {label} | {mine['psnr']:.2f} | {theirs['psnr']:.2f} | {mine['usage']:.1%} | "
+                        f"{theirs['usage']:.1%} | {mine['seconds_per_step']:.2f} | {theirs['seconds_per_step']:.2f} |")
+            print("\n".join(rows), flush=True)
+            mine_runs.append(mine)
+            their_runs.append(theirs)
+        if args.seeds > 1:
+            spread.append(spread_row(f"{ours} / {peer}", mine_runs, their_runs))
+    text = "\n".join(rows)
+    if args.seeds > 1:
+        print("\n".join(spread), flush=True)
+        text += "\n\n" + "\n".join(spread)
+    (out / "table.md").write_text(text + "\n")
     return 0
+
+
+def train_child(args: argparse.Namespace, peer: str, name: str, seed: int | None) -> dict:
+    """Train one peer run in a child process (clean timings, as quality_family.py); returns its OUT/NAME.json."""
+    seed_args = [] if seed is None else ["--seed", str(seed)]
+    subprocess.run([sys.executable, __file__, args.data, "--one", peer, "--name", name, "--steps", str(args.steps),
+                    "--batch", str(args.batch), "--holdout", str(args.holdout), "--out", args.out, "--threads",
+                    str(args.threads), *seed_args], check=True)
+    return json.loads((Path(args.out) / f"{name}.json").read_text())
+
+
+def ours_result(path: Path) -> dict:
+    """Our kind's result from quality_family.py --out OURS_DIR; NaNs where it was not run (the peer's side alone)."""
+    if not path.exists():
+        return {"psnr": math.nan, "usage": math.nan, "seconds_per_step": math.nan}
+    return json.loads(path.read_text())
+
+
+def spread_row(label: str, mine: list[dict], theirs: list[dict]) -> str:
+    """One pair's mean +- sd over seeds, each side's cells exactly as quality_family.seed_table writes them."""
+    from quality_family import seed_table
+
+    def cells(runs: list[dict]) -> list[str]:  # [PSNR, usage] from the table's one data row
+        if any(math.isnan(r["psnr"]) for r in runs):
+            return ["-", "-"]
+        return [c.strip() for c in seed_table(runs, len(runs)).splitlines()[-1].split("|")[3:5]]
+
+    (psnr_a, usage_a), (psnr_b, usage_b) = cells(mine), cells(theirs)
+    return f"| {label} | {len(theirs)} | {psnr_a} | {psnr_b} | {usage_a} | {usage_b} |"
 
 
 if __name__ == "__main__":
