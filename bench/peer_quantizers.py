@@ -252,13 +252,11 @@ def ours_result(path: Path) -> dict:
 
 
 def spread_row(label: str, mine: list[dict], theirs: list[dict]) -> str:
-    """One pair's mean +- sd over seeds, each side's cells exactly as quality_family.seed_table writes them."""
-    from quality_family import seed_table
+    """One pair's mean +- sd over seeds, each side's cells as quality_family.seed_table writes them."""
+    from quality_family import mean_sd_cells
 
-    def cells(runs: list[dict]) -> list[str]:  # [PSNR, usage] from the table's one data row
-        if any(math.isnan(r["psnr"]) for r in runs):
-            return ["-", "-"]
-        return [c.strip() for c in seed_table(runs, len(runs)).splitlines()[-1].split("|")[3:5]]
+    def cells(runs: list[dict]) -> tuple[str, str]:
+        return ("-", "-") if any(math.isnan(r["psnr"]) for r in runs) else mean_sd_cells(runs)
 
     (psnr_a, usage_a), (psnr_b, usage_b) = cells(mine), cells(theirs)
     return f"| {label} | {len(theirs)} | {psnr_a} | {psnr_b} | {usage_a} | {usage_b} |"

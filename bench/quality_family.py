@@ -180,18 +180,23 @@ def main() -> int:
     return 0
 
 
-def seed_table(rows: list[dict], seeds: int) -> str:
-    """Mean +- sample standard deviation over each kind's seeds (rows in order, `seeds` per kind)."""
+def mean_sd_cells(runs: list[dict]) -> tuple[str, str]:
+    """The PSNR and usage cells of runs of one recipe over seeds: mean +- sample standard deviation."""
     import statistics
 
+    psnr = [r["psnr"] for r in runs]
+    usage = [100 * r["usage"] for r in runs]
+    return (f"{statistics.mean(psnr):.2f} +- {statistics.stdev(psnr):.2f}",
+            f"{statistics.mean(usage):.1f}% +- {statistics.stdev(usage):.1f}")
+
+
+def seed_table(rows: list[dict], seeds: int) -> str:
+    """Mean +- sample standard deviation over each kind's seeds (rows in order, `seeds` per kind)."""
     lines = ["| kind | seeds | held-out PSNR (dB) | usage (held-out) |", "|---|---|---|---|"]
     for i in range(0, len(rows), seeds):
         group = rows[i:i + seeds]
-        psnr = [r["psnr"] for r in group]
-        usage = [100 * r["usage"] for r in group]
-        lines.append(f"| {re.sub(r' train.seed=[0-9]+', '', group[0]['kind'])} | {len(group)} | "
-                     f"{statistics.mean(psnr):.2f} +- {statistics.stdev(psnr):.2f} | "
-                     f"{statistics.mean(usage):.1f}% +- {statistics.stdev(usage):.1f} |")
+        psnr, usage = mean_sd_cells(group)
+        lines.append(f"| {re.sub(r' train.seed=[0-9]+', '', group[0]['kind'])} | {len(group)} | {psnr} | {usage} |")
     return "\n".join(lines)
 
 
