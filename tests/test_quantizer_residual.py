@@ -83,6 +83,36 @@ def depths_seen(q: ResidualQuantizer, z: torch.Tensor, out) -> list[int]:
     return seen
 
 
+@pytest.mark.parametrize("estimator", ["straight_through", "rotation"])
+def test_the_estimator_per_depth_gives_the_same_codes_and_its_own_gradient(estimator):
+    """Per depth: the same value; straight-through then passes `depth` times the gradient (one identity per
+    depth, as ResidualVQ), and the rotation trick rotates each depth's residual onto its own code."""
+    from vqgan.quantizers.vq import rotation_trick
+
+    q = data_initialised(make(estimator=estimator)).train()
+    z = torch.randn(2, 8, 3, 3, requires_grad=True)
+    g = torch.randn(2, 8, 3, 3)
+    outputs, grads = [], []
+    for per_depth in (False, True):
+        q.config.estimator_per_depth = per_depth
+        out = q(z)
+        (grad,) = torch.autograd.grad((out.quantized * g).sum(), z)
+        outputs.append(out)
+        grads.append(grad)
+    assert torch.equal(outputs[0].indices, outputs[1].indices)
+    torch.testing.assert_close(outputs[0].quantized, outputs[1].quantized)
+    if estimator == "straight_through":
+        torch.testing.assert_close(grads[1], 4 * grads[0])
+    else:  # by hand: each depth's rotation of its residual r_d = z - (codes of depths < d) onto its code
+        expected, partial = torch.zeros_like(z), torch.zeros_like(z)
+        for d in range(4):
+            e = q.partial_sum(outputs[1].indices, d + 1) - partial
+            r = z - partial
+            expected = expected + torch.autograd.grad((rotation_trick(r, e) * g).sum(), z)[0]
+            partial = partial + e
+        torch.testing.assert_close(grads[1], expected, rtol=1e-4, atol=1e-5)
+
+
 def test_quantize_dropout_drops_later_depths_of_some_samples_in_training_only():
     q = data_initialised(make(depth=3, quantize_dropout=0.5))
     z = torch.randn(64, 8, 2, 2)

@@ -8,7 +8,10 @@ Choices:
   EMA). Both come from each depth's own quantizer, fed r_d = z - sg[z_hat_{d-1}]: its commitment term is then the
   one on the partial sum. Averaged over depths (the paper sums; the reference code averages), so depth 1 is
   plain VQ and `beta` keeps its meaning at any depth.
-- `quantized` is the sum of all depths, straight-through on the whole sum.
+- `quantized` is the sum of all depths, with the gradient estimator (straight-through or rotation) applied once
+  to the whole sum (`estimator_per_depth: false`, the paper's straight-through), or to each depth's code
+  against its residual and then summed (`true`, as vector-quantize-pytorch's ResidualVQ; with straight-through
+  the encoder's gradient is then `depth` times the decoder's, which Adam rescales away).
 - `quantize_dropout` p: in training, with probability p a sample's decoder input keeps only its first k depths,
   k uniform in [1, depth - 1] (SoundStream's uniform k in [1, depth] is p = 1 - 1/depth). Every depth is still
   quantized, learnt and counted, and `indices` keep all depths; eval never drops.
@@ -46,6 +49,7 @@ class ResidualConfig(QuantizerConfig):
     entropy_temperature: float = 0.01
     # the gradient through the sum of the codes: straight_through or rotation (vq.py: VQConfig.estimator)
     estimator: str = "straight_through"
+    estimator_per_depth: bool = False  # the estimator on each depth's (residual, code) instead of the whole sum
 
     @property
     def vocab_per_depth(self) -> tuple[int, ...]:
@@ -100,6 +104,8 @@ class ResidualQuantizer(Quantizer):
         partial = torch.zeros_like(zf)  # sum of the codes so far, without gradient
         shown = torch.zeros_like(zf)  # what the decoder sees (quantize_dropout leaves later depths out)
         keep = self._depths_kept(z.shape[0], z.device)
+        estimator = ESTIMATORS[self.config.estimator]
+        per_depth = self.config.estimator_per_depth
         residuals, indices, codes, losses = [], [], [], []
         for d in range(depth):
             r = zf - partial  # gradient to z only: the commitment term below is then on the partial sum
@@ -108,13 +114,14 @@ class ResidualQuantizer(Quantizer):
                 e = self.book(d).decode_indices(out.indices).float()  # the code vectors decode_indices sums
             residuals.append(r.detach())
             partial = partial + e
-            shown = shown + e if keep is None else shown + e * (keep > d).view(-1, 1, 1, 1)
+            seen = estimator(r, e) if per_depth else e
+            shown = shown + seen if keep is None else shown + seen * (keep > d).view(-1, 1, 1, 1)
             indices.append(out.indices[..., 0])
             codes.append(out.codes[..., 0])
             losses.append(out.loss)
         if self.training:
             self._last = (z.detach(), torch.stack(residuals))
-        quantized = ESTIMATORS[self.config.estimator](z, shown.to(z.dtype))  # on the whole sum
+        quantized = shown.to(z.dtype) if per_depth else estimator(z, shown.to(z.dtype))
         indices, codes = torch.stack(indices, -1), torch.stack(codes, -1)
         stats = self._stats(indices)
         stats["residual"] = ((zf - partial).square().mean() / zf.square().mean().clamp_min(1e-12)).detach()
