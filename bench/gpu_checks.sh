@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# The GPU paths in one prepared run (none of them can run on the 2-core CPU machine): bf16 autocast training of
+# both stages, NCCL under torchrun (training and eval's reductions), the KV-cache sampler, evaluation, and
+# throughput against fp32, each step time-limited, every result a line of the summary at the end.
+#
+#   bash bench/gpu_checks.sh [OUT_DIR]          # on the GPU machine, from the repository root (~6 minutes on an H200)
+#   QUICK=1 LOW_PRECISION=fp32 bash bench/gpu_checks.sh /tmp/gc   # a few steps each: checks the script on a CPU
+#
+# It needs only what pyproject.toml lists (torch, numpy, pillow, pyyaml, safetensors, tqdm, matplotlib) and reads
+# the package from src/ (no install). Nothing is downloaded: LPIPS and rFID report "not computed" without weights.
+set -u
+OUT=${1:-${OUT:-/tmp/gpu_checks}}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+PY=${PYTHON:-python3}
+VQ="$PY -m vqgan.cli"
+RUNS="$OUT/runs"
+if [ -n "${QUICK:-}" ]; then STEPS=6; BIG_STEPS=4; BIG_RES=64; PRIOR_STEPS=6; LOG=2
+else STEPS=300; BIG_STEPS=60; BIG_RES=256; PRIOR_STEPS=300; LOG=20; fi
+LOW=${LOW_PRECISION:-bf16}  # the mixed precision checked (fp32 for a dry run on a CPU, where bf16 crawls)
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+
+check() {  # check NAME LIMIT_SECONDS COMMAND...: runs it, logs to OUT/NAME.log, one summary line
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  printf '%-28s %-4s %5ds  %s\n' "$name" "$([ $rc = 0 ] && echo ok || echo FAIL)" $((SECONDS - t0)) \
+    "$(grep -v '^\s*$' "$OUT/$name.log" | tail -1 | cut -c1-110)" | tee -a "$SUMMARY"
+}
+
+rate() {  # rate RUN_DIR: mean steps/s (tokenizer) or tokens/s (prior) after the first logged window (start-up)
+  $PY - "$1" <<'EOF'
+import json, sys
+rows = [json.loads(l) for l in open(f"{sys.argv[1]}/logs/metrics.jsonl") if '"train"' in l]
+for key, unit in (("it_per_s", "it/s"), ("tokens_per_s", "tokens/s")):
+    rates = [r[key] for r in rows[1:] if r.get(key)]
+    if rates:
+        print(f"{sum(rates) / len(rates):.2f} {unit}")
+        break
+else:
+    print("no rate logged")
+EOF
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
+  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available(), 'bf16', torch.cuda.is_available() and torch.cuda.is_bf16_supported())"
+} | tee "$OUT/env.txt"
+
+COMMON="data.path=builtin:scenes train.log_every=$LOG train.image_every=100000 train.ckpt_every=100000"
+# 1. the tokenizer: bf16 autocast against fp32, same config and steps (the small preset at batch 32, then f16-1024 at 256 px)
+for run in mixed:$LOW fp32:fp32; do
+  name=${run%%:*} p=${run#*:}
+  check "tokenizer-small-$name" 600 $VQ train-tokenizer small-cpu $COMMON train.steps=$STEPS train.batch_size=32 \
+    train.eval_every=$STEPS train.precision=$p train.out_dir="$RUNS/small-$name" --no-progress
+  echo "  small-cpu $p: $(rate "$RUNS/small-$name")" | tee -a "$SUMMARY"
+done
+for run in mixed:$LOW fp32:fp32; do
+  name=${run%%:*} p=${run#*:}
+  check "tokenizer-f16-$name" 600 $VQ train-tokenizer f16-1024 $COMMON model.resolution=$BIG_RES train.steps=$BIG_STEPS \
+    train.batch_size=8 train.eval_every=$BIG_STEPS loss.perceptual_weight=0 train.precision=$p \
+    train.out_dir="$RUNS/f16-$name" --no-progress
+  echo "  f16-1024 ${BIG_RES}px $p: $(rate "$RUNS/f16-$name")" | tee -a "$SUMMARY"
+done
+# 2. NCCL: torchrun with one process per GPU: the process group, DDP, a resumed run. The EMA codebook's, the
+#    entropy penalty's and eval's collectives run only with 2+ ranks (one rank skips them), and NCCL will not put
+#    two ranks on one GPU: on a one-GPU machine this checks the NCCL start-up, not the reductions
+NPROC=$($PY -c "import torch; print(max(1, torch.cuda.device_count()))")
+check "torchrun-nccl-ema" 600 $PY -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m vqgan.cli \
+  train-tokenizer small-cpu-ema $COMMON train.steps=$STEPS train.eval_every=$STEPS train.out_dir="$RUNS/ddp" --no-progress
+check "torchrun-nccl-resume" 600 $PY -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m vqgan.cli \
+  train-tokenizer small-cpu-ema $COMMON train.steps=$((STEPS + 20)) train.eval_every=$STEPS train.out_dir="$RUNS/ddp" \
+  --resume --no-progress
+# 3. evaluation on the GPU, single process and under torchrun (its sums and gathers over NCCL)
+check "eval" 300 $VQ eval "$RUNS/small-mixed/model" builtin:scenes --out "$OUT/eval1" --no-progress
+check "eval-torchrun-nccl" 300 $PY -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m vqgan.cli \
+  eval "$RUNS/small-mixed/model" builtin:scenes --out "$OUT/eval2" --no-progress
+check "eval-same-numbers" 60 $PY -c "
+import json, sys
+a, b = (json.load(open(f'$OUT/{d}/summary.json'))['metrics'] for d in ('eval1', 'eval2'))
+pairs = {k: (a[k], b[k]) for k in ('psnr', 'ssim') if isinstance(a[k], float)}
+pairs['usage'] = (a['codebook']['usage'], b['codebook']['usage'])
+print('single vs torchrun:', pairs); sys.exit(any(abs(x - y) > 1e-4 * max(1, abs(x)) for x, y in pairs.values()))"
+# 4. stage 2: tokenize on the GPU, train the prior in bf16, sample with the KV cache (cached == uncached is a CPU test)
+check "tokenize" 300 $VQ tokenize "$RUNS/small-mixed/model" builtin:scenes "$RUNS/tokens" --count 512 --no-progress
+check "prior-$LOW" 600 $VQ train-transformer demo-prior data.tokens="$RUNS/tokens" train.steps=$PRIOR_STEPS \
+  train.precision=$LOW train.log_every=$LOG train.eval_every=$PRIOR_STEPS train.ckpt_every=$PRIOR_STEPS train.out_dir="$RUNS/prior" --no-progress
+echo "  prior $LOW: $(rate "$RUNS/prior")" | tee -a "$SUMMARY"
+check "sample" 300 $VQ sample "$RUNS/prior" "$OUT/samples" --tokenizer "$RUNS/small-mixed/model" --n 16 --no-progress
+echo "summary: $SUMMARY"
+cat "$SUMMARY"
