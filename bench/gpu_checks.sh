@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # The GPU paths in one prepared run (none of them can run on the 2-core CPU machine): bf16 autocast training of
-# both stages, NCCL under torchrun (training and eval's reductions), the KV-cache sampler, evaluation, and
-# throughput against fp32, each step time-limited, every result a line of the summary at the end.
+# both stages, NCCL under torchrun (start-up, DDP and a resumed run; the reductions need 2+ GPUs, see 2.), the
+# KV-cache sampler, evaluation, and throughput against fp32, each step time-limited, every result a line of the
+# summary.
 #
-#   bash bench/gpu_checks.sh [OUT_DIR]          # on the GPU machine, from the repository root (~6 minutes on an H200)
+#   bash bench/gpu_checks.sh RESULTS_DIR     # on the GPU machine, from the repository root (a few minutes on an H200)
 #   QUICK=1 LOW_PRECISION=fp32 bash bench/gpu_checks.sh /tmp/gc   # a few steps each: checks the script on a CPU
 #
+# RESULTS_DIR receives three files only (summary.txt, written as each check ends, env.txt and logs.tar.gz): the
+# device tool brings back at most 8 files, so runs and logs live in WORK (default /tmp/gpu_checks_work).
 # It needs only what pyproject.toml lists (torch, numpy, pillow, pyyaml, safetensors, tqdm, matplotlib) and reads
 # the package from src/ (no install). Nothing is downloaded: LPIPS and rFID report "not computed" without weights.
 set -u
-OUT=${1:-${OUT:-/tmp/gpu_checks}}
-mkdir -p "$OUT"
+RESULTS=${1:-${OUT:-/tmp/gpu_checks}}
+OUT=${WORK:-/tmp/gpu_checks_work}
+mkdir -p "$RESULTS" "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 PY=${PYTHON:-python3}
 VQ="$PY -m vqgan.cli"
@@ -18,7 +22,7 @@ RUNS="$OUT/runs"
 if [ -n "${QUICK:-}" ]; then STEPS=6; BIG_STEPS=4; BIG_RES=64; PRIOR_STEPS=6; LOG=2
 else STEPS=300; BIG_STEPS=60; BIG_RES=256; PRIOR_STEPS=300; LOG=20; fi
 LOW=${LOW_PRECISION:-bf16}  # the mixed precision checked (fp32 for a dry run on a CPU, where bf16 crawls)
-SUMMARY="$OUT/summary.txt"
+SUMMARY="$RESULTS/summary.txt"
 : > "$SUMMARY"
 
 check() {  # check NAME LIMIT_SECONDS COMMAND...: runs it, logs to OUT/NAME.log, one summary line
@@ -46,19 +50,19 @@ EOF
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
   $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available(), 'bf16', torch.cuda.is_available() and torch.cuda.is_bf16_supported())"
-} | tee "$OUT/env.txt"
+} | tee "$RESULTS/env.txt"
 
 COMMON="data.path=builtin:scenes train.log_every=$LOG train.image_every=100000 train.ckpt_every=100000"
 # 1. the tokenizer: bf16 autocast against fp32, same config and steps (the small preset at batch 32, then f16-1024 at 256 px)
 for run in mixed:$LOW fp32:fp32; do
   name=${run%%:*} p=${run#*:}
-  check "tokenizer-small-$name" 600 $VQ train-tokenizer small-cpu $COMMON train.steps=$STEPS train.batch_size=32 \
+  check "tokenizer-small-$name" 150 $VQ train-tokenizer small-cpu $COMMON train.steps=$STEPS train.batch_size=32 \
     train.eval_every=$STEPS train.precision=$p train.out_dir="$RUNS/small-$name" --no-progress
   echo "  small-cpu $p: $(rate "$RUNS/small-$name")" | tee -a "$SUMMARY"
 done
 for run in mixed:$LOW fp32:fp32; do
   name=${run%%:*} p=${run#*:}
-  check "tokenizer-f16-$name" 600 $VQ train-tokenizer f16-1024 $COMMON model.resolution=$BIG_RES train.steps=$BIG_STEPS \
+  check "tokenizer-f16-$name" 150 $VQ train-tokenizer f16-1024 $COMMON model.resolution=$BIG_RES train.steps=$BIG_STEPS \
     train.batch_size=8 train.eval_every=$BIG_STEPS loss.perceptual_weight=0 train.precision=$p \
     train.out_dir="$RUNS/f16-$name" --no-progress
   echo "  f16-1024 ${BIG_RES}px $p: $(rate "$RUNS/f16-$name")" | tee -a "$SUMMARY"
@@ -67,14 +71,14 @@ done
 #    entropy penalty's and eval's collectives run only with 2+ ranks (one rank skips them), and NCCL will not put
 #    two ranks on one GPU: on a one-GPU machine this checks the NCCL start-up, not the reductions
 NPROC=$($PY -c "import torch; print(max(1, torch.cuda.device_count()))")
-check "torchrun-nccl-ema" 600 $PY -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m vqgan.cli \
+check "torchrun-nccl-ema" 120 $PY -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m vqgan.cli \
   train-tokenizer small-cpu-ema $COMMON train.steps=$STEPS train.eval_every=$STEPS train.out_dir="$RUNS/ddp" --no-progress
-check "torchrun-nccl-resume" 600 $PY -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m vqgan.cli \
+check "torchrun-nccl-resume" 90 $PY -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m vqgan.cli \
   train-tokenizer small-cpu-ema $COMMON train.steps=$((STEPS + 20)) train.eval_every=$STEPS train.out_dir="$RUNS/ddp" \
   --resume --no-progress
 # 3. evaluation on the GPU, single process and under torchrun (its sums and gathers over NCCL)
-check "eval" 300 $VQ eval "$RUNS/small-mixed/model" builtin:scenes --out "$OUT/eval1" --no-progress
-check "eval-torchrun-nccl" 300 $PY -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m vqgan.cli \
+check "eval" 90 $VQ eval "$RUNS/small-mixed/model" builtin:scenes --out "$OUT/eval1" --no-progress
+check "eval-torchrun-nccl" 90 $PY -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m vqgan.cli \
   eval "$RUNS/small-mixed/model" builtin:scenes --out "$OUT/eval2" --no-progress
 check "eval-same-numbers" 60 $PY -c "
 import json, sys
@@ -83,10 +87,11 @@ pairs = {k: (a[k], b[k]) for k in ('psnr', 'ssim') if isinstance(a[k], float)}
 pairs['usage'] = (a['codebook']['usage'], b['codebook']['usage'])
 print('single vs torchrun:', pairs); sys.exit(any(abs(x - y) > 1e-4 * max(1, abs(x)) for x, y in pairs.values()))"
 # 4. stage 2: tokenize on the GPU, train the prior in bf16, sample with the KV cache (cached == uncached is a CPU test)
-check "tokenize" 300 $VQ tokenize "$RUNS/small-mixed/model" builtin:scenes "$RUNS/tokens" --count 512 --no-progress
-check "prior-$LOW" 600 $VQ train-transformer demo-prior data.tokens="$RUNS/tokens" train.steps=$PRIOR_STEPS \
+check "tokenize" 60 $VQ tokenize "$RUNS/small-mixed/model" builtin:scenes "$RUNS/tokens" --count 512 --no-progress
+check "prior-$LOW" 120 $VQ train-transformer demo-prior data.tokens="$RUNS/tokens" train.steps=$PRIOR_STEPS \
   train.precision=$LOW train.log_every=$LOG train.eval_every=$PRIOR_STEPS train.ckpt_every=$PRIOR_STEPS train.out_dir="$RUNS/prior" --no-progress
 echo "  prior $LOW: $(rate "$RUNS/prior")" | tee -a "$SUMMARY"
-check "sample" 300 $VQ sample "$RUNS/prior" "$OUT/samples" --tokenizer "$RUNS/small-mixed/model" --n 16 --no-progress
+check "sample" 60 $VQ sample "$RUNS/prior" "$OUT/samples" --tokenizer "$RUNS/small-mixed/model" --n 16 --no-progress
+tar -czf "$RESULTS/logs.tar.gz" -C "$OUT" --exclude='*.safetensors' --exclude='*.pt' --exclude='*.npz' --exclude='*.png' --exclude='*.jpg' . 2>/dev/null
 echo "summary: $SUMMARY"
 cat "$SUMMARY"
