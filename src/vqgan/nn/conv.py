@@ -1,4 +1,5 @@
-"""The convolution layer the models build on: nn.Conv2d, with a faster path for 3x3 convolutions on the CPU."""
+"""The convolution layer the models build on (nn.Conv2d, with a faster path for 3x3 convolutions on the CPU),
+and the released DALL-E code's conv init."""
 from __future__ import annotations
 
 import torch
@@ -19,3 +20,11 @@ class Conv2d(nn.Conv2d):
         if winograd.applies_channels_last(self, x):
             return winograd.conv3x3_channels_last(x, self.weight, self.bias)
         return super().forward(x)
+
+
+def dalle_init(module: nn.Module) -> None:
+    """Every conv of `module` as the released dall_e `Conv2d`: w ~ N(0, 1 / (n_in * kw * kw)), b = 0."""
+    for conv in module.modules():
+        if isinstance(conv, nn.Conv2d):
+            nn.init.normal_(conv.weight, std=conv.weight[0].numel() ** -0.5)
+            nn.init.zeros_(conv.bias)

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..config import QuantizerConfig
 from ..errors import UserError
+from ..nn import dalle_init
 from ..registry import QUANTIZERS
 from .base import Quantizer, QuantizerOutput, codebook_stats
 from .entropy import softmax_entropies
@@ -95,8 +96,7 @@ class GumbelQuantizer(Quantizer):
         self.proj = nn.Conv2d(in_channels, config.n_embed, 1)  # latent -> logits over the codes
         self.embed = nn.Embedding(config.n_embed, config.embed_dim)
         if config.init == "dalle":
-            nn.init.normal_(self.proj.weight, std=in_channels ** -0.5)
-            nn.init.zeros_(self.proj.bias)
+            dalle_init(self.proj)
             nn.init.normal_(self.embed.weight, std=config.n_embed ** -0.5)
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:

@@ -39,7 +39,7 @@ from torch import nn
 
 from ..config import DecoderConfig, EncoderConfig, VQGANConfig
 from ..errors import UserError
-from ..nn import Conv2d
+from ..nn import Conv2d, dalle_init
 from ..registry import DECODERS, ENCODERS
 
 
@@ -109,14 +109,6 @@ class Block(nn.Module):
         for conv in self.res_path:
             h = conv(torch.relu(h))
         return self.id_path(x) + self.post_gain * h
-
-
-def dalle_init(module: nn.Module) -> None:
-    """Every conv of `module` as the released dall_e `Conv2d`: w ~ N(0, 1 / (n_in * kw * kw)), b = 0."""
-    for conv in module.modules():
-        if isinstance(conv, nn.Conv2d):
-            nn.init.normal_(conv.weight, std=conv.weight[0].numel() ** -0.5)
-            nn.init.zeros_(conv.bias)
 
 
 def _groups(widths: list[int], n_in: int, blocks: int, n_layers: int, kernels: tuple[int, ...]) -> nn.ModuleList:
