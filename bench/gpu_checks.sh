@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU paths in one prepared run (none of them can run on the 2-core CPU machine): bf16 autocast training of
 # both stages, NCCL under torchrun (start-up, DDP and a resumed run; the reductions need 2+ GPUs, see 2.), the
-# KV-cache sampler, evaluation, and throughput against fp32, each step time-limited, every result a line of the
-# summary.
+# KV-cache sampler, evaluation, throughput against fp32 and torch.compile against eager, each step time-limited,
+# every result a line of the summary.
 #
 #   bash bench/gpu_checks.sh RESULTS_DIR     # on the GPU machine, from the repository root (a few minutes on an H200)
 #   QUICK=1 LOW_PRECISION=fp32 bash bench/gpu_checks.sh /tmp/gc   # a few steps each: checks the script on a CPU
@@ -92,6 +92,17 @@ check "prior-$LOW" 120 $VQ train-transformer demo-prior data.tokens="$RUNS/token
   train.precision=$LOW train.log_every=$LOG train.eval_every=$PRIOR_STEPS train.ckpt_every=$PRIOR_STEPS train.out_dir="$RUNS/prior" --no-progress
 echo "  prior $LOW: $(rate "$RUNS/prior")" | tee -a "$SUMMARY"
 check "sample" 60 $VQ sample "$RUNS/prior" "$OUT/samples" --tokenizer "$RUNS/small-mixed/model" --n 16 --no-progress
+# 5. torch.compile (train.compile=true) in the mixed precision, against the eager runs above (same config and steps);
+#    last, so that a slow compile cannot starve the other checks. NO_COMPILE=1 skips it (CPU dry runs: minutes)
+if [ -z "${NO_COMPILE:-}" ]; then
+  check "tokenizer-small-compiled" 240 $VQ train-tokenizer small-cpu $COMMON train.steps=$STEPS train.batch_size=32 \
+    train.eval_every=$STEPS train.precision=$LOW train.compile=true train.out_dir="$RUNS/small-compiled" --no-progress
+  echo "  small-cpu $LOW compiled: $(rate "$RUNS/small-compiled") (eager: $(rate "$RUNS/small-mixed"))" | tee -a "$SUMMARY"
+  check "prior-compiled" 120 $VQ train-transformer demo-prior data.tokens="$RUNS/tokens" train.steps=$PRIOR_STEPS \
+    train.precision=$LOW train.compile=true train.log_every=$LOG train.eval_every=$PRIOR_STEPS \
+    train.ckpt_every=$PRIOR_STEPS train.out_dir="$RUNS/prior-compiled" --no-progress
+  echo "  prior $LOW compiled: $(rate "$RUNS/prior-compiled") (eager: $(rate "$RUNS/prior"))" | tee -a "$SUMMARY"
+fi
 tar -czf "$RESULTS/logs.tar.gz" -C "$OUT" --exclude='*.safetensors' --exclude='*.pt' --exclude='*.npz' --exclude='*.png' --exclude='*.jpg' . 2>/dev/null
 echo "summary: $SUMMARY"
 cat "$SUMMARY"

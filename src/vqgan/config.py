@@ -325,6 +325,9 @@ class TrainConfig:
     grad_accum: int = 1
     warmup_steps: int = 0
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16
+    # torch.compile the encoder, decoder, discriminator and LPIPS network (the quantizer stays eager): for GPUs;
+    # the first steps then take minutes to compile, and checkpoints are unchanged
+    compile: bool = False
     seed: int = 0
     log_every: int = 10
     image_every: int = 500
@@ -570,6 +573,7 @@ class PriorTrainConfig:
     # transformer): its architecture and token layout are kept; model.* settings are then ignored
     init_from: str = ""
     precision: str = "auto"
+    compile: bool = False  # torch.compile the training forward (for GPUs; evaluation and sampling stay eager)
     seed: int = 0
     log_every: int = 10
     eval_every: int = 500

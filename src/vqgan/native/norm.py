@@ -26,8 +26,10 @@ def _pointer(t: torch.Tensor | None) -> ctypes.c_void_p | None:
 
 def group_norm_nhwc(norm: nn.GroupNorm, x: torch.Tensor, swish: bool) -> torch.Tensor | None:
     """`swish(norm(x))` (or `norm(x)`) for a channels-last float32 CPU tensor outside autograd, else None (the
-    caller runs PyTorch). Equal to PyTorch's up to float rounding."""
-    if (torch.is_grad_enabled() or not isinstance(norm, nn.GroupNorm) or x.device.type != "cpu"
+    caller runs PyTorch; also inside a torch.compile trace, which the C call would split). Equal to PyTorch's up
+    to float rounding."""
+    if (torch.is_grad_enabled() or torch.compiler.is_compiling() or not isinstance(norm, nn.GroupNorm)
+            or x.device.type != "cpu"
             or x.dtype != torch.float32 or x.dim() != 4 or x.numel() == 0
             or not x.is_contiguous(memory_format=torch.channels_last)):
         return None

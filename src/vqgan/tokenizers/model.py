@@ -35,6 +35,11 @@ class Tokenizer(nn.Module):
     def code_spec(self) -> CodeSpec:
         return self.config.code_spec
 
+    def networks(self) -> list[nn.Module]:
+        """The encoder and decoder networks, what `train.compile` hands to torch.compile: every child with
+        layers of its own except the quantizer, whose code statistics branch on data and stay eager."""
+        return [m for m in self.children() if m is not self.quantize and next(m.children(), None) is not None]
+
     def save_pretrained(self, directory: str | Path) -> None:
         save_model(self, directory)
 

@@ -93,6 +93,28 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
+COMPILE_BACKEND = "inductor"  # torch.compile's default; the tests trace with "aot_eager" (no code generation)
+
+
+def _compile_warning(device: torch.device) -> None:
+    if device.type != "cuda":
+        log.warning("train.compile on %s: the first steps compile for minutes; it is meant for GPUs", device.type)
+
+
+def compile_in_place(modules: list[torch.nn.Module], device: torch.device) -> None:
+    """torch.compile each module in place (`Module.compile`: parameters and state_dict keys stay as they are,
+    so checkpoints and DDP do not change; every caller of the module runs the compiled forward)."""
+    _compile_warning(device)
+    for module in modules:
+        module.compile(backend=COMPILE_BACKEND)
+
+
+def compiled(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """A compiled wrapper sharing `module`'s parameters; callers of `module` itself keep the eager forward."""
+    _compile_warning(device)
+    return torch.compile(module, backend=COMPILE_BACKEND)
+
+
 def autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return nullcontext()

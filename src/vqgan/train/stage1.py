@@ -45,6 +45,7 @@ from .common import (
     autocast,
     average_buffers,
     cleanup_runtime,
+    compile_in_place,
     resolve_precision,
     setup_runtime,
 )
@@ -148,7 +149,10 @@ class TokenizerTrainer(TrainingLoop):
         self.care = self.model.quantize.start_upkeep(cfg.train.codebook, cfg.train.steps, seed=cfg.train.seed)
         if self.open_run(resuming) is None and init is not None:
             self._init_from(cfg.train.init_from, init[0], init[1] if cfg.train.init_discriminator else None)
-        self.tap = _InputTap(self.model.decoder.last_layer)
+        self.tap = _InputTap(self.model.decoder.last_layer)  # before compiling: the compiled decoder runs it
+        if cfg.train.compile:
+            perceptual = [self.loss.perceptual] if self.loss.perceptual is not None else []
+            compile_in_place(self.model.networks() + [self.loss.discriminator] + perceptual, self.rt.device)
         # codebooks matched by distance get data init and dead-code restarts; Gumbel codes are chosen by logits
         self._codebook = self.model.quantize.trainable_codebook()
         self.ae = (DistributedDataParallel(self.model, device_ids=[self.rt.device.index] if self.rt.device.type == "cuda"
@@ -354,7 +358,8 @@ class TokenizerTrainer(TrainingLoop):
             self.metrics.note(
                 f"start at step {self.step}/{t.steps}: {len(self.train_set)} training images, "
                 f"{len(self.eval_set)} held out, {self.n_unreadable} unreadable files skipped while scanning; "
-                f"{self.rt.world_size} process(es) on {self.rt.device}, precision {self.dtype}, lr {self.lr:.3g}; "
+                f"{self.rt.world_size} process(es) on {self.rt.device}, precision {self.dtype}"
+                f"{', compiled' if t.compile else ''}, lr {self.lr:.3g}; "
                 f"perceptual: {self.loss.perceptual_description}")
             log.info("perceptual loss: %s", self.loss.perceptual_description)
         if not self.care.initialized and t.codebook.init_from_data and self._codebook is not None:

@@ -35,7 +35,7 @@ from ..priors.layout import layout_for_store
 from ..priors.load import load_prior, recorded_tokenizer
 from ..priors.sampling import sample_images_tokens
 from ..priors.windows import LevelWindows
-from .common import ResumableSampler, Runtime, autocast, cleanup_runtime, resolve_precision, setup_runtime
+from .common import ResumableSampler, Runtime, autocast, cleanup_runtime, compiled, resolve_precision, setup_runtime
 from .guard import all_finite
 from .loop import TrainingLoop
 from .run import STATE_FILE, CheckpointParts, Resume, require_finite
@@ -97,6 +97,8 @@ class PriorTrainer(TrainingLoop):
         self.net = (DistributedDataParallel(self.model, device_ids=[self.rt.device.index]
                                             if self.rt.device.type == "cuda" else None)
                     if self.rt.distributed else self.model)
+        if cfg.train.compile:  # the training forward only: evaluation and sampling keep the eager model
+            self.net = compiled(self.net, self.rt.device)
 
     def _windows(self, side: int) -> tuple[list[tuple[int, int]], LevelWindows | None]:
         """data.window: (the window's grid at each level, the policy that crops rows to it), else the store's."""
