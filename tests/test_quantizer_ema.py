@@ -289,7 +289,9 @@ def photos(folder: Path) -> Path:
 @pytest.mark.slow  # ~1 min each on 2 idle cores; 2-3 min on shared ones
 @pytest.mark.parametrize("quantizer", [{"kind": "ema", "n_embed": 128, "embed_dim": 16},
                                        {"kind": "vq", "n_embed": 128, "embed_dim": 16, "codebook_dim": 8,
-                                        "l2_norm": True}], ids=["ema", "vq-factorized-l2"])
+                                        "l2_norm": True},
+                                       {"kind": "vq", "n_embed": 128, "embed_dim": 16, "linear_codebook": True}],
+                         ids=["ema", "vq-factorized-l2", "vq-linear-codebook"])
 def test_tiny_model_learns_real_images(tmp_path, quantizer):
     """Two dozen steps (no attention, batch 4: well under a minute on 2 cores): held-out PSNR and L1 improve."""
     cfg = tiny_train_config(tmp_path, data={"path": str(photos(tmp_path / "photos")), "holdout": 4,

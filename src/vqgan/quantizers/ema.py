@@ -52,6 +52,9 @@ class EMAConfig(VQConfig):
         if self.legacy_beta:
             raise UserError(f"{where}.legacy_beta: kind ema has no codebook loss term to weigh; "
                             "set legacy_beta: false")
+        if self.linear_codebook:
+            raise UserError(f"{where}.linear_codebook: kind ema sets its codes by moving averages, not through a "
+                            "learnt map; use kind vq for a linear codebook, or set linear_codebook: false")
 
 
 class EMACodebook(nn.Module):
