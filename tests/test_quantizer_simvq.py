@@ -39,10 +39,8 @@ def test_a_step_moves_every_code_where_plain_vq_moves_only_the_used_ones():
             torch.nn.init.normal_(q.embedding.weight, std=8 ** -0.5)
         before = q.codebook().detach().clone()
         out = q(z)
-        params = [p for p in q.parameters() if p.requires_grad]
-        torch.optim.SGD(params, lr=0.5).zero_grad()
         out.loss.backward()
-        torch.optim.SGD(params, lr=0.5).step()
+        torch.optim.SGD([p for p in q.parameters() if p.requires_grad], lr=0.5).step()
         moved = (q.codebook().detach() - before).norm(dim=1) > 1e-6
         chosen = out.codes.unique().numel()
         assert moved.sum() == (32 if linear else chosen), (linear, moved.sum(), chosen)
