@@ -85,3 +85,66 @@ def test_native_kernels_step_aside_in_a_compiled_graph():
         assert group_norm_nhwc(norm, y, True) is not None  # eager inference takes the C pass
         traced = torch.compile(lambda t: norm_swish(norm, t), backend="aot_eager", fullgraph=True)
         assert traced(y).allclose(norm_swish(norm, y), atol=1e-5)
+
+
+def test_compiled_training_under_two_process_ddp(tmp_path):
+    """torchrun with two processes (gloo): the tokenizer's networks compiled in place inside DDP and the prior's
+    compiled DDP forward (dynamo splits it at DDP's gradient buckets) train to the eager runs' losses, and the
+    replicas stay identical. Traced with AOT autograd, as in the test above."""
+    from pathlib import Path
+
+    from conftest import run_two_processes
+
+    tests = Path(__file__).resolve().parent
+    write_store(tmp_path / "store", markov_tokens(64, 9, 6, 2).reshape(64, 3, 3), [-1] * 64)
+    script = tmp_path / "ddp_compile.py"
+    script.write_text(f"""
+import json, sys, torch, torch.distributed as dist
+from pathlib import Path
+sys.path.insert(0, {str(tests)!r})
+from conftest import tiny_train_config
+from test_prior import config as prior_config
+from vqgan.train import common
+from vqgan.train.stage1 import TokenizerTrainer
+from vqgan.train.stage2 import PriorTrainer
+common.COMPILE_BACKEND = "aot_eager"
+tmp = Path({str(tmp_path)!r})
+rt = common.setup_runtime()
+
+def identical(module):
+    flat = torch.cat([t.detach().float().reshape(-1) for t in module.state_dict().values()])
+    gathered = [torch.zeros_like(flat) for _ in range(rt.world_size)]
+    dist.all_gather(gathered, flat)
+    return torch.equal(gathered[0], gathered[1])
+
+def losses(run, key):
+    rows = [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
+    return [r[key] for r in rows if r["kind"] == "train"]
+
+out = {{}}
+for mode in (False, True):
+    run = tmp / f"tok{{mode}}"
+    cfg = tiny_train_config(tmp, train={{"steps": 2, "batch_size": 2, "log_every": 1, "compile": mode,
+                                         "out_dir": str(run)}}, loss={{"disc_start": 0, "disc_train_start": 0}})
+    torch.manual_seed(0)
+    trainer = TokenizerTrainer(cfg, runtime=rt, progress=False)
+    trainer.fit()
+    assert identical(trainer.model) and identical(trainer.loss.discriminator), "tokenizer replicas diverged"
+    run = tmp / f"prior{{mode}}"
+    prior = PriorTrainer(prior_config(tmp, tmp / "store", steps=3, batch_size=8, log_every=1, warmup_steps=1,
+                                      compile=mode, out_dir=str(run)), runtime=rt, progress=False)
+    prior.fit()
+    assert identical(prior.model), "prior replicas diverged"
+    if rt.rank == 0:
+        out[mode] = [losses(tmp / f"tok{{mode}}", "total"), losses(run, "loss")]
+if rt.rank == 0:
+    print("LOSSES", json.dumps(out))
+common.cleanup_runtime(rt)
+common.leave_worker(0)
+""")
+    stdout = run_two_processes(script)
+    out = json.loads(stdout.split("LOSSES", 1)[1].strip().splitlines()[0])
+    (tok_eager, prior_eager), (tok_compiled, prior_compiled) = out["false"], out["true"]
+    assert len(tok_eager) == 2 and len(prior_eager) == 3
+    assert tok_compiled == pytest.approx(tok_eager, rel=1e-4)
+    assert prior_compiled == pytest.approx(prior_eager, rel=1e-4)

@@ -65,15 +65,16 @@ def run_whole_pipeline(tmp_path, preset: str, options: list[str], grid: int) -> 
     """train-tokenizer, encode, decode, reconstruct, tokenize, train-transformer, sample (at the training size
     and larger, through the sliding window), complete: each exits 0 and writes what it should."""
     run, quiet = tmp_path / "run", "--no-progress"
+    some = ["--count", "24"]  # of the built-in scenes (1024 by default)
     assert main(["train-tokenizer", preset, quiet, *options, f"train.out_dir={run}"]) == 0
     model = run / "model"
-    assert main(["encode", str(model), "builtin:scenes", str(tmp_path / "enc"), quiet]) == 0
+    assert main(["encode", str(model), "builtin:scenes", str(tmp_path / "enc"), *some, quiet]) == 0
     store = TokenStore(tmp_path / "enc")
     depth = store.spec.levels[0].depth
-    assert store.row_length == grid * grid * depth
+    assert store.row_length == grid * grid * depth and len(store) == 24
     assert store.spec.streams == list(store.meta["codes"]["levels"][0]["vocab"])
     assert main(["decode", str(model), str(tmp_path / "enc"), str(tmp_path / "dec"), quiet]) == 0
-    assert main(["reconstruct", str(model), "builtin:scenes", str(tmp_path / "rec"), quiet]) == 0
+    assert main(["reconstruct", str(model), "builtin:scenes", str(tmp_path / "rec"), *some, quiet]) == 0
     assert main(["tokenize", str(model), "builtin:scenes", str(tmp_path / "store"), "--count", "24", quiet]) == 0
     prior = tmp_path / "prior"
     assert main(["train-transformer", "-", f"data.tokens={tmp_path / 'store'}", "model.n_layer=1", "model.n_embd=32",

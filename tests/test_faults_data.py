@@ -281,7 +281,7 @@ BAD_INPUT = [
     *[(cmd, ["{tok}", "{imgs}", "{out}", "--resolution", r], f"--resolution {r}")
       for cmd in ("encode", "reconstruct") for r in ("0", "-16")],
     ("tokenize", ["{tok}", "{imgs}", "{out}", "--crops", "0"], "--crops 0"),
-    ("tokenize", ["{tok}", "{imgs}", "{out}", "--count", "0"], "--count 0"),
+    *[(cmd, ["{tok}", "{imgs}", "{out}", "--count", "0"], "--count 0") for cmd in RUNS],
     ("tokenize", ["{tok}", "{imgs}", "{out}", "--labels", "folder"], "neither 'folders'"),
     ("tokenize", ["{tok}", "{imgs}/cats/0.png", "{out}", "--labels", "folders"], "inside a class sub-folder"),
     ("tokenize", ["{tok}", "{imgs}", "{out}", "--labels", "{dir}/missing.csv"], "neither 'folders'"),

@@ -51,7 +51,7 @@ def _encode(args) -> dict:
     from .inference import encode_folder
 
     return encode_folder(args.model, args.images, args.out, args.batch_size, args.crop, args.resolution,
-                         args.device, progress=not args.no_progress)
+                         args.device, progress=not args.no_progress, builtin_count=args.count)
 
 
 def _decode(args) -> dict:
@@ -65,7 +65,7 @@ def _reconstruct(args) -> dict:
     from .inference import reconstruct_folder
 
     return reconstruct_folder(args.model, args.images, args.out, args.batch_size, args.crop, args.resolution,
-                              args.device, progress=not args.no_progress)
+                              args.device, progress=not args.no_progress, builtin_count=args.count)
 
 
 def _train_transformer(args) -> dict:
@@ -206,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("--crop", choices=["center", "resize"], default="center")
         e.add_argument("--resolution", type=int, default=None, help="default: the tokenizer's training resolution")
         e.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when there is one)")
+        e.add_argument("--count", type=int, default=1024, help="images taken from built-in data")
         e.add_argument("--no-progress", action="store_true")
         e.set_defaults(func=fn)
 

@@ -48,11 +48,11 @@ LEGACY_META = "tokens.json"
 
 
 def _image_loader(model: VQModel, images: str, batch_size: int, crop: str, resolution: int | None,
-                  out: Path | None = None):
+                  out: Path | None = None, builtin_count: int = 1024):
     """(data set, loader of its readable items, unreadable files skipped while scanning). Unreadable items are
     left out of the batches, never replaced by another image: each output row names its own file. Files
     under `out` (an output folder inside the input folder) are not inputs: a second run would read the first's."""
-    sources, n_bad = image_sources(images, builtin_size=model.config.resolution)
+    sources, n_bad = image_sources(images, builtin_count, builtin_size=model.config.resolution)
     if out is not None and not images.startswith("builtin:"):
         own = out.resolve()
         sources = [s for s in sources if own not in Path(s.name).resolve().parents]
@@ -67,10 +67,11 @@ def _image_loader(model: VQModel, images: str, batch_size: int, crop: str, resol
     return ds, loader, n_bad
 
 
-def _start(model_path: str, out: str, batch_size: int, device: str | None, resolution: int | None = None
-           ) -> tuple[torch.device, VQModel, Path]:
+def _start(model_path: str, out: str, batch_size: int, device: str | None, resolution: int | None = None,
+           builtin_count: int = 1) -> tuple[torch.device, VQModel, Path]:
     """Check the options every command here shares, before any work; then load the tokenizer."""
     at_least(batch_size, 1, "--batch-size")
+    at_least(builtin_count, 1, "--count")
     check_resolution(resolution)
     out_dir = check_output_dir(out)
     dev = resolve_device(device)
@@ -79,10 +80,11 @@ def _start(model_path: str, out: str, batch_size: int, device: str | None, resol
 
 @torch.no_grad()
 def encode_folder(model_path: str, images: str, out: str, batch_size: int = 16, crop: str = "center",
-                  resolution: int | None = None, device: str | None = None, progress: bool = True) -> dict:
+                  resolution: int | None = None, device: str | None = None, progress: bool = True,
+                  builtin_count: int = 1024) -> dict:
     """Images -> a token store (the format `vqgan tokenize` writes; `decode` and `train-transformer` read it)."""
-    dev, model, out_dir = _start(model_path, out, batch_size, device, resolution)
-    ds, loader, n_bad = _image_loader(model, images, batch_size, crop, resolution)
+    dev, model, out_dir = _start(model_path, out, batch_size, device, resolution, builtin_count)
+    ds, loader, n_bad = _image_loader(model, images, batch_size, crop, resolution, builtin_count=builtin_count)
     chunks, names, skipped = [], [], n_bad
     for batch in tqdm(loader, desc="encode", disable=not progress):
         skipped += batch["skipped"]
@@ -182,9 +184,10 @@ def _mirrored_names(ds: ImageDataset, images: str, tail: str) -> list[Path]:
 
 @torch.no_grad()
 def reconstruct_folder(model_path: str, images: str, out: str, batch_size: int = 16, crop: str = "center",
-                       resolution: int | None = None, device: str | None = None, progress: bool = True) -> dict:
-    dev, model, out_dir = _start(model_path, out, batch_size, device, resolution)
-    ds, loader, n_bad = _image_loader(model, images, batch_size, crop, resolution, out_dir)
+                       resolution: int | None = None, device: str | None = None, progress: bool = True,
+                       builtin_count: int = 1024) -> dict:
+    dev, model, out_dir = _start(model_path, out, batch_size, device, resolution, builtin_count)
+    ds, loader, n_bad = _image_loader(model, images, batch_size, crop, resolution, out_dir, builtin_count)
     outputs = _mirrored_names(ds, images, "_rec.png")
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, skipped = [], n_bad
