@@ -68,10 +68,11 @@ def _image_loader(model: VQModel, images: str, batch_size: int, crop: str, resol
 
 
 def _start(model_path: str, out: str, batch_size: int, device: str | None, resolution: int | None = None,
-           builtin_count: int = 1) -> tuple[torch.device, VQModel, Path]:
+           builtin_count: int | None = None) -> tuple[torch.device, VQModel, Path]:
     """Check the options every command here shares, before any work; then load the tokenizer."""
     at_least(batch_size, 1, "--batch-size")
-    at_least(builtin_count, 1, "--count")
+    if builtin_count is not None:  # the commands that read images (built-in ones among them)
+        at_least(builtin_count, 1, "--count")
     check_resolution(resolution)
     out_dir = check_output_dir(out)
     dev = resolve_device(device)
