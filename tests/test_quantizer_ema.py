@@ -15,6 +15,7 @@ from vqgan.errors import UserError
 from vqgan.presets import resolve_config_path
 from vqgan.quantizers import EMAVectorQuantizer, VectorQuantizer, build_quantizer
 from vqgan.quantizers.entropy import assignment_entropies
+from vqgan.quantizers.residual import ResidualConfig
 from vqgan.tokenizers import VQModel
 from vqgan.train.stage1 import TokenizerTrainer
 
@@ -254,8 +255,33 @@ def test_entropy_penalty_spreads_latents_over_the_codes(kind):
     assert "codebook_entropy" not in q.eval()(z).stats
 
 
+@pytest.mark.parametrize("kind, options", [("vq", {}), ("ema", {}), ("vq", {"codebook_dim": 2, "l2_norm": True}),
+                                           ("fsq", {"levels": [5, 4, 3]})])
+def test_sample_entropy_weight_scales_only_the_per_position_term(kind, options):
+    """loss(share s) - loss(share 1) = w (s - 1) E[H(p(.|z))], the batch term and everything else unchanged."""
+    z = torch.randn(2, 4 if kind != "fsq" else 3, 3, 3)
+    def quantizer(share):
+        torch.manual_seed(0)
+        cfg = quantizer_config(kind, **{**({} if kind == "fsq" else {"n_embed": 16, "embed_dim": 4}), **options,
+                                        "entropy_weight": 0.3, "entropy_temperature": 0.5,
+                                        "sample_entropy_weight": share})
+        cfg.validate()
+        return build_quantizer(cfg, cfg.code_width).train()
+
+    outs = [quantizer(share)(z) for share in (1.0, 0.25)]
+    torch.testing.assert_close(outs[0].stats["sample_entropy"], outs[1].stats["sample_entropy"])
+    expected = 0.3 * (0.25 - 1.0) * outs[0].stats["sample_entropy"]
+    torch.testing.assert_close(outs[1].loss - outs[0].loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_residual_passes_the_share_to_each_depth():
+    cfg = ResidualConfig(depth=2, n_embed=8, embed_dim=4, entropy_weight=0.1, sample_entropy_weight=0.5)
+    assert cfg.codebook_section().sample_entropy_weight == 0.5
+
+
 @pytest.mark.parametrize("options, key", [
     ({"entropy_weight": -0.1}, "entropy_weight must be >= 0"),
+    ({"sample_entropy_weight": -0.5}, "sample_entropy_weight must be >= 0"),
     ({"entropy_temperature": 0.0}, "entropy_temperature must be > 0"),
     ({"codebook_dim": -1}, "codebook_dim must be >= 0"),
     ({"kind": "ema", "decay": 1.0}, "decay must be in"),

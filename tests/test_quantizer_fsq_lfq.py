@@ -193,7 +193,8 @@ def test_fsq_entropy_penalty_is_a_training_loss_and_off_by_default():
     assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
     assert q.eval()(z).loss.item() == 0.0
     for options, message in [({"entropy_weight": -1.0}, "entropy_weight must be >= 0"),
-                             ({"entropy_temperature": 0.0}, "entropy_temperature must be > 0")]:
+                             ({"entropy_temperature": 0.0}, "entropy_temperature must be > 0"),
+                             ({"sample_entropy_weight": -1.0}, "sample_entropy_weight must be >= 0")]:
         with pytest.raises(UserError, match=message):
             load_config(TokenizerTrainConfig, {"model": {"quantizer": {"kind": "fsq", **options}}})
 

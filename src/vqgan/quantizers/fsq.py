@@ -34,6 +34,7 @@ class FSQConfig(QuantizerConfig):
     # channel's soft assignment p_i(g|z) = softmax_g(-(bound(z)_i - g)^2 / entropy_temperature) to its integers
     entropy_weight: float = 0.0
     entropy_temperature: float = 0.1  # in squared grid steps
+    sample_entropy_weight: float = 1.0  # the per-position term's share of it (vq.py: VQConfig)
 
     @property
     def code_width(self) -> int:
@@ -52,6 +53,9 @@ class FSQConfig(QuantizerConfig):
             raise UserError(f"{where}.entropy_weight must be >= 0 (0: off, e.g. 0.1), got {self.entropy_weight}")
         if not self.entropy_temperature > 0:
             raise UserError(f"{where}.entropy_temperature must be > 0, e.g. 0.1; got {self.entropy_temperature}")
+        if self.sample_entropy_weight < 0:
+            raise UserError(f"{where}.sample_entropy_weight must be >= 0 (1: the full term, e.g. 0.5), "
+                            f"got {self.sample_entropy_weight}")
         if math.prod(self.levels) > 2**31 - 1:
             raise UserError(f"{where}.levels {self.levels} give {math.prod(self.levels)} codes; token ids must fit "
                             f"int32 (at most 2**31 - 1): use fewer or smaller levels")
@@ -106,7 +110,7 @@ class FiniteScalarQuantizer(Quantizer):
                 rows = bounded.permute(0, 2, 3, 1).reshape(-1, bounded.shape[1])
                 per_sample, batch = grid_entropies(
                     grid_log_probs(rows, self.config.levels, self.config.entropy_temperature), self.config.levels)
-                loss = self.config.entropy_weight * (per_sample - batch)
+                loss = self.config.entropy_weight * (self.config.sample_entropy_weight * per_sample - batch)
                 stats.update(sample_entropy=per_sample.detach(), codebook_entropy=batch.detach())
         return QuantizerOutput(quantized.to(z.dtype), indices, loss, stats)
 

@@ -47,6 +47,7 @@ class ResidualConfig(QuantizerConfig):
     # each depth's entropy penalty (vq.py: VQConfig.entropy_weight; 0: off) on its own residuals
     entropy_weight: float = 0.0
     entropy_temperature: float = 0.01
+    sample_entropy_weight: float = 1.0
     # the gradient through the sum of the codes: straight_through or rotation (vq.py: VQConfig.estimator)
     estimator: str = "straight_through"
     estimator_per_depth: bool = False  # the estimator on each depth's (residual, code) instead of the whole sum
@@ -62,7 +63,8 @@ class ResidualConfig(QuantizerConfig):
         if kind == self.kind or kind not in QUANTIZERS:
             raise UserError(hint)
         try:
-            entropy = {"entropy_weight": self.entropy_weight, "entropy_temperature": self.entropy_temperature}
+            entropy = {"entropy_weight": self.entropy_weight, "entropy_temperature": self.entropy_temperature,
+                       "sample_entropy_weight": self.sample_entropy_weight}
             return QuantizerConfig.build(kind, n_embed=self.n_embed, embed_dim=self.embed_dim, beta=self.beta,
                                          **(entropy if self.entropy_weight else {}))
         except TypeError:  # a kind without these keys (gumbel, fsq, ...) is not matched by distance
