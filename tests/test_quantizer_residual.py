@@ -129,7 +129,9 @@ def test_quantize_dropout_drops_later_depths_of_some_samples_in_training_only():
 
 
 def test_shared_and_separate_codebooks_have_the_right_parameter_counts():
-    count = lambda q: sum(p.numel() for p in q.parameters())
+    def count(q):
+        return sum(p.numel() for p in q.parameters())
+
     assert count(make(depth=4, shared_codebook=True)) == 64 * 8
     assert count(make(depth=4, shared_codebook=False)) == 4 * 64 * 8
     assert len(make(depth=3, shared_codebook=False).codebooks) == 3

@@ -50,8 +50,8 @@ def test_killed_run_resumes_bit_exactly(tmp_path):
         assert a.keys() == b.keys()
         for k in a:
             assert torch.equal(a[k], b[k]), k
-    log_a = [json.loads(l) for l in (tmp_path / "a/run/logs/metrics.jsonl").read_text().splitlines()]
-    log_b = [json.loads(l) for l in (tmp_path / "b/run/logs/metrics.jsonl").read_text().splitlines()]
+    log_a = [json.loads(line) for line in (tmp_path / "a/run/logs/metrics.jsonl").read_text().splitlines()]
+    log_b = [json.loads(line) for line in (tmp_path / "b/run/logs/metrics.jsonl").read_text().splitlines()]
     last = lambda rows: [r for r in rows if r["kind"] == "train"][-1]  # noqa: E731
     assert last(log_a)["total"] == last(log_b)["total"]
 
@@ -125,7 +125,7 @@ def test_tiny_model_learns_real_images(tmp_path):
     after = trainer.fit()
     assert after["psnr"] > before + 5.0, (before, after["psnr"])
     assert after["psnr"] > 15.0
-    rows = [json.loads(l) for l in (tmp_path / "run/logs/metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "run/logs/metrics.jsonl").read_text().splitlines()]
     l1 = [r["l1"] for r in rows if r["kind"] == "train"]
     assert np.mean(l1[-5:]) < 0.5 * np.mean(l1[:3])
 
@@ -163,5 +163,5 @@ def test_gradient_accumulation_runs_and_logs_once_per_step(tmp_path):
     trainer = TokenizerTrainer(cfg, progress=False)
     assert trainer.lr == pytest.approx(cfg.train.base_learning_rate * 2 * 2)  # base x batch x accumulation
     trainer.fit()
-    rows = [json.loads(l) for l in (tmp_path / "run/logs/metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "run/logs/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2]

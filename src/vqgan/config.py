@@ -435,7 +435,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             pass
     if tp is int and isinstance(value, float) and value.is_integer():
         return int(value)
-    if tp in (int, float, str, bool) and not (type(value) is tp):
+    if tp in (int, float, str, bool) and type(value) is not tp:
         raise UserError(f"{where} must be {tp.__name__}, got {value!r}")
     return value
 

@@ -166,8 +166,9 @@ def kept_positions(h: int, w: int, keep_rows: float = 0.5, box: tuple[float, flo
     outside `box` (top, left, bottom, right as fractions)."""
     keep = torch.ones(h, w, dtype=torch.bool)
     if box is not None:
-        t, l, bt, r = box
-        keep[round(t * h):max(round(bt * h), round(t * h) + 1), round(l * w):max(round(r * w), round(l * w) + 1)] = False
+        top, left, bottom, right = box
+        rows = slice(round(top * h), max(round(bottom * h), round(top * h) + 1))
+        keep[rows, round(left * w):max(round(right * w), round(left * w) + 1)] = False
     else:
         keep[max(0, min(h - 1, round(keep_rows * h))):] = False
     return keep
