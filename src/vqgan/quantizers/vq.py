@@ -77,7 +77,8 @@ class VQConfig(QuantizerConfig):
     entropy_weight: float = 0.0
     entropy_temperature: float = 0.01
     # the per-position term's share of it (as lfq's and gumbel's): below 1 the batch term leads, which spreads
-    # held-out photos over more codes (factorized codes at 0.5: 71% -> 79%, three seeds; README, "The per-position share")
+    # held-out photos over more codes (factorized codes at 0.5: 71% -> 79% over three seeds; README, "The
+    # per-position share")
     sample_entropy_weight: float = 1.0
     # how the decoder's gradient reaches the encoder through the lookup: "straight_through" (VQ-VAE: copied as
     # is) or "rotation" (Fifty et al. 2024, "Restructuring Vector Quantization with the Rotation Trick": the
