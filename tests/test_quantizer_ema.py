@@ -260,6 +260,7 @@ def test_entropy_penalty_spreads_latents_over_the_codes(kind):
 def test_sample_entropy_weight_scales_only_the_per_position_term(kind, options):
     """loss(share s) - loss(share 1) = w (s - 1) E[H(p(.|z))], the batch term and everything else unchanged."""
     z = torch.randn(2, 4 if kind != "fsq" else 3, 3, 3)
+
     def quantizer(share):
         torch.manual_seed(0)
         cfg = quantizer_config(kind, **{**({} if kind == "fsq" else {"n_embed": 16, "embed_dim": 4}), **options,
@@ -277,6 +278,9 @@ def test_sample_entropy_weight_scales_only_the_per_position_term(kind, options):
 def test_residual_passes_the_share_to_each_depth():
     cfg = ResidualConfig(depth=2, n_embed=8, embed_dim=4, entropy_weight=0.1, sample_entropy_weight=0.5)
     assert cfg.codebook_section().sample_entropy_weight == 0.5
+    with pytest.raises(UserError, match=r"model\.quantizer\.sample_entropy_weight must be >= 0"):
+        load_config(TokenizerTrainConfig, {"model": {"quantizer": {"kind": "residual", "depth": 2, "n_embed": 8,
+                                                                   "entropy_weight": 0.1, "sample_entropy_weight": -1}}})
 
 
 @pytest.mark.parametrize("options, key", [
