@@ -55,6 +55,9 @@ class EMAConfig(VQConfig):
         if self.linear_codebook:
             raise UserError(f"{where}.linear_codebook: kind ema sets its codes by moving averages, not through a "
                             "learnt map; use kind vq for a linear codebook, or set linear_codebook: false")
+        if self.estimator == "index_backprop":
+            raise UserError(f"{where}.estimator: index_backprop moves codes by gradient, and kind ema's codes are "
+                            "moving averages; use straight_through or rotation, or kind vq")
 
 
 class EMACodebook(nn.Module):

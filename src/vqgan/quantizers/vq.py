@@ -13,6 +13,13 @@ default), so the codes start as the basis: random with the paper's scale 1/sqrt(
 initialises codes from data (`train.codebook.init_from_data`), encoder outputs written into the basis, whose
 rows dead-code restarts rewrite too (our addition: the paper keeps the random basis; at 300 steps on photo
 crops it used 10% of the codes, the data-initialised basis 38%).
+
+Optionally index backpropagation (`estimator: index_backprop`; IBQ, Shi et al. 2024, "Taming Scalable Visual
+Tokenizer for Autoregressive Image Generation", sec. 3.2): the code is the nearest one as always, but the
+gradient reaches the latent and every code through the soft assignment p = softmax(-||z - e||^2 / index_temperature):
+quantized = (onehot - sg[p] + p) @ codebook, so codes that won nothing still move with the reconstruction loss.
+IBQ takes logits z.e at temperature 1 and picks their argmax; we keep the nearest code (the tokens of inference)
+and the distance form, equal to IBQ's for l2 codes up to the temperature. One (positions, codes) block per step.
 """
 from __future__ import annotations
 
@@ -85,6 +92,8 @@ class VQConfig(QuantizerConfig):
     # latent is rotated and scaled onto its code by a transform treated as constant, so the gradient turns with
     # it; vector-quantize-pytorch's default)
     estimator: str = "straight_through"
+    # or "index_backprop" (IBQ, module docstring): through softmax(-distance / index_temperature) to every code
+    index_temperature: float = 1.0
     # SimVQ: codes = a frozen basis times one learnt linear map (module docstring)
     linear_codebook: bool = False
 
@@ -108,8 +117,11 @@ class VQConfig(QuantizerConfig):
         if self.sample_entropy_weight < 0:
             raise UserError(f"{where}.sample_entropy_weight must be >= 0 (1: the papers', e.g. 0.5), "
                             f"got {self.sample_entropy_weight}")
-        if self.estimator not in ESTIMATORS:
-            raise UserError(f"{where}.estimator must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
+        if self.estimator not in (*ESTIMATORS, INDEX_BACKPROP):
+            raise UserError(f"{where}.estimator must be one of {', '.join((*ESTIMATORS, INDEX_BACKPROP))}, "
+                            f"got {self.estimator!r}")
+        if not self.index_temperature > 0:
+            raise UserError(f"{where}.index_temperature must be > 0, e.g. 1.0; got {self.index_temperature}")
 
 
 def straight_through(x: torch.Tensor, x_q: torch.Tensor) -> torch.Tensor:
@@ -134,6 +146,19 @@ def rotation_trick(x: torch.Tensor, x_q: torch.Tensor, dim: int = 1) -> torch.Te
 
 
 ESTIMATORS = {"straight_through": straight_through, "rotation": rotation_trick}
+INDEX_BACKPROP = "index_backprop"  # needs the codebook, not only (latent, code): VectorQuantizer.forward
+
+
+def index_backprop(flat: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor,
+                   temperature: float) -> torch.Tensor:
+    """IBQ: rows (N, D) -> (N, D) with the value of codebook[indices] and the gradient of softmax(-d / t) @ codebook,
+    to the rows through the distances and to every code."""
+    with torch.autocast(device_type=flat.device.type, enabled=False):
+        flat, codebook = flat.float(), codebook.float()
+        d = (flat * flat).sum(1, keepdim=True) + (codebook * codebook).sum(1) - 2 * flat @ codebook.t()
+        soft = torch.softmax(-d / temperature, dim=1)
+        hard = F.one_hot(indices, codebook.shape[0]).to(soft.dtype)
+        return (hard - soft.detach() + soft) @ codebook
 
 
 def l2_normalize(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -246,7 +271,11 @@ class VectorQuantizer(Quantizer):
             per_sample, batch = assignment_entropies(flat, codebook, self.config.entropy_temperature)
             loss = loss + self.config.entropy_weight * (self.config.sample_entropy_weight * per_sample - batch)
             stats.update(sample_entropy=per_sample.detach(), codebook_entropy=batch.detach())
-        quantized = ESTIMATORS[self.config.estimator](x, x_q)
+        if self.config.estimator == INDEX_BACKPROP and self.training:
+            rows = index_backprop(flat, codebook, indices, self.config.index_temperature)
+            quantized = rows.view(b, h, w, d).permute(0, 3, 1, 2).to(x.dtype)
+        else:  # evaluation: the value is all that counts
+            quantized = ESTIMATORS.get(self.config.estimator, straight_through)(x, x_q)
         if self.config.codebook_dim:
             quantized = self.from_lookup(quantized.permute(0, 2, 3, 1)).to(z.dtype)
         rows = indices.view(b, h, w, 1)
