@@ -161,6 +161,24 @@ def test_lfq_training_loss_is_commitment_plus_the_weighted_entropies():
     assert q.eval()(z).loss.item() == pytest.approx(0.3 * F.mse_loss(z, 2.0 * torch.sign(z)).item(), rel=1e-5)
 
 
+def test_bsq_codes_lie_on_the_sphere_and_its_loss_is_lfqs_on_the_normalised_latent():
+    """spherical (BSQ): the codes are +-scale/sqrt(bits) (unit norm at scale 1) whatever the latent's norm; the
+    tokens are LFQ's (signs do not change with the norm); the loss is LFQ's of z/|z| with codes of that scale."""
+    torch.manual_seed(0)
+    bsq = make("lfq", bits=6, spherical=True, entropy_weight=0.2, entropy_temperature=0.5, commitment_weight=0.3)
+    plain = make("lfq", bits=6)
+    z = torch.randn(2, 6, 3, 4, dtype=torch.float64) * 7
+    out = bsq.train()(z)
+    torch.testing.assert_close(out.quantized.double().norm(dim=1), torch.ones(2, 3, 4, dtype=torch.float64))
+    assert torch.equal(out.indices, plain.eval()(z).indices)
+    torch.testing.assert_close(bsq.decode_indices(out.indices), out.quantized.float())
+    u = F.normalize(z, dim=1)
+    flat = u.permute(0, 2, 3, 1).reshape(-1, 6)
+    sample, codebook = direct_entropies(flat, 6 ** -0.5, 0.5)
+    expected = 0.3 * F.mse_loss(u, torch.sign(u) * 6 ** -0.5) + 0.2 * (sample - codebook)
+    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_fsq_grid_entropies_equal_the_direct_computation_values_and_gradients(monkeypatch):
     """The optional FSQ entropy penalty: each channel's soft assignment to its integers, the product over
     channels for a code; the batch mean over all prod(levels) codes summed in chunks (here of 3 codes)."""
@@ -232,8 +250,8 @@ def photos(tmp_path_factory):
     return photo_crops(tmp_path_factory.mktemp("photos"))
 
 
-@pytest.mark.parametrize("quantizer", [{"kind": "fsq", "levels": [8, 5, 5, 5]}, {"kind": "lfq", "bits": 10}],
-                         ids=["fsq", "lfq"])
+@pytest.mark.parametrize("quantizer", [{"kind": "fsq", "levels": [8, 5, 5, 5]}, {"kind": "lfq", "bits": 10},
+                                       {"kind": "lfq", "bits": 10, "spherical": True}], ids=["fsq", "lfq", "bsq"])
 def test_a_tiny_model_learns_real_photographs(tmp_path, photos, quantizer):
     cfg = tiny_train_config(tmp_path, model={"quantizer": quantizer},
                             data={"path": str(photos), "holdout": 4, "crop": "center", "flip": False},

@@ -45,7 +45,7 @@ class LevelSteer:
             if isinstance(q, VectorQuantizer) and not q.config.l2_norm:  # on the sphere, |z| does not matter
                 return _codes_range(q)
             if isinstance(q, LookupFreeQuantizer):  # only the signs matter; beyond +-scale is wasted travel
-                s = q.config.codebook_scale
+                s = q.scale  # codebook_scale, over sqrt(bits) when spherical
                 return torch.full((1, self.width, 1, 1), -s), torch.full((1, self.width, 1, 1), s)
         return None  # FSQ bounds z itself (tanh); gumbel's z are pre-logit features
 

@@ -5,6 +5,11 @@ Each of `bits` channels is quantized to its sign: the implicit codebook is {-1, 
 entropy penalty keeps the codes used: a low entropy of each position's soft code assignment (confident codes)
 and a high entropy of the batch's mean assignment (all codes used). The token of a position is given to the
 prior as `split` sub-tokens of bits/split bits each (a 2^18 vocabulary is too many ids for one softmax).
+
+`spherical: true` is binary spherical quantization (BSQ; Zhao, Xiong and Kraehenbuehl 2024, "Image and Video
+Tokenization with Binary Spherical Quantization", sec. 3): the latent is first put on the unit sphere and the
+codes are +-codebook_scale/sqrt(bits), so every code has the same norm and the quantization error is bounded
+whatever the encoder's scale. The entropy terms keep their form with the normalised latent and that scale.
 """
 from __future__ import annotations
 
@@ -41,7 +46,8 @@ class LFQConfig(QuantizerConfig):
     sample_entropy_weight: float = 1.0  # per-sample entropy, minimised
     codebook_entropy_weight: float = 1.0  # entropy of the batch-mean distribution, maximised
     entropy_temperature: float = 0.01
-    codebook_scale: float = 1.0  # the codes are +-codebook_scale
+    codebook_scale: float = 1.0  # the codes are +-codebook_scale (spherical: +-codebook_scale / sqrt(bits))
+    spherical: bool = False  # BSQ: the latent l2-normalised over its bits before the sign (module docstring)
     # the codebook entropy over groups of bits/entropy_groups bits, summed: 1 = exact over all 2^bits codes;
     # more is Open-MAGVIT2's factorized approximation (an upper bound, cheaper: 2 groups of 9 bits at 18 bits)
     entropy_groups: int = 1
@@ -177,18 +183,19 @@ class LookupFreeQuantizer(Quantizer):
         self.sub_bits = config.bits // self.split
         # weight of each channel's bit within its sub-token (constants: not in the state dict)
         self.register_buffer("weights", (2 ** torch.arange(self.sub_bits)).repeat(self.split), persistent=False)
+        self.scale = config.codebook_scale / (config.bits ** 0.5 if config.spherical else 1.0)
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         cfg = self.config
         b, _, h, w = z.shape
         with torch.autocast(device_type=z.device.type, enabled=False):
-            zf = z.float()
-            signs = torch.where(zf > 0, 1.0, -1.0) * cfg.codebook_scale
+            zf = F.normalize(z.float(), dim=1, eps=1e-6) if cfg.spherical else z.float()
+            signs = torch.where(zf > 0, 1.0, -1.0) * self.scale
             quantized = signs + (zf - zf.detach())  # the code's exact value, z's gradient
             loss = cfg.commitment_weight * F.mse_loss(zf, signs)
             stats = {}
             if self.training and cfg.entropy_weight:  # as the paper: a training loss only
-                logits = bit_logits(zf.permute(0, 2, 3, 1).reshape(-1, self.bits), cfg.codebook_scale,
+                logits = bit_logits(zf.permute(0, 2, 3, 1).reshape(-1, self.bits), self.scale,
                                     cfg.entropy_temperature)
                 per_sample = sample_entropy(logits)
                 codebook = factorized_codebook_entropy(logits, cfg.entropy_groups)
@@ -203,7 +210,7 @@ class LookupFreeQuantizer(Quantizer):
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         tokens = self.check_indices(indices).permute(0, 3, 1, 2)  # (B, split, h, w)
         bits = (tokens.repeat_interleave(self.sub_bits, 1) // self.weights.view(1, -1, 1, 1)) % 2
-        return (bits.float() * 2 - 1) * self.config.codebook_scale
+        return (bits.float() * 2 - 1) * self.scale
 
 
 def _stream_stats(indices: torch.Tensor, vocab: int) -> dict[str, torch.Tensor]:
