@@ -113,16 +113,16 @@ def test_a_resumed_run_continues_the_schedules(tmp_path):
         assert logs["temperature"] == temperature and "logit_laplace" in logs
 
 
-@pytest.mark.parametrize("share", [1.0, 0.0])
-def test_the_entropy_penalty_matches_a_hand_computation(share):
-    """entropy_weight adds w * (s * mean per-position entropy of softmax(logits) - entropy of their batch mean)
-    to the scheduled KL, s = sample_entropy_weight, in training only."""
+@pytest.mark.parametrize("share,temperature", [(1.0, 1.0), (0.0, 1.0), (0.5, 7.0)])
+def test_the_entropy_penalty_matches_a_hand_computation(share, temperature):
+    """entropy_weight adds w * (s * mean per-position entropy of softmax(logits / t) - entropy of their batch
+    mean) to the scheduled KL, s = sample_entropy_weight, t = entropy_temperature, in training only."""
     torch.manual_seed(0)
     q = build_quantizer(quantizer_config(**{**GUMBEL, "kl_weight": 0.0, "kl_warmup_steps": 0, "entropy_weight": 0.3,
-                                            "sample_entropy_weight": share}), 16)
+                                            "sample_entropy_weight": share, "entropy_temperature": temperature}), 16)
     z = torch.randn(2, 16, 3, 3)
     logits = q.proj(z).detach().permute(0, 2, 3, 1).reshape(-1, 64).double()
-    p = logits.softmax(1)
+    p = (logits / temperature).softmax(1)
     per_sample = -(p * p.log()).sum(1).mean()
     mean = p.mean(0)
     expected = 0.3 * (share * per_sample + (mean * mean.log()).sum())
@@ -172,6 +172,7 @@ def test_the_released_init_does_not_start_collapsed(tmp_path):
     "model.quantizer.kl_warmup_steps=-1",
     "model.quantizer.entropy_weight=-0.1",
     "model.quantizer.sample_entropy_weight=-1",
+    "model.quantizer.entropy_temperature=0",
     "model.decoder_output=image",  # the logit-Laplace term needs the scale
     "model.decoder_output=gaussian",
     "loss.logit_laplace_weight=-1",

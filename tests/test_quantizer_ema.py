@@ -298,7 +298,7 @@ def test_settings_that_cannot_work_are_one_line_errors(tmp_path, options, key):
     assert "\n" not in str(err.value) and "model.quantizer." in str(err.value)
 
 
-@pytest.mark.parametrize("name, kind, lookup", [("small-cpu-ema", EMAVectorQuantizer, 64),
+@pytest.mark.parametrize("name, kind, lookup", [("small-cpu-ema", EMAVectorQuantizer, 8),
                                                 ("small-cpu-factorized", VectorQuantizer, 8),
                                                 ("llamagen-vq16", VectorQuantizer, 8)])
 def test_presets_load_and_build(name, kind, lookup):

@@ -53,6 +53,9 @@ class GumbelConfig(QuantizerConfig):
     # each position's confidence to the reconstruction (the per-position term saturates the logits: measured,
     # README's dVAE paragraph)
     sample_entropy_weight: float = 1.0
+    # the penalty reads softmax(logits / entropy_temperature): above 1 it still sees the spread of logits that the
+    # per-position term has saturated (std 150-200), as lfq's and vq's temperatures do. 1: the logits as they are
+    entropy_temperature: float = 1.0
     # taming: PyTorch's defaults (the logits conv uniform with biases, codes N(0, 1)); dalle: the released
     # dVAE's (logits conv normal 1/sqrt(fan_in), zero bias; codes as its decoder's first conv reads a one-hot,
     # std 1/sqrt(n_embed), small enough that Adam moves them within a short run)
@@ -74,7 +77,7 @@ class GumbelConfig(QuantizerConfig):
         super().validate(where)
         if self.n_embed < 2:
             raise UserError(f"{where}.n_embed must be >= 2, got {self.n_embed}")
-        for name in ("temperature", "temperature_end"):
+        for name in ("temperature", "temperature_end", "entropy_temperature"):
             if not getattr(self, name) > 0:
                 raise UserError(f"{where}.{name} must be > 0, got {getattr(self, name)}")
         if self.init not in ("taming", "dalle"):
@@ -112,7 +115,8 @@ class GumbelQuantizer(Quantizer):
         indices = one_hot.argmax(1).unsqueeze(-1)  # (B, h, w, 1)
         stats = codebook_stats(indices, self.n_embed)
         if self.training and self.config.entropy_weight:
-            per_sample, batch = softmax_entropies(logits.permute(0, 2, 3, 1).reshape(-1, self.n_embed))
+            rows = logits.permute(0, 2, 3, 1).reshape(-1, self.n_embed)
+            per_sample, batch = softmax_entropies(rows / self.config.entropy_temperature)
             kl = kl + self.config.entropy_weight * (self.config.sample_entropy_weight * per_sample - batch)
             stats.update(sample_entropy=per_sample.detach(), codebook_entropy=batch.detach())
         return QuantizerOutput(quantized, indices, kl, stats)
