@@ -60,8 +60,12 @@ def assignment_entropies(z: torch.Tensor, codebook: torch.Tensor, temperature: f
     training batch's positions times the codebook (512 x 1024 on the CPU presets)."""
     with torch.autocast(device_type=z.device.type, enabled=False):
         z, codebook = z.float(), codebook.float()
-        d = (z * z).sum(1, keepdim=True) + (codebook * codebook).sum(1) - 2 * z @ codebook.t()  # (N, K)
-        return softmax_entropies(-d / temperature)
+        return softmax_entropies(-squared_distances(z, codebook) / temperature)
+
+
+def squared_distances(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """||z_n - e_k||^2 for rows z (N, D) and codes (K, D): one (N, K) block, differentiable in both."""
+    return (z * z).sum(1, keepdim=True) + (codebook * codebook).sum(1) - 2 * z @ codebook.t()
 
 
 def softmax_entropies(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
