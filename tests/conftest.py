@@ -60,16 +60,16 @@ def photo_crops(folder: Path, step: int = 16) -> Path:
     return folder
 
 
-def train_on_photos(tmp_path: Path, steps: int, lr: float, **sections):
-    """A tiny model (`tiny_train_config` with `sections`) trained `steps` steps at learning rate `lr` on
-    `photo_crops`: its config, held-out PSNR before and after, and its saved model, loaded back."""
+def train_on_photos(tmp_path: Path, steps: int, lr: float, train: dict | None = None, **sections):
+    """A tiny model (`tiny_train_config` with `sections`, and `train` keys) trained `steps` steps at learning rate
+    `lr` on `photo_crops`: its config, held-out PSNR before and after, and its saved model, loaded back."""
     from vqgan.checkpoint import load_model
     from vqgan.train.stage1 import TokenizerTrainer
 
     photos = photo_crops(tmp_path / "photos")
     cfg = tiny_train_config(tmp_path, data={"path": str(photos), "holdout": 4, "crop": "center", "flip": False},
                             train={"steps": steps, "batch_size": 8, "base_learning_rate": lr, "scale_lr": False,
-                                   "eval_every": 1000, "ckpt_every": 1000}, **sections)
+                                   "eval_every": 1000, "ckpt_every": 1000, **(train or {})}, **sections)
     trainer = TokenizerTrainer(cfg, progress=False)
     before = trainer.evaluate()["psnr"]
     after = trainer.fit()["psnr"]

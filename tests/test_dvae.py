@@ -6,9 +6,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import assert_setting_error, photo_crops, tiny_train_config, train_on_photos
+import torch.nn.functional as F
+from conftest import assert_setting_error, photo_crops, run_two_processes, tiny_train_config, train_on_photos
 
-from vqgan.config import LossConfig, TokenizerTrainConfig, load_config, quantizer_config
+from vqgan.config import CodebookCareConfig, LossConfig, TokenizerTrainConfig, load_config, quantizer_config
 from vqgan.losses import VQGANLoss
 from vqgan.losses.likelihood import logit_laplace_image, logit_laplace_nll
 from vqgan.presets import resolve_config_path
@@ -130,6 +131,83 @@ def test_the_entropy_penalty_matches_a_hand_computation(share, temperature):
     assert float(q.eval()(z).loss.detach()) == 0
 
 
+def test_dead_codes_restart_as_noisy_copies_of_live_ones():
+    """Gumbel codes are chosen by logits, not by distance: a dead code restarts as a copy of a live one (logit row,
+    bias, code vector, a little noise), the copies sharing their donor's probability, so the output holds still;
+    Adam forgets the restarted rows."""
+    torch.manual_seed(0)
+    q = build_quantizer(quantizer_config("gumbel", n_embed=16, embed_dim=8, init="dalle"), 8).train()
+    q.start_upkeep(CodebookCareConfig(restart_every=1, restart_after=1, restart_until=1.0), 100)
+    q.initialize_from(torch.randn(10, 8))
+    with torch.no_grad():
+        q.proj.bias[[3, 5]] = 20.0  # two live codes
+    opt = torch.optim.Adam(q.parameters(), lr=1e-3)
+    z = torch.randn(4, 8, 3, 3)
+    out = q(z)
+    (out.quantized.square().mean() + out.loss).backward()
+    opt.step()
+    with torch.no_grad():
+        p_before = F.softmax(q.proj(z), 1)
+        mean_code_before = torch.einsum("bkhw,kd->bd", p_before, q.embed.weight)
+        donors_before = q.embed.weight[[3, 5]].clone()
+    logs = q.maintain(1, z, out.codes, opt)
+    assert logs["restarted"] == 14 and q.upkeep.restarts_total == 14 and logs["usage_window"] == 1.0
+    with torch.no_grad():
+        p_after = F.softmax(q.proj(z), 1)
+        # each code is now a copy of 3 or 5: the one whose code vector it is nearly equal to
+        origin = torch.cdist(q.embed.weight, donors_before).argmin(1)
+        gap = (q.embed.weight - donors_before[origin]).abs().max()
+        assert 0 < gap < 0.05 * donors_before.std()  # noise of 1% of a row's spread
+        assert {int(origin[3]), int(origin[5])} == {0, 1} and origin.bincount().min() >= 2
+        for donor, k in ((0, 3), (1, 5)):
+            shared = p_after[:, origin == donor].sum(1)
+            torch.testing.assert_close(shared, p_before[:, k], atol=0.02, rtol=0)
+        torch.testing.assert_close(torch.einsum("bkhw,kd->bd", p_after, q.embed.weight), mean_code_before,
+                                   atol=0.02, rtol=0)
+    dead = torch.ones(16, dtype=torch.bool)
+    dead[[3, 5]] = False
+    for param in (q.proj.weight, q.proj.bias, q.embed.weight):
+        moments = opt.state[param]["exp_avg"]
+        assert moments[dead].abs().max() == 0 and moments[~dead].abs().max() > 0
+
+
+@pytest.mark.slow
+def test_two_processes_split_the_same_codes(tmp_path):
+    """Each rank sees different latents; the usage counts are all-reduced, so both ranks split the same dead codes
+    onto the same donors and end with the same parameters."""
+    script = tmp_path / "gumbel_ddp.py"
+    script.write_text("""
+import torch, torch.distributed as dist
+from vqgan.config import CodebookCareConfig, quantizer_config
+from vqgan.quantizers import build_quantizer
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)
+q = build_quantizer(quantizer_config("gumbel", n_embed=32, embed_dim=8, init="dalle"), 8).train()
+q.start_upkeep(CodebookCareConfig(restart_every=1, restart_after=1, restart_until=1.0), 100)
+q.initialize_from(torch.randn(10, 8))
+with torch.no_grad():
+    q.proj.bias[rank] = 20.0 + rank  # rank r's positions all pick code r
+restarted = 0
+for s in range(1, 3):
+    z = torch.randn(2, 8, 3, 3, generator=torch.Generator().manual_seed(100 * rank + s))
+    restarted += q.maintain(s, z, q(z).codes)["restarted"]
+flat = torch.cat([t.float().reshape(-1) for t in q.state_dict().values()])
+both = [torch.zeros_like(flat) for _ in range(2)]
+dist.all_gather(both, flat)
+assert torch.equal(both[0], both[1]), "ranks diverged"
+if rank == 0:
+    print("GUMBEL_RANKS_IDENTICAL", restarted)
+dist.barrier()
+dist.destroy_process_group()
+from vqgan.train.common import leave_worker
+leave_worker(0)
+""")
+    out = run_two_processes(script)
+    assert "GUMBEL_RANKS_IDENTICAL" in out
+    assert int(out.split("GUMBEL_RANKS_IDENTICAL")[1].split()[0]) >= 30  # both ranks' codes stayed alive
+
+
 def test_convs_start_as_the_released_code():
     """Normal 1/sqrt(fan_in) weights and zero biases, as dall_e's Conv2d; codes of the gumbel quantizer with
     init dalle as the released decoder's first conv reads a one-hot."""
@@ -195,9 +273,9 @@ def test_a_tiny_dvae_learns_real_photographs(tmp_path):
     images = torch.stack([torch.from_numpy(np.array(Image.open(f))).permute(2, 0, 1)
                           for f in sorted(photos.glob("*.png"))]).float() / 127.5 - 1
     distinct = {}
-    for name, extra in (("paper", {}), ("preset", recipe)):
+    for name, extra, care in (("paper", {}, {"restart_every": 0}), ("preset", recipe, {})):
         cfg, before, after, model = train_on_photos(
-            tmp_path / name, 40, 2e-3, loss=LOSS, model={**TINY, "quantizer": {**GUMBEL, "temperature_steps": 40,
+            tmp_path / name, 40, 2e-3, train={"codebook": care} if care else None, loss=LOSS, model={**TINY, "quantizer": {**GUMBEL, "temperature_steps": 40,
                                                                                 **extra}})
         assert after > before + 2.0, (name, before, after)
         assert model.config == cfg.model

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from ..config import CodebookCareConfig
 from ..parallel import is_distributed
 
-__all__ = ["CodebookUpkeep"]
+__all__ = ["CodebookUpkeep", "broadcast", "forget_moments"]
 
 
 class CodebookUpkeep:
@@ -67,7 +67,7 @@ class CodebookUpkeep:
         vectors = latents.detach().float().cpu()
         codes = kmeans(vectors, self._sample(vectors, self.n_embed), self.config.kmeans_iters)
         codebook.copy_(codes.to(codebook))
-        _broadcast(codebook)
+        broadcast(codebook)
         self.initialized = True
 
     @torch.no_grad()
@@ -87,25 +87,30 @@ class CodebookUpkeep:
     @torch.no_grad()
     def maybe_restart(self, codebook: torch.Tensor, step: int, optimizer: torch.optim.Optimizer | None) -> int:
         """Move dead codes onto recent encoder outputs; returns how many were moved."""
-        cfg = self.config
-        if (cfg.restart_every <= 0 or step % cfg.restart_every or step >= cfg.restart_until * self.total_steps
-                or self.pool.shape[0] == 0):
+        dead = self.dead_codes(step)
+        if dead is None or self.pool.shape[0] == 0:
             return 0
-        dead = (step - self.last_used) >= cfg.restart_after
         n = int(dead.sum())
-        if n == 0:
-            return 0
         new = self._sample(self.pool, n).to(codebook)
         codebook[dead.to(codebook.device)] = new
-        _broadcast(codebook)
-        if optimizer is not None:  # stale Adam moments would drag the new codes back
-            state = optimizer.state.get(_param_of(optimizer, codebook), {})
-            for key in ("exp_avg", "exp_avg_sq"):
-                if key in state:
-                    state[key][dead.to(state[key].device)] = 0
-        self.last_used[dead] = step
-        self.restarts_total += n
+        broadcast(codebook)
+        forget_moments(optimizer, codebook, dead)
+        self.restarted(dead, step)
         return n
+
+    def dead_codes(self, step: int) -> torch.Tensor | None:
+        """The (n_embed,) bool mask of codes to restart at `step` (unused for `restart_after` steps), or None when
+        no restart is due: not a restart step, past `restart_until`, or no code dead. The same on every rank."""
+        cfg = self.config
+        if cfg.restart_every <= 0 or step % cfg.restart_every or step >= cfg.restart_until * self.total_steps:
+            return None
+        dead = (step - self.last_used) >= cfg.restart_after
+        return dead if bool(dead.any()) else None
+
+    def restarted(self, dead: torch.Tensor, step: int) -> None:
+        """Count the codes of `dead` as restarted, and as used at `step` (they get `restart_after` steps to win)."""
+        self.last_used[dead] = step
+        self.restarts_total += int(dead.sum())
 
     def epoch_usage(self, reset: bool = True) -> float:
         used = float((self.epoch_counts > 0).float().mean())
@@ -131,6 +136,17 @@ def kmeans(vectors: torch.Tensor, codes: torch.Tensor, iters: int) -> torch.Tens
     return codes
 
 
+def forget_moments(optimizer: torch.optim.Optimizer | None, tensor: torch.Tensor, rows: torch.Tensor) -> None:
+    """Zero Adam's moments of the restarted `rows` (a bool mask over dim 0) of parameter `tensor`: stale moments
+    would drag the new values back."""
+    if optimizer is None:
+        return
+    state = optimizer.state.get(_param_of(optimizer, tensor), {})
+    for key in ("exp_avg", "exp_avg_sq"):
+        if key in state:
+            state[key][rows.to(state[key].device)] = 0
+
+
 def _param_of(optimizer: torch.optim.Optimizer, tensor: torch.Tensor):
     for group in optimizer.param_groups:
         for p in group["params"]:
@@ -139,6 +155,7 @@ def _param_of(optimizer: torch.optim.Optimizer, tensor: torch.Tensor):
     return None
 
 
-def _broadcast(t: torch.Tensor) -> None:
+def broadcast(t: torch.Tensor) -> None:
+    """Rank 0's `t` on every rank (in place; nothing outside torchrun)."""
     if is_distributed():
         dist.broadcast(t, src=0)

@@ -13,6 +13,9 @@ divergence"), and the KL weight from `kl_weight_start` (0) to `kl_weight` (beta 
 `kl_warmup_steps` (5,000), both by half a cosine, then constant. 0 steps: constant at the final value (the
 temperature at `temperature`). The trainer sets them from the step before each forward (`set_step`), so a
 resumed run continues where it was; outside training the temperature does not matter (argmax tokens).
+
+Dead codes (unused for `train.codebook.restart_after` steps) restart as noisy copies of busy ones (`split_codes`),
+since a code picked by logits cannot be moved onto an encoder output as a nearest-neighbour code is.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from ..errors import UserError
 from ..nn import dalle_init
 from ..registry import QUANTIZERS
 from .base import Quantizer, QuantizerOutput, codebook_stats
+from .codebook import broadcast, forget_moments
 from .entropy import softmax_entropies
 
 
@@ -120,6 +124,47 @@ class GumbelQuantizer(Quantizer):
             kl = kl + self.config.entropy_weight * (self.config.sample_entropy_weight * per_sample - batch)
             stats.update(sample_entropy=per_sample.detach(), codebook_entropy=batch.detach())
         return QuantizerOutput(quantized, indices, kl, stats)
+
+    @torch.no_grad()
+    def maintain(self, step: int, latents: torch.Tensor, codes: torch.Tensor,
+                 optimizer: torch.optim.Optimizer | None = None) -> dict[str, float]:
+        """Usage counts (Quantizer.maintain), then dead codes restarted by splitting live ones (`split_codes`)."""
+        logs = super().maintain(step, latents, codes, optimizer)
+        dead = self.upkeep.dead_codes(step)
+        if dead is not None and not bool(dead.all()):
+            self.split_codes(dead, optimizer)
+            self.upkeep.restarted(dead, step)
+            logs.update(restarted=int(dead.sum()), usage_window=self.upkeep.window_usage(step))  # as vq's, after
+        return logs
+
+    @torch.no_grad()
+    def split_codes(self, dead: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Restart the `dead` codes (a bool mask) as copies of live ones. A code here is chosen by its row of logit
+        weights, not by a distance to the latent, so it cannot be moved onto an encoder output as vq's are; each
+        dead code instead copies a live donor (drawn in proportion to recent use) -- logit row, bias and code
+        vector -- with 1% noise, and the m codes that share a donor's row share its probability (bias - log m). The model's
+        output is unchanged; the Gumbel samples then send some of the donor's positions to each copy, and the
+        gradients pull the copies apart (the splitting step of LBG k-means, Linde, Buzo & Gray 1980)."""
+        upkeep, device = self.upkeep, self.embed.weight.device
+        weight = (upkeep.epoch_counts.float() + 1) * (~dead.cpu()).float()
+        n = int(dead.sum())
+        donors = torch.multinomial(weight, n, replacement=n > int(weight.gt(0).sum()), generator=upkeep.generator)
+        targets = dead.cpu().nonzero().squeeze(1)
+        origin = torch.arange(self.n_embed).index_put_((targets,), donors)  # what each code is a copy of
+        copies = torch.bincount(origin, minlength=self.n_embed).float()  # how many codes share each donor's mass
+        params = [self.proj.weight, self.embed.weight]
+        for param in params:
+            rows = param[donors.to(device)]
+            noise = torch.randn(rows.shape, generator=upkeep.generator).to(rows)
+            scale = rows.flatten(1).std(1).clamp_min(1e-6).view(-1, *[1] * (rows.dim() - 1))
+            param[targets.to(device)] = rows + 0.01 * scale * noise
+        if self.proj.bias is not None:
+            bias = self.proj.bias
+            bias.copy_(bias[origin.to(device)] - torch.log(copies[origin]).to(bias))
+            params.append(bias)
+        for param in params:
+            broadcast(param)
+            forget_moments(optimizer, param, dead)
 
     def set_step(self, step: int) -> dict[str, float]:
         self.temperature = self.config.temperature_at(step)
