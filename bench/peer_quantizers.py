@@ -154,18 +154,32 @@ def quantizer_seconds(kind: str, options: dict, rounds: int = 30) -> float:
     return statistics.median(times)
 
 
-# what is timed: (label, our kind, its options, the peer kind); the peer's options are PEER_OPTIONS
-TIMED = [("ema", "ema", {"n_embed": 1024, "embed_dim": 64}, "peer-vq"),
-         ("residual", "residual", {"n_embed": 32, "depth": 2, "embed_dim": 64}, "peer-rq"),
-         ("fsq", "fsq", {"levels": [8, 5, 5, 5]}, "peer-fsq"),
-         ("fsq + entropy 0.02 (small-cpu)", "fsq", {"levels": [8, 5, 5, 5], "entropy_weight": 0.02}, "peer-fsq"),
-         ("lfq", "lfq", {"bits": 10}, "peer-lfq")]
+def preset_quantizer(preset: str) -> tuple[str, dict]:
+    """The kind and options of a preset's quantizer section: what its runs train."""
+    import dataclasses
+
+    from vqgan.config import TokenizerTrainConfig, load_config
+    from vqgan.presets import resolve_config_path
+
+    section = load_config(TokenizerTrainConfig, resolve_config_path(preset)).model.quantizer
+    return section.kind, {k: v for k, v in dataclasses.asdict(section).items() if k != "kind"}
+
+
+def timed() -> list[tuple[str, str, dict, str]]:
+    """What is timed: (label, our kind, its options, the peer kind); the peer's options are PEER_OPTIONS. Each
+    preset's own quantizer section, and the plain kinds the peer's defaults match."""
+    return [("ema, plain", "ema", {"n_embed": 1024, "embed_dim": 64}, "peer-vq"),
+            ("ema (small-cpu-ema)", *preset_quantizer("small-cpu-ema"), "peer-vq"),
+            ("residual (small-cpu-rq)", *preset_quantizer("small-cpu-rq"), "peer-rq"),
+            ("fsq, no penalty", "fsq", {"levels": [8, 5, 5, 5]}, "peer-fsq"),
+            ("fsq + entropy 0.02 (small-cpu)", *preset_quantizer("small-cpu"), "peer-fsq"),
+            ("lfq (small-cpu-lfq)", *preset_quantizer("small-cpu-lfq"), "peer-lfq")]
 
 
 def timing_table(threads: int = 2) -> str:
     torch.set_num_threads(threads)
     lines = ["| ours / peer | ours ms | peer ms | ours / peer |", "|---|---|---|---|"]
-    for label, ours, options, peer in TIMED:
+    for label, ours, options, peer in timed():
         a, b = [], []
         for _ in range(3):  # alternate: the machine's speed drifts
             a.append(quantizer_seconds(ours, options))
