@@ -236,6 +236,25 @@ def test_assignment_entropies_match_a_direct_computation():
     assert batch.item() == pytest.approx(-sum(m * math.log(m) for m in mean), rel=1e-4)
 
 
+@pytest.mark.parametrize("scale", [1.0, 30.0])  # 30: saturated rows, where the floor on p acts
+def test_the_fused_entropies_match_autograd_in_float64(scale):
+    """softmax_entropies' own backward (a few passes over the block) against autograd through the plain formula."""
+    from vqgan.quantizers.entropy import softmax_entropies
+
+    logits = (torch.randn(40, 24, dtype=torch.float64) * scale).requires_grad_(True)
+    fused = softmax_entropies(logits)
+    (0.7 * fused[0] - 1.3 * fused[1]).backward()
+    reference = logits.detach().clone().requires_grad_(True)
+    log_p = torch.log_softmax(reference, 1)
+    p = log_p.exp()
+    mean = p.mean(0)
+    plain = (-(p * log_p).sum(1).mean(), -(mean * mean.log()).sum())
+    (0.7 * plain[0] - 1.3 * plain[1]).backward()
+    for a, b in zip(fused, plain):
+        assert a.item() == pytest.approx(b.item(), rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(logits.grad, reference.grad.float().double(), rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("kind", ["vq", "ema"])
 def test_entropy_penalty_spreads_latents_over_the_codes(kind):
     """Latents all nearest to one code: the penalty's gradient alone moves them towards a spread of codes (the
