@@ -179,10 +179,9 @@ def test_bsq_codes_lie_on_the_sphere_and_its_loss_is_lfqs_on_the_normalised_late
     torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_fsq_grid_entropies_equal_the_direct_computation_values_and_gradients(monkeypatch):
+def test_fsq_grid_entropies_equal_the_direct_computation_values_and_gradients():
     """The optional FSQ entropy penalty: each channel's soft assignment to its integers, the product over
-    channels for a code; the batch mean over all prod(levels) codes summed in chunks (here of 3 codes)."""
-    monkeypatch.setattr(entropy, "_CHUNK_ELEMENTS", 21)  # 7 positions: chunks of 3 of the 24 codes
+    channels for a code; the batch mean over all prod(levels) codes as the product of two channel groups'."""
     torch.manual_seed(0)
     levels = [3, 4, 2]
     v = (torch.randn(7, 3, dtype=torch.float64)).requires_grad_(True)
@@ -199,6 +198,20 @@ def test_fsq_grid_entropies_equal_the_direct_computation_values_and_gradients(mo
         (ga,) = torch.autograd.grad(a, v, retain_graph=True)
         (gb,) = torch.autograd.grad(b, v, retain_graph=True)
         torch.testing.assert_close(ga, gb, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("levels", [[5], [8, 5], [8, 5, 5, 5], [8, 8, 8, 5, 5, 5]])
+def test_the_grid_mean_is_every_code_in_token_order(levels):
+    """grid_mean_probs of one-hot channels is the one-hot of the code fsq.py numbers (mixed radix, channel 0 the
+    least significant), for every grid shape; and it sums to one for soft assignments."""
+    digits = torch.stack([torch.randint(n, (6,)) for n in levels], 1)  # (6, C)
+    log_probs = torch.cat([torch.where(F.one_hot(digits[:, i], n).bool(), 0.0, -1e4) for i, n in enumerate(levels)], 1)
+    mean = entropy.grid_mean_probs(log_probs, levels)
+    basis = torch.tensor([math.prod(levels[:i]) for i in range(len(levels))])
+    expected = torch.bincount((digits * basis).sum(1), minlength=math.prod(levels)).float() / 6
+    torch.testing.assert_close(mean, expected)
+    soft = entropy.grid_log_probs(torch.randn(6, len(levels)), levels, 0.5)
+    assert entropy.grid_mean_probs(soft, levels).sum().item() == pytest.approx(1.0, abs=1e-5)
 
 
 def test_fsq_entropy_penalty_is_a_training_loss_and_off_by_default():

@@ -6,9 +6,9 @@ for a soft assignment p(c|z) of each position to the codes. Two shapes of codebo
 - explicit (vq, ema, each depth of residual): p(k|z) = softmax_k(-||z - e_k||^2 / t), one (N, K) block
   (`assignment_entropies`); gumbel's own logits over its codes (`softmax_entropies`);
 - implicit grids (fsq): each channel's own soft assignment to its values, p(c|z) = prod_i p_i(c_i|z), so the
-  per-position entropy is the sum of the channels' and the batch mean over all prod(levels) codes is summed
-  in chunks of codes by `_MeanProductProbs` (never a (N, prod(levels)) tensor). LFQ (lfq.py) is the two-level
-  case, written there in its own closed form.
+  per-position entropy is the sum of the channels' and the batch mean over all prod(levels) codes is one
+  matmul of two channel groups' products (`grid_mean_probs`; never a (N, prod(levels)) tensor). LFQ (lfq.py)
+  is the two-level case, written there in its own closed form.
 Under DDP the batch is the global one: the mean distribution is averaged over ranks (`mean_over_ranks`), so
 "all codes used" means over everything the replicas saw in the step, as one process with the whole batch.
 """
@@ -21,9 +21,6 @@ import torch
 import torch.nn.functional as F
 
 from ..parallel import is_distributed
-
-# positions x codes per chunk of a grid's batch-mean distribution (16 MB of float32)
-_CHUNK_ELEMENTS = 2**22
 
 
 def mean_over_ranks(mean: torch.Tensor) -> torch.Tensor:
@@ -119,50 +116,40 @@ def grid_log_probs(values: torch.Tensor, levels: Sequence[int], temperature: flo
     return torch.cat(out, 1)
 
 
-def _selection(start: int, stop: int, levels: Sequence[int], like: torch.Tensor) -> torch.Tensor:
-    """(stop - start, sum(levels)) 0/1: row c picks code c's digit in each channel (mixed radix, channel 0 the
-    least significant, as fsq.py numbers its codes)."""
-    codes = torch.arange(start, stop, device=like.device)
-    columns, offset, basis = [], 0, 1
-    for level in levels:
-        columns.append(offset + (codes // basis) % level)
-        offset, basis = offset + level, basis * level
-    sel = torch.zeros(stop - start, offset, dtype=like.dtype, device=like.device)
-    return sel.scatter_(1, torch.stack(columns, 1), 1.0)
+def grid_mean_probs(log_probs: torch.Tensor, levels: Sequence[int]) -> torch.Tensor:
+    """`grid_log_probs` output (N, sum(levels)) -> E_n[p(c|z_n)] for every code c of the grid (prod(levels),),
+    p(c|z) = prod_i p_i(c_i|z), differentiable. The channels split into a low-digit and a high-digit group whose
+    per-position products P_low (N, A) and P_high (N, B) give every code's mean in one matmul, P_low^T P_high / N
+    (code c = a + A b, channel 0 the least significant, as fsq.py numbers its codes): no (N, prod(levels)) block
+    ([8, 8, 8, 5, 5, 5], 64,000 codes: A = 512, B = 125)."""
+    # each channel's probabilities and each group's products floored at e^-40, so that a product of the two
+    # groups' stays a normal float (> e^-87)
+    probs = log_probs.clamp_min(_GROUP_FLOOR).exp()
+    blocks = list(probs.split(list(levels), dim=1))
+    sizes = [math.prod(levels[:k]) for k in range(1, len(levels))]
+    split = 1 + min(range(len(sizes)), key=lambda k: abs(math.log(sizes[k]) - math.log(math.prod(levels)) / 2),
+                    default=0)
+    low, high = _row_products(blocks[:split], probs), _row_products(blocks[split:], probs)
+    return (high.t() @ low).div_(log_probs.shape[0]).reshape(-1)  # (B, A) row-major: index b * A + a
 
 
-class _MeanProductProbs(torch.autograd.Function):
-    """log_probs (N, S) of each channel's values -> E_n[p(c|z_n)] for every code c of the grid, p(c|z_n) =
-    exp(sum of the log-probabilities c selects); one (N, chunk) block at a time in either pass (the backward
-    recomputes each), as lfq.py's `_MeanCodeProbs`: nothing of the size of the grid times N outlives a chunk."""
+# a floor on each channel's probabilities in grid_mean_probs (as LOG_FLOOR elsewhere): e^-40 ~ 4e-18 a code
+_GROUP_FLOOR = -40.0
 
-    @staticmethod
-    def forward(ctx, log_probs: torch.Tensor, levels: tuple[int, ...], chunk: int) -> torch.Tensor:
-        total = math.prod(levels)
-        mean = log_probs.new_empty(total)
-        for start in range(0, total, chunk):
-            stop = min(total, start + chunk)
-            mean[start:stop] = exp_floored_(log_probs @ _selection(start, stop, levels, log_probs).t()).mean(0)
-        ctx.save_for_backward(log_probs)
-        ctx.levels, ctx.chunk = levels, chunk
-        return mean
 
-    @staticmethod
-    def backward(ctx, grad_mean: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        # d p_nc / d A_ns = p_nc M_cs: grad A = (1/N) sum_c p_nc g_c M_cs
-        (log_probs,) = ctx.saved_tensors
-        grad = torch.zeros_like(log_probs)
-        total = math.prod(ctx.levels)
-        for start in range(0, total, ctx.chunk):
-            stop = min(total, start + ctx.chunk)
-            sel = _selection(start, stop, ctx.levels, log_probs)
-            grad.addmm_(exp_floored_(log_probs @ sel.t()).mul_(grad_mean[start:stop]), sel)
-        return grad / log_probs.shape[0], None, None
+def _row_products(blocks: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """Per row, the outer product of the blocks (N, L_i), flattened with the first block's index the least
+    significant: (N, prod(L_i)); ones (N, 1) for no block."""
+    if not blocks:
+        return like.new_ones(like.shape[0], 1)
+    out = blocks[0]
+    for block in blocks[1:]:  # each product floored as the channels are: no subnormal floats (30-100x slower)
+        out = (block.unsqueeze(2) * out.unsqueeze(1)).reshape(out.shape[0], -1).clamp_min(math.exp(_GROUP_FLOOR))
+    return out
 
 
 def grid_entropies(log_probs: torch.Tensor, levels: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """`grid_log_probs` output (N, sum(levels)) -> (mean over positions of H(p(.|z)), H(mean of p(.|z))) over
     all prod(levels) codes, exactly."""
     per_sample = -(log_probs.clamp_min(LOG_FLOOR).exp() * log_probs).sum(1).mean()  # each channel's block sums to 1
-    chunk = min(math.prod(levels), max(1, _CHUNK_ELEMENTS // max(log_probs.shape[0], 1)))
-    return per_sample, entropy_of(mean_over_ranks(_MeanProductProbs.apply(log_probs, tuple(levels), chunk)))
+    return per_sample, entropy_of(mean_over_ranks(grid_mean_probs(log_probs, levels)))
