@@ -22,7 +22,7 @@ from ..config import QuantizerConfig
 from ..errors import UserError
 from ..registry import QUANTIZERS
 from .base import Quantizer, QuantizerOutput, stats_from_counts
-from .entropy import entropy_of, exp_floored_, mean_over_ranks
+from .entropy import entropy_of, grid_mean_probs, mean_over_ranks
 
 AUTO_SUBTOKEN_BITS = 12  # token_split 0: the fewest sub-tokens of at most this many bits (4096 ids each)
 MAX_SUBTOKEN_BITS = 16  # the prior takes at most 2^16 ids per position
@@ -97,10 +97,6 @@ class LFQConfig(QuantizerConfig):
 # exp(2 s z.c / t) is a product over bits, so p(c|z) is a product of independent bits: bit k is 1 (c_k = +s)
 # with probability sigmoid(logit_k), logit_k = 4 s z_k / t, and log p(c|z) = sum_k b_k logit_k - softplus(logit_k).
 
-# positions x codes per chunk of the codebook entropy (16 MB of float32)
-_CHUNK_ELEMENTS = 2**22
-
-
 def bit_logits(z: torch.Tensor, scale: float, temperature: float) -> torch.Tensor:
     """(N, bits) latents -> (N, bits) logits of each bit being 1."""
     return z * (4 * scale / temperature)
@@ -111,58 +107,19 @@ def sample_entropy(logits: torch.Tensor) -> torch.Tensor:
     return (F.softplus(logits) - torch.sigmoid(logits) * logits).sum(1).mean()
 
 
-def _code_bits(start: int, stop: int, bits: int, like: torch.Tensor) -> torch.Tensor:
-    """(stop - start, bits) 0/1: the bits of codes start..stop-1, bit k of code c = (c >> k) & 1."""
-    codes = torch.arange(start, stop, device=like.device)
-    return ((codes[:, None] >> torch.arange(bits, device=like.device)) & 1).to(like.dtype)
-
-
-def _chunk_probs(logits: torch.Tensor, log_norm: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """p(c|z_n) for the codes whose bits are `codes` (chunk, bits): one (N, chunk) block."""
-    return exp_floored_(torch.addmm(-log_norm, logits, codes.t()))
-
-
-class _MeanCodeProbs(torch.autograd.Function):
-    """logits (N, bits) -> E_n[p(c|z_n)] for all 2^bits codes c, one chunk of codes at a time; the backward pass
-    recomputes each chunk. One (N, chunk) block at a time in either pass, and nothing outlives an iteration: with
-    autograd through checkpointed chunks instead, the small per-chunk outputs kept between the big blocks
-    fragmented glibc's heap and the RSS grew by about the full (N, 2^bits) size (2.5 GB at 2^18 codes)."""
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, chunk: int) -> torch.Tensor:
-        bits = logits.shape[1]
-        log_norm = F.softplus(logits).sum(1, keepdim=True)  # log of the normaliser of p(c|z_n)
-        mean = logits.new_empty(2**bits)  # written in place: nothing outlives an iteration of the loop
-        for start in range(0, 2**bits, chunk):
-            stop = min(2**bits, start + chunk)
-            mean[start:stop] = _chunk_probs(logits, log_norm, _code_bits(start, stop, bits, logits)).mean(0)
-        ctx.save_for_backward(logits, log_norm)
-        ctx.chunk = chunk
-        return mean
-
-    @staticmethod
-    def backward(ctx, grad_mean: torch.Tensor) -> tuple[torch.Tensor, None]:
-        # d log p(c|z_n) / d logit_nk = b_ck - sigmoid(logit_nk), so with g = grad_mean and P = p(c|z_n):
-        # grad logit_nk = (1/N) (sum_c P_nc g_c b_ck - sigmoid(logit_nk) sum_c P_nc g_c)
-        logits, log_norm = ctx.saved_tensors
-        n, bits = logits.shape
-        weighted_bits = torch.zeros_like(logits)  # sum_c P_nc g_c b_ck
-        weighted = logits.new_zeros(n, 1)  # sum_c P_nc g_c
-        for start in range(0, 2**bits, ctx.chunk):
-            stop = min(2**bits, start + ctx.chunk)
-            codes = _code_bits(start, stop, bits, logits)
-            block = _chunk_probs(logits, log_norm, codes).mul_(grad_mean[start:stop])
-            weighted_bits.addmm_(block, codes)
-            weighted += block.sum(1, keepdim=True)
-        return (weighted_bits - torch.sigmoid(logits) * weighted) / n, None
+def bit_log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """(N, bits) logits -> (N, 2 * bits) log-probabilities of each bit being 0 and 1, bit by bit: the grid of
+    `grid_log_probs` with two values a channel, in the order of the tokens (bit k of code c = (c >> k) & 1)."""
+    off = -F.softplus(logits)
+    return torch.stack([off, logits + off], 2).reshape(logits.shape[0], -1)
 
 
 def codebook_entropy(logits: torch.Tensor) -> torch.Tensor:
     """H(E_n[p(c|z_n)]) over all 2^bits codes in nats, exactly. The mean distribution does not factorize over
-    bits, so it is summed in chunks of codes (`_MeanCodeProbs`); memory: the (2^bits,) mean and one block."""
-    n, bits = logits.shape
-    chunk = min(2**bits, max(1, _CHUNK_ELEMENTS // max(n, 1)))
-    return entropy_of(mean_over_ranks(_MeanCodeProbs.apply(logits, chunk)))
+    bits; it is one matmul of two groups of bits' per-position products (entropy.py: `grid_mean_probs`, at 18
+    bits two (N, 512) blocks and the (512, 512) mean), never an (N, 2^bits) block."""
+    bits = logits.shape[1]
+    return entropy_of(mean_over_ranks(grid_mean_probs(bit_log_probs(logits), [2] * bits)))
 
 
 def factorized_codebook_entropy(logits: torch.Tensor, groups: int) -> torch.Tensor:
