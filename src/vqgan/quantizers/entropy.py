@@ -8,7 +8,8 @@ for a soft assignment p(c|z) of each position to the codes. Two shapes of codebo
 - implicit grids (fsq): each channel's own soft assignment to its values, p(c|z) = prod_i p_i(c_i|z), so the
   per-position entropy is the sum of the channels' and the batch mean over all prod(levels) codes is one
   matmul of two channel groups' products (`grid_mean_probs`; never a (N, prod(levels)) tensor). LFQ (lfq.py)
-  is the two-level case, written there in its own closed form.
+  is the grid of two values a bit: its per-position entropy in closed form, its batch mean through
+  `grid_mean_probs`.
 Under DDP the batch is the global one: the mean distribution is averaged over ranks (`mean_over_ranks`), so
 "all codes used" means over everything the replicas saw in the step, as one process with the whole batch.
 """
@@ -39,11 +40,6 @@ def mean_over_ranks(mean: torch.Tensor) -> torch.Tensor:
 # slower (exp of a 512 x 1000 block: 15 ms -> 0.5 ms), and products with small gradients fall there too; what the
 # floor adds (< 1e-26 a code) is far below float32's resolution of the sums it enters.
 LOG_FLOOR = -60.0
-
-
-def exp_floored_(log_p: torch.Tensor) -> torch.Tensor:
-    """exp(max(log_p, LOG_FLOOR)), in place (a tensor autograd does not track)."""
-    return log_p.clamp_min_(LOG_FLOOR).exp_()
 
 
 def entropy_of(p: torch.Tensor) -> torch.Tensor:
@@ -116,6 +112,10 @@ def grid_log_probs(values: torch.Tensor, levels: Sequence[int], temperature: flo
     return torch.cat(out, 1)
 
 
+# a floor on each channel's probabilities in grid_mean_probs (as LOG_FLOOR elsewhere): e^-40 ~ 4e-18 a code
+_GROUP_FLOOR = -40.0
+
+
 def grid_mean_probs(log_probs: torch.Tensor, levels: Sequence[int]) -> torch.Tensor:
     """`grid_log_probs` output (N, sum(levels)) -> E_n[p(c|z_n)] for every code c of the grid (prod(levels),),
     p(c|z) = prod_i p_i(c_i|z), differentiable. The channels split into a low-digit and a high-digit group whose
@@ -131,10 +131,6 @@ def grid_mean_probs(log_probs: torch.Tensor, levels: Sequence[int]) -> torch.Ten
                     default=0)
     low, high = _row_products(blocks[:split], probs), _row_products(blocks[split:], probs)
     return (high.t() @ low).div_(log_probs.shape[0]).reshape(-1)  # (B, A) row-major: index b * A + a
-
-
-# a floor on each channel's probabilities in grid_mean_probs (as LOG_FLOOR elsewhere): e^-40 ~ 4e-18 a code
-_GROUP_FLOOR = -40.0
 
 
 def _row_products(blocks: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:

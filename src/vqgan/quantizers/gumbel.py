@@ -142,9 +142,9 @@ class GumbelQuantizer(Quantizer):
         """Restart the `dead` codes (a bool mask) as copies of live ones. A code here is chosen by its row of logit
         weights, not by a distance to the latent, so it cannot be moved onto an encoder output as vq's are; each
         dead code instead copies a live donor (drawn in proportion to recent use) -- logit row, bias and code
-        vector -- with 1% noise, and the m codes that share a donor's row share its probability (bias - log m). The model's
-        output is unchanged; the Gumbel samples then send some of the donor's positions to each copy, and the
-        gradients pull the copies apart (the splitting step of LBG k-means, Linde, Buzo & Gray 1980)."""
+        vector -- with 1% noise, and the m codes that share a donor's row share its probability (bias - log m).
+        The model's output is unchanged; the Gumbel samples then send some of the donor's positions to each copy,
+        and the gradients pull the copies apart (the splitting step of LBG k-means, Linde, Buzo & Gray 1980)."""
         upkeep, device = self.upkeep, self.embed.weight.device
         weight = (upkeep.epoch_counts.float() + 1) * (~dead.cpu()).float()
         n = int(dead.sum())
