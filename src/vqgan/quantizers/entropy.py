@@ -52,15 +52,14 @@ def assignment_entropies(z: torch.Tensor, codebook: torch.Tensor, temperature: f
     (mean over rows of H(p(.|z)), H(mean over rows of p(.|z))), differentiable in both. One (N, K) block: a
     training batch's positions times the codebook (512 x 1024 on the CPU presets)."""
     with torch.autocast(device_type=z.device.type, enabled=False):
-        z, codebook = z.float(), codebook.float()
-        # -||z - e||^2 / t up to a constant per row (||z||^2), which a softmax over the codes does not see: one addmm
-        logits = torch.addmm(-(codebook * codebook).sum(1) / temperature, z, codebook.t(), alpha=2.0 / temperature)
-        return softmax_entropies(logits)
+        return softmax_entropies(assignment_logits(z.float(), codebook.float(), temperature))
 
 
-def squared_distances(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """||z_n - e_k||^2 for rows z (N, D) and codes (K, D): one (N, K) block, differentiable in both."""
-    return (z * z).sum(1, keepdim=True) + (codebook * codebook).sum(1) - 2 * z @ codebook.t()
+def assignment_logits(z: torch.Tensor, codebook: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Logits (N, K) whose softmax over the codes is softmax_k(-||z_n - e_k||^2 / temperature), for rows z (N, D)
+    and codes (K, D): -||z - e||^2 / t less its constant per row, ||z||^2 / t, which the softmax does not see (so
+    neither do its gradients): one addmm, differentiable in both."""
+    return torch.addmm(-(codebook * codebook).sum(1) / temperature, z, codebook.t(), alpha=2.0 / temperature)
 
 
 def softmax_entropies(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

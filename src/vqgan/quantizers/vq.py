@@ -33,7 +33,7 @@ from ..config import QuantizerConfig
 from ..errors import UserError
 from ..registry import QUANTIZERS
 from .base import Quantizer, QuantizerOutput, codebook_stats
-from .entropy import assignment_entropies, squared_distances
+from .entropy import assignment_entropies, assignment_logits
 
 # rows of z per chunk, so that the (rows, n_embed) distance block stays near 64 MB
 _DISTANCE_BLOCK = 16 * 2**20
@@ -155,7 +155,7 @@ def index_backprop(flat: torch.Tensor, codebook: torch.Tensor, indices: torch.Te
     to the rows through the distances and to every code."""
     with torch.autocast(device_type=flat.device.type, enabled=False):
         flat, codebook = flat.float(), codebook.float()
-        soft = torch.softmax(-squared_distances(flat, codebook) / temperature, dim=1)
+        soft = torch.softmax(assignment_logits(flat, codebook, temperature), dim=1)
         hard = F.one_hot(indices, codebook.shape[0]).to(soft.dtype)
         return (hard - soft.detach() + soft) @ codebook
 
