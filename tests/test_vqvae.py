@@ -14,7 +14,8 @@ TINY = {"encoder": {"kind": "vqvae", "hidden_channels": 32, "residual_channels":
         "z_channels": 16, "quantizer": {"kind": "ema", "n_embed": 64, "embed_dim": 16}}
 
 
-@pytest.mark.parametrize("name,grid,vocab,meta", [("vqvae", 32, 512, True), ("small-cpu-vqvae", 8, 1024, False)])
+@pytest.mark.parametrize("name,grid,vocab,meta", [("vqvae", 32, 512, True), ("small-cpu-vqvae", 8, 1024, False),
+                                                    ("small-cpu-vqvae-spread", 8, 1024, False)])
 def test_presets_build(name, grid, vocab, meta):
     cfg = load_config(TokenizerTrainConfig, resolve_config_path(name))
     assert cfg.model.latent_size == grid and cfg.model.code_spec.levels[0].vocab == (vocab,)
