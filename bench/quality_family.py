@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {"vq": "small-cpu-vq", "ema": "small-cpu-ema", "factorized": "small-cpu-factorized", "fsq": "small-cpu",
            "lfq": "small-cpu-lfq", "residual": "small-cpu-rq",
            # the architectures (each with its own quantizer; issue 15)
-           "vit": "small-cpu-vit", "vqvae": "small-cpu-vqvae", "vqvae-spread": "small-cpu-vqvae-spread",
+           "vit": "small-cpu-vit", "vit-spread": "small-cpu-vit-spread", "vqvae": "small-cpu-vqvae", "vqvae-spread": "small-cpu-vqvae-spread",
            "dvae": "small-cpu-dvae", "vqvae2": "small-cpu-vqvae2"}
 
 

@@ -45,8 +45,9 @@ def test_paper_presets_build_on_meta_with_the_papers_sizes(name, params_per_part
         assert 0.8 * params_per_part < n < 1.2 * params_per_part, (name, type(part).__name__, n)
 
 
-def test_cpu_preset_matches_small_cpu_tokens_and_bits():
-    vit = load_config(TokenizerTrainConfig, resolve_config_path("small-cpu-vit")).model
+@pytest.mark.parametrize("name", ["small-cpu-vit", "small-cpu-vit-spread"])
+def test_cpu_preset_matches_small_cpu_tokens_and_bits(name):
+    vit = load_config(TokenizerTrainConfig, resolve_config_path(name)).model
     conv = load_config(TokenizerTrainConfig, resolve_config_path("small-cpu-vq")).model
     assert vit.latent_size == conv.latent_size == 8 and vit.resolution == conv.resolution == 64
     assert vit.code_spec.levels[0].vocab == conv.code_spec.levels[0].vocab == (1024,)
