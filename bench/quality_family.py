@@ -78,15 +78,12 @@ def _throughput(model_dir: Path, data: str, holdout: int, side: int, batch: int 
     process's peak RSS (training included)."""
     import resource
 
-    import torch
-
     from vqgan.checkpoint import load_model
     from vqgan.data.images import ImageDataset, scan_images
 
     model = load_model(model_dir).eval()
     paths = sorted(scan_images(data)[0])[-holdout:][:batch]
-    images = ImageDataset.from_paths(paths, resolution=side, crop="center", flip=False, train=False)
-    x = torch.stack([images[i]["image"] for i in range(len(images))])
+    x = ImageDataset.from_paths(paths, resolution=side, train=False).batch()
     model.decode(model.encode(x))  # warm-up
     t0 = time.perf_counter()
     tokens = model.encode(x)

@@ -31,8 +31,7 @@ def as_uint8_grid(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def measure(model, paths: list[Path]) -> dict:
-    images = torch.stack([ImageDataset.from_paths(paths, resolution=model.config.resolution, train=False)[i]["image"]
-                          for i in range(len(paths))])
+    images = ImageDataset.from_paths(paths, resolution=model.config.resolution, train=False).batch()
     latents = model.encode_to_prequant(images)
     codes = model.quantize(latents).quantized
     through_tokens = as_uint8_grid(model.decode_latents(codes))

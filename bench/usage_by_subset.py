@@ -33,8 +33,7 @@ from vqgan.quantizers.base import codebook_stats  # noqa: E402
 
 def usage_of(model, paths: list[Path], side: int) -> tuple[float, float]:
     """(distinct codes / vocabulary, perplexity) of the first level's tokens of `paths`, pooled over depths."""
-    images = ImageDataset.from_paths(paths, resolution=side, crop="center", flip=False, train=False)
-    x = torch.stack([images[i]["image"] for i in range(len(images))])
+    x = ImageDataset.from_paths(paths, resolution=side, train=False).batch()
     with torch.no_grad():
         tokens = model.encode(x)
     tokens = tokens if torch.is_tensor(tokens) else tokens[0]

@@ -76,6 +76,18 @@ def test_augmentation_depends_only_on_seed_epoch_index(tmp_path):
     assert len(crops) > 1
 
 
+def test_an_evaluation_batch_is_every_centre_crop_stacked(tmp_path):
+    rng = np.random.default_rng(2)
+    for i, size in enumerate([(50, 70), (64, 40)]):
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    good, _ = scan_images(tmp_path)
+    images = ImageDataset.from_paths(good, resolution=32, train=False)
+    batch = images.batch()
+    assert batch.shape == (2, 3, 32, 32)
+    assert torch.equal(batch, torch.stack([images[0]["image"], images[1]["image"]]))
+    assert torch.equal(batch, images.batch())  # no random crop or flip outside training
+
+
 def test_builtin_scenes_are_varied_with_labels_and_masks():
     images = []
     for i in range(8):

@@ -200,6 +200,10 @@ class ImageDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def batch(self) -> torch.Tensor:
+        """Every item stacked, (N, 3, res, res): a small evaluation set in one tensor (benchmarks, analyses)."""
+        return torch.stack([self[i]["image"] for i in range(len(self))])
+
     def __len__(self) -> int:
         return len(self.sources)
 
