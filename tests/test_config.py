@@ -51,3 +51,34 @@ def test_overrides_leave_the_callers_dict_alone():
                                                    "train.steps=7"])
     assert cfg.train.steps == 7 and cfg.model.quantizer.kind == "fsq"
     assert data == before
+
+
+def test_extends_lays_a_file_over_its_base(tmp_path):
+    # a user's variant of a preset: sections merge key by key, lists replace, another kind replaces its section
+    (tmp_path / "mine.yaml").write_text(
+        "extends: small-cpu\nmodel:\n  ch_mult: [1, 2, 2, 2]\n  quantizer: {kind: vq, n_embed: 256}\ntrain:\n  steps: 9\n")
+    cfg = load_config(TokenizerTrainConfig, tmp_path / "mine.yaml")
+    base = load_config(TokenizerTrainConfig, resolve_config_path("small-cpu"))
+    assert (cfg.model.ch_mult, cfg.train.steps) == ([1, 2, 2, 2], 9)
+    assert cfg.model.quantizer.kind == "vq" and cfg.model.quantizer.n_embed == 256  # fsq's levels did not follow
+    assert (cfg.model.z_channels, cfg.train.batch_size, cfg.loss.disc_weight) == (
+        base.model.z_channels, base.train.batch_size, base.loss.disc_weight)
+    # a chain of files relative to each other, and the same kind merging: ema's keys over small-cpu-ema's
+    (tmp_path / "more.yaml").write_text("extends: mine.yaml\nmodel:\n  quantizer: {beta: 0.5}\n")
+    more = load_config(TokenizerTrainConfig, tmp_path / "more.yaml")
+    assert (more.model.quantizer.n_embed, more.model.quantizer.beta, more.train.steps) == (256, 0.5, 9)
+    spread = load_config(TokenizerTrainConfig, resolve_config_path("small-cpu-vqvae-spread"))
+    assert spread.model.quantizer.kind == "ema" and spread.model.quantizer.decay == 0.99  # from small-cpu-vqvae
+
+
+def test_extends_errors_name_the_file(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(UserError, match=r"b\.yaml: extends goes round in a circle \(a\.yaml -> b\.yaml -> a\.yaml\)"):
+        load_config(TokenizerTrainConfig, tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("extends: no-such-preset\n")
+    with pytest.raises(UserError, match="neither a config file nor a preset"):
+        load_config(TokenizerTrainConfig, tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("extends: [small-cpu]\n")
+    with pytest.raises(UserError, match=r"d\.yaml: extends must name a preset or a YAML file"):
+        load_config(TokenizerTrainConfig, tmp_path / "d.yaml")

@@ -502,7 +502,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type, where
     return data
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
+def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file as a dict. `extends: NAME` (a preset, or a YAML path relative to this file) starts from
+    that config and lays this file's sections over it (`merge_sections`), so a variant states only what it
+    changes."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"config file {p} does not exist; pass a YAML file or a preset name")
@@ -512,7 +515,33 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise UserError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise UserError(f"config file {p} must hold a mapping of sections (model, loss, data, train)")
-    return data
+    if "extends" not in data:
+        return data
+    base = data.pop("extends")
+    if not isinstance(base, str) or not base:
+        raise UserError(f"config file {p}: extends must name a preset or a YAML file, got {base!r}")
+    from .presets import resolve_config_path
+
+    local = p.parent / base
+    base_path = local if local.suffix in (".yaml", ".yml") and local.is_file() else resolve_config_path(base)
+    seen = (*_seen, p.resolve())
+    if base_path.resolve() in seen:
+        chain = " -> ".join(q.name for q in (*seen, base_path.resolve()))
+        raise UserError(f"config file {p}: extends goes round in a circle ({chain}); remove one of the extends")
+    return merge_sections(load_yaml(base_path, seen), data)
+
+
+def merge_sections(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over`'s keys laid over `base`'s, mapping by mapping; lists and values replace. A section that names a
+    different `kind` than the base's replaces it whole: the base's keys belong to the other kind."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        under = out.get(key)
+        if isinstance(value, dict) and isinstance(under, dict) and value.get("kind", under.get("kind")) == under.get("kind"):
+            out[key] = merge_sections(under, value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
 
 
 def load_config(cls: type[T], source: str | Path | dict[str, Any], overrides: list[str] = ()) -> T:
