@@ -7,7 +7,10 @@ with FSQ's entropy penalty: the README, "The demo") shows one cell far above the
     python bench/positional_artifacts.py TOKENIZER... --data builtin:scenes [--last 256] [--png OUT.png]
     python bench/positional_artifacts.py runs/a/model runs/b/model --data /tmp/photos --last 64   # held-out crops
 
-Prints one row per tokenizer: worst cell (row, column), its error, the median cell's, and their ratio.
+Prints one row per tokenizer: worst cell (row, column), its error, the median cell's, and their ratio; and how
+many distinct codes it gives the positions of a flat single-colour image (16 colours, mean). The content is the
+same at every position there, so a tokenizer that codes content needs few; many mean the codes also say where
+they are (a conv encoder sees the zero padding): what an entropy penalty's batch term can buy its usage with.
 """
 from __future__ import annotations
 
@@ -46,20 +49,22 @@ def main() -> None:
     from vqgan.checkpoint import load_model
     from vqgan.data.images import ImageDataset
     from vqgan.data.sources import image_sources
+    from vqgan.eval.usage import flat_image_codes
 
-    print("| tokenizer | worst cell (row, col) | its error | median cell | worst / median |")
-    print("|---|---|---|---|---|")
+    print("| tokenizer | worst cell (row, col) | its error | median cell | worst / median | codes per flat image |")
+    print("|---|---|---|---|---|---|")
     maps = []
     for path in args.tokenizers:
         model = load_model(path).eval()
         res = model.config.resolution
         sources, _ = image_sources(args.data, builtin_count=max(args.last, 256), builtin_size=res)
         data = ImageDataset(sources[-args.last:], res, crop="center", flip=False, train=False)
-        images = torch.stack([data[i]["image"] for i in range(len(data))])
-        errors = cell_errors(model, images)
+        errors = cell_errors(model, data.batch())
         worst = divmod(int(errors.argmax()), errors.shape[1])
         median = float(errors.median())
-        print(f"| {path} | {worst} | {float(errors.max()):.3f} | {median:.3f} | {float(errors.max()) / median:.1f} |")
+        flat, positions = flat_image_codes(model)
+        print(f"| {path} | {worst} | {float(errors.max()):.3f} | {median:.3f} | {float(errors.max()) / median:.1f} "
+              f"| {flat:.1f} of {positions} |")
         maps.append(errors / errors.max())
     if args.png:
         import numpy as np

@@ -74,12 +74,13 @@ def run_one(kind: str, data: str, steps: int, batch: int, out: Path, holdout: in
 
 
 def _throughput(model_dir: Path, data: str, holdout: int, side: int, batch: int = 16) -> dict:
-    """Parameters, encode and decode images/s (batch 16, the held-out images, after a warm-up batch) and the
-    process's peak RSS (training included)."""
+    """Distinct codes per flat image (eval.usage.flat_image_codes), parameters, encode and decode images/s (batch
+    16, the held-out images, after a warm-up batch) and the process's peak RSS (training included)."""
     import resource
 
     from vqgan.checkpoint import load_model
     from vqgan.data.images import ImageDataset, scan_images
+    from vqgan.eval.usage import flat_image_codes
 
     model = load_model(model_dir).eval()
     paths = sorted(scan_images(data)[0])[-holdout:][:batch]
@@ -90,7 +91,8 @@ def _throughput(model_dir: Path, data: str, holdout: int, side: int, batch: int 
     t1 = time.perf_counter()
     model.decode(tokens)
     t2 = time.perf_counter()
-    return {"parameters": sum(p.numel() for p in model.parameters()), "encode_images_per_s": len(x) / (t1 - t0),
+    return {"flat_image_codes": flat_image_codes(model)[0],
+            "parameters": sum(p.numel() for p in model.parameters()), "encode_images_per_s": len(x) / (t1 - t0),
             "decode_images_per_s": len(x) / (t2 - t1),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -105,9 +107,10 @@ def _train_logs(out: Path) -> list[dict]:
 
 def table(rows: list[dict], data: str, budget: str, batch: int) -> str:
     lines = [f"{budget}, batch {batch}, held-out = last 64 files of {data}", "",
-             "| kind | held-out PSNR (dB) | usage (held-out) | perplexity | bits/position | tokens/image | params (M) | "
-             "steps | s/step | encode img/s | decode img/s | peak RSS (MB) | usage_window (train) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| kind | held-out PSNR (dB) | usage (held-out) | perplexity | codes per flat image | bits/position | "
+             "tokens/image | params (M) | steps | s/step | encode img/s | decode img/s | peak RSS (MB) | "
+             "usage_window (train) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         usage = f"{r['usage']:.1%}"
         if r.get("usage_per_stream"):
@@ -118,7 +121,8 @@ def table(rows: list[dict], data: str, budget: str, batch: int) -> str:
         speed = " | ".join("-" if r.get(k) is None else f"{r[k]:.0f}" for k in
                            ("encode_images_per_s", "decode_images_per_s", "peak_rss_mb"))
         bits = "-" if math.isnan(r["bits_per_position"]) else f"{r['bits_per_position']:.2f}"
-        lines.append(f"| {r['kind']} | {r['psnr']:.2f} | {usage} | {r['perplexity']:.1f} | {bits} | {extra} | "
+        flat = "-" if r.get("flat_image_codes") is None else f"{r['flat_image_codes']:.1f}"
+        lines.append(f"| {r['kind']} | {r['psnr']:.2f} | {usage} | {r['perplexity']:.1f} | {flat} | {bits} | {extra} | "
                      f"{r['seconds_per_step']:.2f} | {speed} | {window} |")
     return "\n".join(lines)
 

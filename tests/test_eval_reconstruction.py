@@ -169,6 +169,27 @@ def _read_csv(path):
         return list(csv.DictReader(f))
 
 
+def test_flat_image_codes_count_distinct_codes_per_flat_image():
+    """Codes of content alone: one per flat image; codes of position: one per position; multi-level: the first."""
+    from vqgan.eval.usage import flat_image_codes
+
+    class Stub:
+        config = types.SimpleNamespace(resolution=32)
+
+        def __init__(self, by_position: bool, levels: int = 1):
+            self.by_position, self.levels = by_position, levels
+
+        def encode(self, x):
+            b = x.shape[0]
+            colour = (x[:, 0, 0, 0] * 100).long().view(b, 1, 1).expand(b, 4, 4)
+            tokens = (torch.arange(16).view(1, 4, 4).expand(b, 4, 4) if self.by_position else colour)[..., None]
+            return tokens if self.levels == 1 else [tokens, torch.zeros(b, 8, 8, 1, dtype=torch.long)]
+
+    assert flat_image_codes(Stub(False)) == (1.0, 16)
+    assert flat_image_codes(Stub(True)) == (16.0, 16)
+    assert flat_image_codes(Stub(True, levels=2), colours=3) == (16.0, 16)
+
+
 def test_eval_command_writes_consistent_outputs(tokenizer_and_photos, tmp_path, monkeypatch):
     tok, photos = tokenizer_and_photos
     out = tmp_path / "out"

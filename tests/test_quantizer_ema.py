@@ -362,14 +362,15 @@ def test_tiny_model_learns_real_images(tmp_path, quantizer):
 ENTROPY_TERMS = """
 import torch
 from vqgan.quantizers.entropy import assignment_entropies, grid_entropies, grid_log_probs
+from vqgan.quantizers.decorrelation import channel_correlation
 from vqgan.quantizers.lfq import codebook_entropy
 
 CODEBOOK = torch.nn.functional.normalize(torch.randn(16, 4, generator=torch.Generator().manual_seed(0)), dim=1)
 
 def terms(z):
-    \"\"\"The codebook entropies of rows z (N, 4): explicit codebook, FSQ grid, LFQ bits.\"\"\"
+    \"\"\"The batch terms of rows z (N, 4): explicit codebook, FSQ grid, LFQ bits entropies; channel correlation.\"\"\"
     return [assignment_entropies(z, CODEBOOK, 0.5)[1], grid_entropies(grid_log_probs(z, [3, 4, 2, 5], 0.5),
-            [3, 4, 2, 5])[1], codebook_entropy(z)]
+            [3, 4, 2, 5])[1], codebook_entropy(z), channel_correlation(z)]
 
 def rows(rank):
     return torch.randn(6, 4, generator=torch.Generator().manual_seed(rank)) + rank
@@ -377,8 +378,8 @@ def rows(rank):
 
 
 def test_codebook_entropies_are_of_the_global_batch_under_ddp(tmp_path):
-    """Each rank's codebook entropy is that of the union of the ranks' rows; its gradient, averaged over ranks
-    as DDP does, is the one-process gradient on the union."""
+    """Each rank's codebook entropy (and channel correlation) is that of the union of the ranks' rows; its
+    gradient, averaged over ranks as DDP does, is the one-process gradient on the union."""
     (tmp_path / "entropy_terms.py").write_text(ENTROPY_TERMS)
     script = tmp_path / "entropy_ddp.py"
     script.write_text(f"""
@@ -388,7 +389,7 @@ from entropy_terms import rows, terms
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 out = []
-for i in range(3):
+for i in range(4):
     z = rows(rank).requires_grad_(True)
     value = terms(z)[i]
     value.backward()
@@ -406,7 +407,7 @@ leave_worker(0)  # the autograd all-reduce's gloo threads can abort interpreter 
     from entropy_terms import rows, terms
 
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    for i in range(3):
+    for i in range(4):
         z = torch.cat([rows(0), rows(1)]).requires_grad_(True)
         value = terms(z)[i]
         value.backward()

@@ -229,6 +229,44 @@ def test_fsq_entropy_penalty_is_a_training_loss_and_off_by_default():
             load_config(TokenizerTrainConfig, {"model": {"quantizer": {"kind": "fsq", **options}}})
 
 
+def test_channel_correlation_is_the_mean_squared_off_diagonal_correlation():
+    from vqgan.quantizers.decorrelation import channel_correlation
+
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(500, 4, generator=g) @ torch.randn(4, 4, generator=g)  # correlated channels
+    corr = torch.corrcoef(rows.T.double())
+    expected = (corr.pow(2).sum() - 4) / 12
+    assert channel_correlation(rows).item() == pytest.approx(expected.item(), rel=1e-4)
+    assert channel_correlation(torch.cat([rows[:, :1]] * 3, 1)).item() == pytest.approx(1.0, abs=1e-4)
+    assert channel_correlation(rows[:, :1]).item() == 0.0
+    # scale-free, and its gradient decorrelates: a few steps on the mixing matrix lower it
+    assert channel_correlation(rows * 7 + 3).item() == pytest.approx(channel_correlation(rows).item(), rel=1e-4)
+    mix = torch.eye(4).requires_grad_(True)
+    opt = torch.optim.SGD([mix], lr=0.1)
+    first = channel_correlation(rows @ mix).item()
+    for _ in range(30):
+        opt.zero_grad()
+        channel_correlation(rows @ mix).backward()
+        opt.step()
+    assert channel_correlation(rows @ mix).item() < 0.5 * first
+
+
+def test_fsq_decorrelation_is_a_training_loss_and_off_by_default():
+    z = torch.randn(2, 4, 3, 3)
+    z[:, 1] = z[:, 0] + 0.1 * z[:, 1]  # two channels nearly equal
+    z.requires_grad_(True)
+    assert "channel_correlation" not in make("fsq").train()(z).stats
+    q = make("fsq", decorrelation_weight=2.0).train()
+    out = q(z)
+    assert out.loss.item() == pytest.approx(2.0 * out.stats["channel_correlation"].item())
+    assert out.stats["channel_correlation"] > 1 / 6  # the one correlated pair alone gives 2 r^2 / 12
+    out.loss.backward()
+    assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+    assert q.eval()(z).loss.item() == 0.0
+    with pytest.raises(UserError, match="decorrelation_weight must be >= 0"):
+        load_config(TokenizerTrainConfig, {"model": {"quantizer": {"kind": "fsq", "decorrelation_weight": -1}}})
+
+
 def test_lfq_bad_settings_are_one_line_errors():
     cases = [({"bits": 0}, r"model\.quantizer\.bits must be >= 1"),
              ({"bits": 10, "token_split": 3}, r"model\.quantizer\.token_split must divide"),

@@ -67,3 +67,16 @@ class CodeUsage:
 def _mean(values) -> float:
     values = list(values)
     return sum(values) / len(values)
+
+
+def flat_image_codes(model, colours: int = 16, seed: int = 0) -> tuple[float, int]:
+    """Distinct codes a tokenizer writes on a flat single-colour image: (mean over `colours` random colours,
+    positions per image); the first level's first depth. The content is the same at every position, so codes of
+    content alone need one; more mean the codes also say where they are (a conv encoder sees the zero padding,
+    a ViT its position embeddings), which an entropy penalty's batch term rewards (README, "Codes that say where")."""
+    side = model.config.resolution
+    rgb = torch.rand(colours, 3, 1, 1, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    with torch.no_grad():
+        tokens = model.encode(rgb.expand(colours, 3, side, side).contiguous())
+    first = (tokens if torch.is_tensor(tokens) else tokens[0])[..., 0]  # (colours, h, w)
+    return sum(len(torch.unique(t)) for t in first) / colours, first[0].numel()

@@ -16,6 +16,7 @@ from ..config import QuantizerConfig
 from ..errors import UserError
 from ..registry import QUANTIZERS
 from .base import Quantizer, QuantizerOutput, codebook_stats
+from .decorrelation import channel_correlation
 from .entropy import grid_entropies, grid_log_probs
 
 # the paper's bound shrinks the range a little so that tanh never reaches a rounding boundary
@@ -35,6 +36,9 @@ class FSQConfig(QuantizerConfig):
     entropy_weight: float = 0.0
     entropy_temperature: float = 0.1  # in squared grid steps
     sample_entropy_weight: float = 1.0  # the per-position term's share of it (vq.py: VQConfig)
+    # Beyond the paper (0: off): the mean squared correlation between distinct channels over the batch
+    # (decorrelation.py), so that the latent fills the grid's combinations rather than a slab of them
+    decorrelation_weight: float = 0.0
 
     @property
     def code_width(self) -> int:
@@ -53,6 +57,9 @@ class FSQConfig(QuantizerConfig):
             raise UserError(f"{where}.entropy_weight must be >= 0 (0: off, e.g. 0.1), got {self.entropy_weight}")
         if not self.entropy_temperature > 0:
             raise UserError(f"{where}.entropy_temperature must be > 0, e.g. 0.1; got {self.entropy_temperature}")
+        if self.decorrelation_weight < 0:
+            raise UserError(f"{where}.decorrelation_weight must be >= 0 (0: off, e.g. 1.0), "
+                            f"got {self.decorrelation_weight}")
         if self.sample_entropy_weight < 0:
             raise UserError(f"{where}.sample_entropy_weight must be >= 0 (1: the full term, e.g. 0.5), "
                             f"got {self.sample_entropy_weight}")
@@ -106,11 +113,15 @@ class FiniteScalarQuantizer(Quantizer):
             loss = z.new_zeros((), dtype=torch.float32)
             indices = (digits * self._per_channel(self.basis)).sum(1).unsqueeze(-1)  # (B, h, w, 1)
             stats = codebook_stats(indices, self.vocab)
+            if self.training and self.config.decorrelation_weight:
+                correlation = channel_correlation(z.float().permute(0, 2, 3, 1).reshape(-1, z.shape[1]))
+                loss = loss + self.config.decorrelation_weight * correlation
+                stats.update(channel_correlation=correlation.detach())
             if self.training and self.config.entropy_weight:
                 rows = bounded.permute(0, 2, 3, 1).reshape(-1, bounded.shape[1])
                 per_sample, batch = grid_entropies(
                     grid_log_probs(rows, self.config.levels, self.config.entropy_temperature), self.config.levels)
-                loss = self.config.entropy_weight * (self.config.sample_entropy_weight * per_sample - batch)
+                loss = loss + self.config.entropy_weight * (self.config.sample_entropy_weight * per_sample - batch)
                 stats.update(sample_entropy=per_sample.detach(), codebook_entropy=batch.detach())
         return QuantizerOutput(quantized.to(z.dtype), indices, loss, stats)
 
