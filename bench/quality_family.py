@@ -32,7 +32,9 @@ PRESETS = {"vq": "small-cpu-vq", "ema": "small-cpu-ema", "factorized": "small-cp
            # the architectures (each with its own quantizer; issue 15)
            "vit": "small-cpu-vit", "vqvae": "small-cpu-vqvae", "dvae": "small-cpu-dvae", "vqvae2": "small-cpu-vqvae2",
            # ... with the usage levers strong enough for 80% of the codes held out, at a PSNR cost
-           "vit-spread": "small-cpu-vit-spread", "vqvae-spread": "small-cpu-vqvae-spread"}
+           "vit-spread": "small-cpu-vit-spread", "vqvae-spread": "small-cpu-vqvae-spread",
+           # the ViT-VQGAN's networks with FSQ (entropy 0.2, decorrelated channels) in place of its codes
+           "vit-fsq": "small-cpu-vit-fsq"}
 
 
 def run_one(kind: str, data: str, steps: int, batch: int, out: Path, holdout: int, overrides: list[str] = (),

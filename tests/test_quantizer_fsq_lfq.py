@@ -282,7 +282,8 @@ def test_lfq_bad_settings_are_one_line_errors():
 
 # -- presets -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name,vocab,meta", [("small-cpu-fsq", (1000,), False), ("small-cpu-lfq", (1024,), False),
-                                             ("fsq-64k", (64000,), True), ("lfq-18bit", (512, 512), True)])
+                                             ("fsq-64k", (64000,), True), ("lfq-18bit", (512, 512), True),
+                                             ("small-cpu-vit-fsq", (1000,), False)])
 def test_presets_load_and_build(name, vocab, meta):
     cfg = load_config(TokenizerTrainConfig, resolve_config_path(name))
     assert cfg.model.code_spec.levels[0].vocab == vocab

@@ -45,12 +45,14 @@ def test_paper_presets_build_on_meta_with_the_papers_sizes(name, params_per_part
         assert 0.8 * params_per_part < n < 1.2 * params_per_part, (name, type(part).__name__, n)
 
 
-@pytest.mark.parametrize("name", ["small-cpu-vit", "small-cpu-vit-spread"])
-def test_cpu_preset_matches_small_cpu_tokens_and_bits(name):
+@pytest.mark.parametrize("name,conv_name", [("small-cpu-vit", "small-cpu-vq"), ("small-cpu-vit-spread", "small-cpu-vq"),
+                                            ("small-cpu-vit-fsq", "small-cpu")])
+def test_cpu_preset_matches_small_cpu_tokens_and_bits(name, conv_name):
     vit = load_config(TokenizerTrainConfig, resolve_config_path(name)).model
-    conv = load_config(TokenizerTrainConfig, resolve_config_path("small-cpu-vq")).model
+    conv = load_config(TokenizerTrainConfig, resolve_config_path(conv_name)).model
     assert vit.latent_size == conv.latent_size == 8 and vit.resolution == conv.resolution == 64
-    assert vit.code_spec.levels[0].vocab == conv.code_spec.levels[0].vocab == (1024,)
+    assert vit.code_spec.levels[0].vocab == conv.code_spec.levels[0].vocab
+    assert (vit.encoder.kind, vit.quantizer.kind) == ("vit", conv.quantizer.kind)
 
 
 # -- shapes, positions, settings -----------------------------------------------------------------------------
