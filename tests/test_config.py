@@ -69,6 +69,11 @@ def test_extends_lays_a_file_over_its_base(tmp_path):
     assert (more.model.quantizer.n_embed, more.model.quantizer.beta, more.train.steps) == (256, 0.5, 9)
     spread = load_config(TokenizerTrainConfig, resolve_config_path("small-cpu-vqvae-spread"))
     assert spread.model.quantizer.kind == "ema" and spread.model.quantizer.decay == 0.99  # from small-cpu-vqvae
+    from vqgan.config import merge_sections
+
+    assert merge_sections({"a": {"x": 1}, "b": [1], "c": {"kind": "p", "k": 1}},
+                          {"a": [2], "b": {"y": 2}, "c": {"k": 2}, "d": 3}) == {
+        "a": [2], "b": {"y": 2}, "c": {"kind": "p", "k": 2}, "d": 3}  # values of another shape replace
 
 
 def test_extends_errors_name_the_file(tmp_path):

@@ -537,7 +537,8 @@ def merge_sections(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]
     out = copy.deepcopy(base)
     for key, value in over.items():
         under = out.get(key)
-        if isinstance(value, dict) and isinstance(under, dict) and value.get("kind", under.get("kind")) == under.get("kind"):
+        both = isinstance(value, dict) and isinstance(under, dict)
+        if both and value.get("kind", under.get("kind")) == under.get("kind"):
             out[key] = merge_sections(under, value)
         else:
             out[key] = copy.deepcopy(value)
