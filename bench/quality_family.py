@@ -33,7 +33,7 @@ PRESETS = {"vq": "small-cpu-vq", "ema": "small-cpu-ema", "factorized": "small-cp
            "vit": "small-cpu-vit", "vqvae": "small-cpu-vqvae", "dvae": "small-cpu-dvae", "vqvae2": "small-cpu-vqvae2",
            # ... with the usage levers strong enough for 80% of the codes held out, at a PSNR cost
            "vit-spread": "small-cpu-vit-spread", "vqvae-spread": "small-cpu-vqvae-spread",
-           # the ViT-VQGAN's networks with FSQ (entropy 0.2, decorrelated channels) in place of its codes
+           # the ViT-VQGAN's networks with FSQ (entropy 0.15, decorrelated channels) in place of its codes
            "vit-fsq": "small-cpu-vit-fsq"}
 
 
