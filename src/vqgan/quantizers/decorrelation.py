@@ -4,9 +4,10 @@ FSQ's codes are all combinations of its channels' levels, so the latent uses the
 vary independently. Trained without help, they do not: on photo crops after 300 steps the four channels of
 small-cpu's FSQ correlate at |r| = 0.5-0.8 (each channel alone spreads over its levels), the latent lies near a
 thin slab of the grid, and held-out images use 47% of its 1000 codes. The mean squared correlation between
-distinct channels over the batch (as VICReg's covariance term, Bardes et al. 2022, but scale-free) removes exactly
-that: 77% of the codes, at plain FSQ's PSNR. The entropy penalty (entropy.py) reaches the same usage partly by
-giving the same content different codes at different positions (README, "Codes that say where").
+distinct channels over the batch (as VICReg's covariance term, Bardes et al. 2022, but scale-free) goes at exactly
+that: over three seeds 75.6% of the codes at -0.3 dB from plain FSQ. The entropy penalty (entropy.py) reaches a
+little more usage partly by giving the same content different codes at different positions (README, "Codes that
+say where, not what").
 
 Under DDP the statistics are those of the global batch (`mean_over_ranks`), as the entropy penalties' are.
 """
