@@ -11,11 +11,11 @@ say where, not what").
 
 Under DDP the statistics are those of the global batch (`mean_over_ranks`), as the entropy penalties' are.
 
-A known failure: being scale-free, its gradient grows as 1 / the latent's std. A latent that starts tiny (the VQ-VAE's
-encoder gives std ~0.004 at init, the conv VQGAN's ~0.17) gets a decorrelating gradient that swamps the reconstruction's,
-never grows into the grid, and every position rounds to one code (VQ-VAE + FSQ + decorrelation alone: 0.1% of the codes;
-with the std floored at 0.05 in the denominator, still 0.6%: the gradient's size is not the whole cause). Measured
-safe only with the conv VQGAN and ViT networks, or with an entropy penalty beside it.
+A known failure, cause open: on a latent that starts tiny (the VQ-VAE's encoder gives std ~0.004 at init, the conv
+VQGAN's ~0.17) the latent never grew into the grid, and every position rounded to one code (VQ-VAE + FSQ +
+decorrelation alone: 0.1% of the codes; FSQ alone 17.8%). Being scale-free, the penalty's gradient grows as 1 / the
+latent's std, but flooring the std at 0.05 in the denominator still gave 0.6%. Measured safe only with the conv
+VQGAN and ViT networks, or with an entropy penalty beside it.
 """
 from __future__ import annotations
 
