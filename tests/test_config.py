@@ -84,6 +84,9 @@ def test_extends_errors_name_the_file(tmp_path):
     (tmp_path / "c.yaml").write_text("extends: no-such-preset\n")
     with pytest.raises(UserError, match="neither a config file nor a preset"):
         load_config(TokenizerTrainConfig, tmp_path / "c.yaml")
+    (tmp_path / "e.yaml").write_text("extends: missing.yaml\n")
+    with pytest.raises(UserError, match=r"e\.yaml: extends missing\.yaml, but there is no .*missing\.yaml"):
+        load_config(TokenizerTrainConfig, tmp_path / "e.yaml")
     (tmp_path / "d.yaml").write_text("extends: [small-cpu]\n")
     with pytest.raises(UserError, match=r"d\.yaml: extends must name a preset or a YAML file"):
         load_config(TokenizerTrainConfig, tmp_path / "d.yaml")

@@ -17,6 +17,7 @@ import yaml
 
 from .codes import CodeSpec
 from .errors import UserError
+from .presets import resolve_config_path
 from .registry import DECODERS, ENCODERS, QUANTIZERS, TOKENIZERS, Registry
 
 T = TypeVar("T")
@@ -520,10 +521,10 @@ def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     base = data.pop("extends")
     if not isinstance(base, str) or not base:
         raise UserError(f"config file {p}: extends must name a preset or a YAML file, got {base!r}")
-    from .presets import resolve_config_path
-
     local = p.parent / base
-    base_path = local if local.suffix in (".yaml", ".yml") and local.is_file() else resolve_config_path(base)
+    if local.suffix in (".yaml", ".yml") and not local.is_file():
+        raise UserError(f"config file {p}: extends {base}, but there is no {local}; name a file next to it or a preset")
+    base_path = local if local.suffix in (".yaml", ".yml") else resolve_config_path(base)
     seen = (*_seen, p.resolve())
     if base_path.resolve() in seen:
         chain = " -> ".join(q.name for q in (*seen, base_path.resolve()))
