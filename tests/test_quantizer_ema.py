@@ -379,7 +379,8 @@ def rows(rank):
 
 def test_codebook_entropies_are_of_the_global_batch_under_ddp(tmp_path):
     """Each rank's codebook entropy (and channel correlation) is that of the union of the ranks' rows; its
-    gradient, averaged over ranks as DDP does, is the one-process gradient on the union."""
+    gradient, averaged over ranks as DDP does, is the one-process gradient on the union. A grid quantizer's stuck
+    start is centred from rank 0's latents on every rank."""
     (tmp_path / "entropy_terms.py").write_text(ENTROPY_TERMS)
     script = tmp_path / "entropy_ddp.py"
     script.write_text(f"""
@@ -395,6 +396,11 @@ for i in range(4):
     value.backward()
     out.append((value.detach(), z.grad / dist.get_world_size()))  # DDP's average over ranks
 torch.save(out, {str(tmp_path)!r} + f"/rank{{rank}}.pt")
+# a grid quantizer's stuck start is centred from rank 0's latents (grid_start.py): every rank the same quant_conv
+sys.path.insert(0, {str(ROOT / 'tests')!r})
+from test_quantizer_fsq_lfq import grid_start_on
+torch.save(grid_start_on(torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(10 + rank)) * 2 - 1),
+           {str(tmp_path)!r} + f"/grid{{rank}}.pt")
 dist.barrier()
 dist.destroy_process_group()
 from vqgan.train.common import leave_worker
@@ -414,3 +420,9 @@ leave_worker(0)  # the autograd all-reduce's gloo threads can abort interpreter 
         for r in range(2):
             torch.testing.assert_close(ranks[r][i][0], value.detach(), msg=f"term {i}, rank {r}")
             torch.testing.assert_close(ranks[r][i][1], z.grad[6 * r:6 * (r + 1)], msg=f"grad {i}, rank {r}")
+    from test_quantizer_fsq_lfq import grid_start_on
+
+    alone = grid_start_on(torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(10)) * 2 - 1)
+    for r in range(2):
+        for k, v in torch.load(tmp_path / f"grid{r}.pt").items():
+            torch.testing.assert_close(v, alone[k], msg=f"quant_conv {k}, rank {r}")

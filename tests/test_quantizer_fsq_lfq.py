@@ -1,19 +1,21 @@
 """FSQ (Mentzer et al. 2023) and LFQ (Yu et al. 2023, MAGVIT-v2): exact token round trips, the entropies
 against their direct definitions, settings errors, presets, and tiny trainings on real photographs.
 (The shared contract is tests/test_quantizer_contract.py, which runs both kinds.)"""
+import dataclasses
 import itertools
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import photo_crops, tiny_train_config
+from conftest import photo_crops, tiny_model_config, tiny_train_config
 
 from vqgan.checkpoint import load_model
-from vqgan.config import TokenizerTrainConfig, load_config, quantizer_config
+from vqgan.config import CodebookCareConfig, TokenizerTrainConfig, load_config, quantizer_config
 from vqgan.errors import UserError
 from vqgan.presets import resolve_config_path
 from vqgan.quantizers import build_quantizer, entropy, lfq
+from vqgan.quantizers.grid_start import START_STD, is_stuck
 from vqgan.tokenizers.model import VQModel
 from vqgan.train.stage1 import TokenizerTrainer
 
@@ -318,3 +320,86 @@ def test_a_tiny_model_learns_real_photographs(tmp_path, photos, quantizer):
     tokens = model.encode(torch.rand(2, 3, 32, 32) * 2 - 1)
     assert tokens.shape == (2, 16, 16, len(cfg.model.quantizer.vocab_per_depth))
     assert model.decode(tokens).shape == (2, 3, 32, 32)
+
+
+# -- starting on the grid (grid_start.py) --------------------------------------------------------------------------
+GRID_KINDS = [{"kind": "fsq", "levels": [8, 5, 5, 5]}, {"kind": "lfq", "bits": 10},
+              {"kind": "lfq", "bits": 10, "spherical": True}]
+
+
+def grid_model(quantizer: dict) -> VQModel:
+    torch.manual_seed(0)
+    return VQModel(dataclasses.replace(tiny_model_config(), quantizer=quantizer_config(**quantizer)))
+
+
+def codes_in(model: VQModel, x: torch.Tensor) -> int:
+    tokens = model.encode(x)
+    return tokens.reshape(-1, tokens.shape[-1]).unique(dim=0).shape[0]
+
+
+def start_inside_one_cell(model: VQModel) -> None:
+    """The VQ-VAE's start (grid_start.py): a spread far under a grid step, around an offset."""
+    with torch.no_grad():
+        model.quant_conv.weight.mul_(1e-3)
+        model.quant_conv.bias.fill_(0.3)
+
+
+def grid_start_on(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The quant_conv of a stuck FSQ model centred from images `x` (the two-process check in test_quantizer_ema)."""
+    model = grid_model({"kind": "fsq", "levels": [8, 5, 5, 5]})
+    start_inside_one_cell(model)
+    model.quantize.start_upkeep(CodebookCareConfig(), total_steps=1)
+    assert "inside one cell" in model.initialize_codebook(lambda: iter([x]))
+    return model.quant_conv.state_dict()
+
+
+@pytest.mark.parametrize("quantizer", GRID_KINDS, ids=["fsq", "lfq", "bsq"])
+def test_a_latent_that_starts_inside_one_cell_is_centred_onto_the_grid(quantizer):
+    model = grid_model(quantizer)
+    start_inside_one_cell(model)
+    x = torch.rand(16, 3, 32, 32) * 2 - 1
+    model.quantize.start_upkeep(CodebookCareConfig(), total_steps=10)
+    assert codes_in(model, x) == 1
+    done = model.initialize_codebook(lambda: iter([x[:8], x[8:]]))
+    assert "inside one cell" in done, done
+    with torch.no_grad():
+        h = model.encode_to_prequant(x)
+    torch.testing.assert_close(h.mean((0, 2, 3)), torch.zeros(h.shape[1]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(h.std((0, 2, 3)), torch.full((h.shape[1],), START_STD), atol=1e-3, rtol=0)
+    assert codes_in(model, x) > 20
+
+
+@pytest.mark.parametrize("quantizer", GRID_KINDS, ids=["fsq", "lfq", "bsq"])
+def test_a_latent_that_spreads_over_the_grid_is_left_as_it_is(quantizer):
+    model = grid_model(quantizer)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.quantize.start_upkeep(CodebookCareConfig(), total_steps=10)
+    done = model.initialize_codebook(lambda: iter([torch.rand(8, 3, 32, 32) * 2 - 1]))
+    assert "left as they are" in done, done
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_is_stuck_reads_each_channels_values_and_the_spread():
+    spread = torch.randn(1000, 3)
+    assert not is_stuck(spread.round(), spread)
+    one_value = torch.zeros(1000, 3)
+    one_value[:5] = 1  # 0.5% of the positions elsewhere: still stuck
+    assert is_stuck(one_value, one_value)
+    one_value[:20, 1] = 1  # one channel that varies in 2% of them: not
+    assert not is_stuck(one_value, one_value)
+    tiny = spread * 0.01  # LFQ's sign splits a tiny latent near 0, but it spreads over 1% of a step
+    assert is_stuck(tiny > 0, tiny)
+
+
+def test_the_trainer_centres_a_stuck_start_on_a_fresh_run_only(tmp_path, photos):
+    cfg = tiny_train_config(tmp_path, model={"quantizer": {"kind": "fsq", "levels": [8, 5, 5, 5]}},
+                            data={"path": str(photos), "holdout": 4}, train={"steps": 1, "ckpt_every": 1})
+    trainer = TokenizerTrainer(cfg, progress=False)
+    start_inside_one_cell(trainer.model)
+    trainer.fit()
+    log = tmp_path / "run" / "logs" / "train.log"
+    assert "started inside one cell of the grid" in log.read_text() and "centred with std" in log.read_text()
+    cfg.train.steps = 2  # resumed: the checkpoint's quant_conv as it is, no second initialisation
+    TokenizerTrainer(cfg, resume=True, progress=False).fit()
+    assert log.read_text().count("data initialisation") == 1
+    assert [q.starts_from_data for q in (make("vq"), make("fsq"), make("lfq"), make("gumbel"))] == [True] * 3 + [False]

@@ -44,6 +44,20 @@ class Quantizer(nn.Module):
         statelessly. Returns the scheduled values for the logs; the default has none."""
         return {}
 
+    def grid_position(self, latents: torch.Tensor) -> torch.Tensor | None:
+        """(N, C) latents -> where each channel lies on the grid, in grid steps, for a kind whose codes are a fixed
+        grid over the latent's channels (fsq, lfq: grid_start.py checks that training starts on it); else None."""
+        return None
+
+    def grid_values(self, latents: torch.Tensor) -> torch.Tensor | None:
+        """(N, C) latents -> the value each channel rounds to, for a grid kind (as `grid_position`); else None."""
+        return None
+
+    @property
+    def starts_from_data(self) -> bool:
+        """Whether the trainer's data initialisation has work here: a codebook to fill, or a grid to start on."""
+        return self.trainable_codebook() is not None or type(self).grid_values is not Quantizer.grid_values
+
     def indices_of(self, z: torch.Tensor) -> torch.Tensor:
         """Just the indices of latents `z` (tokenizing): a kind may skip its losses and statistics here."""
         return self(z).indices

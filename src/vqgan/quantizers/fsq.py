@@ -125,6 +125,12 @@ class FiniteScalarQuantizer(Quantizer):
                 stats.update(sample_entropy=per_sample.detach(), codebook_entropy=batch.detach())
         return QuantizerOutput(quantized.to(z.dtype), indices, loss, stats)
 
+    def grid_position(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.bound(latents.float()[:, :, None, None])[:, :, 0, 0]  # the codes are the integers
+
+    def grid_values(self, latents: torch.Tensor) -> torch.Tensor:
+        return torch.round(self.grid_position(latents))
+
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         tokens = self.check_indices(indices)[..., 0].unsqueeze(1)  # (B, 1, h, w)
         digits = (tokens // self._per_channel(self.basis)) % self._per_channel(self.levels)  # (B, C, h, w)

@@ -164,6 +164,13 @@ class LookupFreeQuantizer(Quantizer):
         return QuantizerOutput(quantized.to(z.dtype), indices, loss, {**_stream_stats(indices, 2**self.sub_bits),
                                                                       **stats})
 
+    def grid_position(self, latents: torch.Tensor) -> torch.Tensor:
+        latents = F.normalize(latents.float(), dim=1, eps=1e-6) if self.config.spherical else latents.float()
+        return latents / (2 * self.scale)  # the codes +-scale are one step apart
+
+    def grid_values(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents > 0  # the sign of each bit (BSQ's normalisation does not change it)
+
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         tokens = self.check_indices(indices).permute(0, 3, 1, 2)  # (B, split, h, w)
         bits = (tokens.repeat_interleave(self.sub_bits, 1) // self.weights.view(1, -1, 1, 1)) % 2

@@ -18,6 +18,8 @@ from ..codes import CodeSpec
 from ..config import VQGANConfig, from_dict
 from ..losses.likelihood import logit_laplace_image
 from ..quantizers import QuantizerOutput, build_quantizer
+from ..quantizers.codebook import broadcast
+from ..quantizers.grid_start import START_STD, centre_onto_grid, is_stuck
 from ..registry import DECODERS, ENCODERS, MODELS, TOKENIZERS
 
 
@@ -103,17 +105,29 @@ class VQModel(Tokenizer):
         return self.image_of(self.decode_raw(quantized))
 
     @torch.no_grad()
-    def initialize_codebook(self, batches: Callable[[], Iterable[torch.Tensor]]) -> int:
+    def initialize_codebook(self, batches: Callable[[], Iterable[torch.Tensor]]) -> str:
         """Data-dependent initialisation (the trainer's, before the first step; under its autocast): the codes
-        start as random encoder outputs of the images that `batches()` yields. Returns how many outputs."""
+        start as random encoder outputs of the images that `batches()` yields; a grid quantizer's latent that
+        starts inside one cell is centred onto the grid (grid_start.py). Returns what was done, for the log."""
         latents = []
         for x in batches():
             h = self.encode_to_prequant(x)
             latents.append(h.float().permute(0, 2, 3, 1).reshape(-1, h.shape[1]))
         rows = torch.cat(latents)
         with torch.autocast(rows.device.type, enabled=False):
-            self.quantize.initialize_from(rows)
-        return rows.shape[0]
+            self.quantize.initialize_from(rows)  # a grid has no codebook: its upkeep only counts usage
+            values = self.quantize.grid_values(rows)
+            if values is None:
+                return f"codebook initialised from {rows.shape[0]} encoder outputs"
+            position = self.quantize.grid_position(rows)
+            spread = position.std(0).max().item()
+            if not is_stuck(values, position):
+                return f"{rows.shape[0]} encoder outputs spread over the grid (up to {spread:.2g} steps): left as they are"
+            centre_onto_grid(self.quant_conv, rows)
+            for param in (self.quant_conv.weight, self.quant_conv.bias):
+                broadcast(param)  # rank 0's, as codebooks are
+            return (f"{rows.shape[0]} encoder outputs started inside one cell of the grid (spread <= {spread:.2g} "
+                    f"steps): quant_conv shifted and scaled so they start centred with std {START_STD}")
 
     # -- the public API --------------------------------------------------------------------------
     @torch.no_grad()

@@ -172,6 +172,11 @@ class LevelQuantizers(nn.Module):
         """A codebook to initialise from data (the first level's that has one), or None where no level has."""
         return next((c for c in (q.trainable_codebook() for q in self.levels) if c is not None), None)
 
+    @property
+    def starts_from_data(self) -> bool:
+        """Codebooks to initialise (Quantizer.starts_from_data); a grid level's start is not checked here."""
+        return self.trainable_codebook() is not None
+
     def start_upkeep(self, config: CodebookCareConfig, total_steps: int, seed: int = 0) -> UpkeepPerDepth:
         self.upkeep = UpkeepPerDepth([q.start_upkeep(config, total_steps, seed=seed + 101 * i)
                                       for i, q in enumerate(self.levels)])
@@ -280,9 +285,9 @@ class VQVAE2(Tokenizer):
         return self.decode_latents(q_top, q_bottom).contiguous()
 
     @torch.no_grad()
-    def initialize_codebook(self, batches: Callable[[], Iterable[torch.Tensor]]) -> int:
+    def initialize_codebook(self, batches: Callable[[], Iterable[torch.Tensor]]) -> str:
         """Data initialisation level by level (the trainer's, before the first step): the top codes from top
-        latents, then the bottom codes from the bottom latents those top codes give. Returns how many latents."""
+        latents, then the bottom codes from the bottom latents those top codes give. Returns what was done."""
         def rows(h: torch.Tensor) -> torch.Tensor:
             return h.float().permute(0, 2, 3, 1).reshape(-1, h.shape[1])
 
@@ -299,7 +304,7 @@ class VQVAE2(Tokenizer):
         bottom_rows = torch.cat(bottom)
         with torch.autocast(bottom_rows.device.type, enabled=False):
             self.quantize_bottom.initialize_from(bottom_rows)
-        return top.shape[0] + bottom_rows.shape[0]
+        return f"codebooks initialised from {top.shape[0]} top and {bottom_rows.shape[0]} bottom encoder outputs"
 
     # -- files -----------------------------------------------------------------------------------
     def config_dict(self) -> dict[str, Any]:

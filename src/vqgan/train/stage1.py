@@ -269,8 +269,8 @@ class TokenizerTrainer(TrainingLoop):
         subset = Subset(self.train_set, torch.randperm(len(self.train_set), generator=g)[:n_images].tolist())
         loader = DataLoader(subset, batch_size=32, num_workers=0)
         with autocast(self.rt.device, self.dtype):  # the model's codebooks: the first level's first (VQ-VAE-2)
-            n = self.model.initialize_codebook(lambda: (batch["image"].to(self.rt.device) for batch in loader))
-        self.metrics.note(f"codebook initialised from {n} encoder outputs of {n_images} images")
+            done = self.model.initialize_codebook(lambda: (batch["image"].to(self.rt.device) for batch in loader))
+        self.metrics.note(f"data initialisation on {n_images} images: {done}")
 
     # -- one iteration ---------------------------------------------------------------------------
     def train_step(self, micro_batches: list[dict]) -> dict[str, float]:
@@ -362,7 +362,7 @@ class TokenizerTrainer(TrainingLoop):
                 f"{', compiled' if t.compile else ''}, lr {self.lr:.3g}; "
                 f"perceptual: {self.loss.perceptual_description}")
             log.info("perceptual loss: %s", self.loss.perceptual_description)
-        if not self.care.initialized and t.codebook.init_from_data and self._codebook is not None:
+        if not self.care.initialized and t.codebook.init_from_data and self.model.quantize.starts_from_data:
             self._initialize_codebook()
         self.care.initialized = True
         self.last_epoch_usage = float("nan")
