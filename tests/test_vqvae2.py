@@ -139,6 +139,27 @@ def test_data_init_goes_level_by_level_and_resume_checks_the_kind(tmp_path):
     assert resumed.step == 4
 
 
+def test_grid_levels_that_start_inside_one_cell_are_centred_level_by_level():
+    cfg = load_config(TokenizerTrainConfig, {"model": {**TINY, "top_quantizer": {"kind": "fsq", "levels": [8, 5, 5]},
+                                                        "bottom_quantizer": {"kind": "lfq", "bits": 6}}})
+    torch.manual_seed(0)
+    model = VQVAE2(cfg.model).train()
+    with torch.no_grad():  # the VQ-VAE's start (grid_start.py): a tiny spread around an offset
+        for conv in (model.quant_conv_top, model.quant_conv_bottom):
+            conv.weight.mul_(1e-3)
+            conv.bias.fill_(0.3)
+    model.quantize.start_upkeep(cfg.train.codebook, total_steps=1)
+    assert model.quantize.starts_from_data
+    x = torch.rand(16, 3, 32, 32) * 2 - 1
+    done = model.initialize_codebook(lambda: iter([x]))
+    assert done.count("inside one cell") == 2, done
+    with torch.no_grad():
+        top = model.top_prequant(model.encoder_bottom(x))
+    torch.testing.assert_close(top.mean((0, 2, 3)), torch.zeros(3), atol=0.01, rtol=0)  # std 0.17; float error x 1e4
+    codes = model.eval().encode(x)
+    assert all(c.reshape(-1, c.shape[-1]).unique(dim=0).shape[0] > 10 for c in codes)
+
+
 # -- token stores ---------------------------------------------------------------------------------------
 
 

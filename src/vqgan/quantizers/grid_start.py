@@ -14,12 +14,15 @@ So on a fresh run (`train.codebook.init_from_data`, the trainer's data initialis
 rounds to one value in nearly every position, or spreads over less than 2% of a grid step, is shifted and scaled by
 the layer before the quantizer, channel by channel, to start centred with the conv VQGAN's initial spread
 (START_STD), where the family's recipes were tuned. (Centring with std 1 instead let the latent grow far past the
-grid, std 10-20, into tanh's flat ends.) A latent that already spreads over the grid is left as it is, so presets that start well are unchanged.
+grid, std 10-20, into tanh's flat ends.) A latent that already spreads over the grid is left as it is, so presets
+that start well are unchanged. VQ-VAE-2 checks each level (its FSQ levels start stuck too).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from .codebook import broadcast
 
 # the conv VQGAN's latent std at init (measured over its quant_conv's outputs: 0.15-0.19 per channel)
 START_STD = 0.17
@@ -27,7 +30,7 @@ START_STD = 0.17
 STUCK_SHARE = 0.99
 # ... and every channel is when the latent spreads over less than this many grid steps in each (LFQ's sign can split
 # a tiny latent centred near 0: VQ-VAE + LFQ, std 0.005 = 0.0025 steps, two to four codes in a batch of 512
-# positions; the conv VQGAN's LFQ latent spreads over 0.085 steps, its FSQ latent 0.6)
+# positions; the conv VQGAN's LFQ latent spreads over 0.1 steps, its FSQ latent 0.56)
 MIN_SPREAD = 0.02
 
 
@@ -54,3 +57,22 @@ def centre_onto_grid(layer: nn.Module, latents: torch.Tensor, std: float = START
     if layer.bias is None:
         raise ValueError(f"{type(layer).__name__} has no bias to centre its outputs with")
     layer.bias.sub_(mean.to(layer.bias)).mul_(scale.to(layer.bias))
+
+
+@torch.no_grad()
+def start_on_grid(quantizer: nn.Module, layer: nn.Module, latents: torch.Tensor) -> str | None:
+    """The data initialisation's check for a grid quantizer (Quantizer.grid_values): its `latents` (N, C), the
+    outputs of `layer`, centred onto the grid when they start inside one cell (the same change on every rank).
+    Returns what was done, for the log; None for a kind that is not a grid."""
+    values = quantizer.grid_values(latents)
+    if values is None:
+        return None
+    position = quantizer.grid_position(latents)
+    spread = position.std(0).max().item()
+    if not is_stuck(values, position):
+        return f"{latents.shape[0]} encoder outputs spread over the grid (up to {spread:.2g} steps): left as they are"
+    centre_onto_grid(layer, latents)
+    for param in (layer.weight, layer.bias):
+        broadcast(param)  # rank 0's, as codebooks are
+    return (f"{latents.shape[0]} encoder outputs started inside one cell of the grid (spread <= {spread:.2g} steps): "
+            f"the layer before the quantizer shifted and scaled so they start centred with std {START_STD}")

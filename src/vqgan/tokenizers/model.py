@@ -18,8 +18,7 @@ from ..codes import CodeSpec
 from ..config import VQGANConfig, from_dict
 from ..losses.likelihood import logit_laplace_image
 from ..quantizers import QuantizerOutput, build_quantizer
-from ..quantizers.codebook import broadcast
-from ..quantizers.grid_start import START_STD, centre_onto_grid, is_stuck
+from ..quantizers.grid_start import start_on_grid
 from ..registry import DECODERS, ENCODERS, MODELS, TOKENIZERS
 
 
@@ -116,18 +115,8 @@ class VQModel(Tokenizer):
         rows = torch.cat(latents)
         with torch.autocast(rows.device.type, enabled=False):
             self.quantize.initialize_from(rows)  # a grid has no codebook: its upkeep only counts usage
-            values = self.quantize.grid_values(rows)
-            if values is None:
-                return f"codebook initialised from {rows.shape[0]} encoder outputs"
-            position = self.quantize.grid_position(rows)
-            spread = position.std(0).max().item()
-            if not is_stuck(values, position):
-                return f"{rows.shape[0]} encoder outputs spread over the grid (up to {spread:.2g} steps): left as they are"
-            centre_onto_grid(self.quant_conv, rows)
-            for param in (self.quant_conv.weight, self.quant_conv.bias):
-                broadcast(param)  # rank 0's, as codebooks are
-            return (f"{rows.shape[0]} encoder outputs started inside one cell of the grid (spread <= {spread:.2g} "
-                    f"steps): quant_conv shifted and scaled so they start centred with std {START_STD}")
+            return (start_on_grid(self.quantize, self.quant_conv, rows)
+                    or f"codebook initialised from {rows.shape[0]} encoder outputs")
 
     # -- the public API --------------------------------------------------------------------------
     @torch.no_grad()

@@ -38,6 +38,7 @@ from ..config import CodebookCareConfig, QuantizerConfig, TokenizerConfig, from_
 from ..errors import UserError
 from ..nn import Conv2d
 from ..quantizers import Quantizer, build_quantizer
+from ..quantizers.grid_start import start_on_grid
 from ..quantizers.residual import UpkeepPerDepth
 from ..registry import MODELS, TOKENIZERS
 from .model import Tokenizer, inference_layout
@@ -174,8 +175,7 @@ class LevelQuantizers(nn.Module):
 
     @property
     def starts_from_data(self) -> bool:
-        """Codebooks to initialise (Quantizer.starts_from_data); a grid level's start is not checked here."""
-        return self.trainable_codebook() is not None
+        return any(q.starts_from_data for q in self.levels)
 
     def start_upkeep(self, config: CodebookCareConfig, total_steps: int, seed: int = 0) -> UpkeepPerDepth:
         self.upkeep = UpkeepPerDepth([q.start_upkeep(config, total_steps, seed=seed + 101 * i)
@@ -287,13 +287,15 @@ class VQVAE2(Tokenizer):
     @torch.no_grad()
     def initialize_codebook(self, batches: Callable[[], Iterable[torch.Tensor]]) -> str:
         """Data initialisation level by level (the trainer's, before the first step): the top codes from top
-        latents, then the bottom codes from the bottom latents those top codes give. Returns what was done."""
+        latents, then the bottom codes from the bottom latents those top codes give; a grid level's latent that starts
+        inside one cell is centred onto its grid (grid_start.py). Returns what was done."""
         def rows(h: torch.Tensor) -> torch.Tensor:
             return h.float().permute(0, 2, 3, 1).reshape(-1, h.shape[1])
 
         top = torch.cat([rows(self.top_prequant(self.encoder_bottom(x))) for x in batches()])
         with torch.autocast(top.device.type, enabled=False):
             self.quantize_top.initialize_from(top)
+            top_done = start_on_grid(self.quantize_top, self.quant_conv_top, top)
         bottom = []
         for x in batches():
             features = self.encoder_bottom(x)
@@ -304,7 +306,9 @@ class VQVAE2(Tokenizer):
         bottom_rows = torch.cat(bottom)
         with torch.autocast(bottom_rows.device.type, enabled=False):
             self.quantize_bottom.initialize_from(bottom_rows)
-        return f"codebooks initialised from {top.shape[0]} top and {bottom_rows.shape[0]} bottom encoder outputs"
+            bottom_done = start_on_grid(self.quantize_bottom, self.quant_conv_bottom, bottom_rows)
+        return (f"top: {top_done or f'codebook initialised from {top.shape[0]} encoder outputs'}; "
+                f"bottom: {bottom_done or f'codebook initialised from {bottom_rows.shape[0]} encoder outputs'}")
 
     # -- files -----------------------------------------------------------------------------------
     def config_dict(self) -> dict[str, Any]:
