@@ -149,3 +149,32 @@ def inception_weights(tmp_path_factory):
             torch.nn.init.normal_(m.weight, std=0.3)
     torch.save(net.state_dict(), path)
     return path
+
+
+def grid_model(quantizer: dict):
+    """A tiny conv VQGAN (tiny_model_config) with a grid quantizer section (fsq, lfq), seeded."""
+    import dataclasses
+
+    from vqgan.tokenizers.model import VQModel
+
+    torch.manual_seed(0)
+    return VQModel(dataclasses.replace(tiny_model_config(), quantizer=quantizer_config(**quantizer)))
+
+
+def start_inside_one_cell(layer) -> None:
+    """The VQ-VAE's start (quantizers/grid_start.py) in the 1x1 conv `layer` before a quantizer: a spread far under a
+    grid step, around an offset."""
+    with torch.no_grad():
+        layer.weight.mul_(1e-3)
+        layer.bias.fill_(0.3)
+
+
+def grid_start_on(x: torch.Tensor) -> dict:
+    """The quant_conv of a stuck FSQ model (grid_model) centred from images `x` (the two-process check)."""
+    from vqgan.config import CodebookCareConfig
+
+    model = grid_model({"kind": "fsq", "levels": [8, 5, 5, 5]})
+    start_inside_one_cell(model.quant_conv)
+    model.quantize.start_upkeep(CodebookCareConfig(), total_steps=1)
+    assert "inside one cell" in model.initialize_codebook(lambda: iter([x]))
+    return model.quant_conv.state_dict()

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import photo_crops, run_two_processes, tiny_train_config
+from conftest import grid_start_on, photo_crops, run_two_processes, tiny_train_config
 
 from vqgan.config import CodebookCareConfig, TokenizerTrainConfig, load_config, quantizer_config
 from vqgan.errors import UserError
@@ -398,7 +398,7 @@ for i in range(4):
 torch.save(out, {str(tmp_path)!r} + f"/rank{{rank}}.pt")
 # a grid quantizer's stuck start is centred from rank 0's latents (grid_start.py): every rank the same quant_conv
 sys.path.insert(0, {str(ROOT / 'tests')!r})
-from test_quantizer_fsq_lfq import grid_start_on
+from conftest import grid_start_on
 torch.save(grid_start_on(torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(10 + rank)) * 2 - 1),
            {str(tmp_path)!r} + f"/grid{{rank}}.pt")
 dist.barrier()
@@ -420,8 +420,6 @@ leave_worker(0)  # the autograd all-reduce's gloo threads can abort interpreter 
         for r in range(2):
             torch.testing.assert_close(ranks[r][i][0], value.detach(), msg=f"term {i}, rank {r}")
             torch.testing.assert_close(ranks[r][i][1], z.grad[6 * r:6 * (r + 1)], msg=f"grad {i}, rank {r}")
-    from test_quantizer_fsq_lfq import grid_start_on
-
     alone = grid_start_on(torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(10)) * 2 - 1)
     for r in range(2):
         for k, v in torch.load(tmp_path / f"grid{r}.pt").items():

@@ -1,14 +1,13 @@
 """FSQ (Mentzer et al. 2023) and LFQ (Yu et al. 2023, MAGVIT-v2): exact token round trips, the entropies
 against their direct definitions, settings errors, presets, and tiny trainings on real photographs.
 (The shared contract is tests/test_quantizer_contract.py, which runs both kinds.)"""
-import dataclasses
 import itertools
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import photo_crops, tiny_model_config, tiny_train_config
+from conftest import grid_model, photo_crops, start_inside_one_cell, tiny_train_config
 
 from vqgan.checkpoint import load_model
 from vqgan.config import CodebookCareConfig, TokenizerTrainConfig, load_config, quantizer_config
@@ -327,46 +326,42 @@ GRID_KINDS = [{"kind": "fsq", "levels": [8, 5, 5, 5]}, {"kind": "lfq", "bits": 1
               {"kind": "lfq", "bits": 10, "spherical": True}]
 
 
-def grid_model(quantizer: dict) -> VQModel:
-    torch.manual_seed(0)
-    return VQModel(dataclasses.replace(tiny_model_config(), quantizer=quantizer_config(**quantizer)))
-
-
 def codes_in(model: VQModel, x: torch.Tensor) -> int:
     tokens = model.encode(x)
     return tokens.reshape(-1, tokens.shape[-1]).unique(dim=0).shape[0]
 
 
-def start_inside_one_cell(model: VQModel) -> None:
-    """The VQ-VAE's start (grid_start.py): a spread far under a grid step, around an offset."""
-    with torch.no_grad():
-        model.quant_conv.weight.mul_(1e-3)
-        model.quant_conv.bias.fill_(0.3)
-
-
-def grid_start_on(x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The quant_conv of a stuck FSQ model centred from images `x` (the two-process check in test_quantizer_ema)."""
-    model = grid_model({"kind": "fsq", "levels": [8, 5, 5, 5]})
-    start_inside_one_cell(model)
-    model.quantize.start_upkeep(CodebookCareConfig(), total_steps=1)
-    assert "inside one cell" in model.initialize_codebook(lambda: iter([x]))
-    return model.quant_conv.state_dict()
+def assert_centred(h: torch.Tensor, atol: float = 1e-3) -> None:
+    """(B, C, h, w) latents: each channel's mean 0 and std START_STD."""
+    torch.testing.assert_close(h.mean((0, 2, 3)), torch.zeros(h.shape[1]), atol=atol, rtol=0)
+    torch.testing.assert_close(h.std((0, 2, 3)), torch.full((h.shape[1],), START_STD), atol=atol, rtol=0)
 
 
 @pytest.mark.parametrize("quantizer", GRID_KINDS, ids=["fsq", "lfq", "bsq"])
 def test_a_latent_that_starts_inside_one_cell_is_centred_onto_the_grid(quantizer):
     model = grid_model(quantizer)
-    start_inside_one_cell(model)
+    start_inside_one_cell(model.quant_conv)
     x = torch.rand(16, 3, 32, 32) * 2 - 1
     model.quantize.start_upkeep(CodebookCareConfig(), total_steps=10)
     assert codes_in(model, x) == 1
     done = model.initialize_codebook(lambda: iter([x[:8], x[8:]]))
     assert "inside one cell" in done, done
     with torch.no_grad():
-        h = model.encode_to_prequant(x)
-    torch.testing.assert_close(h.mean((0, 2, 3)), torch.zeros(h.shape[1]), atol=1e-4, rtol=0)
-    torch.testing.assert_close(h.std((0, 2, 3)), torch.full((h.shape[1],), START_STD), atol=1e-3, rtol=0)
+        assert_centred(model.encode_to_prequant(x))
     assert codes_in(model, x) > 20
+
+
+def test_the_centring_reads_float32_latents_under_bf16_autocast():
+    """bf16 rounds a latent of std 3e-4 around 0.3 to a few values: measured there, its std would be 0 or a
+    rounding step, and the scale 0.17 / std explodes or lands anywhere."""
+    model = grid_model({"kind": "fsq", "levels": [8, 5, 5, 5]})
+    start_inside_one_cell(model.quant_conv)
+    x = torch.rand(16, 3, 32, 32) * 2 - 1
+    model.quantize.start_upkeep(CodebookCareConfig(), total_steps=10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert "inside one cell" in model.initialize_codebook(lambda: iter([x]))
+    with torch.no_grad():
+        assert_centred(model.encode_to_prequant(x))
 
 
 @pytest.mark.parametrize("quantizer", GRID_KINDS, ids=["fsq", "lfq", "bsq"])
@@ -391,15 +386,18 @@ def test_is_stuck_reads_each_channels_values_and_the_spread():
     assert is_stuck(tiny > 0, tiny)
 
 
+def test_grid_kinds_and_codebooks_start_from_data_and_logit_codes_do_not():
+    assert [q.starts_from_data for q in (make("vq"), make("fsq"), make("lfq"), make("gumbel"))] == [True] * 3 + [False]
+
+
 def test_the_trainer_centres_a_stuck_start_on_a_fresh_run_only(tmp_path, photos):
     cfg = tiny_train_config(tmp_path, model={"quantizer": {"kind": "fsq", "levels": [8, 5, 5, 5]}},
                             data={"path": str(photos), "holdout": 4}, train={"steps": 1, "ckpt_every": 1})
     trainer = TokenizerTrainer(cfg, progress=False)
-    start_inside_one_cell(trainer.model)
+    start_inside_one_cell(trainer.model.quant_conv)
     trainer.fit()
     log = tmp_path / "run" / "logs" / "train.log"
     assert "started inside one cell of the grid" in log.read_text() and "centred with std" in log.read_text()
     cfg.train.steps = 2  # resumed: the checkpoint's quant_conv as it is, no second initialisation
     TokenizerTrainer(cfg, resume=True, progress=False).fit()
     assert log.read_text().count("data initialisation") == 1
-    assert [q.starts_from_data for q in (make("vq"), make("fsq"), make("lfq"), make("gumbel"))] == [True] * 3 + [False]

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import photo_crops
+from conftest import photo_crops, start_inside_one_cell
 
 import vqgan
 from vqgan.codes import CodeLevel, CodeSpec
@@ -17,6 +17,7 @@ from vqgan.priors import GPT, GPTConfig
 from vqgan.priors.layout import TokenLayout
 from vqgan.priors.sampling import sample_images_tokens, sample_levels
 from vqgan.priors.windows import LevelWindows
+from vqgan.quantizers.grid_start import START_STD
 from vqgan.tokenizers import VQVAE2, VQVAE2Config
 from vqgan.train.stage1 import TokenizerTrainer
 
@@ -144,18 +145,21 @@ def test_grid_levels_that_start_inside_one_cell_are_centred_level_by_level():
                                                         "bottom_quantizer": {"kind": "lfq", "bits": 6}}})
     torch.manual_seed(0)
     model = VQVAE2(cfg.model).train()
-    with torch.no_grad():  # the VQ-VAE's start (grid_start.py): a tiny spread around an offset
-        for conv in (model.quant_conv_top, model.quant_conv_bottom):
-            conv.weight.mul_(1e-3)
-            conv.bias.fill_(0.3)
+    start_inside_one_cell(model.quant_conv_top)  # the VQ-VAE's start (grid_start.py), at both levels
+    start_inside_one_cell(model.quant_conv_bottom)
     model.quantize.start_upkeep(cfg.train.codebook, total_steps=1)
     assert model.quantize.starts_from_data
     x = torch.rand(16, 3, 32, 32) * 2 - 1
     done = model.initialize_codebook(lambda: iter([x]))
     assert done.count("inside one cell") == 2, done
     with torch.no_grad():
-        top = model.top_prequant(model.encoder_bottom(x))
-    torch.testing.assert_close(top.mean((0, 2, 3)), torch.zeros(3), atol=0.01, rtol=0)  # std 0.17; float error x 1e4
+        features = model.encoder_bottom(x)
+        top = model.top_prequant(features)
+        # the bottom level was centred on the latents that the centred top level's codes give
+        bottom = model.bottom_prequant(features, model.quantize_top.decode_indices(model.quantize_top.indices_of(top)))
+    for h in (top, bottom):
+        torch.testing.assert_close(h.mean((0, 2, 3)), torch.zeros(h.shape[1]), atol=1e-3, rtol=0)
+        torch.testing.assert_close(h.std((0, 2, 3)), torch.full((h.shape[1],), START_STD), atol=1e-3, rtol=0)
     codes = model.eval().encode(x)
     assert all(c.reshape(-1, c.shape[-1]).unique(dim=0).shape[0] > 10 for c in codes)
 

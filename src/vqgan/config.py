@@ -309,8 +309,8 @@ class DataConfig:
 class CodebookCareConfig:
     """Keeps nearest-neighbour VQ from collapsing onto a few codes."""
 
-    # first step: codes := random encoder outputs; for a grid (fsq, lfq), a latent that starts inside one cell is
-    # centred onto it (quantizers/grid_start.py)
+    # first step: codes := random encoder outputs; for a grid kind (fsq, lfq), a latent that starts inside one cell
+    # of the grid is centred onto the grid (quantizers/grid_start.py)
     init_from_data: bool = True
     kmeans_iters: int = 0  # ... then this many k-means (Lloyd) iterations on those outputs (0: random ones alone)
     restart_every: int = 20  # steps between dead-code restarts (0 = never)

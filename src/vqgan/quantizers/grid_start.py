@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .base import Quantizer
 from .codebook import broadcast
 
 # the conv VQGAN's latent std at init (measured over its quant_conv's outputs: 0.15-0.19 per channel)
@@ -48,31 +49,34 @@ def is_stuck(values: torch.Tensor, position: torch.Tensor) -> bool:
 
 @torch.no_grad()
 def centre_onto_grid(layer: nn.Module, latents: torch.Tensor, std: float = START_STD) -> None:
-    """Fold a per-channel affine into `layer` (a conv or linear whose outputs are the latents' channels) so that its
-    outputs `latents` (N, C) become centred with standard deviation `std`: y -> a (y - mean), a = std / y's std."""
-    mean = latents.mean(0)
-    scale = std / latents.std(0).clamp_min(1e-12)
-    weight = layer.weight
-    weight.mul_(scale.view(-1, *[1] * (weight.dim() - 1)).to(weight))
+    """Fold a per-channel affine into `layer` (a conv or linear with a bias, whose outputs are the latents' channels)
+    so that its outputs `latents` (N, C, float32) become centred with standard deviation `std`: y -> a (y - mean),
+    a = std / y's std. A channel without a measurable spread (constant to float32's precision) is only centred."""
     if layer.bias is None:
         raise ValueError(f"{type(layer).__name__} has no bias to centre its outputs with")
+    mean, spread = latents.mean(0), latents.std(0)
+    scale = torch.where(spread > 1e-6 * (1 + mean.abs()), std / spread, torch.ones_like(spread))
+    weight = layer.weight
+    weight.mul_(scale.view(-1, *[1] * (weight.dim() - 1)).to(weight))
     layer.bias.sub_(mean.to(layer.bias)).mul_(scale.to(layer.bias))
 
 
 @torch.no_grad()
-def start_on_grid(quantizer: nn.Module, layer: nn.Module, latents: torch.Tensor) -> str | None:
-    """The data initialisation's check for a grid quantizer (Quantizer.grid_values): its `latents` (N, C), the
-    outputs of `layer`, centred onto the grid when they start inside one cell (the same change on every rank).
-    Returns what was done, for the log; None for a kind that is not a grid."""
+def start_on_grid(quantizer: Quantizer, layer: nn.Module, latents: torch.Tensor) -> str | None:
+    """The data initialisation's check for a grid quantizer (Quantizer.grid_values): its `latents` (N, C, float32),
+    the outputs of `layer`, centred onto the grid when they start inside one cell. Every rank ends with rank 0's
+    `layer`, whatever each decided. Returns what was done, for the log; None for a kind that is not a grid."""
     values = quantizer.grid_values(latents)
     if values is None:
         return None
     position = quantizer.grid_position(latents)
     spread = position.std(0).max().item()
-    if not is_stuck(values, position):
-        return f"{latents.shape[0]} encoder outputs spread over the grid (up to {spread:.2g} steps): left as they are"
-    centre_onto_grid(layer, latents)
+    stuck = is_stuck(values, position)
+    if stuck:
+        centre_onto_grid(layer, latents)
     for param in (layer.weight, layer.bias):
-        broadcast(param)  # rank 0's, as codebooks are
+        broadcast(param)  # on every call: a rank whose data fell on the other side of a threshold follows rank 0
+    if not stuck:
+        return f"{latents.shape[0]} encoder outputs spread over the grid (up to {spread:.2g} steps): left as they are"
     return (f"{latents.shape[0]} encoder outputs started inside one cell of the grid (spread <= {spread:.2g} steps): "
             f"the layer before the quantizer shifted and scaled so they start centred with std {START_STD}")

@@ -17,7 +17,7 @@ from ..checkpoint import load_model, save_model
 from ..codes import CodeSpec
 from ..config import VQGANConfig, from_dict
 from ..losses.likelihood import logit_laplace_image
-from ..quantizers import QuantizerOutput, build_quantizer
+from ..quantizers import Quantizer, QuantizerOutput, build_quantizer
 from ..quantizers.grid_start import start_on_grid
 from ..registry import DECODERS, ENCODERS, MODELS, TOKENIZERS
 
@@ -108,15 +108,9 @@ class VQModel(Tokenizer):
         """Data-dependent initialisation (the trainer's, before the first step; under its autocast): the codes
         start as random encoder outputs of the images that `batches()` yields; a grid quantizer's latent that
         starts inside one cell is centred onto the grid (grid_start.py). Returns what was done, for the log."""
-        latents = []
-        for x in batches():
-            h = self.encode_to_prequant(x)
-            latents.append(h.float().permute(0, 2, 3, 1).reshape(-1, h.shape[1]))
-        rows = torch.cat(latents)
+        rows = torch.cat([latent_rows(self.quant_conv, self.encoder(x)) for x in batches()])
         with torch.autocast(rows.device.type, enabled=False):
-            self.quantize.initialize_from(rows)  # a grid has no codebook: its upkeep only counts usage
-            return (start_on_grid(self.quantize, self.quant_conv, rows)
-                    or f"codebook initialised from {rows.shape[0]} encoder outputs")
+            return initialize_quantizer(self.quantize, self.quant_conv, rows)
 
     # -- the public API --------------------------------------------------------------------------
     @torch.no_grad()
@@ -153,6 +147,21 @@ class VQModel(Tokenizer):
     def from_config_dict(cls, data: dict[str, Any]) -> VQModel:
         data = {k: v for k, v in data.items() if k not in ("kind", "codes")}
         return cls(from_dict(VQGANConfig, data, "model"))
+
+
+def latent_rows(layer: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """`layer` (the 1x1 conv before a quantizer) on `features` in float32 even under autocast, as rows (N, C): the
+    statistics of a latent that spreads over less than one bf16 step of its offset survive."""
+    with torch.autocast(features.device.type, enabled=False):
+        h = layer(features.float())
+    return h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])
+
+
+def initialize_quantizer(quantizer: Quantizer, layer: nn.Module, rows: torch.Tensor) -> str:
+    """Data initialisation of one quantizer from `rows` (N, C), the outputs of `layer`: its codebook from them, or for
+    a grid kind the check of where the latent starts (grid_start.py). Returns what was done, for the log."""
+    quantizer.initialize_from(rows)  # a grid kind has no codebook: this marks its upkeep initialised
+    return start_on_grid(quantizer, layer, rows) or f"codebook initialised from {rows.shape[0]} encoder outputs"
 
 
 def inference_layout(x: torch.Tensor) -> torch.Tensor:

@@ -38,10 +38,9 @@ from ..config import CodebookCareConfig, QuantizerConfig, TokenizerConfig, from_
 from ..errors import UserError
 from ..nn import Conv2d
 from ..quantizers import Quantizer, build_quantizer
-from ..quantizers.grid_start import start_on_grid
 from ..quantizers.residual import UpkeepPerDepth
 from ..registry import MODELS, TOKENIZERS
-from .model import Tokenizer, inference_layout
+from .model import Tokenizer, inference_layout, initialize_quantizer, latent_rows
 
 
 def _ema_512() -> QuantizerConfig:
@@ -289,26 +288,21 @@ class VQVAE2(Tokenizer):
         """Data initialisation level by level (the trainer's, before the first step): the top codes from top
         latents, then the bottom codes from the bottom latents those top codes give; a grid level's latent that starts
         inside one cell is centred onto its grid (grid_start.py). Returns what was done."""
-        def rows(h: torch.Tensor) -> torch.Tensor:
-            return h.float().permute(0, 2, 3, 1).reshape(-1, h.shape[1])
-
-        top = torch.cat([rows(self.top_prequant(self.encoder_bottom(x))) for x in batches()])
+        top = torch.cat([latent_rows(self.quant_conv_top, self.encoder_top(self.encoder_bottom(x))) for x in batches()])
         with torch.autocast(top.device.type, enabled=False):
-            self.quantize_top.initialize_from(top)
-            top_done = start_on_grid(self.quantize_top, self.quant_conv_top, top)
+            top_done = initialize_quantizer(self.quantize_top, self.quant_conv_top, top)
         bottom = []
-        for x in batches():
+        for x in batches():  # the bottom latents given the top codes as just initialised (and maybe centred)
             features = self.encoder_bottom(x)
             h_top = self.top_prequant(features)
             with torch.autocast(h_top.device.type, enabled=False):
                 q_top = self.quantize_top.decode_indices(self.quantize_top.indices_of(h_top.float()))
-            bottom.append(rows(self.bottom_prequant(features, q_top.to(features.dtype))))
+            bottom.append(latent_rows(self.quant_conv_bottom,
+                                      torch.cat([features, self.decoder_top(q_top.to(features.dtype))], 1)))
         bottom_rows = torch.cat(bottom)
         with torch.autocast(bottom_rows.device.type, enabled=False):
-            self.quantize_bottom.initialize_from(bottom_rows)
-            bottom_done = start_on_grid(self.quantize_bottom, self.quant_conv_bottom, bottom_rows)
-        return (f"top: {top_done or f'codebook initialised from {top.shape[0]} encoder outputs'}; "
-                f"bottom: {bottom_done or f'codebook initialised from {bottom_rows.shape[0]} encoder outputs'}")
+            bottom_done = initialize_quantizer(self.quantize_bottom, self.quant_conv_bottom, bottom_rows)
+        return f"top: {top_done}; bottom: {bottom_done}"
 
     # -- files -----------------------------------------------------------------------------------
     def config_dict(self) -> dict[str, Any]:

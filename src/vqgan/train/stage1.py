@@ -153,8 +153,6 @@ class TokenizerTrainer(TrainingLoop):
         if cfg.train.compile:
             perceptual = [self.loss.perceptual] if self.loss.perceptual is not None else []
             compile_in_place(self.model.networks() + [self.loss.discriminator] + perceptual, self.rt.device)
-        # codebooks matched by distance get data init and dead-code restarts; Gumbel codes are chosen by logits
-        self._codebook = self.model.quantize.trainable_codebook()
         self.ae = (DistributedDataParallel(self.model, device_ids=[self.rt.device.index] if self.rt.device.type == "cuda"
                                            else None, broadcast_buffers=False)
                    if self.rt.distributed else self.model)
