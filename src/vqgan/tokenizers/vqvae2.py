@@ -236,7 +236,11 @@ class VQVAE2(Tokenizer):
 
     def bottom_prequant(self, features: torch.Tensor, top_quantized: torch.Tensor) -> torch.Tensor:
         """The bottom latents: the bottom features with the top codes decoded to the bottom grid (fig. 2a)."""
-        return self.quant_conv_bottom(torch.cat([features, self.decoder_top(top_quantized)], 1))
+        return self.quant_conv_bottom(self.bottom_input(features, top_quantized))
+
+    def bottom_input(self, features: torch.Tensor, top_quantized: torch.Tensor) -> torch.Tensor:
+        """What quant_conv_bottom reads: the bottom features and the top codes decoded to the bottom grid."""
+        return torch.cat([features, self.decoder_top(top_quantized)], 1)
 
     def decode_latents(self, top_quantized: torch.Tensor, bottom_quantized: torch.Tensor) -> torch.Tensor:
         """Code vectors of both levels -> images: the decoder sees the bottom codes and the upsampled top codes."""
@@ -297,8 +301,7 @@ class VQVAE2(Tokenizer):
             h_top = self.top_prequant(features)
             with torch.autocast(h_top.device.type, enabled=False):
                 q_top = self.quantize_top.decode_indices(self.quantize_top.indices_of(h_top.float()))
-            bottom.append(latent_rows(self.quant_conv_bottom,
-                                      torch.cat([features, self.decoder_top(q_top.to(features.dtype))], 1)))
+            bottom.append(latent_rows(self.quant_conv_bottom, self.bottom_input(features, q_top.to(features.dtype))))
         bottom_rows = torch.cat(bottom)
         with torch.autocast(bottom_rows.device.type, enabled=False):
             bottom_done = initialize_quantizer(self.quantize_bottom, self.quant_conv_bottom, bottom_rows)
