@@ -53,6 +53,20 @@ def test_overrides_leave_the_callers_dict_alone():
     assert data == before
 
 
+def test_a_kind_override_warns_about_the_settings_it_keeps(caplog):
+    data = {"model": {"quantizer": {"kind": "vq", "n_embed": 64, "embed_dim": 8, "entropy_weight": 0.1}}}
+    with caplog.at_level("WARNING", logger="vqgan.config"):
+        cfg = load_config(TokenizerTrainConfig, data, ["model.quantizer.kind=fsq"])
+    assert cfg.model.quantizer.entropy_weight == 0.1  # shared with fsq: kept (n_embed, vq's own, left)
+    assert len(caplog.records) == 1 and "entropy_weight=0.1 (for kind vq)" in caplog.text
+    assert "embed_dim" not in caplog.text  # every kind's key: not a setting of the old kind
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vqgan.config"):  # set on the same command line, or the same kind: quiet
+        load_config(TokenizerTrainConfig, data, ["model.quantizer.kind=fsq", "model.quantizer.entropy_weight=0"])
+        load_config(TokenizerTrainConfig, data, ["model.quantizer.kind=vq"])
+    assert not caplog.records
+
+
 def test_extends_lays_a_file_over_its_base(tmp_path):
     # a user's variant of a preset: sections merge key by key, lists replace, another kind replaces its section
     (tmp_path / "mine.yaml").write_text(

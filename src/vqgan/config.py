@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from .codes import CodeSpec
 from .errors import UserError
 from .presets import resolve_config_path
 from .registry import DECODERS, ENCODERS, QUANTIZERS, TOKENIZERS, Registry
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -470,13 +473,15 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type, where
     """Apply `a.b.c=value` strings to a nested dict; values are parsed as YAML (1e-4, [1,2], true).
 
     `...kind=` overrides go first, so the other keys of a section chosen by kind are checked against the new
-    kind; keys the new kind does not have (a preset's settings for the old one) leave the section. Returns a
-    new dict: the caller's (perhaps a shared preset's) is left as it was."""
+    kind; keys the new kind does not have (a preset's settings for the old one) leave the section, and the keys
+    it shares stay, with a warning naming them unless the same command line sets them too. Returns a new dict:
+    the caller's (perhaps a shared preset's) is left as it was."""
     data = copy.deepcopy(data)
     for item in overrides:
         if "=" not in item:
             raise UserError(f"override {item!r} is not key=value (e.g. train.steps=500)")
     overrides = sorted(overrides, key=lambda item: not item.split("=", 1)[0].strip().endswith(".kind"))
+    overridden = {item.split("=", 1)[0].strip() for item in overrides}
     for item in overrides:
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
@@ -490,6 +495,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type, where
                 raise UserError(f"unknown key {prefix}.{part} in override {item!r}; valid keys of {prefix}: "
                                 f"{', '.join(types_)}")
             if i == len(parts) - 1:
+                previous = node.get(part)
                 try:
                     node[part] = yaml.safe_load(raw) if raw.strip() else None
                 except yaml.YAMLError as e:
@@ -499,6 +505,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type, where
                     keep = {f.name for f in dataclasses.fields(section_class(node_cls, node, key))}
                     for name in [k for k in node if k not in keep]:
                         del node[name]
+                    section = key.strip()[:-len(".kind")]
+                    common = {f.name for f in dataclasses.fields(node_cls.section_base())}  # every kind's
+                    kept = [k for k in node if k not in common and f"{section}.{k}" not in overridden]
+                    if kept and previous not in (None, node["kind"]):
+                        log.warning("%s: the config's %s (for kind %s) stay, as kind %s has them too; set them on "
+                                    "the command line to change them", item.strip(),
+                                    ", ".join(f"{k}={node[k]!r}" for k in kept), previous, node["kind"])
             else:
                 node = node.setdefault(part, {})
                 node_cls = types_[part]
