@@ -262,6 +262,8 @@ class TokenizerTrainer(TrainingLoop):
     def _initialize_codebook(self) -> None:
         per_image = self.cfg.model.latent_size ** 2
         rows = self.model.quantize.codebook_size
+        if self.model.quantize.trainable_codebook() is None:  # a grid's start is checked on ~4,000 positions
+            rows = min(rows, 1024)
         n_images = min(len(self.train_set), max(self.cfg.train.batch_size, math.ceil(4 * rows / per_image)), 512)
         g = torch.Generator().manual_seed(self.cfg.train.seed + 17)
         subset = Subset(self.train_set, torch.randperm(len(self.train_set), generator=g)[:n_images].tolist())
