@@ -4,11 +4,12 @@ does not depend on training): images/s of the whole pipeline (decode the files, 
 measure) and the share of time spent in the tokenizer's own encode + decode.
 
 The images are 80x72 crops of scikit-image's photographs (so the resize and the crop both run). LPIPS is timed
-on a VGG16 of random weights written in torchvision's layout into a temporary TORCH_HOME: no ImageNet weights
-can be had offline, and its values are not reported here (the cost of a VGG16 pass does not depend on its
-weights). rFID runs only where the FID Inception weights are installed.
+on AlexNet (`vqgan eval`'s default, the lpips package's) and on VGG16, one eval each, with random weights written
+in torchvision's layout into a temporary TORCH_HOME: no ImageNet weights can be had offline, and their values are
+not reported here (the cost of a pass does not depend on the weights). `--inception` times rFID the same way
+with torch-fidelity's Inception.
 
-    python bench/bench_eval.py [--n 1000] [--batch-size 32] [--no-lpips] [--device cpu] [--json OUT]
+    python bench/bench_eval.py [--n 1000] [--batch-size 32] [--lpips alex,vgg] [--inception] [--device cpu]
 """
 from __future__ import annotations
 
@@ -54,21 +55,68 @@ def save_small_tokenizer(folder: Path) -> None:
     save_model(VQModel(cfg.model), folder)
 
 
-def save_random_vgg16(torch_home: Path) -> None:
-    """A VGG16 `features.N.*` state dict of random weights at torchvision's file name (timing only)."""
-    from vqgan.losses.lpips import VGG16_FILE, VGG16Features
+def save_random_backbone(torch_home: Path, net: str) -> None:
+    """An LPIPS backbone (`vgg`: VGG16, `alex`: AlexNet) as a `features.N.*` state dict of random weights at
+    torchvision's file name (timing only)."""
+    from vqgan.losses.lpips import BACKBONES, SlicedFeatures
 
-    sd = {f"features.{k.split('.', 1)[1]}": v for k, v in VGG16Features().state_dict().items()}
-    path = torch_home / "hub" / "checkpoints" / VGG16_FILE
-    path.parent.mkdir(parents=True)
+    sd = {f"features.{k.split('.', 1)[1]}": v for k, v in SlicedFeatures(BACKBONES[net]).state_dict().items()}
+    path = torch_home / "hub" / "checkpoints" / BACKBONES[net].file
+    path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(sd, path)
+
+
+def save_random_inception(torch_home: Path) -> None:
+    """torch-fidelity's FID Inception with random weights at the real file name (timing only)."""
+    from vqgan.eval.inception import FID_WEIGHTS_FILES, build_network
+
+    path = torch_home / "hub" / "checkpoints" / FID_WEIGHTS_FILES[0]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(build_network().state_dict(), path)
+
+
+def run_eval(tmp: Path, net: str, args) -> dict:
+    """One `vqgan eval` of the images with LPIPS on `net` (or none): its speed figures."""
+    home = tmp / f"torch-{net}"
+    if net != "none":
+        save_random_backbone(home, net)
+    if args.inception:
+        save_random_inception(home)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TORCH_HOME": str(home)}
+    out = tmp / f"out-{net}"
+    cmd = [sys.executable, "-m", "vqgan.cli", "eval", str(tmp / "tokenizer"), str(tmp / "images"), "--out",
+           str(out), "--no-progress", "--batch-size", str(args.batch_size),
+           *(["--lpips-net", net] if net != "none" else []), *(["--device", args.device] if args.device else [])]
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+    command_s = time.perf_counter() - start
+    summary = json.loads((out / "summary.json").read_text())
+    speed = summary["metrics"]["speed"]
+    s = speed["seconds"]
+    tokenizer = s["encode"] + s["decode"]
+    return {"lpips": f"{net} (random weights, timing only)" if net != "none" else "off",
+            "images": summary["data"]["images"], "threads": torch.get_num_threads(),
+            "command_seconds (with start-up and outputs)": round(command_s, 2),
+            "pipeline images/s": round(speed["images_per_s"], 1),
+            "encode images/s": round(speed["encode_images_per_s"], 1),
+            "decode images/s": round(speed["decode_images_per_s"], 1),
+            "tokenizer share": round(speed["tokenizer_share"], 3),
+            **{f"{part} share": round(speed[f"{part}_share"], 3) for part in ("metrics", "lpips", "inception", "data")},
+            "seconds": s,
+            "metrics (PSNR, SSIM, histograms) / tokenizer": round(s["metrics"] / tokenizer, 3),
+            "LPIPS / tokenizer": round(s["lpips"] / tokenizer, 3),
+            "Inception / tokenizer": round(s["inception"] / tokenizer, 3),
+            "per-image metrics (incl. LPIPS) / tokenizer": round((s["metrics"] + s["lpips"]) / tokenizer, 3),
+            "rfid": "timed (random Inception)" if args.inception else summary["metrics"]["rfid"]}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--no-lpips", action="store_true")
+    p.add_argument("--lpips", default="alex,vgg", help="LPIPS networks to time, one eval each: alex, vgg, none")
+    p.add_argument("--inception", action="store_true",
+                   help="also time rFID (torch-fidelity's Inception with random weights)")
     p.add_argument("--device", default=None)
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -76,34 +124,15 @@ def main() -> None:
         tmp = Path(tmp)
         make_images(tmp / "images", args.n)
         save_small_tokenizer(tmp / "tokenizer")
-        env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TORCH_HOME": str(tmp / "torch")}
-        if not args.no_lpips:
-            save_random_vgg16(tmp / "torch")
-        cmd = [sys.executable, "-m", "vqgan.cli", "eval", str(tmp / "tokenizer"), str(tmp / "images"), "--out",
-               str(tmp / "out"), "--no-progress", "--batch-size", str(args.batch_size),
-               *(["--device", args.device] if args.device else [])]
-        start = time.perf_counter()
-        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
-        command_s = time.perf_counter() - start
-        summary = json.loads((tmp / "out" / "summary.json").read_text())
-    speed = summary["metrics"]["speed"]
-    s = speed["seconds"]
-    result = {"images": summary["data"]["images"], "threads": torch.get_num_threads(),
-              "command_seconds (with start-up and outputs)": round(command_s, 2),
-              "pipeline images/s": round(speed["images_per_s"], 1),
-              "encode images/s": round(speed["encode_images_per_s"], 1),
-              "decode images/s": round(speed["decode_images_per_s"], 1),
-              "tokenizer share": round(speed["tokenizer_share"], 3),
-              **{f"{part} share": round(speed[f"{part}_share"], 3) for part in ("metrics", "lpips", "inception", "data")},
-              "seconds": s,
-              "metrics (PSNR, SSIM, histograms) / tokenizer": round(s["metrics"] / (s["encode"] + s["decode"]), 3),
-              "all metrics incl. LPIPS, Inception / tokenizer": round(
-                  (s["metrics"] + s["lpips"] + s["inception"]) / (s["encode"] + s["decode"]), 3),
-              "lpips": "timed (random VGG16)" if not args.no_lpips else "off",
-              "rfid": summary["metrics"]["rfid"] if isinstance(summary["metrics"]["rfid"], str) else "timed"}
-    print(json.dumps(result, indent=1))
+        results = [run_eval(tmp, net, args) for net in args.lpips.split(",")]
+    print(json.dumps(results, indent=1))
+    keys = ("pipeline images/s", "tokenizer share", "metrics (PSNR, SSIM, histograms) / tokenizer",
+            "LPIPS / tokenizer", "Inception / tokenizer", "per-image metrics (incl. LPIPS) / tokenizer")
+    print("| LPIPS | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
+    for r in results:
+        print(f"| {r['lpips']} | " + " | ".join(str(r[k]) for k in keys) + " |")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":

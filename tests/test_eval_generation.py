@@ -147,8 +147,9 @@ def test_inception_loads_the_real_key_layout_and_matches_torch_fidelity(inceptio
     theirs = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
                                          feature_extractor_weights_path=str(inception_weights))
     pool, logits = theirs(images)
-    torch.testing.assert_close(out["pool"], pool.double())
-    torch.testing.assert_close(out["logits"], logits.double())
+    # float32 networks; ours runs channels-last on the CPU (oneDNN sums in another order): equal to ~1e-5 relative
+    torch.testing.assert_close(out["pool"], pool.double(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out["logits"], logits.double(), rtol=1e-4, atol=1e-5)
 
 
 def test_weights_are_found_in_the_torch_hub_cache_and_pytorch_fid_layout_loads(inception_weights, no_caches,

@@ -7,6 +7,7 @@ import json
 import math
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -80,12 +81,44 @@ def test_ms_ssim_matches_pytorch_msssim_and_needs_161_px():
         similarity.ms_ssim(x[..., :160, :], y[..., :160, :])
 
 
-def test_lpips_is_not_computed_without_weights(tmp_path, monkeypatch):
+@pytest.mark.parametrize("net, file, option", [("vgg", "vgg16-397923af.pth", "--vgg-weights"),
+                                               ("alex", "alexnet-owt-7be5be79.pth", "--alexnet-weights")])
+def test_lpips_is_not_computed_without_weights(net, file, option, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
-    net, record = load_lpips_or_reason(None, None, torch.device("cpu"))
-    assert net is None and record.startswith("not computed") and "vgg16-397923af.pth" in record
-    with pytest.raises(UserError, match="--vgg-weights"):
-        load_lpips_or_reason(str(tmp_path / "nope.pth"), None, torch.device("cpu"))
+    model, record = load_lpips_or_reason(net, None, None, torch.device("cpu"))
+    assert model is None and record.startswith("not computed") and file in record and option in record
+    with pytest.raises(UserError, match=option):
+        load_lpips_or_reason(net, str(tmp_path / "nope.pth"), None, torch.device("cpu"))
+
+
+def test_weights_under_a_released_name_are_checked_against_its_hash(tmp_path, caplog):
+    """torch hub names released weights `name-<sha256 prefix>.pth`: a file that does not hash to its name is not
+    the published network, and the record and a warning say so (random test weights under the real name, here)."""
+    import hashlib
+
+    from vqgan.eval.weights import network_record
+
+    fake = tmp_path / "vgg16-397923af.pth"
+    torch.save({"w": torch.zeros(3)}, fake)
+    with caplog.at_level("WARNING", logger="vqgan.eval"):
+        record = network_record(fake)
+    assert record["matches_name"] is False and "397923af" in caplog.text and "not the published" in caplog.text
+    sha = hashlib.sha256(fake.read_bytes()).hexdigest()
+    renamed = fake.rename(tmp_path / f"vgg16-{sha[:8]}.pth")
+    assert network_record(renamed)["matches_name"] is True
+    assert "matches_name" not in network_record(renamed.rename(tmp_path / "mine.pth"))  # no hash in the name
+
+
+def test_fid_statistics_files_are_checked_and_fid_is_never_negative(tmp_path):
+    from vqgan.eval.fid import frechet_distance, load_stats
+
+    (tmp_path / "notes.txt").write_text("not statistics")
+    with pytest.raises(UserError, match="not an .npz"):
+        load_stats(tmp_path / "notes.txt")
+    x = np.random.default_rng(0).normal(size=(50, 8)) @ np.random.default_rng(1).normal(size=(8, 8))
+    mu, sigma = x.mean(0), np.cov(x, rowvar=False)
+    for scale in (1.0, 1e3, 1e-3):  # rounding leaves +-1e-13 relative; a squared distance is reported >= 0
+        assert 0.0 <= frechet_distance(mu * scale, sigma * scale**2, mu * scale, sigma * scale**2) < 1e-9 * scale**2
 
 
 def test_codebook_usage_per_stream_over_the_set():
@@ -160,8 +193,8 @@ def _fake_fid_layer(monkeypatch):
     monkeypatch.setattr("vqgan.eval.reconstruction.load_inception_or_reason",
                         lambda path, device, needed_by: (features, {"file": "fake.pth", "sha256": "0" * 64}))
     monkeypatch.setattr("vqgan.eval.reconstruction.load_lpips_or_reason",
-                        lambda vgg, heads, device: ((lambda x, y: (x - y).abs().mean((1, 2, 3))),
-                                                    {"version": "a stand-in"}))
+                        lambda net, weights, heads, device: ((lambda x, y: (x - y).abs().mean((1, 2, 3))),
+                                                             {"version": "a stand-in"}))
 
 
 def _read_csv(path):
@@ -198,6 +231,8 @@ def test_eval_command_writes_consistent_outputs(tokenizer_and_photos, tmp_path, 
     summary = json.loads((out / "summary.json").read_text())
     rows = _read_csv(out / "per_image.csv")
     assert summary["data"]["images"] == len(rows) == 36 and summary["data"]["skipped"] == 1
+    assert [Path(f).name for f in summary["data"]["skipped_files"]] == ["corrupt.png"]
+    assert "AlexNet" in summary["protocol"]["lpips"]  # the lpips package's default network for measuring
     m = summary["metrics"]
     assert np.mean([float(r["psnr"]) for r in rows]) == pytest.approx(m["psnr"], abs=1e-5)
     assert np.mean([float(r["ssim"]) for r in rows]) == pytest.approx(m["ssim"], abs=1e-5)
@@ -228,6 +263,20 @@ def test_eval_command_writes_consistent_outputs(tokenizer_and_photos, tmp_path, 
     assert m2["rfid"] > 0 and m2["psnr"] == pytest.approx(m["psnr"])
     assert m3["inputs_fid_vs_reference"] == pytest.approx(0.0, abs=1e-4)  # the same images as the reference
     assert m3["fid_vs_reference"] == pytest.approx(m2["rfid"], rel=1e-6)
+    assert "FID vs reference" in (tmp_path / "out3" / "report.html").read_text()
+
+    # one readable image: no covariance, so no FID ("not computed"), and no statistics to save (one line)
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "a.png").write_bytes((photos / sorted(p.name for p in photos.glob("*.png"))[0]).read_bytes())
+    assert main(["eval", str(tok), str(one), "--out", str(tmp_path / "out4"), "--no-progress",
+                 "--reference-stats", str(tmp_path / "ref.npz")]) == 0
+    m4 = json.loads((tmp_path / "out4" / "summary.json").read_text())["metrics"]
+    assert m4["rfid"].startswith("not computed") and "at least 2 images" in m4["rfid"]
+    assert m4["fid_vs_reference"].startswith("not computed") and m4["psnr"] > 0
+    assert main(["eval", str(tok), str(one), "--out", str(tmp_path / "out5"), "--no-progress",
+                 "--save-stats", str(tmp_path / "one.npz")]) == 2
+    assert not (tmp_path / "one.npz").exists()
 
 
 def test_eval_refuses_bad_input_in_one_line(tokenizer_and_photos, tmp_path, capsys):
@@ -237,6 +286,8 @@ def test_eval_refuses_bad_input_in_one_line(tokenizer_and_photos, tmp_path, caps
              ([str(tok), str(photos), "--resolution", "33"], "grid factor"),
              ([str(tok), str(photos), "--resize-filter", "nearest"], "--resize-filter"),
              ([str(tok), str(photos), "--inception-weights", str(tmp_path / "nope.pth")], "--inception-weights"),
+             ([str(tok), str(photos), "--lpips-net", "alex", "--vgg-weights", str(tmp_path / "v.pth")],
+              "--lpips-net"),
              ([str(tmp_path / "nothing"), str(photos)], "does not exist")]
     for args, message in cases:
         assert main(["eval", *args, "--out", str(tmp_path / "out"), "--no-progress"]) == 2

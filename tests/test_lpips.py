@@ -3,7 +3,7 @@ import warnings
 import pytest
 import torch
 
-from vqgan.losses.lpips import CHANNELS, LPIPS, PerceptualWeightsMissing, build_lpips, default_vgg16_path
+from vqgan.losses.lpips import BACKBONES, CHANNELS, LPIPS, PerceptualWeightsMissing, build_lpips, default_vgg16_path
 
 
 def torchvision_vgg16_state_dict():
@@ -49,7 +49,7 @@ def test_missing_backbone_is_a_clear_error_unless_allowed(tmp_path, monkeypatch)
     with pytest.raises(PerceptualWeightsMissing, match="perceptual_weight=0"):
         build_lpips()
     with pytest.raises(PerceptualWeightsMissing, match="no file"):
-        build_lpips(vgg_weights=str(tmp_path / "nope.pth"))
+        build_lpips(backbone_weights=str(tmp_path / "nope.pth"))
     with pytest.warns(UserWarning, match="random weights"):
         model = build_lpips(allow_random=True)
     assert "RANDOM VGG16" in model.description
@@ -72,3 +72,24 @@ def test_shipped_lpips_heads_are_found_when_the_package_is_installed(tmp_path, m
         warnings.simplefilter("ignore")
         model = build_lpips(allow_random=True)  # backbone random, heads real
     assert "RANDOM VGG16" in model.description and "heads from" in model.description
+
+
+@pytest.mark.parametrize("net", ["alex", "vgg"])
+def test_matches_the_lpips_package_on_the_same_weights(net, tmp_path):
+    """Ours against the lpips package itself (an independent implementation): its network with a random backbone
+    (no download) and its shipped v0.1 heads; the backbone saved in torchvision's layout and loaded into ours."""
+    lpips = pytest.importorskip("lpips")
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = lpips.LPIPS(net=net, pnet_rand=True, verbose=False).eval()
+    path = tmp_path / BACKBONES[net].file
+    torch.save({f"features.{k.split('.', 1)[1]}": v for k, v in reference.net.state_dict().items()}, path)
+    ours = build_lpips(str(path), net=net)
+    assert BACKBONES[net].title in ours.description
+    x, y = (torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(s)) * 2 - 1 for s in (1, 2))
+    with torch.no_grad():
+        expected = reference(x, y).flatten()
+        got = ours(x, y)
+    assert (expected > 0).all()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)

@@ -257,7 +257,8 @@ class ReadableItems(Dataset):
 
 def collate_readable(items: list[dict]) -> dict:
     """`image`: (B, 3, H, W) of the readable items (None if there is none), `index`: their source indices,
-    `skipped`: how many were left out."""
+    `skipped`: how many were left out, `skipped_index`: theirs."""
     good = [it for it in items if it["image"] is not None]
     return {"image": torch.stack([it["image"] for it in good]) if good else None,
-            "index": [it["index"] for it in good], "skipped": len(items) - len(good)}
+            "index": [it["index"] for it in good], "skipped": len(items) - len(good),
+            "skipped_index": [it["index"] for it in items if it["image"] is None]}

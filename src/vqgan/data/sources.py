@@ -31,6 +31,13 @@ def _builtin_scene(index: int, size: int, kind: str):
 def image_sources(path: str, builtin_count: int = 1024, builtin_size: int = 64, kind: str = "rgb"
                   ) -> tuple[list[ImageSource], int]:
     """(sources sorted by name, number of unreadable files skipped while scanning)."""
+    sources, bad = sources_and_unreadable(path, builtin_count, builtin_size, kind)
+    return sources, len(bad)
+
+
+def sources_and_unreadable(path: str, builtin_count: int = 1024, builtin_size: int = 64, kind: str = "rgb"
+                           ) -> tuple[list[ImageSource], list[Path]]:
+    """(sources sorted by name, the files the scan could not read)."""
     if not path:
         from ..errors import UserError
 
@@ -43,7 +50,7 @@ def image_sources(path: str, builtin_count: int = 1024, builtin_size: int = 64, 
             fits = [f"builtin:{n}" for n, k in BUILTIN_SETS.items() if k == kind]
             raise UserError(f"built-in data set {path!r} does not fit input kind {kind!r}; use {', '.join(fits)}")
         return [ImageSource(f"scene_{i:05d}", (lambda i=i: _builtin_scene(i, builtin_size, kind)),
-                            label=i % len(SCENE_CLASSES)) for i in range(builtin_count)], 0
+                            label=i % len(SCENE_CLASSES)) for i in range(builtin_count)], []
     good, bad = scan_images(Path(path).expanduser())
     load = LOADERS[kind]
-    return [ImageSource(str(p), (lambda p=p: load(p))) for p in good], len(bad)
+    return [ImageSource(str(p), (lambda p=p: load(p))) for p in good], bad

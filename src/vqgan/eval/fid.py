@@ -74,7 +74,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     middle = root1 @ sigma2 @ root1
     tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+    # a squared distance: a set against its own statistics rounds to about -1e-4, reported as 0
+    return max(0.0, float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean))
 
 
 def save_stats(path: str | Path, mu: np.ndarray, sigma: np.ndarray) -> Path:
@@ -98,6 +99,9 @@ def load_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"FID statistics file {path} does not exist")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{path} is not an .npz file (a zip of arrays); expected FID statistics with 'mu' and "
+                        "'sigma' as pytorch-fid or `vqgan fid-stats` write them")
     try:
         with np.load(path, allow_pickle=False) as f:
             if "mu" not in f.files or "sigma" not in f.files:

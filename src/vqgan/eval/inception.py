@@ -141,4 +141,7 @@ def load_inception(path: str | None = None, device: str | torch.device = "cpu") 
         raise UserError(missing_weights_message())
     net.load_state_dict(read_weights(found, net), assign=True)
     net.requires_grad_(False)
-    return InceptionFeatures(net, found, file_sha256(found)).to(device).eval()
+    features = InceptionFeatures(net, found, file_sha256(found)).to(device).eval()
+    if torch.device(device).type == "cpu":  # oneDNN's convolutions run 1.4x faster channels-last (same features
+        features.to(memory_format=torch.channels_last)  # to ~1e-5 relative: float sums in another order)
+    return features

@@ -20,7 +20,7 @@ from .weights import NOT_COMPUTED
 PER_IMAGE = ("psnr", "ssim", "ms_ssim", "lpips")
 
 
-def protocol(resolution: int, resize_filter: str, filter_name: str, n_images: int) -> dict:
+def protocol(resolution: int, resize_filter: str, filter_name: str, n_images: int, lpips_net: str = "alex") -> dict:
     """The protocol in words: how each number was made."""
     return {
         "resolution": resolution, "resize_filter": resize_filter,
@@ -37,7 +37,8 @@ def protocol(resolution: int, resize_filter: str, filter_name: str, n_images: in
         "ms_ssim": f"per image: {len(similarity.MS_SSIM_WEIGHTS)} scales weighted {list(similarity.MS_SSIM_WEIGHTS)}, "
                    "2x2 average pooling between scales, the SSIM window above (pytorch-msssim ms_ssim("
                    f"data_range=255)); needs {similarity.MS_SSIM_MIN_SIDE} px a side; then the mean over images",
-        "lpips": "per image: LPIPS v0.1 on VGG16, both images scaled to [-1, 1]; then the mean over images",
+        "lpips": f"per image: LPIPS v0.1 on {'VGG16' if lpips_net == 'vgg' else 'AlexNet'} (--lpips-net {lpips_net}), "
+                 "both images scaled to [-1, 1]; then the mean over images",
         "rfid": f"FID between the Inception-v3 pool features (2048) of the {n_images} inputs and of their "
                 "reconstructions; FID is biased upwards on small sets: compare numbers at the same count",
         "codebook": "token histograms over the whole set, one per code stream (level, depth): usage is the share "
@@ -52,9 +53,14 @@ def _mean_or(rows: list[dict], key: str, reason: str) -> float | str:
 
 
 def _fids(m, reference_stats: str | None) -> dict:
-    """rFID (inputs vs reconstructions) and, with reference statistics, FID of each against those."""
+    """rFID (inputs vs reconstructions) and, with reference statistics, FID of each against those; "not computed"
+    below two images (a covariance needs two)."""
     from .fid import frechet_distance, load_stats
 
+    if m.fake.count < 2:
+        reason = f"{NOT_COMPUTED}: FID needs at least 2 images, {m.fake.count} measured"
+        return {"rfid": reason, "inception_images": int(m.fake.count),
+                **({"fid_vs_reference": reason, "reference_stats": str(reference_stats)} if reference_stats else {})}
     real, fake = m.real.mean_cov(), m.fake.mean_cov()
     out = {"rfid": frechet_distance(*real, *fake), "inception_images": int(m.real.count)}
     if reference_stats:
@@ -64,7 +70,7 @@ def _fids(m, reference_stats: str | None) -> dict:
     return out
 
 
-def summarize(m, names: list[str], resolution: int, opts, unreadable: int, tokenizer: dict, data: dict,
+def summarize(m, names: list[str], resolution: int, opts, unreadable: list[str], tokenizer: dict, data: dict,
               weights: dict, world_size: int) -> dict:
     """The summary of a finished run (every process holds the same gathered measures)."""
 
@@ -87,11 +93,14 @@ def summarize(m, names: list[str], resolution: int, opts, unreadable: int, token
              **{f"{part}_share": s[part] / s["process_seconds"] for part in ("metrics", "lpips", "inception", "data")},
              "seconds": {k: round(v, 4) for k, v in s.items()}, "processes": world_size,
              "note": "seconds are summed over processes except wall (the slowest); encode/decode images/s are per "
-                     "process; the metrics include LPIPS and Inception when computed"}
-    return {"protocol": protocol(resolution, opts.resize_filter, RESIZE_FILTERS[opts.resize_filter][1], n),
+                     "process; metrics_share is PSNR, SSIM, MS-SSIM and the code histograms, LPIPS and Inception "
+                     "have their own shares"}
+    return {"protocol": protocol(resolution, opts.resize_filter, RESIZE_FILTERS[opts.resize_filter][1], n,
+                                 opts.lpips_net),
             "metrics": {**metrics, "codebook": m.usage.summary(resolution, resolution), "speed": speed},
             "weights": weights, "tokenizer": tokenizer,
-            "data": {**data, "images": n, "skipped": unreadable + m.skipped}}
+            "data": {**data, "images": n, "skipped": len(unreadable) + m.skipped,
+                     "skipped_files": sorted(unreadable + [names[i] for i in m.skipped_files])[:100]}}
 
 
 def _csv_value(v) -> str:
@@ -114,7 +123,10 @@ def _write_report(folder: Path, summary: dict, rows: list[dict], names: list[str
     m, data = summary["metrics"], summary["data"]
     code = m["codebook"]
     head = {"images": data["images"], "skipped": data["skipped"], "PSNR (dB)": m["psnr"], "SSIM": m["ssim"],
-            "MS-SSIM": m["ms_ssim"], "LPIPS": m["lpips"], "rFID": m["rfid"], "codebook usage": code["usage"],
+            "MS-SSIM": m["ms_ssim"], "LPIPS": m["lpips"], "rFID": m["rfid"],
+            **({"FID vs reference": m["fid_vs_reference"], "inputs' FID vs reference": m.get(
+                "inputs_fid_vs_reference", m["fid_vs_reference"])} if "fid_vs_reference" in m else {}),
+            "codebook usage": code["usage"],
             "perplexity": code["perplexity"], "entropy (bits)": code["entropy_bits"],
             "bits / image": code["bits_per_image"], "images/s": m["speed"]["images_per_s"],
             "time in tokenizer": f"{100 * m['speed']['tokenizer_share']:.0f}%"}

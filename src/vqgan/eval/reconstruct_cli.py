@@ -32,9 +32,15 @@ def add_protocol_arguments(e: argparse.ArgumentParser) -> None:
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--num-workers", type=int, default=0, help="image-decoding worker processes")
     e.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when there is one)")
+    e.add_argument("--lpips-net", default=None, choices=("alex", "vgg"),
+                   help="LPIPS on AlexNet (the lpips package's default for measuring) or VGG16 (the training loss's "
+                        "network); default alex, or vgg when --vgg-weights is given")
+    e.add_argument("--alexnet-weights", default=None,
+                   help="torchvision's alexnet-owt-7be5be79.pth for LPIPS (default: the torch hub cache)")
     e.add_argument("--vgg-weights", default=None,
-                   help="torchvision's vgg16-397923af.pth for LPIPS (default: the torch hub cache)")
-    e.add_argument("--lpips-heads", default=None, help="LPIPS v0.1 vgg.pth (default: the lpips package's copy)")
+                   help="torchvision's vgg16-397923af.pth for LPIPS on VGG16 (default: the torch hub cache)")
+    e.add_argument("--lpips-heads", default=None,
+                   help="LPIPS v0.1 alex.pth / vgg.pth (default: the lpips package's copy)")
     e.add_argument("--inception-weights", default=None,
                    help="the FID Inception weights file (default: found in the torch hub cache)")
 
@@ -42,8 +48,9 @@ def add_protocol_arguments(e: argparse.ArgumentParser) -> None:
 def protocol_options(args) -> dict:
     """`EvalOptions` fields from the arguments of `add_protocol_arguments`, --show and --no-progress."""
     return dict(batch_size=args.batch_size, resolution=args.resolution, resize_filter=args.resize_filter,
-                device=args.device, num_workers=args.num_workers, vgg_weights=args.vgg_weights,
-                lpips_heads=args.lpips_heads, inception_weights=args.inception_weights, show=args.show,
+                device=args.device, num_workers=args.num_workers,
+                lpips_net=args.lpips_net or ("vgg" if args.vgg_weights and not args.alexnet_weights else "alex"),
+                vgg_weights=args.vgg_weights, alexnet_weights=args.alexnet_weights, lpips_heads=args.lpips_heads, inception_weights=args.inception_weights, show=args.show,
                 progress=not args.no_progress)
 
 

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from ..checkpoint import fingerprint, replace_files
 from ..data.images import ReadableItems, collate_readable
-from ..data.sources import image_sources
+from ..data.sources import sources_and_unreadable
 from ..data.tokens import absolute_source, check_output_dir, check_resolution, load_tokenizer
 from ..errors import UserError
 from ..train.common import Runtime, cleanup_runtime, setup_runtime
@@ -32,7 +32,7 @@ from . import similarity
 from .protocol import RESIZE_FILTERS, ProtocolImages, round_to_uint8, to_signed
 from .shards import all_reduce
 from .usage import CodeUsage
-from .weights import file_record, load_inception_or_reason, load_lpips_or_reason
+from .weights import LPIPS_NETS, file_record, load_inception_or_reason, load_lpips_or_reason
 
 if TYPE_CHECKING:
     from .fid import FeatureStats
@@ -45,7 +45,9 @@ class EvalOptions:
     resize_filter: str = "lanczos"
     device: str | None = None  # default: the process's device (cuda:LOCAL_RANK under torchrun)
     num_workers: int = 0
+    lpips_net: str = "alex"  # LPIPS on AlexNet (the lpips package's default for measuring) or vgg (VGG16)
     vgg_weights: str | None = None
+    alexnet_weights: str | None = None
     lpips_heads: str | None = None
     inception_weights: str | None = None
     save_stats: str | None = None  # write the inputs' Inception statistics (.npz with mu, sigma)
@@ -78,6 +80,7 @@ class Measures:
     usage: CodeUsage
     rows: list[dict] = field(default_factory=list)
     skipped: int = 0
+    skipped_files: list[int] = field(default_factory=list)  # the indices of the files that could not be read
     real: object = None  # FeatureStats of the inputs' Inception features (None: rFID not computed)
     fake: object = None  # ... and of the reconstructions'
     real_given: bool = False  # `real` came complete from the caller (the same inputs, measured before)
@@ -153,10 +156,19 @@ def check_options(opts: EvalOptions) -> None:
     check_resolution(opts.resolution)
     if opts.resize_filter not in RESIZE_FILTERS:
         raise UserError(f"--resize-filter {opts.resize_filter!r}: choose {' or '.join(RESIZE_FILTERS)}")
+    if opts.lpips_net not in LPIPS_NETS:
+        raise UserError(f"--lpips-net {opts.lpips_net!r}: choose {' or '.join(LPIPS_NETS)}")
+    other = ("--vgg-weights", opts.vgg_weights) if opts.lpips_net == "alex" else ("--alexnet-weights",
+                                                                                 opts.alexnet_weights)
+    if other[1]:
+        raise UserError(f"{other[0]} is for the other LPIPS network; with --lpips-net {opts.lpips_net} pass "
+                        f"--{'alexnet' if opts.lpips_net == 'alex' else 'vgg'}-weights, or --lpips-net "
+                        f"{'vgg' if opts.lpips_net == 'alex' else 'alex'}")
 
 
 def load_networks(opts: EvalOptions, dev: torch.device) -> Networks:
-    lpips, lpips_record = load_lpips_or_reason(opts.vgg_weights, opts.lpips_heads, dev)
+    weights = opts.vgg_weights if opts.lpips_net == "vgg" else opts.alexnet_weights
+    lpips, lpips_record = load_lpips_or_reason(opts.lpips_net, weights, opts.lpips_heads, dev)
     inception, inception_record = load_inception_or_reason(
         opts.inception_weights, dev, needed_by=[o for o, v in (("--save-stats", opts.save_stats),
                                                                ("--reference-stats", opts.reference_stats)) if v])
@@ -164,13 +176,15 @@ def load_networks(opts: EvalOptions, dev: torch.device) -> Networks:
 
 
 def protocol_images(data: str, resolution: int, opts: EvalOptions, limit: int | None = None
-                    ) -> tuple[ProtocolImages, int]:
-    """The images under `data` (the first `limit` by name) prepared by the protocol; unreadable files skipped."""
-    sources, unreadable = image_sources(data, builtin_size=resolution)
-    return ProtocolImages(sources[:limit], resolution, RESIZE_FILTERS[opts.resize_filter][0]), unreadable
+                    ) -> tuple[ProtocolImages, list[str]]:
+    """The images under `data` (the first `limit` by name) prepared by the protocol, and the files the scan could
+    not read (skipped)."""
+    sources, unreadable = sources_and_unreadable(data, builtin_size=resolution)
+    return (ProtocolImages(sources[:limit], resolution, RESIZE_FILTERS[opts.resize_filter][0]),
+            [absolute_source(str(p), data) for p in unreadable])
 
 
-def evaluate_model(model, tokenizer: str, ds: ProtocolImages, data: str, unreadable: int, opts: EvalOptions,
+def evaluate_model(model, tokenizer: str, ds: ProtocolImages, data: str, unreadable: list[str], opts: EvalOptions,
                    rt: Runtime, dev: torch.device, nets: Networks, inputs_stats: FeatureStats | None = None
                    ) -> Evaluation:
     """Measure a loaded tokenizer (from path `tokenizer`) on `ds`; every process gets the gathered result.
@@ -185,7 +199,7 @@ def evaluate_model(model, tokenizer: str, ds: ProtocolImages, data: str, unreada
         m, names, ds.resolution, opts, unreadable=unreadable,
         tokenizer={"path": str(Path(tokenizer).expanduser().resolve()), "fingerprint": fingerprint(model),
                    **model_record(model, tokenizer)},
-        data={"folder": absolute_source(os.path.expanduser(data), data), "files": len(ds) + unreadable},
+        data={"folder": absolute_source(os.path.expanduser(data), data), "files": len(ds) + len(unreadable)},
         weights=nets.weights, world_size=rt.world_size)
     return Evaluation(summary, m, names, model, ds)
 
@@ -216,6 +230,9 @@ def evaluate_folder(tokenizer: str, data: str, out: str, opts: EvalOptions | Non
             if opts.save_stats:
                 from .fid import save_stats
 
+                if ev.measures.real.count < 2:
+                    raise UserError(f"--save-stats {opts.save_stats}: FID statistics need at least 2 images, "
+                                    f"{ev.measures.real.count} measured under {data}")
                 save_stats(opts.save_stats, *ev.measures.real.mean_cov())
                 ev.summary["metrics"]["saved_stats"] = str(Path(opts.save_stats).resolve())
             with replace_files(out_dir) as tmp:
@@ -249,7 +266,8 @@ def _run(model, ds: ProtocolImages, rt: Runtime, dev: torch.device, opts: EvalOp
         if batch is None:
             break
         m.skipped += batch["skipped"]
-        bar.update((len(batch["index"]) + batch["skipped"]) * rt.world_size)
+        m.skipped_files += batch["skipped_index"]
+        bar.update(min((len(batch["index"]) + batch["skipped"]) * rt.world_size, bar.total - bar.n))
         if batch["image"] is None:
             continue
         rec, tokens = reconstruct(model, x, clock)
@@ -269,8 +287,9 @@ def _reduce(m: Measures, clock: Clock, rt: Runtime) -> None:
     seconds; the wall time is the slowest process's."""
     if rt.distributed:
         shards: list = [None] * rt.world_size
-        dist.all_gather_object(shards, m.rows)
-        m.rows = [r for s in shards for r in s]
+        dist.all_gather_object(shards, (m.rows, m.skipped_files))
+        m.rows = [r for s in shards for r in s[0]]
+        m.skipped_files = sorted(i for s in shards for i in s[1])
         m.usage.all_reduce()
         if m.real is not None:
             if not m.real_given:

@@ -4,7 +4,9 @@ random weights. An explicitly named file that does not exist is an error. Each r
 their sha256, so a summary says which weights made its numbers."""
 from __future__ import annotations
 
+import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -13,10 +15,30 @@ from ..checkpoint import file_sha256
 from ..errors import UserError
 
 NOT_COMPUTED = "not computed"
+LPIPS_NETS = ("alex", "vgg")  # the lpips package's networks, its default (the one it advises for measuring) first
+log = logging.getLogger("vqgan.eval")
+# torch hub's convention for released weights: `name-<the first 8+ hex digits of the file's sha256>.ext`
+_NAME_HASH = re.compile(r"-([0-9a-f]{8,64})$")
 
 
 def file_record(path: Path) -> dict[str, str]:
     return {"file": path.name, "path": str(path.resolve()), "sha256": file_sha256(path)}
+
+
+def network_record(path: Path, sha256: str | None = None) -> dict:
+    """A measuring network's weights file (name, path, sha256) and, where its name carries a hash by torch hub's
+    convention (`vgg16-397923af.pth`), whether the file's sha256 begins with it (`matches_name`). A file under a
+    released name with another hash is not the published network: its numbers do not compare with published
+    ones, which a warning and the record say."""
+    record: dict = {"file": path.name, "path": str(path.resolve()), "sha256": sha256 or file_sha256(path)}
+    named = _NAME_HASH.search(path.stem)
+    if named:
+        record["matches_name"] = record["sha256"].startswith(named.group(1))
+        if not record["matches_name"]:
+            log.warning("%s: its sha256 (%s...) does not begin with the %s its name claims: not the published "
+                        "weights, so the metrics made with it do not compare with published numbers", path,
+                        record["sha256"][:8], named.group(1))
+    return record
 
 
 def _explicit(path: str | None, option: str) -> Path | None:
@@ -28,20 +50,25 @@ def _explicit(path: str | None, option: str) -> Path | None:
     return p
 
 
-def load_lpips_or_reason(vgg_weights: str | None, heads: str | None, device: torch.device
+def load_lpips_or_reason(net: str, backbone_weights: str | None, heads: str | None, device: torch.device
                          ) -> tuple[torch.nn.Module | None, dict | str]:
-    """(LPIPS v0.1 on VGG16 with real weights, its files' records), or (None, "not computed: <why>")."""
-    from ..losses.lpips import VGG16_FILE, build_lpips, default_heads_path, default_vgg16_path
+    """(LPIPS v0.1 on backbone `net` (alex, vgg) with real weights, its files' records), or (None, "not computed:
+    <why>")."""
+    from ..losses.lpips import backbone, build_lpips, default_backbone_path, default_heads_path
 
-    vgg = _explicit(vgg_weights, "--vgg-weights") or default_vgg16_path()
-    head_file = _explicit(heads, "--lpips-heads") or default_heads_path()
-    if not vgg.is_file():
-        return None, (f"{NOT_COMPUTED}: no VGG16 ImageNet weights ({VGG16_FILE} in {vgg.parent}, or pass "
-                      "--vgg-weights PATH)")
+    spec = backbone(net)
+    option = "--vgg-weights" if net == "vgg" else "--alexnet-weights"
+    weights = _explicit(backbone_weights, option) or default_backbone_path(net)
+    head_file = _explicit(heads, "--lpips-heads") or default_heads_path(net)
+    if not weights.is_file():
+        return None, (f"{NOT_COMPUTED}: no {spec.title} ImageNet weights ({spec.file} in {weights.parent}, or pass "
+                      f"{option} PATH)")
     if head_file is None or not head_file.is_file():
-        return None, f"{NOT_COMPUTED}: no LPIPS v0.1 heads (pip install lpips, or pass --lpips-heads PATH)"
-    net = build_lpips(str(vgg), str(head_file)).to(device)
-    return net, {"version": "LPIPS v0.1, VGG16", "vgg16": file_record(vgg), "heads": file_record(head_file)}
+        return None, (f"{NOT_COMPUTED}: no LPIPS v0.1 heads for {net} (pip install lpips, or pass --lpips-heads "
+                      "PATH)")
+    model = build_lpips(str(weights), str(head_file), net=net).to(device)
+    return model, {"version": f"LPIPS v0.1, {spec.title}", "net": net, "backbone": network_record(weights),
+                   "heads": file_record(head_file)}
 
 
 def load_inception_or_reason(path: str | None, device: torch.device, needed_by: list[str]
@@ -63,4 +90,4 @@ def load_inception_or_reason(path: str | None, device: torch.device, needed_by: 
         if path:
             raise
         return None, f"{NOT_COMPUTED}: {e}"
-    return net, {"file": net.weights_path.name, "path": str(net.weights_path), "sha256": net.weights_sha256}
+    return net, network_record(net.weights_path, net.weights_sha256)

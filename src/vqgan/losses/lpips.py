@@ -1,18 +1,21 @@
-"""LPIPS perceptual distance (Zhang et al. 2018, v0.1) on VGG16 features.
+"""LPIPS perceptual distance (Zhang et al. 2018, v0.1) on VGG16 or AlexNet features.
 
 Weights are never downloaded here. They load from files:
-- the VGG16 backbone: torchvision's `vgg16` state dict (`features.N.*` keys), by default from the torch
-  hub cache `$TORCH_HOME/hub/checkpoints/vgg16-397923af.pth`, or `loss.vgg_weights=PATH`;
-- the five linear heads: the `lpips` package's `weights/v0.1/vgg.pth` (`linK.model.1.weight` keys),
-  by default the copy the `lpips` wheel ships, or `loss.lpips_heads=PATH`.
-Module names match taming-transformers' `loss.perceptual_loss.*` keys (`net.slice1.0.weight`,
-`lin0.model.1.weight`, `scaling_layer.shift`).
+- the backbone: torchvision's `vgg16` / `alexnet` state dict (`features.N.*` keys), by default from the torch
+  hub cache `$TORCH_HOME/hub/checkpoints/vgg16-397923af.pth` / `alexnet-owt-7be5be79.pth`, or a given path;
+- the five linear heads: the `lpips` package's `weights/v0.1/vgg.pth` / `alex.pth` (`linK.model.1.weight`
+  keys), by default the copy the `lpips` wheel ships, or a given path.
+The perceptual loss of training uses VGG16 (as taming-transformers); module names match taming's
+`loss.perceptual_loss.*` keys (`net.slice1.0.weight`, `lin0.model.1.weight`, `scaling_layer.shift`). AlexNet is
+the lpips package's default network for measuring (its authors' advice: "alex" for a forward metric, "vgg" as
+a loss); `vqgan eval` offers both.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,21 +26,30 @@ from ..native import winograd
 from ..nn.conv import Conv2d
 
 VGG16_FILE = "vgg16-397923af.pth"  # torchvision's file name for the ImageNet VGG16
+ALEXNET_FILE = "alexnet-owt-7be5be79.pth"  # ... and for the ImageNet AlexNet
 # VGG16 configuration "D"; LPIPS taps relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
 _VGG16_LAYOUT = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
-_SLICE_ENDS = [4, 9, 16, 23, 30]  # torchvision feature indices where each LPIPS slice ends
-CHANNELS = [64, 128, 256, 512, 512]
 
 
-class PerceptualWeightsMissing(UserError):
-    pass
+@dataclass(frozen=True)
+class Backbone:
+    """One LPIPS network: its torchvision weights file, the feature indices where each of the five LPIPS slices
+    ends (after the ReLU it taps) and their channel counts. `name` is the lpips package's (`net=`)."""
 
+    name: str
+    title: str
+    file: str
+    slice_ends: tuple[int, ...]
+    channels: tuple[int, ...]
 
-class VGG16Features(nn.Module):
-    """torchvision's `vgg16().features`, cut into the five LPIPS slices (keys keep feature indices)."""
-
-    def __init__(self):
-        super().__init__()
+    def layers(self) -> list[nn.Module]:
+        """torchvision's `features` modules up to the last tap (indices = torchvision's keys)."""
+        if self.name == "alex":
+            relu = lambda: nn.ReLU(inplace=True)  # noqa: E731
+            return [nn.Conv2d(3, 64, 11, stride=4, padding=2), relu(), nn.MaxPool2d(3, 2),
+                    nn.Conv2d(64, 192, 5, padding=2), relu(), nn.MaxPool2d(3, 2),
+                    Conv2d(192, 384, 3, padding=1), relu(), Conv2d(384, 256, 3, padding=1), relu(),
+                    Conv2d(256, 256, 3, padding=1), relu()]
         layers: list[nn.Module] = []
         in_ch = 3
         for v in _VGG16_LAYOUT:
@@ -46,8 +58,34 @@ class VGG16Features(nn.Module):
             else:
                 layers += [Conv2d(in_ch, v, 3, padding=1), nn.ReLU(inplace=True)]
                 in_ch = v
+        return layers[:self.slice_ends[-1]]
+
+
+BACKBONES = {
+    "vgg": Backbone("vgg", "VGG16", VGG16_FILE, (4, 9, 16, 23, 30), (64, 128, 256, 512, 512)),
+    "alex": Backbone("alex", "AlexNet", ALEXNET_FILE, (2, 5, 8, 10, 12), (64, 192, 384, 256, 256)),
+}
+CHANNELS = list(BACKBONES["vgg"].channels)
+
+
+def backbone(name: str) -> Backbone:
+    if name not in BACKBONES:
+        raise UserError(f"LPIPS network {name!r}: choose {' or '.join(BACKBONES)}")
+    return BACKBONES[name]
+
+
+class PerceptualWeightsMissing(UserError):
+    pass
+
+
+class SlicedFeatures(nn.Module):
+    """torchvision's `features` of a backbone, cut into the five LPIPS slices (keys keep feature indices)."""
+
+    def __init__(self, net: Backbone):
+        super().__init__()
+        layers = net.layers()
         start = 0
-        for k, end in enumerate(_SLICE_ENDS, 1):
+        for k, end in enumerate(net.slice_ends, 1):
             s = nn.Sequential()
             for i in range(start, end):
                 s.add_module(str(i), layers[i])
@@ -60,6 +98,10 @@ class VGG16Features(nn.Module):
             x = getattr(self, f"slice{k}")(x)
             feats.append(x)
         return feats
+
+
+def VGG16Features() -> SlicedFeatures:  # noqa: N802 (the class name it had)
+    return SlicedFeatures(BACKBONES["vgg"])
 
 
 class LinearHead(nn.Module):
@@ -87,11 +129,12 @@ class LPIPS(nn.Module):
     `model.train()`); a frozen metric should not be noisy.
     """
 
-    def __init__(self):
+    def __init__(self, net: str = "vgg"):
         super().__init__()
+        self.backbone = backbone(net)
         self.scaling_layer = ScalingLayer()
-        self.net = VGG16Features()
-        for i, c in enumerate(CHANNELS):
+        self.net = SlicedFeatures(self.backbone)
+        for i, c in enumerate(self.backbone.channels):
             setattr(self, f"lin{i}", LinearHead(c))
         self.requires_grad_(False)
         self.eval()
@@ -136,15 +179,21 @@ def _unit(f: torch.Tensor) -> torch.Tensor:
 # weight files
 
 
+def default_backbone_path(net: str = "vgg") -> Path:
+    """Where torch hub caches torchvision's ImageNet weights of the backbone `net`."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / backbone(net).file
+
+
 def default_vgg16_path() -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
+    return default_backbone_path("vgg")
 
 
-def default_heads_path() -> Path | None:
+def default_heads_path(net: str = "vgg") -> Path | None:
+    """The lpips package's v0.1 heads for `net` (weights/v0.1/<net>.pth), where the package is installed."""
     spec = importlib.util.find_spec("lpips")
     if spec is None or not spec.submodule_search_locations:
         return None
-    return Path(list(spec.submodule_search_locations)[0]) / "weights" / "v0.1" / "vgg.pth"
+    return Path(list(spec.submodule_search_locations)[0]) / "weights" / "v0.1" / f"{backbone(net).name}.pth"
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -153,8 +202,10 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     return load_state_dict_file(path)
 
 
-def vgg16_state_dict_to_lpips(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """torchvision vgg16 (`features.N.w`) or bare features (`N.w`) keys -> `sliceK.N.w` keys."""
+def features_state_dict_to_lpips(sd: dict[str, torch.Tensor], net: str = "vgg") -> dict[str, torch.Tensor]:
+    """torchvision `features.N.w` (or bare `N.w`) keys of backbone `net` -> `sliceK.N.w` keys; the classifier's
+    and any feature past the last LPIPS tap are dropped."""
+    ends = backbone(net).slice_ends
     out = {}
     for key, value in sd.items():
         name = key[len("features."):] if key.startswith("features.") else key
@@ -162,55 +213,63 @@ def vgg16_state_dict_to_lpips(sd: dict[str, torch.Tensor]) -> dict[str, torch.Te
             continue
         idx = name.split(".")[0]
         if not idx.isdigit():
-            raise ValueError(f"unexpected key {key!r} in a VGG16 state dict")
-        k = next(j for j, end in enumerate(_SLICE_ENDS, 1) if int(idx) < end)
-        out[f"slice{k}.{name}"] = value
+            raise ValueError(f"unexpected key {key!r} in a {backbone(net).title} state dict")
+        if int(idx) < ends[-1]:
+            k = next(j for j, end in enumerate(ends, 1) if int(idx) < end)
+            out[f"slice{k}.{name}"] = value
     return out
 
 
-def build_lpips(vgg_weights: str | None = None, heads: str | None = None, allow_random: bool = False,
-                state_dict: dict[str, torch.Tensor] | None = None, state_source: str = "") -> LPIPS:
-    """LPIPS with real weights from files, or (only if `allow_random`) a random network, loudly.
+def vgg16_state_dict_to_lpips(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return features_state_dict_to_lpips(sd, "vgg")
+
+
+def build_lpips(backbone_weights: str | None = None, heads: str | None = None, allow_random: bool = False,
+                state_dict: dict[str, torch.Tensor] | None = None, state_source: str = "", net: str = "vgg",
+                weights_option: str = "loss.vgg_weights", heads_option: str = "loss.lpips_heads") -> LPIPS:
+    """LPIPS on backbone `net` (vgg, alex) with real weights from files, or (only if `allow_random`) a random
+    network, loudly. `weights_option` / `heads_option`: how the caller's user names the files (for errors).
 
     `state_dict`: a whole LPIPS in taming's layout (`net.slice*`, `lin*`, `scaling_layer.*`), e.g. the
     `loss.perceptual_loss.*` weights that ship inside released taming checkpoints; used when no explicit
     file is named.
     """
-    model = LPIPS()
-    if state_dict is not None and not vgg_weights and not heads:
+    model = LPIPS(net)
+    title = model.backbone.title
+    if state_dict is not None and not backbone_weights and not heads:
         _strict_copy(model, state_dict, state_source or "LPIPS state dict")
-        model.description = f"LPIPS v0.1 (VGG16 and heads from {state_source or 'a state dict'})"
+        model.description = f"LPIPS v0.1 ({title} and heads from {state_source or 'a state dict'})"
         return model
-    vgg_path = Path(os.path.expanduser(vgg_weights)) if vgg_weights else default_vgg16_path()
-    heads_path = Path(os.path.expanduser(heads)) if heads else default_heads_path()
+    net_path = Path(os.path.expanduser(backbone_weights)) if backbone_weights else default_backbone_path(net)
+    heads_path = Path(os.path.expanduser(heads)) if heads else default_heads_path(net)
     missing = []
-    if vgg_path.is_file():
-        sd = vgg16_state_dict_to_lpips(_load_tensors(vgg_path))
-        _strict_copy(model.net, sd, str(vgg_path))
-        vgg_desc = f"VGG16 from {vgg_path}"
+    if net_path.is_file():
+        sd = features_state_dict_to_lpips(_load_tensors(net_path), net)
+        _strict_copy(model.net, sd, str(net_path))
+        net_desc = f"{title} from {net_path}"
     else:
-        if vgg_weights:
-            raise PerceptualWeightsMissing(f"loss.vgg_weights: no file {vgg_path}")
-        missing.append(f"VGG16 ImageNet weights ({vgg_path})")
-        vgg_desc = "RANDOM VGG16"
+        if backbone_weights:
+            raise PerceptualWeightsMissing(f"{weights_option}: no file {net_path}")
+        missing.append(f"{title} ImageNet weights ({net_path})")
+        net_desc = f"RANDOM {title}"
     if heads_path is not None and heads_path.is_file():
         _strict_copy(model, {k: v for k, v in _load_tensors(heads_path).items() if k.startswith("lin")},
                      str(heads_path), prefix_filter="lin")
         heads_desc = f"heads from {heads_path}"
     else:
         if heads:
-            raise PerceptualWeightsMissing(f"loss.lpips_heads: no file {heads_path}")
-        missing.append("LPIPS v0.1 linear heads (pip install lpips, or loss.lpips_heads=PATH)")
+            raise PerceptualWeightsMissing(f"{heads_option}: no file {heads_path}")
+        missing.append(f"LPIPS v0.1 linear heads (pip install lpips, or {heads_option}=PATH)")
         heads_desc = "RANDOM heads"
     if missing:
         if not allow_random:
             raise PerceptualWeightsMissing(
-                f"perceptual loss weights missing: {'; '.join(missing)}. Put torchvision's {VGG16_FILE} in "
-                f"{default_vgg16_path().parent} (or set loss.vgg_weights=PATH), or train without the "
+                f"perceptual loss weights missing: {'; '.join(missing)}. Put torchvision's {model.backbone.file} in "
+                f"{default_backbone_path(net).parent} (or set {weights_option}=PATH), or train without the "
                 "perceptual term with loss.perceptual_weight=0")
         warnings.warn(f"LPIPS runs on random weights ({', '.join(missing)} missing): perceptual loss values "
                       "are meaningless; allowed only for benchmarking", stacklevel=2)
-    model.description = f"LPIPS v0.1 ({vgg_desc}, {heads_desc})"
+    model.description = f"LPIPS v0.1 ({net_desc}, {heads_desc})"
     return model
 
 
