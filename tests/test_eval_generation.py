@@ -271,7 +271,7 @@ def test_eval_samples_draws_balanced_classes_from_a_prior(tmp_path, inception_we
                  str(inception_weights), "--num-workers", "0", "--no-progress", "--device", "cpu"]) == 0
     summary = json.loads((tmp_path / "m.json").read_text())
     assert summary["samples"]["count"] == 5 and summary["samples"]["guidance_scale"] == 1.5
-    assert summary["samples"]["classes"] == {"balanced_over": 2, "names": ["cat", "dog"]}
+    assert summary["samples"]["classes"] == {"balanced_over": 2, "names": ["cat", "dog"], "per_class": [3, 2]}
     names = sorted(p.name for p in (tmp_path / "drawn").iterdir())
     assert [n.split("_class")[1] for n in names] == ["0.png"] * 3 + ["1.png"] * 2
     shutil.rmtree(tmp_path / "drawn")

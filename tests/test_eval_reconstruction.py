@@ -278,6 +278,12 @@ def test_eval_command_writes_consistent_outputs(tokenizer_and_photos, tmp_path, 
                  "--save-stats", str(tmp_path / "one.npz")]) == 2
     assert not (tmp_path / "one.npz").exists()
 
+    # images under the resolution are enlarged by the protocol's resize: counted, not silent
+    Image.open(one / "a.png").resize((20, 24)).save(one / "b.png")
+    assert main(["eval", str(tok), str(one), "--out", str(tmp_path / "out6"), "--no-progress"]) == 0
+    data = json.loads((tmp_path / "out6" / "summary.json").read_text())["data"]
+    assert data["upscaled"] == 1 and data["images"] == 2
+
 
 def test_eval_refuses_bad_input_in_one_line(tokenizer_and_photos, tmp_path, capsys):
     tok, photos = tokenizer_and_photos

@@ -230,7 +230,9 @@ def _eval_samples(args, device: torch.device, reference: tuple[np.ndarray, np.nd
         samples = _features(inception, batches, args.n, progress, "samples")
         layout = prior.layout
         sample_record = {"prior": str(args.prior), "count": samples.count, "seed": args.seed, **sampling,
-                         "classes": ({"balanced_over": layout.n_classes, "names": prior.class_names}
+                         "classes": ({"balanced_over": layout.n_classes, "names": prior.class_names,
+                                      "per_class": [class_plan(args.n, layout.n_classes).count(c)
+                                                    for c in range(layout.n_classes)]}
                                      if layout.n_classes else None),
                          "saved_to": str(save_to) if save_to else None}
     else:

@@ -9,6 +9,7 @@ and Inception statistics summed, so the numbers equal one process's. Outputs: `o
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from contextlib import contextmanager
@@ -36,6 +37,8 @@ from .weights import LPIPS_NETS, file_record, load_inception_or_reason, load_lpi
 
 if TYPE_CHECKING:
     from .fid import FeatureStats
+
+log = logging.getLogger("vqgan.eval")
 
 
 @dataclass
@@ -180,8 +183,25 @@ def protocol_images(data: str, resolution: int, opts: EvalOptions, limit: int | 
     """The images under `data` (the first `limit` by name) prepared by the protocol, and the files the scan could
     not read (skipped)."""
     sources, unreadable = sources_and_unreadable(data, builtin_size=resolution)
-    return (ProtocolImages(sources[:limit], resolution, RESIZE_FILTERS[opts.resize_filter][0]),
-            [absolute_source(str(p), data) for p in unreadable])
+    ds = ProtocolImages(sources[:limit], resolution, RESIZE_FILTERS[opts.resize_filter][0])
+    ds.upscaled = sum(_short_side(src.name) < resolution for src in ds.sources)
+    if ds.upscaled:
+        log.warning("%d of the %d images under %s are smaller than %d px on their short side: the protocol's resize "
+                    "enlarges them, which flatters no tokenizer but blurs the inputs (counted as data.upscaled)",
+                    ds.upscaled, len(ds), data, resolution)
+    return ds, [absolute_source(str(p), data) for p in unreadable]
+
+
+def _short_side(name: str) -> float:
+    """The short side of image file `name` from its header (inf for what is not a file: built-in images are made
+    at the resolution; a file that fails here fails to decode later and is counted there)."""
+    from PIL import Image
+
+    try:
+        with Image.open(name) as im:
+            return min(im.size)
+    except Exception:  # noqa: BLE001 - not a file, or unreadable: see the docstring
+        return float("inf")
 
 
 def evaluate_model(model, tokenizer: str, ds: ProtocolImages, data: str, unreadable: list[str], opts: EvalOptions,
@@ -199,7 +219,8 @@ def evaluate_model(model, tokenizer: str, ds: ProtocolImages, data: str, unreada
         m, names, ds.resolution, opts, unreadable=unreadable,
         tokenizer={"path": str(Path(tokenizer).expanduser().resolve()), "fingerprint": fingerprint(model),
                    **model_record(model, tokenizer)},
-        data={"folder": absolute_source(os.path.expanduser(data), data), "files": len(ds) + len(unreadable)},
+        data={"folder": absolute_source(os.path.expanduser(data), data), "files": len(ds) + len(unreadable),
+              "upscaled": getattr(ds, "upscaled", 0)},
         weights=nets.weights, world_size=rt.world_size)
     return Evaluation(summary, m, names, model, ds)
 
