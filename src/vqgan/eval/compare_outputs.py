@@ -85,7 +85,8 @@ def _metrics_section(summary: dict) -> tuple[str, str]:
     notes = "".join(f"<li>{html.escape(k)}: {html.escape(v)}</li>" for k, v in reasons.items())
     return ("Metrics on the same images", (
         f"<p class=note>{data['images']} images of {html.escape(data['folder'])} ({data['skipped']} unreadable, "
-        f"skipped) at {summary['protocol']['resolution']} px, the protocol of <code>vqgan eval</code> (below). The "
+        f"skipped) at {summary['protocol']['resolution']} px, the protocol of <code>vqgan eval</code> (below); "
+        f"LPIPS on {'VGG16' if summary['protocol'].get('lpips_net') == 'vgg' else 'AlexNet'}. The "
         "best value of each ranked column is in bold (higher is better except LPIPS and rFID); encode and decode "
         "images/s were measured during the evaluation, one model after another on the same device, each with its "
         "first batch (one-time costs) included.</p>"

@@ -39,6 +39,7 @@ def protocol(resolution: int, resize_filter: str, filter_name: str, n_images: in
                    f"data_range=255)); needs {similarity.MS_SSIM_MIN_SIDE} px a side; then the mean over images",
         "lpips": f"per image: LPIPS v0.1 on {'VGG16' if lpips_net == 'vgg' else 'AlexNet'} (--lpips-net {lpips_net}), "
                  "both images scaled to [-1, 1]; then the mean over images",
+        "lpips_net": lpips_net,
         "rfid": f"FID between the Inception-v3 pool features (2048) of the {n_images} inputs and of their "
                 "reconstructions; FID is biased upwards on small sets: compare numbers at the same count",
         "codebook": "token histograms over the whole set, one per code stream (level, depth): usage is the share "
@@ -103,6 +104,15 @@ def summarize(m, names: list[str], resolution: int, opts, unreadable: list[str],
                      "skipped_files": sorted(unreadable + [names[i] for i in m.skipped_files])[:100]}}
 
 
+def _network_records(weights: dict) -> list[dict]:
+    """The file records of the measuring networks (LPIPS backbone, Inception) among `weights`' entries."""
+    found = []
+    for record in weights.values():
+        if isinstance(record, dict):
+            found += [record] if "sha256" in record else [r for r in record.values() if isinstance(r, dict)]
+    return found
+
+
 def _csv_value(v) -> str:
     return "" if v is None else f"{v:.6f}"
 
@@ -122,19 +132,24 @@ def _write_report(folder: Path, summary: dict, rows: list[dict], names: list[str
 
     m, data = summary["metrics"], summary["data"]
     code = m["codebook"]
-    head = {"images": data["images"], "skipped": data["skipped"], "PSNR (dB)": m["psnr"], "SSIM": m["ssim"],
-            "MS-SSIM": m["ms_ssim"], "LPIPS": m["lpips"], "rFID": m["rfid"],
-            **({"FID vs reference": m["fid_vs_reference"], "inputs' FID vs reference": m.get(
-                "inputs_fid_vs_reference", m["fid_vs_reference"])} if "fid_vs_reference" in m else {}),
-            "codebook usage": code["usage"],
-            "perplexity": code["perplexity"], "entropy (bits)": code["entropy_bits"],
-            "bits / image": code["bits_per_image"], "images/s": m["speed"]["images_per_s"],
-            "time in tokenizer": f"{100 * m['speed']['tokenizer_share']:.0f}%"}
+    quality = {"images": data["images"], "skipped": data["skipped"], "PSNR (dB)": m["psnr"], "SSIM": m["ssim"],
+               "MS-SSIM": m["ms_ssim"], f"LPIPS ({summary['protocol'].get('lpips_net', 'alex')})": m["lpips"],
+               "rFID": m["rfid"],
+               **({"FID vs reference": m["fid_vs_reference"], "inputs' FID vs reference": m.get(
+                   "inputs_fid_vs_reference", m["fid_vs_reference"])} if "fid_vs_reference" in m else {})}
+    codes = {"codebook usage": code["usage"], "perplexity": code["perplexity"], "entropy (bits)": code["entropy_bits"],
+             "bits / image": code["bits_per_image"], "images/s": m["speed"]["images_per_s"],
+             "time in tokenizer": f"{100 * m['speed']['tokenizer_share']:.0f}%"}
+    head = {**quality, **codes}
     short = {k: (NOT_COMPUTED if isinstance(v, str) and v.startswith(NOT_COMPUTED) else v) for k, v in head.items()}
     notes = "".join(f"<li>{html.escape(k)}: {html.escape(v)}</li>" for k, v in head.items()
                     if isinstance(v, str) and v.startswith(NOT_COMPUTED))
+    notes += "".join(f"<li>{html.escape(r['file'])} (sha256 {r['sha256'][:12]}...) does not hash to the name it carries: "
+                     "not the published weights, so these numbers do not compare with published ones</li>"
+                     for r in _network_records(summary["weights"]) if r.get("matches_name") is False)
     tok = summary["tokenizer"]
-    sections = [("Summary", table([short]) + (f"<ul class=note>{notes}</ul>" if notes else "")
+    sections = [("Summary", table([{k: short[k] for k in quality}]) + table([{k: short[k] for k in codes}])
+                 + (f"<ul class=note>{notes}</ul>" if notes else "")
                  + f"<p class=note>Tokenizer {html.escape(tok['path'])} ({html.escape(str(tok['kind']))}, "
                    f"{html.escape(tok['codes'])}, fingerprint {tok['fingerprint']}); data "
                    f"{html.escape(data['folder'])}</p>"),

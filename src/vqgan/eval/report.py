@@ -72,7 +72,8 @@ def write_report(path: Path, title: str, sections: list[tuple[str, str]]) -> Pat
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
 img{{image-rendering:pixelated;max-width:100%;border:1px solid #ddd}}
-table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}
+table{{border-collapse:collapse;display:block;overflow-x:auto;max-width:100%}}
+td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}td.text{{text-align:left}}
 th{{background:#f4f4f4}} .note{{color:#555}}</style></head>
 <body><h1>{html.escape(title)}</h1>
 {body}
@@ -90,8 +91,10 @@ def table(rows: list[dict], columns: Sequence[str] | None = None, bold: set[tupl
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
 
     def cell(i: int, c: str) -> str:
-        text = html.escape(_cell(rows[i].get(c)))
-        return f"<td><b>{text}</b></td>" if (i, c) in bold else f"<td>{text}</td>"
+        value = rows[i].get(c)
+        text = html.escape(_cell(value))
+        text = f"<b>{text}</b>" if (i, c) in bold else text
+        return f"<td>{text}</td>" if isinstance(value, (int, float)) else f"<td class=text>{text}</td>"  # numbers right
 
     body = "".join("<tr>" + "".join(cell(i, c) for c in columns) + "</tr>" for i in range(len(rows)))
     return f"<table><tr>{head}</tr>{body}</table>"
