@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 
-def make_images(folder: Path, n: int, seed: int = 0) -> None:
+def make_images(folder: Path, n: int, seed: int = 0, size: tuple[int, int] = (80, 72)) -> None:
     from skimage import data
 
     photos = [Image.fromarray(getattr(data, name)()).convert("RGB")
@@ -39,18 +39,18 @@ def make_images(folder: Path, n: int, seed: int = 0) -> None:
     folder.mkdir(parents=True)
     for i in range(n):
         img = photos[i % len(photos)]
-        side = int(rng.integers(96, min(img.size)))
+        side = int(rng.integers(min(96 * size[0] // 80, min(img.size) - 1), min(img.size)))
         left, top = (int(rng.integers(0, s - side + 1)) for s in img.size)
-        img.crop((left, top, left + side, top + side)).resize((80, 72), Image.BICUBIC).save(folder / f"{i:04d}.png")
+        img.crop((left, top, left + side, top + side)).resize(size, Image.BICUBIC).save(folder / f"{i:04d}.png")
 
 
-def save_small_tokenizer(folder: Path) -> None:
+def save_small_tokenizer(folder: Path, preset: str = "small-cpu") -> None:
     from vqgan.checkpoint import save_model
     from vqgan.config import TokenizerTrainConfig, load_config
     from vqgan.presets import resolve_config_path
     from vqgan.tokenizers import VQModel
 
-    cfg = load_config(TokenizerTrainConfig, resolve_config_path("small-cpu"))
+    cfg = load_config(TokenizerTrainConfig, resolve_config_path(preset))
     torch.manual_seed(0)
     save_model(VQModel(cfg.model), folder)
 
@@ -73,6 +73,13 @@ def save_random_inception(torch_home: Path) -> None:
     path = torch_home / "hub" / "checkpoints" / FID_WEIGHTS_FILES[0]
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(build_network().state_dict(), path)
+
+
+def load_preset_resolution(preset: str) -> int:
+    from vqgan.config import TokenizerTrainConfig, load_config
+    from vqgan.presets import resolve_config_path
+
+    return load_config(TokenizerTrainConfig, resolve_config_path(preset)).model.resolution
 
 
 def run_eval(tmp: Path, net: str, args) -> dict:
@@ -117,13 +124,15 @@ def main() -> None:
     p.add_argument("--lpips", default="alex,vgg", help="LPIPS networks to time, one eval each: alex, vgg, none")
     p.add_argument("--inception", action="store_true",
                    help="also time rFID (torch-fidelity's Inception with random weights)")
+    p.add_argument("--preset", default="small-cpu", help="the tokenizer's preset (untrained), e.g. f16-1024 at 256 px")
     p.add_argument("--device", default=None)
     p.add_argument("--json", default=None)
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        make_images(tmp / "images", args.n)
-        save_small_tokenizer(tmp / "tokenizer")
+        save_small_tokenizer(tmp / "tokenizer", args.preset)
+        side = load_preset_resolution(args.preset)
+        make_images(tmp / "images", args.n, size=(side * 5 // 4, side * 9 // 8))  # resized and cropped, as 80x72 -> 64
         results = [run_eval(tmp, net, args) for net in args.lpips.split(",")]
     print(json.dumps(results, indent=1))
     keys = ("pipeline images/s", "tokenizer share", "metrics (PSNR, SSIM, histograms) / tokenizer",
