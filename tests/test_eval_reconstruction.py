@@ -91,22 +91,37 @@ def test_lpips_is_not_computed_without_weights(net, file, option, tmp_path, monk
         load_lpips_or_reason(net, str(tmp_path / "nope.pth"), None, torch.device("cpu"))
 
 
-def test_weights_under_a_released_name_are_checked_against_its_hash(tmp_path, caplog):
+def test_weights_under_a_released_name_are_checked_against_its_hash(tmp_path, caplog, monkeypatch):
     """torch hub names released weights `name-<sha256 prefix>.pth`: a file that does not hash to its name is not
     the published network, and the record and a warning say so (random test weights under the real name, here)."""
     import hashlib
 
-    from vqgan.eval.weights import network_record
+    from vqgan.eval import weights
 
     fake = tmp_path / "vgg16-397923af.pth"
     torch.save({"w": torch.zeros(3)}, fake)
     with caplog.at_level("WARNING", logger="vqgan.eval"):
-        record = network_record(fake)
+        assert weights.network_record(fake, warn=False)["matches_name"] is False
+        assert not caplog.text  # processes other than 0 stay quiet
+        record = weights.network_record(fake)
     assert record["matches_name"] is False and "397923af" in caplog.text and "not the published" in caplog.text
-    sha = hashlib.sha256(fake.read_bytes()).hexdigest()
-    renamed = fake.rename(tmp_path / f"vgg16-{sha[:8]}.pth")
-    assert network_record(renamed)["matches_name"] is True
-    assert "matches_name" not in network_record(renamed.rename(tmp_path / "mine.pth"))  # no hash in the name
+    prefix = hashlib.sha256(fake.read_bytes()).hexdigest()[:8]
+    monkeypatch.setitem(weights.HASH_NAMED_FILES, f"mine-{prefix}.pth", prefix)
+    assert weights.network_record(fake.rename(tmp_path / f"mine-{prefix}.pth"))["matches_name"] is True
+    assert "matches_name" not in weights.network_record(fake.with_name(f"mine-{prefix}.pth").rename(
+        tmp_path / "pt_inception-2015-12-05-6726825d.pth"))  # pytorch-fid's name: not known to hash to it
+
+
+def test_lpips_network_choice_and_its_smallest_images(tmp_path, monkeypatch):
+    from vqgan.eval.reconstruction import EvalOptions
+
+    assert EvalOptions().lpips_choice() == ("alex", None)
+    assert EvalOptions(vgg_weights="v.pth").lpips_choice() == ("vgg", "v.pth")  # only VGG16 weights given: VGG16
+    assert EvalOptions(lpips_net="alex", alexnet_weights="a.pth").lpips_choice() == ("alex", "a.pth")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    for net, too_small in (("alex", 30), ("vgg", 15)):  # AlexNet's pools leave nothing of 30 px, VGG16's of 15
+        model, reason = load_lpips_or_reason(net, None, None, torch.device("cpu"), resolution=too_small)
+        assert model is None and reason.startswith("not computed") and "at least" in reason
 
 
 def test_fid_statistics_files_are_checked_and_fid_is_never_negative(tmp_path):
@@ -191,10 +206,11 @@ def _fake_fid_layer(monkeypatch):
         return {"pool": small @ projection}
 
     monkeypatch.setattr("vqgan.eval.reconstruction.load_inception_or_reason",
-                        lambda path, device, needed_by: (features, {"file": "fake.pth", "sha256": "0" * 64}))
+                        lambda path, device, needed_by, warn: (features, {"file": "fake.pth", "sha256": "0" * 64,
+                                                                          "matches_name": False}))
     monkeypatch.setattr("vqgan.eval.reconstruction.load_lpips_or_reason",
-                        lambda net, weights, heads, device: ((lambda x, y: (x - y).abs().mean((1, 2, 3))),
-                                                             {"version": "a stand-in"}))
+                        lambda net, weights, heads, device, resolution, warn: (
+                            (lambda x, y: (x - y).abs().mean((1, 2, 3))), {"version": "a stand-in"}))
 
 
 def _read_csv(path):
@@ -263,7 +279,8 @@ def test_eval_command_writes_consistent_outputs(tokenizer_and_photos, tmp_path, 
     assert m2["rfid"] > 0 and m2["psnr"] == pytest.approx(m["psnr"])
     assert m3["inputs_fid_vs_reference"] == pytest.approx(0.0, abs=1e-4)  # the same images as the reference
     assert m3["fid_vs_reference"] == pytest.approx(m2["rfid"], rel=1e-6)
-    assert "FID vs reference" in (tmp_path / "out3" / "report.html").read_text()
+    report = (tmp_path / "out3" / "report.html").read_text()
+    assert "FID vs reference" in report and "fake.pth" in report and "not the published weights" in report
 
     # one readable image: no covariance, so no FID ("not computed"), and no statistics to save (one line)
     one = tmp_path / "one"

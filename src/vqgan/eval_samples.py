@@ -231,8 +231,8 @@ def _eval_samples(args, device: torch.device, reference: tuple[np.ndarray, np.nd
         layout = prior.layout
         sample_record = {"prior": str(args.prior), "count": samples.count, "seed": args.seed, **sampling,
                          "classes": ({"balanced_over": layout.n_classes, "names": prior.class_names,
-                                      "per_class": [class_plan(args.n, layout.n_classes).count(c)
-                                                    for c in range(layout.n_classes)]}
+                                      "per_class": [args.n // layout.n_classes + (c < args.n % layout.n_classes)
+                                                    for c in range(layout.n_classes)]}  # as class_plan
                                      if layout.n_classes else None),
                          "saved_to": str(save_to) if save_to else None}
     else:

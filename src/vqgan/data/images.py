@@ -104,8 +104,10 @@ def _image_files(root: Path) -> tuple[list[Path], list[Path]]:
     return sorted(files), sorted(broken)
 
 
-def scan_images(root: str | Path) -> tuple[list[Path], list[Path]]:
-    """(readable files, unreadable files) under `root`, recursive (following symlinked folders), sorted by path.
+def scan_images(root: str | Path, sizes: dict[Path, tuple[int, int]] | None = None
+                ) -> tuple[list[Path], list[Path]]:
+    """(readable files, unreadable files) under `root`, recursive (following symlinked folders), sorted by path;
+    each readable file's (width, height) into `sizes` when given.
 
     Only headers are read here; full decoding happens at load time. Broken links count as unreadable files.
     """
@@ -122,7 +124,9 @@ def scan_images(root: str | Path) -> tuple[list[Path], list[Path]]:
             if p.stat().st_size == 0:
                 raise OSError("empty file")
             with Image.open(p) as im:
-                im.size  # noqa: B018 - header only
+                size = im.size  # header only
+            if sizes is not None:
+                sizes[p] = size
             good.append(p)
         except Exception as e:  # PIL raises many types for bad files
             report_bad_file(p, error_reason(e))
@@ -168,6 +172,7 @@ class ImageSource:
     name: str
     load: Callable[[], Image.Image]
     label: int | None = None  # a class id the data set itself knows (the built-in scenes)
+    size: tuple[int, int] | None = None  # (width, height) from the file's header, where the scan read it
 
 
 class ImageDataset(Dataset):

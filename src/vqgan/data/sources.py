@@ -51,6 +51,7 @@ def sources_and_unreadable(path: str, builtin_count: int = 1024, builtin_size: i
             raise UserError(f"built-in data set {path!r} does not fit input kind {kind!r}; use {', '.join(fits)}")
         return [ImageSource(f"scene_{i:05d}", (lambda i=i: _builtin_scene(i, builtin_size, kind)),
                             label=i % len(SCENE_CLASSES)) for i in range(builtin_count)], []
-    good, bad = scan_images(Path(path).expanduser())
+    sizes: dict = {}
+    good, bad = scan_images(Path(path).expanduser(), sizes)
     load = LOADERS[kind]
-    return [ImageSource(str(p), (lambda p=p: load(p))) for p in good], bad
+    return [ImageSource(str(p), (lambda p=p: load(p)), size=sizes.get(p)) for p in good], bad

@@ -136,8 +136,8 @@ def compare(models: list[str], data: str, out: str, opts: CompareOptions | None 
         res = common_resolution(entries, opts.resolution)
         for e in entries:  # every refusal before the first model's work
             check_model(e.model, e.path, res)
-        ds, unreadable = protocol_images(data, res, opts, opts.max_images)
-        nets = load_networks(opts, dev)
+        ds, unreadable = protocol_images(data, res, opts, opts.max_images, rt.is_main)
+        nets = load_networks(opts, dev, res, rt.is_main)
         evals, inputs_stats = [], None
         for e in entries:
             if opts.progress and rt.is_main:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import replace_files
+from ..losses.lpips import BACKBONES
 from .plots import histogram_plot, line_plot
 from .protocol import to_signed
 from .reconstruction import Evaluation, reconstruct, write_evaluation
@@ -86,7 +87,7 @@ def _metrics_section(summary: dict) -> tuple[str, str]:
     return ("Metrics on the same images", (
         f"<p class=note>{data['images']} images of {html.escape(data['folder'])} ({data['skipped']} unreadable, "
         f"skipped) at {summary['protocol']['resolution']} px, the protocol of <code>vqgan eval</code> (below); "
-        f"LPIPS on {'VGG16' if summary['protocol'].get('lpips_net') == 'vgg' else 'AlexNet'}. The "
+        f"LPIPS on {BACKBONES[summary['protocol']['lpips_net']].title}. The "
         "best value of each ranked column is in bold (higher is better except LPIPS and rFID); encode and decode "
         "images/s were measured during the evaluation, one model after another on the same device, each with its "
         "first batch (one-time costs) included.</p>"

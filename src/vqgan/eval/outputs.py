@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..losses.lpips import BACKBONES
 from . import similarity
 from .plots import histogram_plot
 from .protocol import RESIZE_FILTERS, to_signed
@@ -20,7 +21,7 @@ from .weights import NOT_COMPUTED
 PER_IMAGE = ("psnr", "ssim", "ms_ssim", "lpips")
 
 
-def protocol(resolution: int, resize_filter: str, filter_name: str, n_images: int, lpips_net: str = "alex") -> dict:
+def protocol(resolution: int, resize_filter: str, filter_name: str, n_images: int, lpips_net: str) -> dict:
     """The protocol in words: how each number was made."""
     return {
         "resolution": resolution, "resize_filter": resize_filter,
@@ -37,8 +38,8 @@ def protocol(resolution: int, resize_filter: str, filter_name: str, n_images: in
         "ms_ssim": f"per image: {len(similarity.MS_SSIM_WEIGHTS)} scales weighted {list(similarity.MS_SSIM_WEIGHTS)}, "
                    "2x2 average pooling between scales, the SSIM window above (pytorch-msssim ms_ssim("
                    f"data_range=255)); needs {similarity.MS_SSIM_MIN_SIDE} px a side; then the mean over images",
-        "lpips": f"per image: LPIPS v0.1 on {'VGG16' if lpips_net == 'vgg' else 'AlexNet'} (--lpips-net {lpips_net}), "
-                 "both images scaled to [-1, 1]; then the mean over images",
+        "lpips": f"per image: LPIPS v0.1 on {BACKBONES[lpips_net].title} (--lpips-net {lpips_net}), both images "
+                 "scaled to [-1, 1]; then the mean over images",
         "lpips_net": lpips_net,
         "rfid": f"FID between the Inception-v3 pool features (2048) of the {n_images} inputs and of their "
                 "reconstructions; FID is biased upwards on small sets: compare numbers at the same count",
@@ -61,7 +62,8 @@ def _fids(m, reference_stats: str | None) -> dict:
     if m.fake.count < 2:
         reason = f"{NOT_COMPUTED}: FID needs at least 2 images, {m.fake.count} measured"
         return {"rfid": reason, "inception_images": int(m.fake.count),
-                **({"fid_vs_reference": reason, "reference_stats": str(reference_stats)} if reference_stats else {})}
+                **({"fid_vs_reference": reason, "inputs_fid_vs_reference": reason,
+                    "reference_stats": str(reference_stats)} if reference_stats else {})}
     real, fake = m.real.mean_cov(), m.fake.mean_cov()
     out = {"rfid": frechet_distance(*real, *fake), "inception_images": int(m.real.count)}
     if reference_stats:
@@ -97,11 +99,11 @@ def summarize(m, names: list[str], resolution: int, opts, unreadable: list[str],
                      "process; metrics_share is PSNR, SSIM, MS-SSIM and the code histograms, LPIPS and Inception "
                      "have their own shares"}
     return {"protocol": protocol(resolution, opts.resize_filter, RESIZE_FILTERS[opts.resize_filter][1], n,
-                                 opts.lpips_net),
+                                 opts.lpips_choice()[0]),
             "metrics": {**metrics, "codebook": m.usage.summary(resolution, resolution), "speed": speed},
             "weights": weights, "tokenizer": tokenizer,
             "data": {**data, "images": n, "skipped": len(unreadable) + m.skipped,
-                     "skipped_files": sorted(unreadable + [names[i] for i in m.skipped_files])[:100]}}
+                     "skipped_files": sorted(unreadable + [names[i] for i in m.skipped_files])}}
 
 
 def _network_records(weights: dict) -> list[dict]:
@@ -133,10 +135,10 @@ def _write_report(folder: Path, summary: dict, rows: list[dict], names: list[str
     m, data = summary["metrics"], summary["data"]
     code = m["codebook"]
     quality = {"images": data["images"], "skipped": data["skipped"], "PSNR (dB)": m["psnr"], "SSIM": m["ssim"],
-               "MS-SSIM": m["ms_ssim"], f"LPIPS ({summary['protocol'].get('lpips_net', 'alex')})": m["lpips"],
+               "MS-SSIM": m["ms_ssim"], f"LPIPS ({summary['protocol']['lpips_net']})": m["lpips"],
                "rFID": m["rfid"],
-               **({"FID vs reference": m["fid_vs_reference"], "inputs' FID vs reference": m.get(
-                   "inputs_fid_vs_reference", m["fid_vs_reference"])} if "fid_vs_reference" in m else {})}
+               **({"FID vs reference": m["fid_vs_reference"],
+                   "inputs' FID vs reference": m["inputs_fid_vs_reference"]} if "fid_vs_reference" in m else {})}
     codes = {"codebook usage": code["usage"], "perplexity": code["perplexity"], "entropy (bits)": code["entropy_bits"],
              "bits / image": code["bits_per_image"], "images/s": m["speed"]["images_per_s"],
              "time in tokenizer": f"{100 * m['speed']['tokenizer_share']:.0f}%"}

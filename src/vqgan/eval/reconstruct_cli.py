@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from .weights import LPIPS_NETS
+
 
 def add_parser(sub) -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="reconstruction metrics of a tokenizer on a folder of images (PSNR, SSIM, "
@@ -32,7 +34,7 @@ def add_protocol_arguments(e: argparse.ArgumentParser) -> None:
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--num-workers", type=int, default=0, help="image-decoding worker processes")
     e.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when there is one)")
-    e.add_argument("--lpips-net", default=None, choices=("alex", "vgg"),
+    e.add_argument("--lpips-net", default=None, choices=LPIPS_NETS,
                    help="LPIPS on AlexNet (the lpips package's default for measuring) or VGG16 (the training loss's "
                         "network); default alex, or vgg when --vgg-weights is given")
     e.add_argument("--alexnet-weights", default=None,
@@ -49,7 +51,7 @@ def protocol_options(args) -> dict:
     """`EvalOptions` fields from the arguments of `add_protocol_arguments`, --show and --no-progress."""
     return dict(batch_size=args.batch_size, resolution=args.resolution, resize_filter=args.resize_filter,
                 device=args.device, num_workers=args.num_workers,
-                lpips_net=args.lpips_net or ("vgg" if args.vgg_weights and not args.alexnet_weights else "alex"),
+                lpips_net=args.lpips_net,
                 vgg_weights=args.vgg_weights, alexnet_weights=args.alexnet_weights, lpips_heads=args.lpips_heads, inception_weights=args.inception_weights, show=args.show,
                 progress=not args.no_progress)
 

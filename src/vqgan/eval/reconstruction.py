@@ -33,7 +33,7 @@ from . import similarity
 from .protocol import RESIZE_FILTERS, ProtocolImages, round_to_uint8, to_signed
 from .shards import all_reduce
 from .usage import CodeUsage
-from .weights import LPIPS_NETS, file_record, load_inception_or_reason, load_lpips_or_reason
+from .weights import LPIPS_NETS, file_record, load_inception_or_reason, load_lpips_or_reason, weights_option
 
 if TYPE_CHECKING:
     from .fid import FeatureStats
@@ -48,7 +48,9 @@ class EvalOptions:
     resize_filter: str = "lanczos"
     device: str | None = None  # default: the process's device (cuda:LOCAL_RANK under torchrun)
     num_workers: int = 0
-    lpips_net: str = "alex"  # LPIPS on AlexNet (the lpips package's default for measuring) or vgg (VGG16)
+    # LPIPS on alex (AlexNet, the lpips package's default for measuring) or vgg (VGG16); None: vgg when only
+    # vgg_weights is given, else alex
+    lpips_net: str | None = None
     vgg_weights: str | None = None
     alexnet_weights: str | None = None
     lpips_heads: str | None = None
@@ -57,6 +59,11 @@ class EvalOptions:
     reference_stats: str | None = None  # FID of the reconstructions against these
     show: int = 8  # the k worst and k best reconstructions in the report
     progress: bool = True
+
+    def lpips_choice(self) -> tuple[str, str | None]:
+        """(the LPIPS network, the weights file given for it)."""
+        net = self.lpips_net or ("vgg" if self.vgg_weights and not self.alexnet_weights else "alex")
+        return net, self.vgg_weights if net == "vgg" else self.alexnet_weights
 
 
 @dataclass
@@ -159,49 +166,39 @@ def check_options(opts: EvalOptions) -> None:
     check_resolution(opts.resolution)
     if opts.resize_filter not in RESIZE_FILTERS:
         raise UserError(f"--resize-filter {opts.resize_filter!r}: choose {' or '.join(RESIZE_FILTERS)}")
-    if opts.lpips_net not in LPIPS_NETS:
+    if opts.lpips_net is not None and opts.lpips_net not in LPIPS_NETS:
         raise UserError(f"--lpips-net {opts.lpips_net!r}: choose {' or '.join(LPIPS_NETS)}")
-    other = ("--vgg-weights", opts.vgg_weights) if opts.lpips_net == "alex" else ("--alexnet-weights",
-                                                                                 opts.alexnet_weights)
-    if other[1]:
-        raise UserError(f"{other[0]} is for the other LPIPS network; with --lpips-net {opts.lpips_net} pass "
-                        f"--{'alexnet' if opts.lpips_net == 'alex' else 'vgg'}-weights, or --lpips-net "
-                        f"{'vgg' if opts.lpips_net == 'alex' else 'alex'}")
+    net, _ = opts.lpips_choice()
+    other = next(n for n in LPIPS_NETS if n != net)
+    if (opts.vgg_weights, opts.alexnet_weights)[net == "vgg"]:
+        raise UserError(f"{weights_option(other)} is for LPIPS on {other}; with --lpips-net {net} pass "
+                        f"{weights_option(net)}, or --lpips-net {other}")
 
 
-def load_networks(opts: EvalOptions, dev: torch.device) -> Networks:
-    weights = opts.vgg_weights if opts.lpips_net == "vgg" else opts.alexnet_weights
-    lpips, lpips_record = load_lpips_or_reason(opts.lpips_net, weights, opts.lpips_heads, dev)
+def load_networks(opts: EvalOptions, dev: torch.device, resolution: int, is_main: bool = True) -> Networks:
+    """The measuring networks at `resolution` (a warning about their files from process 0 only)."""
+    net, weights = opts.lpips_choice()
+    lpips, lpips_record = load_lpips_or_reason(net, weights, opts.lpips_heads, dev, resolution, warn=is_main)
     inception, inception_record = load_inception_or_reason(
         opts.inception_weights, dev, needed_by=[o for o, v in (("--save-stats", opts.save_stats),
-                                                               ("--reference-stats", opts.reference_stats)) if v])
+                                                               ("--reference-stats", opts.reference_stats)) if v],
+        warn=is_main)
     return Networks(lpips, inception, {"lpips": lpips_record, "inception": inception_record})
 
 
-def protocol_images(data: str, resolution: int, opts: EvalOptions, limit: int | None = None
+def protocol_images(data: str, resolution: int, opts: EvalOptions, limit: int | None = None, is_main: bool = True
                     ) -> tuple[ProtocolImages, list[str]]:
     """The images under `data` (the first `limit` by name) prepared by the protocol, and the files the scan could
-    not read (skipped)."""
+    not read (skipped). Images smaller than the resolution are counted (`ds.upscaled`; sizes from the scan's
+    headers; built-in images are made at the resolution) and process 0 warns about them."""
     sources, unreadable = sources_and_unreadable(data, builtin_size=resolution)
     ds = ProtocolImages(sources[:limit], resolution, RESIZE_FILTERS[opts.resize_filter][0])
-    ds.upscaled = sum(_short_side(src.name) < resolution for src in ds.sources)
-    if ds.upscaled:
+    ds.upscaled = sum(src.size is not None and min(src.size) < resolution for src in ds.sources)
+    if ds.upscaled and is_main:
         log.warning("%d of the %d images under %s are smaller than %d px on their short side: the protocol's resize "
-                    "enlarges them, which flatters no tokenizer but blurs the inputs (counted as data.upscaled)",
-                    ds.upscaled, len(ds), data, resolution)
+                    "enlarges them, which blurs the inputs (counted as data.upscaled)", ds.upscaled, len(ds), data,
+                    resolution)
     return ds, [absolute_source(str(p), data) for p in unreadable]
-
-
-def _short_side(name: str) -> float:
-    """The short side of image file `name` from its header (inf for what is not a file: built-in images are made
-    at the resolution; a file that fails here fails to decode later and is counted there)."""
-    from PIL import Image
-
-    try:
-        with Image.open(name) as im:
-            return min(im.size)
-    except Exception:  # noqa: BLE001 - not a file, or unreadable: see the docstring
-        return float("inf")
 
 
 def evaluate_model(model, tokenizer: str, ds: ProtocolImages, data: str, unreadable: list[str], opts: EvalOptions,
@@ -244,8 +241,11 @@ def evaluate_folder(tokenizer: str, data: str, out: str, opts: EvalOptions | Non
     try:
         dev = eval_device(rt, opts.device)
         model = load_tokenizer(tokenizer, dev)
-        ds, unreadable = protocol_images(data, opts.resolution or model.config.resolution, opts)
-        nets = load_networks(opts, dev)
+        ds, unreadable = protocol_images(data, opts.resolution or model.config.resolution, opts, is_main=rt.is_main)
+        if opts.save_stats and len(ds) < 2:
+            raise UserError(f"--save-stats {opts.save_stats}: FID statistics need at least 2 images, {len(ds)} under "
+                            f"{data}")
+        nets = load_networks(opts, dev, ds.resolution, rt.is_main)
         ev = evaluate_model(model, tokenizer, ds, data, unreadable, opts, rt, dev, nets)
         if rt.is_main:
             if opts.save_stats:

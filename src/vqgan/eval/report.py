@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import html
+import numbers
 import os
 from pathlib import Path
 from typing import Sequence
@@ -94,7 +95,9 @@ def table(rows: list[dict], columns: Sequence[str] | None = None, bold: set[tupl
         value = rows[i].get(c)
         text = html.escape(_cell(value))
         text = f"<b>{text}</b>" if (i, c) in bold else text
-        return f"<td>{text}</td>" if isinstance(value, (int, float)) else f"<td class=text>{text}</td>"  # numbers right
+        numeric = isinstance(value, numbers.Number) or (isinstance(value, str) and value.rstrip("%x").replace(
+            ".", "", 1).isdigit())  # numbers (and "37%", "1.2x") right-aligned, text left
+        return f"<td>{text}</td>" if numeric else f"<td class=text>{text}</td>"
 
     body = "".join("<tr>" + "".join(cell(i, c) for c in columns) + "</tr>" for i in range(len(rows)))
     return f"<table><tr>{head}</tr>{body}</table>"

@@ -41,6 +41,7 @@ class Backbone:
     file: str
     slice_ends: tuple[int, ...]
     channels: tuple[int, ...]
+    min_side: int  # the smallest image its pooling leaves a pixel of at the last tap
 
     def layers(self) -> list[nn.Module]:
         """torchvision's `features` modules up to the last tap (indices = torchvision's keys)."""
@@ -62,8 +63,8 @@ class Backbone:
 
 
 BACKBONES = {
-    "vgg": Backbone("vgg", "VGG16", VGG16_FILE, (4, 9, 16, 23, 30), (64, 128, 256, 512, 512)),
-    "alex": Backbone("alex", "AlexNet", ALEXNET_FILE, (2, 5, 8, 10, 12), (64, 192, 384, 256, 256)),
+    "vgg": Backbone("vgg", "VGG16", VGG16_FILE, (4, 9, 16, 23, 30), (64, 128, 256, 512, 512), 16),
+    "alex": Backbone("alex", "AlexNet", ALEXNET_FILE, (2, 5, 8, 10, 12), (64, 192, 384, 256, 256), 31),
 }
 CHANNELS = list(BACKBONES["vgg"].channels)
 
@@ -98,10 +99,6 @@ class SlicedFeatures(nn.Module):
             x = getattr(self, f"slice{k}")(x)
             feats.append(x)
         return feats
-
-
-def VGG16Features() -> SlicedFeatures:  # noqa: N802 (the class name it had)
-    return SlicedFeatures(BACKBONES["vgg"])
 
 
 class LinearHead(nn.Module):
@@ -220,15 +217,10 @@ def features_state_dict_to_lpips(sd: dict[str, torch.Tensor], net: str = "vgg") 
     return out
 
 
-def vgg16_state_dict_to_lpips(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return features_state_dict_to_lpips(sd, "vgg")
-
-
 def build_lpips(backbone_weights: str | None = None, heads: str | None = None, allow_random: bool = False,
-                state_dict: dict[str, torch.Tensor] | None = None, state_source: str = "", net: str = "vgg",
-                weights_option: str = "loss.vgg_weights", heads_option: str = "loss.lpips_heads") -> LPIPS:
+                state_dict: dict[str, torch.Tensor] | None = None, state_source: str = "", net: str = "vgg") -> LPIPS:
     """LPIPS on backbone `net` (vgg, alex) with real weights from files, or (only if `allow_random`) a random
-    network, loudly. `weights_option` / `heads_option`: how the caller's user names the files (for errors).
+    network, loudly (the errors name the training config's keys: `vqgan eval` checks its files first).
 
     `state_dict`: a whole LPIPS in taming's layout (`net.slice*`, `lin*`, `scaling_layer.*`), e.g. the
     `loss.perceptual_loss.*` weights that ship inside released taming checkpoints; used when no explicit
@@ -240,6 +232,7 @@ def build_lpips(backbone_weights: str | None = None, heads: str | None = None, a
         _strict_copy(model, state_dict, state_source or "LPIPS state dict")
         model.description = f"LPIPS v0.1 ({title} and heads from {state_source or 'a state dict'})"
         return model
+    weights_option, heads_option = "loss.vgg_weights", "loss.lpips_heads"
     net_path = Path(os.path.expanduser(backbone_weights)) if backbone_weights else default_backbone_path(net)
     heads_path = Path(os.path.expanduser(heads)) if heads else default_heads_path(net)
     missing = []
