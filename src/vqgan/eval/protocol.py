@@ -23,6 +23,12 @@ class ProtocolImages(ImageDataset):
         super().__init__(sources, resolution, crop="center", flip=False, train=False)
         self.resample = resample
 
+    @property
+    def upscaled(self) -> int:
+        """How many images are smaller than the resolution on their short side (the resize enlarges them): by the
+        sizes the folder scan read from their headers; built-in images are made at the resolution."""
+        return sum(src.size is not None and min(src.size) < self.resolution for src in self.sources)
+
     def prepare(self, im: Image.Image, index: int) -> torch.Tensor:
         im = fit_image(im, self.resolution, "center", None, self.resample, exact=True)
         return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)

@@ -189,11 +189,9 @@ def load_networks(opts: EvalOptions, dev: torch.device, resolution: int, is_main
 def protocol_images(data: str, resolution: int, opts: EvalOptions, limit: int | None = None, is_main: bool = True
                     ) -> tuple[ProtocolImages, list[str]]:
     """The images under `data` (the first `limit` by name) prepared by the protocol, and the files the scan could
-    not read (skipped). Images smaller than the resolution are counted (`ds.upscaled`; sizes from the scan's
-    headers; built-in images are made at the resolution) and process 0 warns about them."""
+    not read (skipped). Process 0 warns about images smaller than the resolution (`ProtocolImages.upscaled`)."""
     sources, unreadable = sources_and_unreadable(data, builtin_size=resolution)
     ds = ProtocolImages(sources[:limit], resolution, RESIZE_FILTERS[opts.resize_filter][0])
-    ds.upscaled = sum(src.size is not None and min(src.size) < resolution for src in ds.sources)
     if ds.upscaled and is_main:
         log.warning("%d of the %d images under %s are smaller than %d px on their short side: the protocol's resize "
                     "enlarges them, which blurs the inputs (counted as data.upscaled)", ds.upscaled, len(ds), data,
@@ -217,7 +215,7 @@ def evaluate_model(model, tokenizer: str, ds: ProtocolImages, data: str, unreada
         tokenizer={"path": str(Path(tokenizer).expanduser().resolve()), "fingerprint": fingerprint(model),
                    **model_record(model, tokenizer)},
         data={"folder": absolute_source(os.path.expanduser(data), data), "files": len(ds) + len(unreadable),
-              "upscaled": getattr(ds, "upscaled", 0)},
+              "upscaled": ds.upscaled},
         weights=nets.weights, world_size=rt.world_size)
     return Evaluation(summary, m, names, model, ds)
 
@@ -242,18 +240,14 @@ def evaluate_folder(tokenizer: str, data: str, out: str, opts: EvalOptions | Non
         dev = eval_device(rt, opts.device)
         model = load_tokenizer(tokenizer, dev)
         ds, unreadable = protocol_images(data, opts.resolution or model.config.resolution, opts, is_main=rt.is_main)
-        if opts.save_stats and len(ds) < 2:
-            raise UserError(f"--save-stats {opts.save_stats}: FID statistics need at least 2 images, {len(ds)} under "
-                            f"{data}")
+        _check_stats_count(opts, len(ds), data)  # before the work
         nets = load_networks(opts, dev, ds.resolution, rt.is_main)
         ev = evaluate_model(model, tokenizer, ds, data, unreadable, opts, rt, dev, nets)
         if rt.is_main:
             if opts.save_stats:
                 from .fid import save_stats
 
-                if ev.measures.real.count < 2:
-                    raise UserError(f"--save-stats {opts.save_stats}: FID statistics need at least 2 images, "
-                                    f"{ev.measures.real.count} measured under {data}")
+                _check_stats_count(opts, ev.measures.real.count, data)  # unreadable files may leave fewer
                 save_stats(opts.save_stats, *ev.measures.real.mean_cov())
                 ev.summary["metrics"]["saved_stats"] = str(Path(opts.save_stats).resolve())
             with replace_files(out_dir) as tmp:
@@ -261,6 +255,11 @@ def evaluate_folder(tokenizer: str, data: str, out: str, opts: EvalOptions | Non
         return ev.summary
     finally:
         cleanup_runtime(rt)
+
+
+def _check_stats_count(opts: EvalOptions, count: int, data: str) -> None:
+    if opts.save_stats and count < 2:
+        raise UserError(f"--save-stats {opts.save_stats}: FID statistics need at least 2 images, {count} under {data}")
 
 
 def _run(model, ds: ProtocolImages, rt: Runtime, dev: torch.device, opts: EvalOptions, lpips, inception,
