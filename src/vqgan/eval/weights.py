@@ -28,8 +28,9 @@ def weights_option(net: str) -> str:
     return "--vgg-weights" if net == "vgg" else "--alexnet-weights"
 
 
-def file_record(path: Path) -> dict[str, str]:
-    return {"file": path.name, "path": str(path.resolve()), "sha256": file_sha256(path)}
+def file_record(path: Path, sha256: str | None = None) -> dict:
+    """A file's name, absolute path and sha256 (`sha256` when already known)."""
+    return {"file": path.name, "path": str(path.resolve()), "sha256": sha256 or file_sha256(path)}
 
 
 def network_record(path: Path, sha256: str | None = None, warn: bool = True) -> dict:
@@ -37,7 +38,7 @@ def network_record(path: Path, sha256: str | None = None, warn: bool = True) -> 
     whether the file's sha256 begins with the hash its name carries (`matches_name`). A file under a released name
     with another hash is not the published network: its numbers do not compare with published ones, which the
     record and (with `warn`: process 0) a warning say."""
-    record: dict = {"file": path.name, "path": str(path.resolve()), "sha256": sha256 or file_sha256(path)}
+    record = file_record(path, sha256)
     prefix = HASH_NAMED_FILES.get(path.name)
     if prefix:
         record["matches_name"] = record["sha256"].startswith(prefix)
