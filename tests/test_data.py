@@ -46,6 +46,19 @@ def test_every_mode_becomes_rgb_and_bad_files_are_skipped_and_counted(tmp_path, 
     assert "z_truncated.png" in caplog.text and "x_empty.png" in caplog.text
 
 
+@pytest.mark.parametrize("rank, logged", [("0", True), ("1", False)])
+def test_the_folder_scan_is_reported_by_the_first_torchrun_process_only(tmp_path, caplog, monkeypatch, rank, logged):
+    """Every replica scans the same folder: one process names its bad files, not each of them."""
+    (tmp_path / "a.png").write_bytes(b"")
+    Image.new("RGB", (8, 8)).save(tmp_path / "b.png")
+    (tmp_path / "c.png").symlink_to(tmp_path / "gone.png")
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setattr("vqgan.data.images._reported", set())
+    good, bad = scan_images(tmp_path)
+    assert [p.name for p in good] == ["b.png"] and [p.name for p in bad] == ["a.png", "c.png"]
+    assert ("a.png" in caplog.text and "c.png" in caplog.text) is logged
+    assert ("skipping" in caplog.text) is logged
+
 def test_16bit_and_rgba_conversions(tmp_path):
     Image.fromarray(np.full((4, 4), 65535, np.uint16)).save(tmp_path / "white16.png")
     assert np.asarray(load_rgb(tmp_path / "white16.png")).min() == 255

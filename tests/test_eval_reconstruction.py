@@ -294,6 +294,14 @@ def test_eval_command_writes_consistent_outputs(tokenizer_and_photos, tmp_path, 
     assert main(["eval", str(tok), str(one), "--out", str(tmp_path / "out5"), "--no-progress",
                  "--save-stats", str(tmp_path / "one.npz")]) == 2
     assert not (tmp_path / "one.npz").exists()
+    # two files pass the scan but one fails to decode: refused after the work, which is written all the same
+    full = (one / "a.png").read_bytes()
+    (one / "z_truncated.png").write_bytes(full[: len(full) // 2])  # a valid header, the data cut
+    assert main(["eval", str(tok), str(one), "--out", str(tmp_path / "out5"), "--no-progress",
+                 "--save-stats", str(tmp_path / "one.npz")]) == 2
+    m5 = json.loads((tmp_path / "out5" / "summary.json").read_text())["metrics"]
+    assert m5["saved_stats"].startswith("not saved") and m5["psnr"] > 0 and not (tmp_path / "one.npz").exists()
+    (one / "z_truncated.png").unlink()
 
     # images under the resolution are enlarged by the protocol's resize: counted, not silent
     Image.open(one / "a.png").resize((20, 24)).save(one / "b.png")

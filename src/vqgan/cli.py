@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .errors import UserError
+from .parallel import is_first_process
 
 
 def _train_tokenizer(args) -> dict:
@@ -22,7 +23,7 @@ def _train_tokenizer(args) -> dict:
     result = train_tokenizer(cfg, resume=args.resume, progress=not args.no_progress)
     if result.get("stopped"):
         return _stopped(result, args)
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 reports
+    if is_first_process():  # under torchrun only rank 0 reports
         report = tokenizer_report(cfg.train.out_dir, result)
         print(quality_summary(result))
         print(f"report: {report.resolve()}")
@@ -32,7 +33,7 @@ def _train_tokenizer(args) -> dict:
 
 def _stopped(result: dict, args) -> dict:
     """A run stopped by a signal (or its launcher gone) before its last step: no final model, a checkpoint."""
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_first_process():
         again = " ".join(["vqgan", args.command, args.config, *args.overrides, "--resume"])
         print(f"stopped at step {result['step']} before the end: no final model yet; checkpoint "
               f"{result['checkpoint']}\ncontinue with: {again}", file=sys.stderr)
@@ -78,7 +79,7 @@ def _train_transformer(args) -> dict:
     result = train_prior(cfg, resume=args.resume, progress=not args.no_progress)
     if result.get("stopped"):
         return _stopped(result, args)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_first_process():
         print(f"held-out NLL {result['nll']:.4f} nats/token; model: {Path(result['out']) / 'model'}")
     return {}
 

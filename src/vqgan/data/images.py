@@ -20,18 +20,21 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from ..errors import UserError
+from ..parallel import is_first_process
 
 log = logging.getLogger("vqgan.data")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 _reported: set[str] = set()
 
 
-def report_bad_file(path: str | Path, reason: str) -> None:
-    """Log a skipped file once per process."""
+def report_bad_file(path: str | Path, reason: str, announce: bool = True) -> None:
+    """Log a skipped file once per process; `announce=False` only marks it reported (what every torchrun
+    replica finds alike, such as the folder scan's findings, is logged by the first process alone)."""
     key = str(path)
     if key not in _reported:
         _reported.add(key)
-        log.warning("skipping %s: %s", path, reason)
+        if announce:
+            log.warning("skipping %s: %s", path, reason)
 
 
 def error_reason(e: BaseException) -> str:
@@ -96,11 +99,11 @@ def _image_files(root: Path) -> tuple[list[Path], list[Path]]:
                 (files if p.is_file() else broken).append(p)
             elif not p.exists():  # a broken link, maybe to a folder of images
                 passed_over.append(f"{p} (a broken link)")
-    if passed_over:
+    if passed_over and is_first_process():
         log.warning("%d folders or links under %s were not followed: %s", len(passed_over), root,
                     "; ".join(passed_over))
     for p in broken:
-        report_bad_file(p, "a broken link (its target does not exist)")
+        report_bad_file(p, "a broken link (its target does not exist)", announce=is_first_process())
     return sorted(files), sorted(broken)
 
 
@@ -129,7 +132,7 @@ def scan_images(root: str | Path, sizes: dict[Path, tuple[int, int]] | None = No
                 sizes[p] = size
             good.append(p)
         except Exception as e:  # PIL raises many types for bad files
-            report_bad_file(p, error_reason(e))
+            report_bad_file(p, error_reason(e), announce=is_first_process())
             bad.append(p)
     if not good:
         raise UserError(f"none of the {total} image files under {root} could be read")

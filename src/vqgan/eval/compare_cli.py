@@ -27,12 +27,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args) -> dict:
     import os
 
+    from ..parallel import is_first_process
     from .compare import CompareOptions, compare
 
     names = args.names.split(",") if args.names is not None else None
     summary = compare(args.models, args.data, args.out,
                       CompareOptions(**protocol_options(args), names=names, max_images=args.max_images))
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+    if not is_first_process():  # under torchrun only rank 0 reports
         return {}
     def short(v):  # "not computed: why" -> "not computed" (the report and summary.json say why)
         return v.split(":")[0] if isinstance(v, str) else v

@@ -57,13 +57,12 @@ def protocol_options(args) -> dict:
 
 
 def run(args) -> dict:
-    import os
-
+    from ..parallel import is_first_process
     from .reconstruction import EvalOptions, evaluate_folder
 
     opts = EvalOptions(**protocol_options(args), save_stats=args.save_stats, reference_stats=args.reference_stats)
     summary = evaluate_folder(args.model, args.images, args.out, opts)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+    if not is_first_process():  # under torchrun only rank 0 reports
         return {}
     m = summary["metrics"]
     return {"out": args.out, "images": summary["data"]["images"], "skipped": summary["data"]["skipped"],

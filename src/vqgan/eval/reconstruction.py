@@ -244,14 +244,21 @@ def evaluate_folder(tokenizer: str, data: str, out: str, opts: EvalOptions | Non
         nets = load_networks(opts, dev, ds.resolution, rt.is_main)
         ev = evaluate_model(model, tokenizer, ds, data, unreadable, opts, rt, dev, nets)
         if rt.is_main:
+            refused = None
             if opts.save_stats:
                 from .fid import save_stats
 
-                _check_stats_count(opts, ev.measures.real.count, data)  # unreadable files may leave fewer
-                save_stats(opts.save_stats, *ev.measures.real.mean_cov())
-                ev.summary["metrics"]["saved_stats"] = str(Path(opts.save_stats).resolve())
-            with replace_files(out_dir) as tmp:
+                try:  # files found unreadable while decoding may leave fewer than the scan counted
+                    _check_stats_count(opts, ev.measures.real.count, data)
+                    save_stats(opts.save_stats, *ev.measures.real.mean_cov())
+                    ev.summary["metrics"]["saved_stats"] = str(Path(opts.save_stats).resolve())
+                except UserError as e:
+                    refused = e
+                    ev.summary["metrics"]["saved_stats"] = f"not saved: {e}"
+            with replace_files(out_dir) as tmp:  # the evaluation is kept even when the statistics are refused
                 write_evaluation(tmp, ev, opts.show, dev)
+            if refused is not None:
+                raise refused
         return ev.summary
     finally:
         cleanup_runtime(rt)
