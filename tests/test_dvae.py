@@ -171,6 +171,39 @@ def test_dead_codes_restart_as_noisy_copies_of_live_ones():
         assert moments[dead].abs().max() == 0 and moments[~dead].abs().max() > 0
 
 
+def test_a_dead_code_restarts_on_half_of_a_busy_codes_region():
+    """restart=data: one code wins every recent output, in two clusters; the dead code takes the cluster of the
+    output it was restarted on and nothing of the other, with the busy code's vector, so nothing decoded
+    changes; Adam forgets its rows."""
+    torch.manual_seed(0)
+    q = build_quantizer(quantizer_config("gumbel", n_embed=4, embed_dim=3, init="dalle", restart="data"), 2).train()
+    q.start_upkeep(CodebookCareConfig(restart_every=1, restart_after=1, restart_until=1.0), 100)
+    with torch.no_grad():
+        q.proj.weight.zero_()
+        q.proj.bias.copy_(torch.tensor([5.0, -5.0, -5.0, -5.0]))  # code 0 wins everywhere
+    side = torch.tensor([1.0, -1.0]).repeat(32)
+    z = torch.stack([3 * side + 0.3 * torch.randn(64), torch.randn(64)], 1).view(8, 8, 2).permute(2, 0, 1)[None]
+    opt = torch.optim.Adam(q.parameters(), lr=1e-3)
+    out = q(z)
+    (out.quantized.square().mean() + out.loss).backward()
+    opt.step()
+    q.eval()
+    before = q(z).quantized
+    counted = torch.zeros(64, dtype=torch.long)
+    counted[:2] = torch.tensor([2, 3])  # counted as used: only code 1 is dead
+    q.maintain(1, z, counted.view(1, 8, 8, 1), opt)
+    codes = q(z).codes.view(64)
+    x_side = z[0, 0].reshape(64) > 0
+    assert sorted(codes.unique().tolist()) == [0, 1]
+    assert len({*codes[x_side].tolist()}) == 1 and len({*codes[~x_side].tolist()}) == 1  # a whole cluster each
+    torch.testing.assert_close(q(z).quantized, before)
+    with torch.no_grad():  # the output it restarted on (one of the kept ones) is where it leads by the margin, 2
+        lead = q.proj(q.upkeep.pool.view(-1, 2, 1, 1)).flatten(1) @ torch.tensor([-1.0, 1.0, 0.0, 0.0])
+    assert (lead - 2.0).abs().min() < 1e-4
+    moments = opt.state[q.proj.weight]["exp_avg"]
+    assert moments[1].abs().max() == 0 and moments[0].abs().max() > 0
+
+
 @pytest.mark.slow
 def test_two_processes_split_the_same_codes(tmp_path):
     """Each rank sees different latents; the usage counts are all-reduced, so both ranks split the same dead codes
@@ -244,6 +277,7 @@ def test_the_released_init_does_not_start_collapsed(tmp_path):
 
 @pytest.mark.parametrize("override", [
     "model.quantizer.init=pytorch",
+    "model.quantizer.restart=sideways",
     "model.encoder.groups=0",
     "model.decoder.hidden_channels=30",
     "model.quantizer.temperature_end=0",

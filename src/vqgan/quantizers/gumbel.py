@@ -15,7 +15,9 @@ temperature at `temperature`). The trainer sets them from the step before each f
 resumed run continues where it was; outside training the temperature does not matter (argmax tokens).
 
 Dead codes (unused for `train.codebook.restart_after` steps) restart as noisy copies of busy ones (`split_codes`),
-since a code picked by logits cannot be moved onto an encoder output as a nearest-neighbour code is.
+since a code picked by logits cannot be moved onto an encoder output as a nearest-neighbour code is; or, with
+`restart: data`, on a recent encoder output, by cutting the region of the code that wins it in two along the
+direction of that output (`split_by_data`: k-means' splitting step, steered by the data rather than by noise).
 """
 from __future__ import annotations
 
@@ -64,6 +66,10 @@ class GumbelConfig(QuantizerConfig):
     # dVAE's (logits conv normal 1/sqrt(fan_in), zero bias; codes as its decoder's first conv reads a one-hot,
     # std 1/sqrt(n_embed), small enough that Adam moves them within a short run)
     init: str = "taming"
+    # how a dead code restarts: `copies` of busy codes that the Gumbel noise separates (split_codes), or `data`:
+    # a busy code's region of recent encoder outputs cut in two along the direction of one of them, the dead code
+    # taking the far half (split_by_data)
+    restart: str = "copies"
 
     def temperature_at(self, step: int) -> float:
         if not self.temperature_steps:
@@ -86,6 +92,8 @@ class GumbelConfig(QuantizerConfig):
                 raise UserError(f"{where}.{name} must be > 0, got {getattr(self, name)}")
         if self.init not in ("taming", "dalle"):
             raise UserError(f"{where}.init must be taming or dalle, got {self.init!r}")
+        if self.restart not in ("copies", "data"):
+            raise UserError(f"{where}.restart must be copies or data, got {self.restart!r}")
         for name in ("kl_weight", "kl_weight_start", "temperature_steps", "kl_warmup_steps", "entropy_weight",
                      "sample_entropy_weight"):
             if getattr(self, name) < 0:
@@ -132,7 +140,10 @@ class GumbelQuantizer(Quantizer):
         logs = super().maintain(step, latents, codes, optimizer)
         dead = self.upkeep.dead_codes(step)
         if dead is not None and not bool(dead.all()):
-            self.split_codes(dead, optimizer)
+            if self.config.restart == "data" and self.upkeep.pool.shape[0]:
+                self.split_by_data(dead, optimizer)
+            else:
+                self.split_codes(dead, optimizer)
             self.upkeep.restarted(dead, step)
             logs.update(restarted=int(dead.sum()), usage_window=self.upkeep.window_usage(step))  # as vq's, after
         return logs
@@ -161,6 +172,39 @@ class GumbelQuantizer(Quantizer):
         if self.proj.bias is not None:
             bias = self.proj.bias
             bias.copy_(bias[origin.to(device)] - torch.log(copies[origin]).to(bias))
+            params.append(bias)
+        for param in params:
+            broadcast(param)
+            forget_moments(optimizer, param, dead)
+
+    @torch.no_grad()
+    def split_by_data(self, dead: torch.Tensor, optimizer: torch.optim.Optimizer | None = None,
+                      margin: float = 2.0) -> None:
+        """Restart each `dead` code on a recent encoder output z: the code d that wins z now keeps the half of its
+        region nearer the mean m of the recent outputs it wins, and the dead code takes the half nearer z.
+        Its logit row is d's plus a term that is +margin at z, -margin at m and 0 on the plane halfway between;
+        its code vector is d's, so nothing decoded changes until the gradients pull the two apart."""
+        upkeep = self.upkeep
+        targets = dead.cpu().nonzero().squeeze(1)
+        pool = upkeep.pool
+        picks = pool[torch.randint(pool.shape[0], (len(targets),), generator=upkeep.generator)]
+        weight, bias = self.proj.weight, self.proj.bias
+        w = weight.detach().float().flatten(1).cpu()
+        b = bias.detach().float().cpu() if bias is not None else torch.zeros(self.n_embed)
+        pool_owner = (pool @ w.t() + b).argmax(1)
+        owners = (picks @ w.t() + b).argmax(1)
+        counts = torch.bincount(pool_owner, minlength=self.n_embed).float()
+        means = torch.zeros(self.n_embed, pool.shape[1]).index_add_(0, pool_owner, pool) / counts.clamp_min(1)[:, None]
+        m = torch.where(counts[owners, None] > 1, means[owners], pool.mean(0))  # the owner's recent outputs
+        direction = picks - m
+        step = (2 * margin / direction.square().sum(1, keepdim=True).clamp_min(1e-12)) * direction
+        w[targets] = w[owners] + step  # +margin at the pick, -margin at the owner's mean
+        b[targets] = b[owners] - (step * (picks + m)).sum(1) / 2
+        self.embed.weight[targets.to(self.embed.weight.device)] = self.embed.weight[owners.to(self.embed.weight.device)]
+        weight.copy_(w.view_as(weight).to(weight))
+        params = [weight, self.embed.weight]
+        if bias is not None:
+            bias.copy_(b.to(bias))
             params.append(bias)
         for param in params:
             broadcast(param)
