@@ -102,6 +102,23 @@ def test_corrupt_images_in_training_data_are_skipped_and_counted(tmp_path):
     assert "1 unreadable files skipped" in log
 
 
+def test_an_unreadable_held_out_file_is_left_out_and_counted_not_replaced(tmp_path):
+    """The held-out set is the last files by name: one that fails to decode must not be stood in for by another
+    held-out image (which would then count twice in the held-out PSNR and usage)."""
+    data = tmp_path / "images"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(data / f"img_{i:02d}.png")
+    good = (data / "img_01.png").read_bytes()
+    (data / "zz_truncated.png").write_bytes(good[: len(good) // 2])  # a valid header: it fails at decoding
+    cfg = tiny_train_config(tmp_path, data={"path": str(data), "holdout": 3}, train={"steps": 2, "batch_size": 2})
+    result = TokenizerTrainer(cfg, progress=False).fit()
+    assert result["n_images"] == 2 and result["skipped_files"] >= 1
+    log = (tmp_path / "run" / "logs" / "train.log").read_text()
+    assert "1 held-out file(s) could not be read and are left out: " in log and "zz_truncated.png" in log
+
+
 def test_no_readable_images_fails_before_training(tmp_path):
     data = tmp_path / "images"
     data.mkdir()

@@ -5,6 +5,8 @@ import math
 
 import torch
 
+from ..errors import UserError
+
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:
     """[-1, 1] -> [0, 1], clamped."""
@@ -45,10 +47,13 @@ def evaluate_reconstruction(model, loader, device: torch.device, max_batches: in
     spec = model.code_spec
     counts = [torch.zeros(v, dtype=torch.long) for v in spec.streams]
     psnrs, l1s, iou = [], [], 0
-    examples = None
+    examples, unreadable = None, []
     for b, batch in enumerate(loader):
         if max_batches is not None and b >= max_batches:
             break
+        unreadable += batch.get("skipped_index", [])  # a loader of ReadableItems leaves unreadable files out
+        if batch["image"] is None:
+            continue
         x = batch["image"].to(device)
         tokens = model.encode(x)
         rec = model.decode(tokens)
@@ -65,13 +70,16 @@ def evaluate_reconstruction(model, loader, device: torch.device, max_batches: in
         if examples is None:
             examples = (to_display(x[:16], kind).cpu(), to_display(rec[:16], kind).cpu())
     model.train(was_training)
+    if not psnrs:
+        raise UserError(f"none of the {len(unreadable)} held-out images could be read")
     score = torch.cat(psnrs)
     usage = [float((c > 0).float().mean()) for c in counts]
     perplexities = [perplexity(c) for c in counts]
     result = {"l1": float(torch.cat(l1s).mean()), "codes_used": int(sum(int((c > 0).sum()) for c in counts)),
               "n_embed": sum(spec.streams), "usage": sum(usage) / len(usage),
               "perplexity": sum(perplexities) / len(perplexities), "n_images": int(score.numel()),
-              "counts": counts[0] if len(counts) == 1 else torch.cat(counts), "examples": examples}
+              "counts": counts[0] if len(counts) == 1 else torch.cat(counts), "examples": examples,
+              "unreadable": unreadable}
     if len(counts) > 1:
         result.update(usage_per_stream=usage, perplexity_per_stream=perplexities)
     if kind == "segmentation":  # "l1" is then the pixel error rate

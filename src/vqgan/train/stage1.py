@@ -31,7 +31,7 @@ from ..checkpoint import (
     save_model,
 )
 from ..config import TokenizerConfig, TokenizerTrainConfig, from_dict
-from ..data.images import ImageDataset
+from ..data.images import ImageDataset, ReadableItems, collate_readable
 from ..data.sources import image_sources
 from ..errors import UserError
 from ..eval.metrics import evaluate_reconstruction
@@ -177,8 +177,10 @@ class TokenizerTrainer(TrainingLoop):
         self.sampler = ResumableSampler(len(self.train_set), cfg.train.batch_size, self.rt.rank, self.rt.world_size,
                                         seed=cfg.train.seed)
         # evaluation: each rank evaluates the whole held-out set (it is small); rank 0 reports
-        self.eval_loader = DataLoader(self.eval_set, batch_size=min(16, len(self.eval_set)), shuffle=False,
-                                      num_workers=0)
+        # held-out files that fail to decode are left out (and counted), not stood in for by their neighbours
+        self.eval_loader = DataLoader(ReadableItems(self.eval_set), batch_size=min(16, len(self.eval_set)),
+                                      shuffle=False, num_workers=0, collate_fn=collate_readable)
+        self.eval_unreadable: list[int] = []
         self.skipped_files = 0
 
     def batches(self):
@@ -336,6 +338,11 @@ class TokenizerTrainer(TrainingLoop):
     # -- evaluation and pictures -----------------------------------------------------------------
     def evaluate(self) -> dict[str, Any]:
         result = evaluate_reconstruction(self.model, self.eval_loader, self.rt.device)
+        if result["unreadable"] != self.eval_unreadable:
+            self.eval_unreadable = result["unreadable"]
+            if self.rt.is_main:
+                self.metrics.note(f"{len(self.eval_unreadable)} held-out file(s) could not be read and are left out: "
+                                  + ", ".join(self.eval_set.name(i) for i in self.eval_unreadable[:20]))
         if self.rt.is_main:
             from ..eval.report import pairs_grid
 
@@ -381,7 +388,8 @@ class TokenizerTrainer(TrainingLoop):
                 save_model(self.model, self.run_dir / "model")
         finally:
             self.tap.handle.remove()
-        final.update(skipped_files=self.skipped_files + self.n_unreadable, epoch_usage=self.last_epoch_usage,
+        final.update(skipped_files=self.skipped_files + self.n_unreadable + len(self.eval_unreadable),
+                     epoch_usage=self.last_epoch_usage,
                      perceptual=self.loss.perceptual_description)
         return final
 
