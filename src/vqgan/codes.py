@@ -42,6 +42,14 @@ class CodeSpec:
         """The vocabulary of each (level, depth) stream, in row order of first appearance."""
         return [v for level in self.levels for v in level.vocab]
 
+    @property
+    def stream_labels(self) -> list[str]:
+        """A name for each stream, for people: "" for a single one; else its level (by grid factor) and depth."""
+        many_levels = len(self.levels) > 1
+        return ["" if len(self.streams) == 1 else ", ".join(
+                    ([f"level f{level.factor}"] if many_levels else []) + ([f"depth {d + 1}"] if level.depth > 1 else []))
+                for level in self.levels for d in range(level.depth)]
+
     def stream_codes(self, codes: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
         """The codes of each stream, flattened: one 1-D tensor per (level, depth)."""
         return [t[..., d].reshape(-1) for t, level in zip(self.to_levels(codes), self.levels) for d in range(level.depth)]

@@ -79,6 +79,7 @@ def evaluate_reconstruction(model, loader, device: torch.device, max_batches: in
               "n_embed": sum(spec.streams), "usage": sum(usage) / len(usage),
               "perplexity": sum(perplexities) / len(perplexities), "n_images": int(score.numel()),
               "counts": counts[0] if len(counts) == 1 else torch.cat(counts), "examples": examples,
+              "stream_counts": counts, "stream_labels": spec.stream_labels,
               "unreadable": unreadable}
     if len(counts) > 1:
         result.update(usage_per_stream=usage, perplexity_per_stream=perplexities)

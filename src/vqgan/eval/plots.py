@@ -45,15 +45,18 @@ def _finite(xs: Sequence[float], ys: Sequence[float], log_y: bool) -> tuple[list
 
 def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], title: str, size=(640, 360),
               log_y: bool = False, xlabel: str = "step", ylabel: str = "") -> Image.Image:
-    """A line chart of {name: (xs, ys)}; points that are missing, not finite (or <= 0 on a log scale) are left
-    out."""
+    """A line chart of {name: (xs, ys)}; points that are missing or not finite are left out. `log_y`: a log scale,
+    or a symmetric log scale (linear near 0) where some values are <= 0 (losses with an entropy bonus, likelihoods),
+    so that no curve loses its negative part."""
     from matplotlib.ticker import MaxNLocator
 
     fig, ax = _figure(size)
     ax.set_title(title, fontsize=10)
+    finite = [y for _, ys in series.values() for y in ys if y is not None and math.isfinite(y)]
+    signed = log_y and any(y <= 0 for y in finite)
     drawn, whole = 0, True
     for name, (xs, ys) in series.items():
-        xs, ys = _finite(xs, ys, log_y)
+        xs, ys = _finite(xs, ys, log_y and not signed)
         if xs:
             ax.plot(xs, ys, label=name, linewidth=1.5, marker="." if len(xs) < 20 else None)
             drawn += 1
@@ -61,7 +64,10 @@ def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], title:
     if not drawn:
         _no_data(ax)
     else:
-        if log_y:
+        if signed:
+            ax.set_yscale("symlog", linthresh=max(1e-4, 0.01 * max(abs(y) for y in finite)))
+            ax.axhline(0.0, color="grey", linewidth=0.8)
+        elif log_y:
             ax.set_yscale("log")
         if whole:  # steps: no ticks at 1.25 or 2.5
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -126,23 +126,41 @@ def tokenizer_report(run_dir: Path, result: dict, title: str = "VQGAN tokenizer"
 
     labels = "accuracy" in result  # a segmentation-map tokenizer
     quality = ("accuracy", "miou") if labels else ("psnr",)
-    line_plot(series(train, "total", "l1", "ce", "lpips", "codebook"), "generator losses", log_y=True,
-              ylabel="loss").save(out / "losses.png")
-    line_plot(series(train, "disc", "logits_real", "logits_fake", "adaptive_weight"),
-              "discriminator: loss, mean logits, adaptive weight").save(out / "gan.png")
+    losses = series(train, "total", "rec", "l1", "l2", "logit_laplace", "ce", "lpips", "codebook", "gan")
+    loss_cfg = _run_config(run_dir).get("loss", {})
+    if loss_cfg.get("pixel_weight", 1.0) == 0 and "l1" in losses:  # logged for reading, not trained on
+        losses["l1 (not in the loss)"] = losses.pop("l1")
+    line_plot(losses, "generator losses", log_y=True, ylabel="loss").save(out / "losses.png")
+    gan = series(train, "disc", "logits_real", "logits_fake", "adaptive_weight")
+    if "disc" in gan:
+        line_plot(gan, "discriminator: loss, mean logits, adaptive weight").save(out / "gan.png")
+        gan_html = "<img src='report/gan.png'>"
+    else:
+        (out / "gan.png").unlink(missing_ok=True)
+        gan_html = ("<p class=note>No discriminator in this run (loss.disc_factor 0).</p>"
+                    if loss_cfg.get("disc_factor", 1.0) == 0 else
+                    f"<p class=note>The discriminator had not started: it trains from step "
+                    f"{loss_cfg.get('disc_train_start', '?')} (loss.disc_train_start).</p>")
     line_plot(series(train, "usage_window", "usage_batch"), "codebook usage", ylabel="fraction of codes used").save(
         out / "usage.png")
     line_plot(series(evals, *quality), "held-out pixel accuracy / mIoU" if labels else "held-out PSNR",
               ylabel="fraction" if labels else "PSNR (dB)").save(out / "psnr.png")
     x, rec = result["examples"]
     pairs_grid(x, rec, scale=3).save(out / "reconstructions.png")
-    counts = sorted(result["counts"].tolist(), reverse=True)
-    bar_plot(counts, f"held-out code histogram, sorted: {result['codes_used']} of {result['n_embed']} codes used",
-             xlabel="code (most used first)", ylabel="positions").save(out / "codebook_histogram.png")
+    histograms = []  # one per code stream (level, depth): their vocabularies are separate
+    for i, (counts, label) in enumerate(zip(result.get("stream_counts", [result["counts"]]),
+                                            result.get("stream_labels", [""]))):
+        name = "codebook_histogram.png" if i == 0 else f"codebook_histogram_{i + 1}.png"
+        used = f"{int((counts > 0).sum())} of {len(counts)} codes used"
+        bar_plot(sorted(counts.tolist(), reverse=True),
+                 f"held-out code histogram{', ' + label if label else ''}, sorted: {used}",
+                 xlabel="code (most used first)", ylabel="positions").save(out / name)
+        histograms.append(f"<img src='report/{name}'>")
     head = ({"pixel accuracy": round(result["accuracy"], 4), "mIoU": round(result["miou"], 4)} if labels else
             {"PSNR (dB)": round(result["psnr"], 3), "L1 [0,1]": round(result["l1"], 5)})
     summary = [{"held-out images": result["n_images"], **head,
-                "codes used (held-out)": f"{result['codes_used']}/{result['n_embed']}",
+                "codes used (held-out)": " + ".join(f"{int((c > 0).sum())}/{len(c)}" for c in result["stream_counts"])
+                if "stream_counts" in result else f"{result['codes_used']}/{result['n_embed']}",
                 "usage (held-out)": round(result["usage"], 4),
                 "usage (last epoch)": (round(result["epoch_usage"], 4) if result.get("epoch_usage") == result.get(
                     "epoch_usage") else "n/a"),
@@ -154,23 +172,35 @@ def tokenizer_report(run_dir: Path, result: dict, title: str = "VQGAN tokenizer"
                     f"<p class=note>Perceptual network: {html.escape(str(result.get('perceptual')))}</p>"),
         ("Held-out reconstructions", "<p class=note>Each input row is followed by its reconstruction.</p>"
                                      "<img src='report/reconstructions.png'>"),
-        ("Losses", "<img src='report/losses.png'><img src='report/gan.png'>"),
-        ("Codebook", "<img src='report/usage.png'><img src='report/codebook_histogram.png'>"),
+        ("Losses", "<p class=note>rec: the weighted reconstruction terms the model is trained on; codebook: the "
+                   "quantizer's own loss, below 0 where an entropy bonus outweighs it. Where a loss goes below 0 "
+                   "the scale is logarithmic on both sides of a linear band around 0.</p>"
+                   "<img src='report/losses.png'>" + gan_html),
+        ("Codebook", "<img src='report/usage.png'>" + "".join(histograms)),
         ("Quality over training", "<img src='report/psnr.png'>" + table(
             [{k: r.get(k) for k in ("step", *quality, "l1", "usage", "codes_used", "perplexity")} for r in evals])),
     ]
     return write_report(run_dir / "report.html", title, sections)
 
 
-def describe_model(config_path: Path) -> str:
-    """One line naming a saved tokenizer's architecture, quantizer and codes, from its config.yaml."""
+def _read_yaml(path: Path) -> dict | None:
     import yaml
 
     try:
-        cfg = yaml.safe_load(Path(config_path).read_text()) or {}
+        return yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError):
-        return "(no model config)"
-    return describe_config(cfg)
+        return None
+
+
+def _run_config(run_dir: Path) -> dict:
+    """A run's training config (its config.yaml), or {} when it cannot be read."""
+    return _read_yaml(Path(run_dir) / "config.yaml") or {}
+
+
+def describe_model(config_path: Path) -> str:
+    """One line naming a saved tokenizer's architecture, quantizer and codes, from its config.yaml."""
+    cfg = _read_yaml(config_path)
+    return "(no model config)" if cfg is None else describe_config(cfg)
 
 
 def describe_config(cfg: dict) -> str:
@@ -178,7 +208,9 @@ def describe_config(cfg: dict) -> str:
     skip = {"kind", "legacy_beta", "remap_codes", "unknown_index"}
 
     def quantizer(q: dict) -> str:
-        settings = ", ".join(f"{k} {v}" for k, v in q.items() if k not in skip and v not in (0, False, None))
+        unread = {"embed_dim"} if q.get("kind") in ("fsq", "lfq") else set()  # their width: levels / bits
+        settings = ", ".join(f"{k} {v}" for k, v in q.items()
+                             if k not in skip | unread and v not in (0, False, None))
         return f"{q.get('kind', '?')} ({settings})"
 
     sections = [("quantizer", "quantizer")] if "quantizer" in cfg else [
