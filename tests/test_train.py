@@ -40,6 +40,9 @@ def test_killed_run_resumes_bit_exactly(tmp_path):
     assert not (tmp_path / "b" / "run" / "model").exists()  # unfinished: no final model
     with pytest.raises(UserError, match="--resume"):
         TokenizerTrainer(cfg, progress=False)
+    other = tiny_train_config(tmp_path / "b", model={"ch": 64})
+    with pytest.raises(UserError, match=r"\(model\.ch: 32 there, 64 here\)"):  # names what differs
+        TokenizerTrainer(other, resume=True, progress=False)
     resumed = TokenizerTrainer(cfg, resume=True, progress=False)
     assert resumed.step == 3
     resumed.fit()

@@ -225,9 +225,11 @@ class TokenizerTrainer(TrainingLoop):
     def load_parts(self, path: Path, parts: CheckpointParts) -> None:
         saved_model_cfg = {k: v for k, v in parts.yaml[CONFIG_FILE].items() if k != "codes"}
         saved_cls = TokenizerConfig.for_kind(saved_model_cfg.get("kind", "vqgan"))
-        if asdict(from_dict(saved_cls, saved_model_cfg, "model")) != asdict(self.cfg.model):  # defaults filled
-            raise UserError(f"{path}: the model config differs from the checkpoint's; resume with the same model "
-                            "section (see its config.yaml)")
+        saved, current = asdict(from_dict(saved_cls, saved_model_cfg, "model")), asdict(self.cfg.model)  # defaults filled
+        if saved != current:
+            diff = "; ".join(f"model.{key}: {a!r} there, {b!r} here" for key, a, b in differences(saved, current)[:3])
+            raise UserError(f"{path}: the model config differs from the checkpoint's ({diff}); resume with the same "
+                            "model section (see its config.yaml)")
         sd, dsd, state = parts.tensors[WEIGHTS_FILE], parts.tensors[DISC_FILE], parts.state
         check_state_dict(self.model, sd, str(path / WEIGHTS_FILE))
         check_state_dict(self.loss.discriminator, dsd, str(path / DISC_FILE))
@@ -392,6 +394,16 @@ class TokenizerTrainer(TrainingLoop):
                      epoch_usage=self.last_epoch_usage,
                      perceptual=self.loss.perceptual_description)
         return final
+
+
+def differences(a, b, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, a's value, b's value) wherever two nested dicts differ; a whole sub-dict where a kind differs."""
+    if isinstance(a, dict) and isinstance(b, dict) and a.get("kind") == b.get("kind"):
+        return [d for key in sorted(set(a) | set(b), key=str)
+                for d in differences(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else str(key))]
+    if isinstance(a, dict) and isinstance(b, dict):  # another kind: its other keys follow from it
+        return [(f"{prefix}.kind" if prefix else "kind", a.get("kind"), b.get("kind"))]
+    return [] if a == b else [(prefix, a, b)]
 
 
 def train_tokenizer(cfg: TokenizerTrainConfig, resume: Resume | bool = False, progress: bool = True) -> dict[str, Any]:
