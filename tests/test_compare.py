@@ -178,3 +178,17 @@ def test_two_processes_give_the_comparison_of_one(models_and_photos, tmp_path):
         ev_one, ev_two = (tmp_path / d / "eval" / a["name"] for d in ("one", "two"))
         assert _csv(ev_one / "per_image.csv") == _csv(ev_two / "per_image.csv")
         assert json.loads((ev_two / "summary.json").read_text())["metrics"]["speed"]["processes"] == 2
+
+
+def test_usage_is_ranked_only_between_models_of_the_same_codes():
+    from vqgan.eval.compare import best_values
+
+    def row(name, codes, usage):
+        return {"name": name, "codes": codes, "usage": usage, "perplexity": usage * 100, "psnr": usage,
+                "ssim": 0.5, "ms_ssim": "not computed", "lpips": "not computed", "rfid": "not computed",
+                "encode_images_per_s": 1.0, "decode_images_per_s": 1.0}
+
+    mixed = best_values([row("rq", "32 + 32", 0.84), row("fsq", "1000", 0.53)])
+    assert "usage" not in mixed and "perplexity" not in mixed and mixed["psnr"] == ["rq"]
+    same = best_values([row("a", "1000", 0.84), row("b", "1000", 0.53)])
+    assert same["usage"] == ["a"] and same["perplexity"] == ["a"]

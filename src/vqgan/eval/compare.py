@@ -161,17 +161,24 @@ def model_row(e: Entry, ev: Evaluation) -> dict:
             "parameters": sum(p.numel() for p in e.model.parameters()),
             "tokens_per_image": code["tokens_per_image"], "bits_per_image": code["bits_per_image"],
             **{k: m[k] for k in ("psnr", "ssim", "ms_ssim", "lpips", "rfid")},
-            "usage": code["usage"], "perplexity": code["perplexity"],
+            "codes": " + ".join(map(str, e.model.code_spec.streams)), "usage": code["usage"],
+            "perplexity": code["perplexity"],
             "encode_images_per_s": speed["encode_images_per_s"], "decode_images_per_s": speed["decode_images_per_s"],
             "description": describe_config(e.model.config_dict()), "path": tok["path"],
             "fingerprint": tok["fingerprint"], "run": str(e.run.resolve()) if e.run else None, "step": e.step}
 
 
+# ranked only between models of the same vocabularies: 84% of 2 x 32 codes is not more than 53% of 1,000
+PER_VOCABULARY = ("usage", "perplexity")
+
+
 def best_values(rows: list[dict]) -> dict[str, list[str]]:
     """{column: the names of the models with its best value}, for the ranked columns that two or more models
-    have a number in."""
+    have a number in (codebook usage and perplexity only where their vocabularies agree)."""
     best = {}
     for key, pick in BEST.items():
+        if key in PER_VOCABULARY and len({r.get("codes") for r in rows}) > 1:
+            continue
         numbers = [(r[key], r["name"]) for r in rows if isinstance(r[key], (int, float))]
         if len(numbers) > 1:
             top = pick(v for v, _ in numbers)

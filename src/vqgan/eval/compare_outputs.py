@@ -22,7 +22,7 @@ from .weights import NOT_COMPUTED
 # row key -> the table's heading
 COLUMNS = {"name": "name", "model": "model", "parameters": "params (M)", "tokens_per_image": "tokens / image",
            "bits_per_image": "bits / image", "psnr": "PSNR (dB)", "ssim": "SSIM", "ms_ssim": "MS-SSIM",
-           "lpips": "LPIPS", "rfid": "rFID", "usage": "usage", "perplexity": "perplexity",
+           "lpips": "LPIPS", "rfid": "rFID", "codes": "codes per stream", "usage": "usage", "perplexity": "perplexity",
            "encode_images_per_s": "encode img/s", "decode_images_per_s": "decode img/s"}
 CSV_COLUMNS = (*COLUMNS, "description", "path", "fingerprint", "run", "step")
 # the training curves (`compare.CURVES`): name -> (title, log scale, y label)
@@ -88,7 +88,8 @@ def _metrics_section(summary: dict) -> tuple[str, str]:
         f"<p class=note>{data['images']} images of {html.escape(data['folder'])} ({data['skipped']} unreadable, "
         f"skipped) at {summary['protocol']['resolution']} px, the protocol of <code>vqgan eval</code> (below); "
         f"LPIPS on {BACKBONES[summary['protocol']['lpips_net']].title}. The "
-        "best value of each ranked column is in bold (higher is better except LPIPS and rFID); encode and decode "
+        "best value of each ranked column is in bold (higher is better except LPIPS and rFID; usage and "
+        "perplexity only between models of the same codes); encode and decode "
         "images/s were measured during the evaluation, one model after another on the same device, each with its "
         "first batch (one-time costs) included.</p>"
         + table(shown, bold=bold) + (f"<ul class=note>{notes}</ul>" if notes else "")))
