@@ -62,7 +62,7 @@ def test_decode_rejects_wrong_tokenizer_range_and_shape(tmp_path, tokenizer, ima
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys):
     assert main(["train-tokenizer", "small-cpu", "train.stepz=3"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "valid keys of config.train" in err
+    assert len(err.splitlines()) == 1 and "valid keys of train" in err and "config." not in err
     assert main(["train-tokenizer", "small-cpu", f"data.path={tmp_path / 'none'}",
                  f"train.out_dir={tmp_path / 'run'}"]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -9,10 +9,13 @@ def test_presets_load_and_overrides_apply():
     assert {"small-cpu", "f16-1024", "f16-16384", "demo"} <= set(preset_names())
     from vqgan.train.stage2 import TransformerTrainConfig
 
-    for name in preset_names():  # tokenizer presets, and the prior's ("*-prior")
+    assert preset_names("prior") == ["demo-prior"] and "demo-prior" not in preset_names()
+    for name in preset_names() + preset_names("prior"):
         cfg = load_config(TransformerTrainConfig if name.endswith("prior") else TokenizerTrainConfig,
                           resolve_config_path(name))
         cfg.validate()
+    with pytest.raises(UserError, match="tokenizer presets: .*small-cpu-vq.*; prior presets: demo-prior"):
+        resolve_config_path("small-cpu-typo")
     cfg = load_config(TokenizerTrainConfig, resolve_config_path("f16-16384"),
                       ["train.steps=7", "model.quantizer.n_embed=512", "loss.disc_weight=0.5", "data.path=/x"])
     assert cfg.model.downsample_factor == 16 and cfg.model.latent_size == 16
@@ -20,11 +23,11 @@ def test_presets_load_and_overrides_apply():
 
 
 def test_unknown_keys_list_the_valid_ones(tmp_path):
-    with pytest.raises(UserError, match=r"unknown key config\.train\.stepz.*valid keys of config\.train: .*steps"):
+    with pytest.raises(UserError, match=r"unknown key train\.stepz.*valid keys of train: .*steps"):
         load_config(TokenizerTrainConfig, {}, ["train.stepz=3"])
     p = tmp_path / "c.yaml"
     p.write_text("model:\n  chanels: 3\n")
-    with pytest.raises(UserError, match=r"unknown key config\.model\.chanels; valid keys .*ch_mult"):
+    with pytest.raises(UserError, match=r"unknown key model\.chanels; valid keys .*ch_mult"):
         load_config(TokenizerTrainConfig, p)
 
 
@@ -58,7 +61,7 @@ def test_a_kind_override_warns_about_the_settings_it_keeps(caplog):
     with caplog.at_level("WARNING", logger="vqgan.config"):
         cfg = load_config(TokenizerTrainConfig, data, ["model.quantizer.kind=fsq"])
     assert cfg.model.quantizer.entropy_weight == 0.1  # shared with fsq: kept (n_embed, vq's own, left)
-    assert len(caplog.records) == 1 and "entropy_weight=0.1 (for kind vq)" in caplog.text
+    assert len(caplog.records) == 1 and "entropy_weight=0.1 (set for kind vq) carried over" in caplog.text
     assert "embed_dim" not in caplog.text  # every kind's key: not a setting of the old kind
     caplog.clear()
     with caplog.at_level("WARNING", logger="vqgan.config"):  # set on the same command line, or the same kind: quiet

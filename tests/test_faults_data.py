@@ -90,7 +90,7 @@ def test_tokenize_marks_a_truncated_image_unusable_instead_of_pairing_its_label_
     store = TokenStore(tmp_path / "store")
     bad = store.meta["files"].index(str(tmp_path / "imgs" / "cats" / "2.png"))
     assert store.labels[bad] == UNUSABLE
-    assert result["skipped"] == 1 and result["unusable_rows"] == 1
+    assert result["skipped"] == 1 and result["unusable_rows"] == 1 and result["usable_rows"] == result["count"] - 1
     for row, file in enumerate(store.meta["files"]):
         if row != bad:
             assert torch.equal(store[row]["tokens"], own_tokens(model, file)), file

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .parallel import is_first_process
+from .presets import preset_names
 
 
 def _train_tokenizer(args) -> dict:
@@ -182,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train-tokenizer", help="train a VQGAN tokenizer on a folder of images")
-    t.add_argument("config", help="YAML config file or preset name (small-cpu, f16-1024, f16-16384, demo)")
+    t.add_argument("config", help=f"YAML config file or preset name ({', '.join(preset_names())})")
     t.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.path=~/photos train.steps=2000")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.out_dir")
     t.add_argument("--no-progress", action="store_true")
@@ -212,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
         e.set_defaults(func=fn)
 
     g = sub.add_parser("train-transformer", help="train the GPT prior on a token store")
-    g.add_argument("config", help="YAML config file, or '-' for defaults")
+    g.add_argument("config", help=f"YAML config file, preset name ({', '.join(preset_names('prior'))}), or '-' "
+                                  "for defaults")
     g.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.tokens=store/ train.steps=2000")
     g.add_argument("--resume", action="store_true")
     g.add_argument("--no-progress", action="store_true")

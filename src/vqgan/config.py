@@ -454,14 +454,21 @@ def section_class(tp: type, data: dict[str, Any], where: str) -> type:
     return tp.for_kind(kind)  # an unknown kind: the registry's one-line error naming the valid ones
 
 
-def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
+def _key(*parts: str) -> str:
+    """A dotted key as users write it (train.steps); the config's root has no name of its own."""
+    return ".".join(p for p in parts if p)
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     """Build dataclass `cls` from a (nested) dict; unknown keys are an error listing the valid ones."""
     types_ = _field_types(cls)
     unknown = sorted(set(data) - set(types_))
     if unknown:
-        of = f"{where} (kind {data.get('kind', getattr(cls, 'default_kind', ''))})" if issubclass(cls, ByKind) else where
-        raise UserError(f"unknown key {where}.{unknown[0]}; valid keys of {of}: {', '.join(types_)}")
-    kwargs = {k: _coerce(v, types_[k], f"{where}.{k}") for k, v in data.items()}
+        of = where or "the config"
+        if issubclass(cls, ByKind):
+            of = f"{of} (kind {data.get('kind', getattr(cls, 'default_kind', ''))})"
+        raise UserError(f"unknown key {_key(where, unknown[0])}; valid keys of {of}: {', '.join(types_)}")
+    kwargs = {k: _coerce(v, types_[k], _key(where, k)) for k, v in data.items()}
     return cls(**kwargs)
 
 
@@ -469,7 +476,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type, where: str = "config") -> dict[str, Any]:
+def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type, where: str = "") -> dict[str, Any]:
     """Apply `a.b.c=value` strings to a nested dict; values are parsed as YAML (1e-4, [1,2], true).
 
     `...kind=` overrides go first, so the other keys of a section chosen by kind are checked against the new
@@ -488,12 +495,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type, where
         node, node_cls = data, cls
         for i, part in enumerate(parts):
             if isinstance(node_cls, type) and issubclass(node_cls, ByKind):
-                node_cls = section_class(node_cls, node, ".".join([where, *parts[:i]]))
+                node_cls = section_class(node_cls, node, _key(where, *parts[:i]))
             types_ = _field_types(node_cls)
             if part not in types_:
-                prefix = ".".join([where, *parts[:i]])
-                raise UserError(f"unknown key {prefix}.{part} in override {item!r}; valid keys of {prefix}: "
-                                f"{', '.join(types_)}")
+                prefix = _key(where, *parts[:i])
+                raise UserError(f"unknown key {_key(prefix, part)} in override {item!r}; valid keys of "
+                                f"{prefix or 'the config'}: {', '.join(types_)}")
             if i == len(parts) - 1:
                 previous = node.get(part)
                 try:
@@ -509,8 +516,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type, where
                     common = {f.name for f in dataclasses.fields(node_cls.section_base())}  # every kind's
                     kept = [k for k in node if k not in common and f"{section}.{k}" not in overridden]
                     if kept and previous not in (None, node["kind"]):
-                        log.warning("%s: the config's %s (for kind %s) stay, as kind %s has them too; set them on "
-                                    "the command line to change them", item.strip(),
+                        log.warning("%s: the config's %s (set for kind %s) carried over, as kind %s has them too; set "
+                                    "them on the command line to change them", item.strip(),
                                     ", ".join(f"{k}={node[k]!r}" for k in kept), previous, node["kind"])
             else:
                 node = node.setdefault(part, {})

@@ -8,8 +8,10 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 ALIASES = {"small-cpu-fsq": "small-cpu"}
 
 
-def preset_names() -> list[str]:
-    return sorted([p.stem for p in CONFIG_DIR.glob("*.yaml")] + list(ALIASES))
+def preset_names(stage: str = "tokenizer") -> list[str]:
+    """The shipped presets of a stage, `tokenizer` or `prior` (their names end in -prior); aliases left out."""
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    return [n for n in names if n.endswith("-prior") == (stage == "prior")]
 
 
 def resolve_config_path(name_or_path: str) -> Path:
@@ -22,4 +24,5 @@ def resolve_config_path(name_or_path: str) -> Path:
         return preset
     from .errors import UserError
 
-    raise UserError(f"{name_or_path!r} is neither a config file nor a preset; presets: {', '.join(preset_names())}")
+    raise UserError(f"{name_or_path!r} is neither a config file nor a preset; tokenizer presets: "
+                    f"{', '.join(preset_names())}; prior presets: {', '.join(preset_names('prior'))}")

@@ -495,7 +495,10 @@ def tokenize_folder(tokenizer_path: str, data: str, out: str, batch_size: int = 
     _write_json_atomic(meta_path, {**meta, "done": count, "complete": True, "unusable_rows": len(unusable)})
     return {"out": str(out_dir), "count": count, "grid": codes["grids"][0], "codes": model.code_spec.describe(),
             "classes": len(class_names), "skipped": n_bad + len(set((unusable // crops_per_image).tolist())),
-            "unusable_rows": len(unusable), "condition_grid": condition["grids"][0] if condition else None}
+            # rows: `count`, of which `unusable_rows` (files that failed to decode, among the `skipped` files) are
+            # kept as masked rows, so that row i stays image i's; `usable_rows` train the prior
+            "unusable_rows": len(unusable), "usable_rows": count - len(unusable),
+            "condition_grid": condition["grids"][0] if condition else None}
 
 
 def write_store(out_dir: Path, tokens: np.ndarray, meta: dict[str, Any], labels: np.ndarray | None = None) -> None:
