@@ -159,7 +159,8 @@ def _complete(args) -> dict:
             rows.append(torch.cat([*shown, batch[i:i + 1].to(masked.device), masked[i:i + 1], outs[i]]))
             write_images(outs[i], out, stem=f"completion_{len(rows) - 1:03d}")
     bar.close()
-    write_grid(rows, out / "completions.png")
+    headers = [*(["map"] if maps else []), "image", "kept", *(f"sample {j + 1}" for j in range(args.n))]
+    write_grid(rows, out / "completions.png", headers=headers)
     return {"out": str(out), "images": len(rows), "completions_per_image": args.n, "skipped": len(images) - len(pairs)}
 
 

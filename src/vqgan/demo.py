@@ -112,7 +112,8 @@ def generate_pictures(root: Path, progress: bool = True) -> dict[str, Any]:
     for img, label in zip(images, labels):
         masked, outs = complete_images(class_prior, img[None], n=5, keep_rows=0.5, label=label, **SAMPLING)
         rows.append(torch.cat([img[None], masked, outs[0]]))
-    made["completions"] = write_grid(rows, out / "completions.png", scale=2)
+    made["completions"] = write_grid(rows, out / "completions.png", scale=2,
+                                     headers=["image", "kept", *(f"sample {j + 1}" for j in range(5))])
 
     rows = []
     for r in held_out:

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from .errors import UserError
-from .eval.report import image_grid, to_uint8
+from .eval.report import headed_grid, image_grid, to_uint8
 from .priors.bundle import ArgNames, Prior
 from .priors.load import load_prior
 
@@ -183,7 +183,9 @@ def write_images(images: torch.Tensor, out: Path, stem: str = "sample") -> list[
     return names
 
 
-def write_grid(rows: list[torch.Tensor], path: Path, scale: int = 1) -> Path:
+def write_grid(rows: list[torch.Tensor], path: Path, scale: int = 1, headers: list[str] | None = None) -> Path:
+    """Rows of images as one PNG; `headers`: a heading over each column."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid([r.detach().cpu() for r in rows], scale=scale).save(path)
+    rows = [r.detach().cpu() for r in rows]
+    (headed_grid(headers, rows, scale=scale) if headers else image_grid(rows, scale=scale)).save(path)
     return path

@@ -207,5 +207,6 @@ def reconstruct_folder(model_path: str, images: str, out: str, batch_size: int =
         w = csv.DictWriter(f, fieldnames=["file", "reconstruction", "psnr"])
         w.writeheader()
         w.writerows(rows)
-    mean = float(np.mean([r["psnr"] for r in rows])) if rows else float("nan")
-    return {"count": len(rows), "psnr_mean": mean, "out": str(out_dir), "skipped": skipped}
+    mean = round(float(np.mean([r["psnr"] for r in rows])), 4) if rows else float("nan")
+    return {"count": len(rows), "psnr_mean": mean, "out": str(out_dir), "per_image": str(out_dir / "psnr.csv"),
+            "skipped": skipped}

@@ -34,15 +34,38 @@ def image_grid(rows: Sequence[torch.Tensor], pad: int = 2, scale: int = 1, fill:
     return grid
 
 
-def labelled_grid(labels: Sequence[str], rows: Sequence[torch.Tensor], scale: int = 1, pad: int = 2) -> Image.Image:
-    """`image_grid` of `rows` with each row's label written to its left (the text is not scaled up)."""
-    from PIL import ImageDraw, ImageFont
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def headed_grid(headers: Sequence[str], rows: Sequence[torch.Tensor], scale: int = 1, pad: int = 2) -> Image.Image:
+    """`image_grid` of `rows` with a heading over each column (the text is not scaled up)."""
+    from PIL import ImageDraw
 
     grid = image_grid(rows, pad=pad, scale=scale)
-    try:
-        font = ImageFont.load_default(size=14)
-    except TypeError:  # Pillow < 10.1: the fixed bitmap font
-        font = ImageFont.load_default()
+    font = _font(11)
+    w = rows[0].shape[-1]
+    height = int(max(ImageDraw.Draw(grid).textbbox((0, 0), h, font=font)[3] for h in headers)) + 6
+    out = Image.new("RGB", (grid.width, grid.height + height), (255, 255, 255))
+    out.paste(grid, (0, height))
+    draw = ImageDraw.Draw(out)
+    for c, head in enumerate(headers):
+        centre = (pad + c * (w + pad) + w / 2) * scale
+        draw.text((centre - draw.textlength(head, font=font) / 2, 3), head, fill=(0, 0, 0), font=font)
+    return out
+
+
+def labelled_grid(labels: Sequence[str], rows: Sequence[torch.Tensor], scale: int = 1, pad: int = 2) -> Image.Image:
+    """`image_grid` of `rows` with each row's label written to its left (the text is not scaled up)."""
+    from PIL import ImageDraw
+
+    grid = image_grid(rows, pad=pad, scale=scale)
+    font = _font(14)
     draw = ImageDraw.Draw(grid)
     margin = int(max(draw.textlength(label, font=font) for label in labels)) + 12
     out = Image.new("RGB", (grid.width + margin, grid.height), (255, 255, 255))

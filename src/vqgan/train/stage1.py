@@ -380,7 +380,8 @@ class TokenizerTrainer(TrainingLoop):
 
     def postfix(self, logs: dict[str, float]) -> dict[str, str]:
         return {"loss": f"{logs['total']:.3f}", "rec": f"{logs['rec']:.3f}",
-                "usage": f"{logs.get('usage_window', float('nan')):.2f}"}
+                # codes that won within the restart window (restarts keep codes alive: not held-out usage)
+                "alive": f"{logs.get('usage_window', float('nan')):.2f}"}
 
     def finish(self) -> dict[str, Any]:
         try:
