@@ -72,6 +72,9 @@ def test_paired_store_holds_the_maps_tokens(conditioned_prior):
     assert torch.equal(store[7]["cond"], segtok.encode(one_hot(seg, 8)[None]).reshape(-1))
     assert (tmp / "prior" / "model" / "cond_tokenizer" / "model.safetensors").is_file()
     assert "kind: spatial" in (tmp / "prior" / "model" / "config.yaml").read_text()
+    page = (tmp / "prior" / "report.html").read_text()  # the run's page: what was trained, samples, the NLL
+    assert "held-out NLL (nats/token)" in page and "report/samples.png" in page and "spatial" in page
+    assert (tmp / "prior" / "report" / "nll.png").is_file() and (tmp / "prior" / "report" / "samples.png").is_file()
 
 
 def test_sample_on_a_segmentation_map_at_and_beyond_the_training_size(conditioned_prior):

@@ -81,7 +81,11 @@ def _train_transformer(args) -> dict:
     if result.get("stopped"):
         return _stopped(result, args)
     if is_first_process():
+        from .eval.report import prior_report
+
+        report = prior_report(result["out"], result)
         print(f"held-out NLL {result['nll']:.4f} nats/token; model: {Path(result['out']) / 'model'}")
+        print(f"report: {report.resolve()}")
     return {}
 
 

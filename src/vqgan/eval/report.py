@@ -246,3 +246,38 @@ def describe_config(cfg: dict) -> str:
     return (f"{cfg.get('kind', 'vqgan')} at {side} px: encoder {cfg.get('encoder', {}).get('kind', 'conv')}, "
             f"decoder {cfg.get('decoder', {}).get('kind', 'conv')}, {quantizers}; "
             f"tokens per image: {grids or '?'} (grid x codes per position)")
+
+
+def prior_report(run_dir: Path, result: dict, title: str = "Transformer prior") -> Path:
+    """report.html + PNGs for a stage-2 run: the loss curves, the last samples and what was trained."""
+    import shutil
+
+    from ..train.common import read_metrics
+
+    run_dir = Path(run_dir)
+    out = run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = read_metrics(run_dir / "logs" / "metrics.jsonl")
+    curves = {"training batches": ([r["step"] for r in rows if r.get("kind") == "train" and "loss" in r],
+                                   [r["loss"] for r in rows if r.get("kind") == "train" and "loss" in r]),
+              "held out": ([r["step"] for r in rows if r.get("kind") == "eval" and "nll" in r],
+                           [r["nll"] for r in rows if r.get("kind") == "eval" and "nll" in r])}
+    line_plot(curves, "negative log-likelihood", ylabel="nats per token").save(out / "nll.png")
+    cfg = _run_config(run_dir)
+    data, train = cfg.get("data", {}), cfg.get("train", {})
+    saved = _read_yaml(run_dir / "model" / "config.yaml") or {}
+    conditioning = (saved.get("conditioning") or {}).get("kind", data.get("conditioning"))  # auto, resolved
+    summary = [{"held-out NLL (nats/token)": round(result["nll"], 4), "steps": train.get("steps"),
+                "batch": train.get("batch_size"), "conditioning": conditioning,
+                "window": data.get("window") or "whole grid", "token store": data.get("tokens")}]
+    model = cfg.get("model", {})
+    arch = ", ".join(f"{k} {v}" for k, v in model.items() if not isinstance(v, dict))
+    samples = ("<p class=note>No samples: the tokenizer the store records is missing or changed since.</p>")
+    if result.get("samples"):
+        shutil.copyfile(result["samples"], out / "samples.png")
+        samples = ("<p class=note>At the last step; a row per class (class priors), or condition maps, samples on "
+                   "them and the real images (map priors).</p><img src='report/samples.png'>")
+    sections = [("Summary", table(summary) + f"<p class=note>Transformer: {html.escape(arch)}</p>"),
+                ("Samples", samples),
+                ("Loss", "<img src='report/nll.png'>")]
+    return write_report(run_dir / "report.html", title, sections)
