@@ -197,7 +197,8 @@ class GumbelQuantizer(Quantizer):
         means = torch.zeros(self.n_embed, pool.shape[1]).index_add_(0, pool_owner, pool) / counts.clamp_min(1)[:, None]
         m = torch.where(counts[owners, None] > 1, means[owners], pool.mean(0))  # the owner's recent outputs
         direction = picks - m
-        step = (2 * margin / direction.square().sum(1, keepdim=True).clamp_min(1e-12)) * direction
+        tiny = 1e-6 * float(pool.var(0).sum()) + 1e-12  # a pick at its owner's mean: no direction to cut along
+        step = (2 * margin / direction.square().sum(1, keepdim=True).clamp_min(tiny)) * direction
         w[targets] = w[owners] + step  # +margin at the pick, -margin at the owner's mean
         b[targets] = b[owners] - (step * (picks + m)).sum(1) / 2
         self.embed.weight[targets.to(self.embed.weight.device)] = self.embed.weight[owners.to(self.embed.weight.device)]
