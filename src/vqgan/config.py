@@ -476,6 +476,17 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def differences(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, a's value, b's value) wherever two nested config dicts differ; only `kind` where a section's
+    kinds differ (its other keys follow from it)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.get("kind") != b.get("kind"):
+            return [(_key(prefix, "kind"), a.get("kind"), b.get("kind"))]
+        return [d for key in sorted(set(a) | set(b), key=str) for d in differences(a.get(key), b.get(key),
+                                                                                 _key(prefix, str(key)))]
+    return [] if a == b else [(prefix, a, b)]
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str], cls: type, where: str = "") -> dict[str, Any]:
     """Apply `a.b.c=value` strings to a nested dict; values are parsed as YAML (1e-4, [1,2], true).
 

@@ -30,7 +30,7 @@ from ..checkpoint import (
     load_for_finetuning,
     save_model,
 )
-from ..config import TokenizerConfig, TokenizerTrainConfig, from_dict
+from ..config import TokenizerConfig, TokenizerTrainConfig, differences, from_dict
 from ..data.images import ImageDataset, ReadableItems, collate_readable
 from ..data.sources import image_sources
 from ..errors import UserError
@@ -395,16 +395,6 @@ class TokenizerTrainer(TrainingLoop):
                      epoch_usage=self.last_epoch_usage,
                      perceptual=self.loss.perceptual_description)
         return final
-
-
-def differences(a, b, prefix: str = "") -> list[tuple[str, object, object]]:
-    """(dotted key, a's value, b's value) wherever two nested dicts differ; a whole sub-dict where a kind differs."""
-    if isinstance(a, dict) and isinstance(b, dict) and a.get("kind") == b.get("kind"):
-        return [d for key in sorted(set(a) | set(b), key=str)
-                for d in differences(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else str(key))]
-    if isinstance(a, dict) and isinstance(b, dict):  # another kind: its other keys follow from it
-        return [(f"{prefix}.kind" if prefix else "kind", a.get("kind"), b.get("kind"))]
-    return [] if a == b else [(prefix, a, b)]
 
 
 def train_tokenizer(cfg: TokenizerTrainConfig, resume: Resume | bool = False, progress: bool = True) -> dict[str, Any]:
