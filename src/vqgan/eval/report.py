@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import html
+import math
 import numbers
 import os
 from pathlib import Path
@@ -132,6 +133,46 @@ def _cell(v) -> str:
     return "" if v is None else str(v)
 
 
+def _series(rows: list[dict], *keys: str) -> dict[str, tuple[list, list]]:
+    """{key: (steps, values)} of the logged rows, for the keys that some row has."""
+    return {k: ([r["step"] for r in rows if k in r], [r[k] for r in rows if k in r]) for k in keys
+            if any(k in r for r in rows)}
+
+
+def _loss_charts(train: list[dict], loss_cfg: dict, out: Path) -> str:
+    """losses.png (the generator's terms) and gan.png, or a note where no discriminator has trained; their html."""
+    losses = _series(train, "total", "rec", "l1", "l2", "logit_laplace", "ce", "lpips", "codebook", "gan")
+    if loss_cfg.get("pixel_weight", 1.0) == 0 and "l1" in losses:  # logged for reading, not trained on
+        losses["l1 (not in the loss)"] = losses.pop("l1")
+    line_plot(losses, "generator losses", log_y=True, ylabel="loss").save(out / "losses.png")
+    html_ = ("<p class=note>rec: the weighted reconstruction terms the model is trained on; codebook: the quantizer's "
+             "own loss, below 0 where an entropy bonus outweighs it. Where a loss goes below 0 the scale is "
+             "logarithmic on both sides of a linear band around 0.</p><img src='report/losses.png'>")
+    gan = _series(train, "disc", "logits_real", "logits_fake", "adaptive_weight")
+    if "disc" in gan:
+        line_plot(gan, "discriminator: loss, mean logits, adaptive weight").save(out / "gan.png")
+        return html_ + "<img src='report/gan.png'>"
+    (out / "gan.png").unlink(missing_ok=True)
+    if loss_cfg.get("disc_factor", 1.0) == 0:
+        return html_ + "<p class=note>No discriminator in this run (loss.disc_factor 0).</p>"
+    return html_ + (f"<p class=note>The discriminator had not started: it trains from step "
+                    f"{loss_cfg.get('disc_train_start', '?')} (loss.disc_train_start).</p>")
+
+
+def _code_histograms(result: dict, out: Path) -> str:
+    """One sorted histogram of held-out codes per code stream (level, depth: separate vocabularies); their html."""
+    images = []
+    for i, (counts, label) in enumerate(zip(result.get("stream_counts", [result["counts"]]),
+                                            result.get("stream_labels", [""]))):
+        name = "codebook_histogram.png" if i == 0 else f"codebook_histogram_{i + 1}.png"
+        used = f"{int((counts > 0).sum())} of {len(counts)} codes used"
+        bar_plot(sorted(counts.tolist(), reverse=True),
+                 f"held-out code histogram{', ' + label if label else ''}, sorted: {used}",
+                 xlabel="code (most used first)", ylabel="positions").save(out / name)
+        images.append(f"<img src='report/{name}'>")
+    return "".join(images)
+
+
 def tokenizer_report(run_dir: Path, result: dict, title: str = "VQGAN tokenizer") -> Path:
     """report.html + PNGs for a stage-1 run: reconstructions, loss curves, codebook usage, PSNR."""
     from ..train.common import read_metrics
@@ -142,51 +183,24 @@ def tokenizer_report(run_dir: Path, result: dict, title: str = "VQGAN tokenizer"
     rows = read_metrics(run_dir / "logs" / "metrics.jsonl")
     train = [r for r in rows if r.get("kind") == "train"]
     evals = [r for r in rows if r.get("kind") == "eval"]
-
-    def series(rs, *keys):
-        return {k: ([r["step"] for r in rs if k in r], [r[k] for r in rs if k in r]) for k in keys
-                if any(k in r for r in rs)}
-
     labels = "accuracy" in result  # a segmentation-map tokenizer
     quality = ("accuracy", "miou") if labels else ("psnr",)
-    losses = series(train, "total", "rec", "l1", "l2", "logit_laplace", "ce", "lpips", "codebook", "gan")
-    loss_cfg = _run_config(run_dir).get("loss", {})
-    if loss_cfg.get("pixel_weight", 1.0) == 0 and "l1" in losses:  # logged for reading, not trained on
-        losses["l1 (not in the loss)"] = losses.pop("l1")
-    line_plot(losses, "generator losses", log_y=True, ylabel="loss").save(out / "losses.png")
-    gan = series(train, "disc", "logits_real", "logits_fake", "adaptive_weight")
-    if "disc" in gan:
-        line_plot(gan, "discriminator: loss, mean logits, adaptive weight").save(out / "gan.png")
-        gan_html = "<img src='report/gan.png'>"
-    else:
-        (out / "gan.png").unlink(missing_ok=True)
-        gan_html = ("<p class=note>No discriminator in this run (loss.disc_factor 0).</p>"
-                    if loss_cfg.get("disc_factor", 1.0) == 0 else
-                    f"<p class=note>The discriminator had not started: it trains from step "
-                    f"{loss_cfg.get('disc_train_start', '?')} (loss.disc_train_start).</p>")
-    line_plot(series(train, "usage_window", "usage_batch"), "codebook usage", ylabel="fraction of codes used").save(
-        out / "usage.png")
-    line_plot(series(evals, *quality), "held-out pixel accuracy / mIoU" if labels else "held-out PSNR",
+    losses_html = _loss_charts(train, _run_config(run_dir).get("loss", {}), out)
+    line_plot(_series(train, "usage_window", "usage_batch"), "codebook usage",
+              ylabel="fraction of codes used").save(out / "usage.png")
+    line_plot(_series(evals, *quality), "held-out pixel accuracy / mIoU" if labels else "held-out PSNR",
               ylabel="fraction" if labels else "PSNR (dB)").save(out / "psnr.png")
     x, rec = result["examples"]
     pairs_grid(x, rec, scale=3).save(out / "reconstructions.png")
-    histograms = []  # one per code stream (level, depth): their vocabularies are separate
-    for i, (counts, label) in enumerate(zip(result.get("stream_counts", [result["counts"]]),
-                                            result.get("stream_labels", [""]))):
-        name = "codebook_histogram.png" if i == 0 else f"codebook_histogram_{i + 1}.png"
-        used = f"{int((counts > 0).sum())} of {len(counts)} codes used"
-        bar_plot(sorted(counts.tolist(), reverse=True),
-                 f"held-out code histogram{', ' + label if label else ''}, sorted: {used}",
-                 xlabel="code (most used first)", ylabel="positions").save(out / name)
-        histograms.append(f"<img src='report/{name}'>")
     head = ({"pixel accuracy": round(result["accuracy"], 4), "mIoU": round(result["miou"], 4)} if labels else
             {"PSNR (dB)": round(result["psnr"], 3), "L1 [0,1]": round(result["l1"], 5)})
+    epoch_usage = result.get("epoch_usage")
+    streams = result.get("stream_counts", [result["counts"]])
     summary = [{"held-out images": result["n_images"], **head,
-                "codes used (held-out)": " + ".join(f"{int((c > 0).sum())}/{len(c)}" for c in result["stream_counts"])
-                if "stream_counts" in result else f"{result['codes_used']}/{result['n_embed']}",
+                "codes used (held-out)": " + ".join(f"{int((c > 0).sum())}/{len(c)}" for c in streams),
                 "usage (held-out)": round(result["usage"], 4),
-                "usage (last epoch)": (round(result["epoch_usage"], 4) if result.get("epoch_usage") == result.get(
-                    "epoch_usage") else "n/a"),
+                "usage (last epoch)": (round(epoch_usage, 4) if isinstance(epoch_usage, numbers.Real)
+                                       and math.isfinite(epoch_usage) else "n/a"),
                 "perplexity": round(result["perplexity"], 1), "steps": result.get("step"),
                 "skipped files": result.get("skipped_files", 0)}]
     model = describe_model(run_dir / "model" / "config.yaml")
@@ -195,11 +209,8 @@ def tokenizer_report(run_dir: Path, result: dict, title: str = "VQGAN tokenizer"
                     f"<p class=note>Perceptual network: {html.escape(str(result.get('perceptual')))}</p>"),
         ("Held-out reconstructions", "<p class=note>Each input row is followed by its reconstruction.</p>"
                                      "<img src='report/reconstructions.png'>"),
-        ("Losses", "<p class=note>rec: the weighted reconstruction terms the model is trained on; codebook: the "
-                   "quantizer's own loss, below 0 where an entropy bonus outweighs it. Where a loss goes below 0 "
-                   "the scale is logarithmic on both sides of a linear band around 0.</p>"
-                   "<img src='report/losses.png'>" + gan_html),
-        ("Codebook", "<img src='report/usage.png'>" + "".join(histograms)),
+        ("Losses", losses_html),
+        ("Codebook", "<img src='report/usage.png'>" + _code_histograms(result, out)),
         ("Quality over training", "<img src='report/psnr.png'>" + table(
             [{k: r.get(k) for k in ("step", *quality, "l1", "usage", "codes_used", "perplexity")} for r in evals])),
     ]
