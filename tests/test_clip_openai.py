@@ -77,6 +77,9 @@ def test_openai_torchscript_file_from_the_clip_cache(openai_files, tmp_path, mon
     clip = load_clip(ClipSpec("ViT-B-32", "openai"))
     assert clip.source["path"] == str(openai_files["jit"]) and clip.source["file"] == "ViT-B-32.pt"
     assert next(clip.model.parameters()).dtype == torch.float32
+    # random weights under the released name: recorded as not OpenAI's file (its URL carries the real sha256)
+    assert clip.source["checked"] == "NOT the released ViT-B-32.pt of ViT-B-32 / openai: sha256 differs"
+    assert clip.source["pretrained"] == "openai" and clip.source["activation"] == "QuickGELU"
     same_embeddings(clip, open_clip.load_openai_model(str(openai_files["jit"]), precision="fp32", device="cpu"))
 
 
@@ -86,6 +89,7 @@ def test_openai_plain_state_dict_gets_quickgelu_whatever_the_tag(openai_files):
     # a tag whose own weights use nn.GELU: the file's OpenAI entries still select OpenAI's QuickGELU
     clip = load_clip(ClipSpec("ViT-B-32", "laion2b_s34b_b79k", openai_files["plain"]))
     same_embeddings(clip, reference)
+    assert clip.source["pretrained"] == "openai" and clip.source["activation"] == "QuickGELU"
     with pytest.raises(UserError) as err:  # OpenAI's ViT-B/32 file under another model's name
         load_clip(ClipSpec(open_clip_name("ViT-B/16"), "openai", openai_files["plain"]))
     assert "\n" not in str(err.value) and "wrong shapes" in str(err.value) and "ViT-B-16" in str(err.value)
@@ -104,4 +108,4 @@ def test_unreadable_torchscript_archive_is_one_line(tmp_path):
 def test_openai_model_names():
     assert [open_clip_name(n) for n in ("ViT-B/32", "ViT-L/14@336px", "RN50x4", "ViT-B-16")] == [
         "ViT-B-32", "ViT-L-14-336", "RN50x4", "ViT-B-16"]
-    assert clip_specs(["ViT-B/32"], [], "openai") == [ClipSpec("ViT-B-32")]
+    assert clip_specs(["ViT-B/32"], [], None) == [ClipSpec("ViT-B-32")]

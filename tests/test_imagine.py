@@ -68,6 +68,21 @@ def test_image_prompts_and_story(tmp_path):
         story_from_options("a", "b || c", [])
 
 
+def test_labels_are_distinct_within_a_run(tmp_path):
+    from vqgan.imagine.prompts import prompt_labels, unique_names
+
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "cat.png").write_bytes(b"")
+    one, two = (parse_prompts(str(tmp_path / f / "cat.png"), image=True)[0] for f in ("a", "b"))
+    near, far = parse_prompts("fog:1 | fog:-0.5")
+    labels = prompt_labels([one, two, near, far, Prompt("a red house")])
+    assert list(labels.values()) == ["a/cat.png", "b/cat.png", "fog (1)", "fog (-0.5)", "a red house"]
+    assert unique_names(["a red house at dawn", "a red house at dusk", "fog"], 12) == [
+        "a red... #1", "a red... #2", "fog"]
+    assert all(len(n) <= 12 for n in unique_names(["x" * 30, "x" * 31], 12))
+
+
 # -- the loss ---------------------------------------------------------------------------------------------
 def test_spherical_distance_by_hand():
     a, b = torch.tensor([[3.0, 0.0]]), torch.tensor([[0.0, 2.0], [-1.0, 0.0], [1.0, 0.0]])
@@ -110,16 +125,65 @@ def hf_cache(root: Path, weights: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_clip_loads_from_a_file_and_from_the_hf_cache(clip_file, tmp_path, monkeypatch):
-    clip = load_clip(ClipSpec(weights=clip_file))
+def test_clip_loads_from_a_file_and_from_the_hf_cache(clip_file, tmp_path, monkeypatch, caplog):
+    with caplog.at_level(logging.INFO):
+        clip = load_clip(ClipSpec(pretrained="openai", weights=clip_file))
+    assert "No pretrained weights loaded" not in caplog.text  # open_clip's note before our file is loaded
     assert clip.source["file"] == "open_clip_pytorch_model.bin" and len(clip.source["sha256"]) == 64
+    assert clip.source["activation"] == "QuickGELU" and clip.source["checked"].startswith("not checked")
     assert clip.input_size == 224
     text = clip.encode_text(["a red house"])
     assert text.shape == (1, 512) and torch.allclose(text.norm(dim=-1), torch.ones(1))
     monkeypatch.setenv("HF_HUB_CACHE", str(hf_cache(tmp_path / "hub", clip_file)))
-    cached = load_clip(ClipSpec())
-    assert cached.source["sha256"] == clip.source["sha256"]
+    cached = load_clip(ClipSpec())  # no tag: openai's set is looked for
+    assert cached.source["sha256"] == clip.source["sha256"] and cached.source["pretrained"] == "openai"
     assert torch.equal(cached.encode_text(["a red house"]), text)
+    # the cached file passed by path without a tag takes the tag of the repo it lies in
+    inside = load_clip(ClipSpec(weights=next((tmp_path / "hub").rglob("open_clip_pytorch_model.bin"))))
+    assert inside.source["pretrained"] == "openai" and torch.equal(inside.encode_text(["a red house"]), text)
+
+
+@pytest.mark.slow
+def test_an_untagged_open_clip_file_gets_the_default_activation_and_a_warning(clip_file, caplog):
+    with caplog.at_level(logging.WARNING, logger="vqgan.imagine"):
+        clip = load_clip(ClipSpec(weights=clip_file))
+    assert clip.source["pretrained"] == "not given" and clip.source["activation"] == "GELU"
+    assert "no --clip-pretrained tag" in caplog.text and "--clip-pretrained openai" in caplog.text
+
+
+def test_what_a_checksum_shows(tmp_path, caplog):
+    from vqgan.checkpoint import file_sha256
+    from vqgan.imagine.clip_checks import identity, published_sha256, tag_of_cached_file
+
+    openai_cfg = open_clip.get_pretrained_cfg("ViT-B-32", "openai")
+    assert published_sha256(openai_cfg["url"]) == "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af"
+    assert published_sha256("https://x/v0.2-weights/vit_b_32-quickgelu-laion400m_e31-d867053b.pt") == "d867053b"
+    assert published_sha256("https://x/model.bin") is None
+    blob = tmp_path / "blobs" / "x"
+    blob.parent.mkdir()
+    blob.write_bytes(b"weights")
+    sha = file_sha256(blob)
+    blob = blob.rename(blob.parent / sha)
+    link = tmp_path / "snapshots" / "0" / "open_clip_model.safetensors"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(blob)
+    assert identity(link, sha, openai_cfg, "m / t") == "sha256 matches the Hugging Face file it was cached as (m / t)"
+    with caplog.at_level(logging.WARNING, logger="vqgan.imagine"):
+        assert identity(link, "0" * 64, openai_cfg, "m / t").startswith("sha256 differs")
+        assert "changed or is corrupt" in caplog.text
+        caplog.clear()
+        named = tmp_path / "ViT-B-32.pt"
+        named.write_bytes(b"random")
+        assert identity(named, sha, openai_cfg, "m / t").startswith("NOT the released ViT-B-32.pt")
+        assert "not the weights of m / t" in caplog.text
+        caplog.clear()
+        other = tmp_path / "mine.pt"
+        assert identity(other, sha, openai_cfg, "m / t").startswith("not checked") and not caplog.text
+    assert identity(other, openai_cfg["url"].split("/")[-2], openai_cfg, "m / t").startswith("sha256 matches the released")
+    tags = {t: open_clip.get_pretrained_cfg("ViT-B-32", t) for t in ("openai", "laion2b_s34b_b79k")}
+    assert tag_of_cached_file(Path("/c/hub/models--laion--CLIP-ViT-B-32-laion2B-s34B-b79K/snapshots/0/f"),
+                              tags) == "laion2b_s34b_b79k"
+    assert tag_of_cached_file(Path("/data/open_clip_model.safetensors"), tags) is None
 
 
 def test_missing_clip_weights_say_which_file_and_where(tmp_path, monkeypatch):
@@ -146,7 +210,7 @@ def test_mismatched_clip_weights_are_refused(tmp_path):
 def test_ensemble_options():
     specs = clip_specs(["ViT-B-32"], ["a.bin", "b.bin"], "openai")
     assert [s.weights for s in specs] == [Path("a.bin"), Path("b.bin")]
-    assert clip_specs([], [], "openai") == [ClipSpec()]
+    assert clip_specs([], [], None) == [ClipSpec()] and ClipSpec().tag == "openai"
     with pytest.raises(UserError, match="one file per model"):
         clip_specs(["ViT-B-32", "ViT-B-16", "RN50"], ["a", "b"], "openai")
 
@@ -282,9 +346,63 @@ def test_same_seed_same_image_and_outputs(trained_tokenizer, small_clip, tmp_pat
         assert (tmp_path / "a" / name).is_file(), name
     page = (tmp_path / "a" / "report.html").read_text()
     assert "random-vit-b-32.bin" in page and "the sea" in page and "seed 3" in page
+    assert "step_00002, final" in page and "step_00003" not in page  # the last frame is final.png
     assert ("animation.mp4" in page) == any(p.endswith("animation.mp4") for p in first["animation"])
     video = run("v", frames=2, frame_steps=1)
     assert video["steps"] == 5 and (tmp_path / "v" / "frames" / "frame_00002.png").is_file()
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"video": VideoConfig(frames=2, zoom=0)}, "--zoom 0: must be above 0"),
+    ({"video": VideoConfig(frames=2, fps=0)}, "--fps 0: must be at least 1"),
+    ({"video": VideoConfig(frames=-1)}, "--frames -1: must be at least 0"),
+    ({"video": VideoConfig(frames=1, frame_steps=0)}, "--frame-steps 0: must be at least 1"),
+    ({"optimise": OptimiseConfig(lr=-1)}, "--lr -1: must be above 0"),
+    ({"optimise": OptimiseConfig(cut_pow=-1)}, "--cut-pow -1: must be above 0"),
+    ({"optimise": OptimiseConfig(init_weight=-1)}, "--init-weight -1: must be at least 0"),
+    ({"optimise": OptimiseConfig(cutn=0)}, "--cutn 0: must be at least 1"),
+    ({"optimise": OptimiseConfig(lr_end=float("nan"))}, "--lr-end nan: must be at least 0"),
+])
+def test_bad_settings_are_refused_before_any_work(setting, message, tmp_path):
+    cfg = ImagineConfig(tokenizer=str(tmp_path / "no-such-tokenizer"), story=parse_story("a house"),
+                        out=tmp_path / "out", progress=False, **setting)
+    with pytest.raises(UserError) as err:  # the option, not the missing tokenizer: checked first
+        imagine(cfg)
+    assert one_line(err).startswith(message) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_video_frames_pull_toward_their_own_start_and_every_scene_is_plotted(trained_tokenizer, small_clip,
+                                                                             tmp_path, monkeypatch):
+    from vqgan.imagine import outputs, run
+
+    starts = []
+
+    class Recording(Optimiser):
+        def __init__(self, steer, clips, targets, config, latents, init, generator):
+            super().__init__(steer, clips, targets, config, latents, init, generator)
+            starts.append((latents, init))
+
+    plotted = {}
+
+    def line_plot(series, title, **kw):
+        plotted[title] = list(series)
+        return real_plot(series, title, **kw)
+
+    real_plot = outputs.line_plot
+    monkeypatch.setattr(run, "Optimiser", Recording)
+    monkeypatch.setattr(outputs, "line_plot", line_plot)
+    cfg = ImagineConfig(tokenizer=str(trained_tokenizer), story=parse_story("a house || the sea"),
+                        out=tmp_path / "v", size=(32, 32), progress=False,
+                        optimise=OptimiseConfig(steps=2, cutn=2, init_weight=1.0),
+                        video=VideoConfig(frames=2, frame_steps=1))
+    imagine(cfg, clips=[small_clip])
+    assert starts[0][1] is None  # a noise start: nothing to pull toward
+    for latents, pull in starts[1:]:  # each later frame: its own start (the previous frame zoomed)
+        assert all(torch.equal(a, b) for a, b in zip(latents, pull))
+    assert not all(torch.equal(a, b) for a, b in zip(starts[1][0], starts[2][0]))
+    similarity = next(v for k, v in plotted.items() if k.startswith("cosine similarity"))
+    assert similarity == ["sim a house", "sim the sea"]
 
 
 def _frames(n: int):

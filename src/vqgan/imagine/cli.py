@@ -7,7 +7,10 @@ from pathlib import Path
 def add_parser(sub) -> None:
     p = sub.add_parser("imagine", help="VQGAN+CLIP: steer a tokenizer's decoder toward text / image prompts")
     p.add_argument("tokenizer", help="tokenizer directory (a run, a checkpoint, a converted model) or a taming .ckpt")
-    p.add_argument("--prompt", default=None, help="'TEXT[:WEIGHT[:STOP]] | ...', e.g. 'a red house:1 | fog:-0.5'")
+    p.add_argument("--prompt", default=None,
+                   help="'TEXT[:WEIGHT[:STOP]] | ...', e.g. 'a red house:1 | fog:-0.5'. STOP: the spherical distance "
+                        "(theta^2 / 2 for the angle theta between embeddings: 0 same, 1.23 at 90 degrees, 4.93 "
+                        "opposite; a cosine of 0.3 is 0.80) below which the prompt stops pulling")
     p.add_argument("--story", default=None,
                    help="prompts changing over the run: scenes separated by '||', each may end with @START (0..1), "
                         "e.g. 'a red house || the sea @0.6'")
@@ -30,8 +33,10 @@ def add_parser(sub) -> None:
     p.add_argument("--clip-weights", action="append", default=[],
                    help="its weights file: open_clip's, or OpenAI's (ViT-B-32.pt) (repeatable, one per --clip-model); "
                         "default: the Hugging Face cache, then ~/.cache/clip")
-    p.add_argument("--clip-pretrained", default="openai",
-                   help="open_clip's tag of those weights (where the cache is looked up; sets QuickGELU for openai)")
+    p.add_argument("--clip-pretrained", default=None,
+                   help="open_clip's tag of the weights (e.g. openai, laion2b_s34b_b79k): which set the caches are "
+                        "searched for (default openai) and the activation it needs (QuickGELU for openai); give it "
+                        "with an open_clip --clip-weights file")
     p.add_argument("--save-every", type=int, default=50, help="a PNG (and an animation frame) every N steps; 0: off")
     p.add_argument("--frames", type=int, default=0, help="zoom/pan video: this many frames after the first")
     p.add_argument("--frame-steps", type=int, default=30, help="steps per video frame after the first")

@@ -13,12 +13,17 @@ OpenAI's layout is open_clip's (open_clip's CLIP keeps OpenAI's module names) pl
 and float16 weights; `from_openai_layout` converts it. A TorchScript archive is read with torch.jit.load, which
 restores tensors and TorchScript code but runs no pickled Python; only its state dict is kept.
 Missing weights are a one-line error naming the file and where to put it; a file whose keys or shapes do not
-fit the model is refused the same way. The pretrained tag (`--clip-pretrained`, default `openai`) sets the
-activation open_clip pairs with those weights (QuickGELU for OpenAI's; an OpenAI file always gets QuickGELU).
-The BPE vocabulary ships with open_clip.
+fit the model is refused the same way. The pretrained tag (`--clip-pretrained`) says which weight set to look
+for in the caches (default `openai`) and sets the activation open_clip pairs with it (QuickGELU for OpenAI's and
+some LAION sets). Without a tag an explicit file gets QuickGELU when it is OpenAI's own file, the tag of the
+Hugging Face repo it is cached in, else open_clip's default for the model, with a warning: the two activations
+load the same tensors and only the right one gives the weights' embeddings. What can be checked of a file's
+identity offline is recorded (clip_checks.py). The BPE vocabulary ships with open_clip.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import warnings
 import zipfile
@@ -30,20 +35,30 @@ import torch.nn.functional as F
 
 from ..checkpoint import check_state_dict, file_sha256, load_state_dict_file
 from ..errors import UserError
+from .clip_checks import identity, tag_of_cached_file
 
 _OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 _HF_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # open_clip's names, safetensors first
 _OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")  # hyperparameters in OpenAI's files
+DEFAULT_TAG = "openai"  # the weight set looked for in the caches when no --clip-pretrained is given
+
+log = logging.getLogger("vqgan.imagine")
 
 
 @dataclass(frozen=True)
 class ClipSpec:
-    """One CLIP of the ensemble: open_clip's model name, its pretrained tag, and an explicit weights file."""
+    """One CLIP of the ensemble: open_clip's model name, its pretrained tag (None: not given), and an explicit
+    weights file (None: the caches, for the tag or `DEFAULT_TAG`)."""
 
     model: str = "ViT-B-32"
-    pretrained: str = "openai"
+    pretrained: str | None = None
     weights: Path | None = None
+
+    @property
+    def tag(self) -> str | None:
+        """The tag the weights are looked up or read as: the given one; without a file, the default."""
+        return self.pretrained or (DEFAULT_TAG if self.weights is None else None)
 
 
 def _open_clip():
@@ -63,16 +78,44 @@ def hf_cache_dir() -> Path:
     return Path(home).expanduser() / "hub"
 
 
+@contextlib.contextmanager
+def _quiet_open_clip():
+    """open_clip logs on the root logger as it builds a model ("No pretrained weights loaded ... initialized
+    randomly", before our file is loaded into it): those lines say nothing true about this run."""
+    def not_open_clip(record: logging.LogRecord) -> bool:
+        return f"{os.sep}open_clip{os.sep}" not in record.pathname
+
+    root = logging.getLogger()
+    root.addFilter(not_open_clip)
+    try:
+        yield
+    finally:
+        root.removeFilter(not_open_clip)
+
+
 def _tag_config(spec: ClipSpec) -> dict:
+    """open_clip's config of the tag's weight set ({} for an explicit file without a tag)."""
     open_clip = _open_clip()
     if spec.model not in open_clip.list_models():
         raise UserError(f"--clip-model {spec.model!r} is not an open_clip model; e.g. ViT-B-32, ViT-B-16, "
                         "ViT-L-14 (open_clip.list_models() lists them)")
-    cfg = open_clip.get_pretrained_cfg(spec.model, spec.pretrained) or {}
-    if not cfg and spec.weights is None:
+    if spec.tag is None:
+        return {}
+    cfg = open_clip.get_pretrained_cfg(spec.model, spec.tag) or {}
+    if not cfg:
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(spec.model)[:6])
-        raise UserError(f"--clip-pretrained {spec.pretrained!r} is not a weight set of {spec.model}; its tags: {tags}")
+        raise UserError(f"--clip-pretrained {spec.tag!r} is not a weight set of {spec.model}; its tags: {tags}")
     return cfg
+
+
+def _tag_of_file(spec: ClipSpec, path: Path) -> str | None:
+    """The given tag, else the one whose Hugging Face repo holds `path` (a file passed from the cache)."""
+    if spec.tag is not None:
+        return spec.tag
+    open_clip = _open_clip()
+    tags = {t: open_clip.get_pretrained_cfg(spec.model, t) or {}
+            for t in open_clip.list_pretrained_tags_by_model(spec.model)}
+    return tag_of_cached_file(path, tags)
 
 
 def where_to_put(spec: ClipSpec, cfg: dict) -> str:
@@ -119,7 +162,7 @@ def find_weights(spec: ClipSpec) -> Path:
     for path in candidates:
         if path.is_file():
             return path
-    raise UserError(f"CLIP weights for {spec.model} ({spec.pretrained}) not found (nothing is downloaded): "
+    raise UserError(f"CLIP weights for {spec.model} ({spec.tag}) not found (nothing is downloaded): "
                     f"{where_to_put(spec, cfg)}")
 
 
@@ -161,7 +204,8 @@ class ClipModel:
     """A frozen CLIP: images in [0, 1] -> unit embeddings, texts -> unit embeddings. `source` records which
     weights (file name and sha256) were used, for the outputs."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, spec: ClipSpec, weights: Path, sha256: str):
+    def __init__(self, model: torch.nn.Module, tokenizer, spec: ClipSpec, weights: Path, sha256: str,
+                 pretrained: str | None = None, checked: str = "not checked"):
         self.model, self.tokenizer, self.spec = model, tokenizer, spec
         size = model.visual.image_size
         self.input_size = int(size if isinstance(size, int) else size[0])
@@ -169,8 +213,10 @@ class ClipModel:
         device = next(model.parameters()).device
         self.mean = torch.tensor(preprocess.get("mean", _OPENAI_MEAN), device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(preprocess.get("std", _OPENAI_STD), device=device).view(1, 3, 1, 1)
-        self.source = {"model": spec.model, "pretrained": spec.pretrained, "file": weights.name,
-                       "path": str(weights), "sha256": sha256}
+        quick = any(type(m).__name__ == "QuickGELU" for m in model.modules())
+        self.source = {"model": spec.model, "pretrained": pretrained or "not given",
+                       "activation": "QuickGELU" if quick else "GELU", "file": weights.name, "path": str(weights),
+                       "sha256": sha256, "checked": checked}
 
     @property
     def device(self) -> torch.device:
@@ -188,22 +234,36 @@ class ClipModel:
 def load_clip(spec: ClipSpec, device: torch.device | str = "cpu") -> ClipModel:
     """Build `spec.model` with open_clip (random init, no download) and load its weights file, strictly."""
     open_clip = _open_clip()
-    cfg = _tag_config(spec)
+    _tag_config(spec)  # the model name and a given tag, checked before the file is read
     path = find_weights(spec)
     sd, openai_file = read_weights(path)
-    model = open_clip.create_model(spec.model, pretrained=None, load_weights=False, pretrained_image=False,
-                                   pretrained_text=False, force_quick_gelu=openai_file or bool(cfg.get("quick_gelu")))
+    if openai_file and spec.tag not in (None, "openai"):
+        log.warning("CLIP weights %s are in OpenAI's layout: read as OpenAI's weights (QuickGELU), not as %s",
+                    path, spec.tag)
+    tag = "openai" if openai_file else _tag_of_file(spec, path)  # only OpenAI's release has OpenAI's layout
+    cfg = (open_clip.get_pretrained_cfg(spec.model, tag) or {}) if tag else {}
+    if tag is None:
+        log.warning("CLIP weights %s: no --clip-pretrained tag, so open_clip's default activation for %s; if the "
+                    "file holds OpenAI's weights (or another QuickGELU set) pass --clip-pretrained openai (or its "
+                    "tag), or its embeddings will be off", path, spec.model)
+    with _quiet_open_clip():
+        model = open_clip.create_model(spec.model, pretrained=None, load_weights=False, pretrained_image=False,
+                                       pretrained_text=False,
+                                       force_quick_gelu=openai_file or bool(cfg.get("quick_gelu")))
     own = model.state_dict()
     if "logit_scale" in sd and "logit_scale" in own and sd["logit_scale"].ndim != own["logit_scale"].ndim:
         sd["logit_scale"] = sd["logit_scale"].reshape(own["logit_scale"].shape)
-    check_state_dict(model, sd, f"CLIP weights {path} (for {spec.model})")
+    check_state_dict(model, sd, f"CLIP weights {path} (for --clip-model {spec.model}; weights of another model "
+                                f"need that model's name)")
     model.load_state_dict(sd)
     model = model.to(device).eval().requires_grad_(False)
     try:
-        tokenizer = open_clip.get_tokenizer(spec.model)
+        with _quiet_open_clip():
+            tokenizer = open_clip.get_tokenizer(spec.model)
     except Exception as e:  # a model with a Hugging Face text tower needs its tokenizer files cached
         raise UserError(f"the tokenizer of {spec.model} is not available offline: {str(e).splitlines()[0][:160]}")
-    return ClipModel(model, tokenizer, spec, path, file_sha256(path))
+    sha256 = file_sha256(path)
+    return ClipModel(model, tokenizer, spec, path, sha256, tag, identity(path, sha256, cfg, f"{spec.model} / {tag}"))
 
 
 def open_clip_name(name: str) -> str:
@@ -212,7 +272,7 @@ def open_clip_name(name: str) -> str:
     return name.replace("/", "-").replace("@336px", "-336")
 
 
-def clip_specs(models: list[str], weights: list[str], pretrained: str) -> list[ClipSpec]:
+def clip_specs(models: list[str], weights: list[str], pretrained: str | None) -> list[ClipSpec]:
     """The CLI's repeatable `--clip-model` and `--clip-weights` -> the ensemble. The i-th weights file goes
     with the i-th model; one model name with several files uses that name for each."""
     models = [open_clip_name(m) for m in models] or ["ViT-B-32"]

@@ -16,7 +16,7 @@ from .clip_models import ClipModel
 from .cutouts import MakeCutouts
 from .latents import Steerable
 from .losses import ClampWithGrad, prompt_loss, similarity
-from .prompts import Prompt
+from .prompts import Prompt, prompt_labels
 
 
 @dataclass
@@ -38,9 +38,11 @@ class OptimiseConfig:
 
 
 class Targets:
-    """Each prompt's target embedding for each CLIP of the ensemble: {prompt: [(D,) per model]}."""
+    """Each prompt's target embedding for each CLIP of the ensemble: {prompt: [(D,) per model]}, and its label
+    in the logs (distinct between prompts)."""
 
     def __init__(self, clips: list[ClipModel], prompts: list[Prompt], load_image: Callable[[Prompt, int], torch.Tensor]):
+        self.labels = prompt_labels(prompts)
         self.by_prompt: dict[Prompt, list[torch.Tensor]] = {}
         for p in prompts:
             if p.image is None:
@@ -70,14 +72,15 @@ class Optimiser:
     def losses(self, image: torch.Tensor, prompts: tuple[Prompt, ...]) -> tuple[torch.Tensor, dict[str, float]]:
         """The total loss of `image` against `prompts`, and each prompt's mean cosine similarity (over models)."""
         total = image.new_zeros(())
-        sims: dict[str, list[float]] = {p.label: [] for p in prompts}
+        labels = self.targets.labels
+        sims: dict[str, list[float]] = {labels[p]: [] for p in prompts}
         views = {size: cut(image) for size, cut in self.cutouts.items()}
         for i, clip in enumerate(self.clips):
             embeddings = clip.encode_image(views[clip.input_size])
             for p in prompts:
                 target = self.targets.by_prompt[p][i]
                 total = total + prompt_loss(embeddings, target, p)
-                sims[p.label].append(similarity(embeddings, target))
+                sims[labels[p]].append(similarity(embeddings, target))
         return total, {k: sum(v) / len(v) for k, v in sims.items()}
 
     def step(self, step: int, steps: int, prompts: tuple[Prompt, ...]) -> dict[str, float]:

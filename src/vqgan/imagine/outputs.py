@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from ..eval.report import image_grid, line_plot, table, to_uint8, write_report
+from .prompts import unique_names
 
 log = logging.getLogger("vqgan.imagine")
 
@@ -115,8 +116,9 @@ def write_page(out: Path, result: dict, rows: list[dict], frames: list[tuple[str
     """report.html: prompts, settings, seed, the CLIP weights (file and sha256), frames and the loss curve."""
     steps = list(range(len(rows)))
     curves = {"loss": (steps, [r["loss"] for r in rows])}
-    for label in (rows[0]["similarity"] if rows else {}):
-        curves[f"sim {label}"[:24]] = (steps, [r["similarity"].get(label) for r in rows])
+    labels = list(dict.fromkeys(k for r in rows for k in r["similarity"]))  # every scene's prompts, in order
+    for label, name in zip(labels, unique_names(labels, 28)):
+        curves[f"sim {name}"] = (steps, [r["similarity"].get(label) for r in rows])
     save_picture(line_plot({"loss": curves.pop("loss")}, "loss (all steps in order)"), out / "loss.png")
     save_picture(line_plot(curves, "cosine similarity of the cutouts with each prompt"), out / "similarity.png")
     shown = frames[-12:] if len(frames) > 12 else frames
@@ -130,7 +132,8 @@ def write_page(out: Path, result: dict, rows: list[dict], frames: list[tuple[str
                 "stop": p["stop"]} for s in result["story"] for p in s["prompts"]]
     settings = [{"setting": k, "value": json.dumps(v) if isinstance(v, (list, dict)) else v}
                 for k, v in result["settings"].items()]
-    clips = [{k: c[k] for k in ("model", "pretrained", "file", "sha256")} for c in result["clip"]]
+    clips = [{k: c.get(k, "") for k in ("model", "pretrained", "activation", "file", "sha256", "checked")}
+             for c in result["clip"]]
     names = ", ".join(html.escape(n) for n, _ in shown)
     animations = {Path(p).name for p in result["animation"]}  # this run's, not a file an earlier run left
     sections = [

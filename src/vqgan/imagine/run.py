@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from .clip_models import ClipModel, ClipSpec, load_clip
 from .latents import Steerable
 from .optimise import OptimiseConfig, Optimiser, Targets
 from .outputs import RunLog, save_animation, save_png, to_pil, write_page, write_text
-from .prompts import Prompt, Story
+from .prompts import Prompt, Story, unique_names
 
 
 @dataclass
@@ -102,14 +103,34 @@ def check_memory(steer: Steerable, clips: list[ClipModel], targets: Targets, cfg
                              steer.factor)
 
 
+def check_settings(cfg: ImagineConfig) -> None:
+    """Every number of the request checked before any work: a bad one is a one-line error naming the option."""
+    o, v = cfg.optimise, cfg.video
+    rules = [("--steps", o.steps, 1, "at least 1"), ("--cutn", o.cutn, 1, "at least 1"),
+             ("--save-every", cfg.save_every, 0, "at least 0 (0: off)"), ("--frames", v.frames, 0, "at least 0"),
+             ("--init-weight", o.init_weight, 0, "at least 0 (0: no pull)"),
+             ("--lr-end", o.lr_end, 0, "at least 0 (a fraction of --lr)")]
+    if v.frames:
+        rules += [("--frame-steps", v.frame_steps, 1, "at least 1"), ("--fps", v.fps, 1, "at least 1")]
+    for name, value, least, rule in rules:
+        if not math.isfinite(value) or value < least:
+            raise UserError(f"{name} {value:g}: must be {rule}")
+    positive = [("--lr", o.lr, "e.g. 0.1"), ("--cut-pow", o.cut_pow, "1 draws sizes evenly; > 1 favours small cutouts")]
+    if v.frames:
+        positive.append(("--zoom", v.zoom, "1 keeps the scale, > 1 zooms in, < 1 out"))
+    for name, value, hint in positive:
+        if not math.isfinite(value) or value <= 0:
+            raise UserError(f"{name} {value:g}: must be above 0 ({hint})")
+    if not all(math.isfinite(x) for x in v.pan):
+        raise UserError(f"--pan {v.pan[0]:g} {v.pan[1]:g}: must be finite pixel shifts")
+
+
 def imagine(cfg: ImagineConfig, clips: list[ClipModel] | None = None) -> dict:
     """Run it; returns a summary (paths, seed, final similarities, CLIP weights used). `clips`: already loaded
     models (tests, or a caller running several prompts)."""
+    check_settings(cfg)
     device = resolve_device(cfg.device)
     o = cfg.optimise
-    for name, value, least in (("--steps", o.steps, 1), ("--cutn", o.cutn, 1), ("--save-every", cfg.save_every, 0)):
-        if value < least:
-            raise UserError(f"{name} {value}: must be at least {least}")
     model = load_model(cfg.tokenizer, map_location=device)
     steer = Steerable(model)
     size = _size_of(cfg, model)
@@ -125,21 +146,23 @@ def imagine(cfg: ImagineConfig, clips: list[ClipModel] | None = None) -> dict:
     torch.manual_seed(cfg.seed)  # anything drawing from the global generator (the cutouts use `generator`)
     generator = torch.Generator().manual_seed(cfg.seed)  # the noise start, the cutouts and their augmentations
     if cfg.init_image is not None:
-        init = steer.encode(read_image(cfg.init_image, size, crop=True).to(device) * 2 - 1)
+        latents = steer.encode(read_image(cfg.init_image, size, crop=True).to(device) * 2 - 1)
     else:
-        init = [z.to(device) for z in steer.noise(*size, generator)]
+        latents = [z.to(device) for z in steer.noise(*size, generator)]
 
     out = Path(cfg.out)
     log = RunLog(out / "log.jsonl")
     video = cfg.video
     total = o.steps + video.frames * video.frame_steps
     frames: list[tuple[str, torch.Tensor]] = []
+    labels = list(targets.labels.values())
+    short = dict(zip(labels, unique_names(labels, 12)))  # the progress bar's names, distinct over the story
     bar = tqdm(total=total, disable=not cfg.progress, desc="imagine", dynamic_ncols=True)
     done = 0
-    latents = init
     for frame in range(video.frames + 1):
         steps = o.steps if frame == 0 else video.frame_steps
-        pull = init if cfg.init_image is not None or frame > 0 else None
+        # the pull is toward this frame's own start: the init image, or the previous frame shifted and zoomed
+        pull = latents if cfg.init_image is not None or frame > 0 else None
         opt = Optimiser(steer, clips, targets, o, latents, pull, generator)
         for step in range(steps):
             scene = cfg.story.at(done / total)
@@ -148,7 +171,8 @@ def imagine(cfg: ImagineConfig, clips: list[ClipModel] | None = None) -> dict:
             log.add(row)
             done += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", **{k[:12]: f"{v:.3f}" for k, v in row["similarity"].items()})
+            bar.set_postfix({"loss": f"{row['loss']:.3f}",
+                             **{short[k]: f"{v:.3f}" for k, v in row["similarity"].items()}})
             if not video.frames and cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < steps:
                 name = f"step_{step + 1:05d}"
                 frames.append((name, opt.current().cpu()))
@@ -161,7 +185,7 @@ def imagine(cfg: ImagineConfig, clips: list[ClipModel] | None = None) -> dict:
     bar.close()
     final = image.cpu()
     if not video.frames:
-        frames.append((f"step_{o.steps:05d}", final))
+        frames.append(("final", final))
     save_png(final, out / "final.png")
     animation = save_animation([to_pil(f) for _, f in frames], out, video.fps) if len(frames) > 1 else []
     result = {
@@ -170,7 +194,7 @@ def imagine(cfg: ImagineConfig, clips: list[ClipModel] | None = None) -> dict:
         "animation": [str(p) for p in animation],
         "clip": [c.source for c in clips],
         "story": [{"start": s.start, "prompts": [
-            {"label": p.label, "kind": "image" if p.image else "text", "weight": p.weight,
+            {"label": targets.labels[p], "kind": "image" if p.image else "text", "weight": p.weight,
              "stop": None if p.stop == float("-inf") else p.stop} for p in s.prompts]} for s in cfg.story.scenes],
         "settings": {"tokenizer": str(cfg.tokenizer), "size": list(size), "init_image": str(cfg.init_image or ""),
                      **dataclasses.asdict(o), **({f"video_{k}": v for k, v in dataclasses.asdict(video).items()}
