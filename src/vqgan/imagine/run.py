@@ -109,9 +109,16 @@ def check_settings(cfg: ImagineConfig) -> None:
     rules = [("--steps", o.steps, 1, "at least 1"), ("--cutn", o.cutn, 1, "at least 1"),
              ("--save-every", cfg.save_every, 0, "at least 0 (0: off)"), ("--frames", v.frames, 0, "at least 0"),
              ("--init-weight", o.init_weight, 0, "at least 0 (0: no pull)"),
-             ("--lr-end", o.lr_end, 0, "at least 0 (a fraction of --lr)")]
+             ("--lr-end", o.lr_end, 0, "at least 0 (a fraction of --lr)"), ("--fps", v.fps, 1, "at least 1")]
     if v.frames:
-        rules += [("--frame-steps", v.frame_steps, 1, "at least 1"), ("--fps", v.fps, 1, "at least 1")]
+        rules.append(("--frame-steps", v.frame_steps, 1, "at least 1"))
+    else:
+        still = VideoConfig()
+        for name, value, default in (("--zoom", v.zoom, still.zoom), ("--pan", tuple(v.pan), still.pan),
+                                     ("--frame-steps", v.frame_steps, still.frame_steps)):
+            if value != default:
+                raise UserError(f"{name} shapes a zoom/pan video: add --frames N (the frames after the first), or "
+                                f"drop {name}")
     for name, value, least, rule in rules:
         if not math.isfinite(value) or value < least:
             raise UserError(f"{name} {value:g}: must be {rule}")
