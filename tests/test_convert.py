@@ -201,3 +201,16 @@ def test_full_size_released_layouts_match_key_for_key(fixtures_dir):
         ours = {**shapes(gpt, "transformer."), **shapes(VQModel(f16), "first_stage_model.")}
         theirs = {k: v for k, v in real.items() if not k.endswith(".attn.mask")}  # a derived buffer
         assert ours == theirs
+
+
+def test_a_checkpoint_without_its_config_says_how_for_every_command(tmp_path):
+    from vqgan.checkpoint import load_model
+
+    lonely = tmp_path / "run" / "last.ckpt"
+    lonely.parent.mkdir()
+    torch.save({"state_dict": {}}, lonely)
+    with pytest.raises(UserError) as err:  # what encode, reconstruct or imagine call: none has --config
+        load_model(lonely)
+    message = str(err.value)
+    assert "\n" not in message and "model.yaml or *-project.yaml" in message
+    assert "vqgan convert CKPT OUT --config YAML" in message and "pass it with --config" not in message

@@ -66,6 +66,13 @@ def find_config(ckpt: Path) -> Path | None:
     return None
 
 
+def _no_config(ckpt: Path) -> str:
+    """The error for a checkpoint without its YAML: the fix works for every command, not only `convert`."""
+    return (f"no taming config found for {ckpt} (looked beside it, one folder up and in configs/ there): put the "
+            "model.yaml or *-project.yaml released with it there, or run `vqgan convert CKPT OUT --config YAML` and "
+            "use OUT")
+
+
 def _maybe_taming_config(path: Path) -> bool:
     try:
         data = yaml.safe_load(path.read_text())
@@ -185,8 +192,7 @@ def load_taming_vqgan(ckpt: str | Path, config: str | Path | None = None
     ckpt = _existing_checkpoint(ckpt)
     cfg_path = Path(config) if config else find_config(ckpt)
     if cfg_path is None:
-        raise UserError(f"no taming config found for {ckpt}; pass it with --config (the model.yaml or "
-                        "*-project.yaml released beside the checkpoint)")
+        raise UserError(_no_config(ckpt))
     params_all = read_taming_config(cfg_path)
     target = params_all["target"]
     if target not in (VQ_TARGET, GUMBEL_TARGET):
@@ -322,7 +328,7 @@ def load_taming_transformer(ckpt: str | Path, config: str | Path | None = None):
     ckpt = _existing_checkpoint(ckpt)
     cfg_path = Path(config) if config else find_config(ckpt)
     if cfg_path is None:
-        raise UserError(f"no taming config found for {ckpt}; pass it with --config")
+        raise UserError(_no_config(ckpt))
     model_cfg = read_taming_config(cfg_path)
     if model_cfg["target"] in (VQ_TARGET, GUMBEL_TARGET):
         raise UserError(f"{ckpt} is a tokenizer ({model_cfg['target']}, says {cfg_path}), not a transformer prior")
