@@ -3,6 +3,7 @@ real key layout under the real file names, stands in for the released weights. W
 story syntax, the spherical-distance loss against a hand computation, loading (explicit file, Hugging Face cache
 layout, missing and mismatched files), every steerable quantizer kind, that the optimisation raises the
 similarity to the target through decoder, snapping and cutouts, reproducibility, outputs and one-line errors."""
+import dataclasses
 import logging
 import math
 import sys
@@ -404,6 +405,32 @@ def test_video_frames_pull_toward_their_own_start_and_every_scene_is_plotted(tra
     assert not all(torch.equal(a, b) for a, b in zip(starts[1][0], starts[2][0]))
     similarity = next(v for k, v in plotted.items() if k.startswith("cosine similarity"))
     assert similarity == ["sim a house", "sim the sea"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_keeps_the_image_as_it_stood(trained_tokenizer, small_clip, tmp_path, monkeypatch):
+    from vqgan.imagine import run
+
+    calls = []
+
+    class StopAtThird(Optimiser):
+        def step(self, step, steps, prompts):
+            calls.append(step)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+            return super().step(step, steps, prompts)
+
+    monkeypatch.setattr(run, "Optimiser", StopAtThird)
+    cfg = ImagineConfig(tokenizer=str(trained_tokenizer), story=parse_story("a house"), out=tmp_path / "i",
+                        size=(32, 32), progress=False, optimise=OptimiseConfig(steps=10, cutn=2))
+    result = imagine(cfg, clips=[small_clip])
+    assert result["stopped_at"] == 2 and (tmp_path / "i" / "final.png").is_file()
+    assert "Interrupted after 2 of 10 steps" in (tmp_path / "i" / "report.html").read_text()
+    assert len((tmp_path / "i" / "log.jsonl").read_text().splitlines()) == 2
+    calls.clear()
+    calls.extend([0, 0])  # the next call is the third: interrupted before any step is done
+    with pytest.raises(KeyboardInterrupt):
+        imagine(dataclasses.replace(cfg, out=tmp_path / "j"), clips=[small_clip])
 
 
 def _frames(n: int):

@@ -67,6 +67,8 @@ def run_command(args) -> dict:
                           fps=args.fps),
         progress=not args.no_progress)
     result = imagine(cfg)
+    if result["stopped_at"] is not None:
+        print(f"interrupted after {result['stopped_at']} of {result['steps']} steps: the image as it stood is kept")
     print(f"image:  {Path(result['final']).resolve()}")
     print(f"report: {Path(result['report']).resolve()}")
-    return {}
+    return {} if result["stopped_at"] is None else {"exit_code": 130}

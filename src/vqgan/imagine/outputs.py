@@ -137,7 +137,9 @@ def write_page(out: Path, result: dict, rows: list[dict], frames: list[tuple[str
     names = ", ".join(html.escape(n) for n, _ in shown)
     animations = {Path(p).name for p in result["animation"]}  # this run's, not a file an earlier run left
     sections = [
-        ("Result", "<img src='final.png' style='min-width:256px'>"),
+        ("Result", "<img src='final.png' style='min-width:256px'>" + (
+            f"<p class=note>Interrupted after {result['stopped_at']} of {result['steps']} steps: this is the image "
+            "as it stood then.</p>" if result.get("stopped_at") is not None else "")),
         ("Prompts", table(prompts)),
         ("Settings", table(settings) + f"<p class=note>seed {result['seed']} on {html.escape(result['device'])}: "
                                        "the same seed gives the same image on the same device and software</p>"),

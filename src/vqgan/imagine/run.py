@@ -165,30 +165,35 @@ def imagine(cfg: ImagineConfig, clips: list[ClipModel] | None = None) -> dict:
     labels = list(targets.labels.values())
     short = dict(zip(labels, unique_names(labels, 12)))  # the progress bar's names, distinct over the story
     bar = tqdm(total=total, disable=not cfg.progress, desc="imagine", dynamic_ncols=True)
-    done = 0
-    for frame in range(video.frames + 1):
-        steps = o.steps if frame == 0 else video.frame_steps
-        # the pull is toward this frame's own start: the init image, or the previous frame shifted and zoomed
-        pull = latents if cfg.init_image is not None or frame > 0 else None
-        opt = Optimiser(steer, clips, targets, o, latents, pull, generator)
-        for step in range(steps):
-            scene = cfg.story.at(done / total)
-            row = opt.step(step, steps, scene.prompts)
-            row.update({"frame": frame} if video.frames else {}, global_step=done)
-            log.add(row)
-            done += 1
-            bar.update(1)
-            bar.set_postfix({"loss": f"{row['loss']:.3f}",
-                             **{short[k]: f"{v:.3f}" for k, v in row["similarity"].items()}})
-            if not video.frames and cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < steps:
-                name = f"step_{step + 1:05d}"
-                frames.append((name, opt.current().cpu()))
-                save_png(frames[-1][1], out / "steps" / f"{name}.png")
-        image = opt.current()
-        if video.frames:
-            frames.append((f"frame_{frame:05d}", image.cpu()))
-            save_png(image, out / "frames" / f"frame_{frame:05d}.png")
-            latents = steer.encode(shift_and_zoom(image, video.zoom, video.pan))
+    done, opt, stopped = 0, None, None
+    try:
+        for frame in range(video.frames + 1):
+            steps = o.steps if frame == 0 else video.frame_steps
+            # the pull is toward this frame's own start: the init image, or the previous frame shifted and zoomed
+            pull = latents if cfg.init_image is not None or frame > 0 else None
+            opt = Optimiser(steer, clips, targets, o, latents, pull, generator)
+            for step in range(steps):
+                scene = cfg.story.at(done / total)
+                row = opt.step(step, steps, scene.prompts)
+                row.update({"frame": frame} if video.frames else {}, global_step=done)
+                log.add(row)
+                done += 1
+                bar.update(1)
+                bar.set_postfix({"loss": f"{row['loss']:.3f}",
+                                 **{short[k]: f"{v:.3f}" for k, v in row["similarity"].items()}})
+                if not video.frames and cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < steps:
+                    name = f"step_{step + 1:05d}"
+                    frames.append((name, opt.current().cpu()))
+                    save_png(frames[-1][1], out / "steps" / f"{name}.png")
+            image = opt.current()
+            if video.frames:
+                frames.append((f"frame_{frame:05d}", image.cpu()))
+                save_png(image, out / "frames" / f"frame_{frame:05d}.png")
+                latents = steer.encode(shift_and_zoom(image, video.zoom, video.pan))
+    except KeyboardInterrupt:  # Ctrl-C: keep what the run has made (the page says where it stopped)
+        if opt is None or done == 0:
+            raise
+        stopped, image = done, opt.current()
     bar.close()
     final = image.cpu()
     if not video.frames:
@@ -197,7 +202,7 @@ def imagine(cfg: ImagineConfig, clips: list[ClipModel] | None = None) -> dict:
     animation = save_animation([to_pil(f) for _, f in frames], out, video.fps) if len(frames) > 1 else []
     result = {
         "final": str(out / "final.png"), "seed": cfg.seed, "device": str(device), "size": list(size),
-        "steps": total, "final_similarity": log.rows[-1]["similarity"],
+        "steps": total, "stopped_at": stopped, "final_similarity": log.rows[-1]["similarity"],
         "animation": [str(p) for p in animation],
         "clip": [c.source for c in clips],
         "story": [{"start": s.start, "prompts": [
