@@ -408,6 +408,34 @@ def test_video_frames_pull_toward_their_own_start_and_every_scene_is_plotted(tra
 
 
 @pytest.mark.slow
+def test_memory_check_runs_its_trials_and_refuses_with_a_suggestion(trained_tokenizer, small_clip):
+    """The check's own trial steps (on CPU here; CUDA's peak counter is the one part a CPU cannot run), measured
+    by a fake counter linear in pixels and cutouts, against a fake free memory."""
+    from vqgan.checkpoint import load_model
+    from vqgan.imagine.run import memory_trial
+
+    steer = Steerable(load_model(trained_tokenizer))
+    prompts = (Prompt("a house"),)
+    targets = Targets([small_clip], list(prompts), None)
+    cfg = ImagineConfig(tokenizer=str(trained_tokenizer), story=parse_story("a house"), progress=False,
+                        optimise=OptimiseConfig(cutn=8))
+    trial, seen = memory_trial(steer, [small_clip], targets, cfg, prompts, torch.device("cpu")), []
+
+    def measure(w, h, n):
+        trial(w, h, n)  # a real step at that setting
+        seen.append((w, h, n))
+        return 2**30 + w * h * 2**14 + n * 2**27
+
+    model = memory.fit(measure, steer.factor, cfg.optimise.cutn)
+    assert seen == [(8, 8, 2), (16, 8, 2), (8, 8, 4)]  # 4 x the factor 2; doubled pixels; doubled cutouts
+    with pytest.raises(UserError) as err:
+        memory.check_fits(model, 256, 256, 8, free_bytes=3.0 * 2**30, factor=steer.factor)
+    # 1 GiB fixed + 1 for 256 x 256 + 1 for 8 cutouts, against 90% of 3: 214 x 214 fits, or 5 cutouts
+    assert one_line(err).endswith("needs about 3.0 GiB of GPU memory, 3.0 GiB are free; the largest that fit: "
+                                  "--size 214 214 with --cutn 8 or --cutn 5 at --size 256 256")
+
+
+@pytest.mark.slow
 def test_ctrl_c_keeps_the_image_as_it_stood(trained_tokenizer, small_clip, tmp_path, monkeypatch):
     from vqgan.imagine import run
 

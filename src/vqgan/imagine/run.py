@@ -84,18 +84,25 @@ def _size_of(cfg: ImagineConfig, model: torch.nn.Module) -> tuple[int, int]:
     return r, r
 
 
+def memory_trial(steer: Steerable, clips: list[ClipModel], targets: Targets, cfg: ImagineConfig,
+                 prompts: tuple[Prompt, ...], device: torch.device):
+    """One optimisation step at (width, height, cutn) from noise on `device`: what the memory check measures."""
+    gen = torch.Generator().manual_seed(0)
+
+    def trial(width: int, height: int, cutn: int) -> None:
+        latents = [z.to(device) for z in steer.noise(width, height, gen)]
+        opt = Optimiser(steer, clips, targets, dataclasses.replace(cfg.optimise, cutn=cutn), latents, None, gen)
+        opt.step(0, 1, prompts)
+
+    return trial
+
+
 def check_memory(steer: Steerable, clips: list[ClipModel], targets: Targets, cfg: ImagineConfig,
                  size: tuple[int, int], prompts: tuple[Prompt, ...], device: torch.device) -> float | None:
     """On CUDA: three one-step trials fit the memory model; a request that does not fit is a one-line error."""
     if device.type != "cuda":
         return None
-    gen = torch.Generator().manual_seed(0)
-
-    def trial(w: int, h: int, cutn: int) -> None:
-        latents = [z.to(device) for z in steer.noise(w, h, gen)]
-        opt = Optimiser(steer, clips, targets, dataclasses.replace(cfg.optimise, cutn=cutn), latents, None, gen)
-        opt.step(0, 1, prompts)
-
+    trial = memory_trial(steer, clips, targets, cfg, prompts, device)
     model = memory.fit(memory.cuda_measure(trial, device), steer.factor, cfg.optimise.cutn)
     free, _ = torch.cuda.mem_get_info(device)
     torch.cuda.empty_cache()
