@@ -3,9 +3,11 @@ real key layout under the real file names, stands in for the released weights. W
 story syntax, the spherical-distance loss against a hand computation, loading (explicit file, Hugging Face cache
 layout, missing and mismatched files), every steerable quantizer kind, that the optimisation raises the
 similarity to the target through decoder, snapping and cutouts, reproducibility, outputs and one-line errors."""
-import dataclasses
+import json
 import logging
 import math
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import pytest
 import torch
 from conftest import tiny_model_config, train_on_photos
 
+from vqgan.checkpoint import current_umask
 from vqgan.config import TokenizerTrainConfig, load_config
 from vqgan.errors import UserError
 from vqgan.imagine import memory
@@ -22,7 +25,8 @@ from vqgan.imagine.losses import prompt_loss, spherical_distance
 from vqgan.imagine.optimise import OptimiseConfig, Optimiser, Targets
 from vqgan.imagine.outputs import save_animation
 from vqgan.imagine.prompts import Prompt, parse_prompts, parse_story, story_from_options
-from vqgan.imagine.run import ImagineConfig, VideoConfig, imagine
+from vqgan.imagine.run import imagine
+from vqgan.imagine.settings import ImagineConfig, VideoConfig
 from vqgan.quantizers import Quantizer
 from vqgan.tokenizers import VQVAE2
 from vqgan.tokenizers.model import VQModel
@@ -40,10 +44,17 @@ def one_line(err) -> str:
 
 # -- prompts ----------------------------------------------------------------------------------------------
 def test_prompt_weights_negatives_and_stop():
-    a, b, c = parse_prompts("a red house:1 | fog:-0.5 | a sign: open:2:-0.3")
+    a, b, c, d = parse_prompts("a red house:1 | fog:-0.5 | a sign: open:2:0.3 | smoke:-1:-1.2")
     assert (a.text, a.weight, a.stop) == ("a red house", 1.0, -math.inf)
     assert (b.text, b.weight) == ("fog", -0.5)
-    assert (c.text, c.weight, c.stop) == ("a sign: open", 2.0, -0.3)  # only trailing numbers are fields
+    assert (c.text, c.weight, c.stop) == ("a sign: open", 2.0, 0.3)  # only trailing numbers are fields
+    assert (d.weight, d.stop) == (-1.0, -1.2)
+    # a STOP that would make the prompt never act: the signed distance of a negative prompt is <= 0
+    for item, says in (("fog:-0.5:0.8", "of a negative prompt must lie in -4.93..0"),
+                       ("a:1:-1", "must lie in 0..4.93"), ("a:1:10", "must lie in 0..4.93")):
+        with pytest.raises(UserError) as err:
+            parse_prompts(item)
+        assert says in one_line(err), item
     assert parse_prompts("just text")[0].weight == 1.0
     with pytest.raises(UserError) as err:
         parse_prompts("fog:0")
@@ -80,7 +91,8 @@ def test_labels_are_distinct_within_a_run(tmp_path):
     labels = prompt_labels([one, two, near, far, Prompt("a red house")])
     assert list(labels.values()) == ["a/cat.png", "b/cat.png", "fog (1)", "fog (-0.5)", "a red house"]
     assert unique_names(["a red house at dawn", "a red house at dusk", "fog"], 12) == [
-        "a red... #1", "a red... #2", "fog"]
+        "a red...awn", "a red...usk", "fog"]  # the start and the end kept
+    assert unique_names(["a red house X at dawn", "a red house Y at dawn"], 12) == ["a re...wn #1", "a re...wn #2"]
     assert all(len(n) <= 12 for n in unique_names(["x" * 30, "x" * 31], 12))
 
 
@@ -154,7 +166,7 @@ def test_an_untagged_open_clip_file_gets_the_default_activation_and_a_warning(cl
 
 def test_what_a_checksum_shows(tmp_path, caplog):
     from vqgan.checkpoint import file_sha256
-    from vqgan.imagine.clip_checks import identity, published_sha256, tag_of_cached_file
+    from vqgan.imagine.clip_checks import identity, published_sha256, tag_of_file
 
     openai_cfg = open_clip.get_pretrained_cfg("ViT-B-32", "openai")
     assert published_sha256(openai_cfg["url"]) == "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af"
@@ -168,7 +180,7 @@ def test_what_a_checksum_shows(tmp_path, caplog):
     link = tmp_path / "snapshots" / "0" / "open_clip_model.safetensors"
     link.parent.mkdir(parents=True)
     link.symlink_to(blob)
-    assert identity(link, sha, openai_cfg, "m / t") == "sha256 matches the Hugging Face file it was cached as (m / t)"
+    assert identity(link, sha, openai_cfg, "m / t").startswith("intact: sha256 equals the name the Hugging Face")
     with caplog.at_level(logging.WARNING, logger="vqgan.imagine"):
         assert identity(link, "0" * 64, openai_cfg, "m / t").startswith("sha256 differs")
         assert "changed or is corrupt" in caplog.text
@@ -182,9 +194,12 @@ def test_what_a_checksum_shows(tmp_path, caplog):
         assert identity(other, sha, openai_cfg, "m / t").startswith("not checked") and not caplog.text
     assert identity(other, openai_cfg["url"].split("/")[-2], openai_cfg, "m / t").startswith("sha256 matches the released")
     tags = {t: open_clip.get_pretrained_cfg("ViT-B-32", t) for t in ("openai", "laion2b_s34b_b79k")}
-    assert tag_of_cached_file(Path("/c/hub/models--laion--CLIP-ViT-B-32-laion2B-s34B-b79K/snapshots/0/f"),
+    assert tag_of_file(Path("/c/hub/models--laion--CLIP-ViT-B-32-laion2B-s34B-b79K/snapshots/0/f"),
                               tags) == "laion2b_s34b_b79k"
-    assert tag_of_cached_file(Path("/data/open_clip_model.safetensors"), tags) is None
+    assert tag_of_file(Path("/data/open_clip_model.safetensors"), tags) is None
+    tags["laion400m_e32"] = open_clip.get_pretrained_cfg("ViT-B-32", "laion400m_e32")
+    assert tag_of_file(Path("/w/vit_b_32-quickgelu-laion400m_e32-46683a32.pt"), tags) == "laion400m_e32"
+    assert tag_of_file(Path("/w/ViT-B-32.pt"), tags) == "openai"
 
 
 def test_missing_clip_weights_say_which_file_and_where(tmp_path, monkeypatch):
@@ -333,7 +348,8 @@ def test_optimisation_raises_the_similarity(tokenizer, side, small_clip, request
 def test_same_seed_same_image_and_outputs(trained_tokenizer, small_clip, tmp_path):
     def run(out, seed=3, **video):
         cfg = ImagineConfig(tokenizer=str(trained_tokenizer), story=parse_story("a house | fog:-0.5 || the sea"),
-                            out=tmp_path / out, size=(32, 32), seed=seed, save_every=1, progress=False,
+                            out=tmp_path / out, size=(32, 32), seed=seed, save_every=None if video else 1,
+                            progress=False,
                             optimise=OptimiseConfig(steps=3, cutn=2), video=VideoConfig(**video))
         return imagine(cfg, clips=[small_clip])
 
@@ -364,13 +380,50 @@ def test_same_seed_same_image_and_outputs(trained_tokenizer, small_clip, tmp_pat
     ({"optimise": OptimiseConfig(init_weight=-1)}, "--init-weight -1: must be at least 0"),
     ({"optimise": OptimiseConfig(cutn=0)}, "--cutn 0: must be at least 1"),
     ({"optimise": OptimiseConfig(lr_end=float("nan"))}, "--lr-end nan: must be at least 0"),
+    ({"seed": -1}, "--seed -1: must lie in 0..2^63-1"),
+    ({"video": VideoConfig(frames=2), "save_every": 5}, "--save-every is for a still image"),
+    ({"story": parse_story("a || b @1")}, "--story: scene 2 starts @1 and gets none of the run's 300 steps"),
+    ({"story": parse_story("a || b @0.95"), "optimise": OptimiseConfig(steps=10)}, "--story: scene 2 starts @0.95 and gets none of the run's 10 steps"),
 ])
 def test_bad_settings_are_refused_before_any_work(setting, message, tmp_path):
-    cfg = ImagineConfig(tokenizer=str(tmp_path / "no-such-tokenizer"), story=parse_story("a house"),
+    cfg = ImagineConfig(tokenizer=str(tmp_path / "no-such-tokenizer"), story=setting.pop("story", parse_story("a")),
                         out=tmp_path / "out", progress=False, **setting)
     with pytest.raises(UserError) as err:  # the option, not the missing tokenizer: checked first
         imagine(cfg)
     assert one_line(err).startswith(message) and not (tmp_path / "out").exists()
+
+
+def test_files_are_checked_before_anything_loads(tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    taken = tmp_path / "afile"
+    taken.write_text("")
+    cases = [({"out": taken}, f"--out {taken}: cannot make that folder"),
+             ({"out": taken / "sub"}, f"--out {taken / 'sub'}: cannot make that folder (Not a directory)"),
+             ({"init_image": bad}, f"--init-image {bad}: not a readable image"),
+             ({"story": story_from_options("a", None, [str(bad)])}, f"--image-prompt {bad}: not a readable image")]
+    for setting, message in cases:
+        cfg = ImagineConfig(tokenizer=str(tmp_path / "no-such-tokenizer"), story=setting.pop("story", parse_story("a")),
+                            **{"out": tmp_path / "out", **setting}, progress=False)
+        with pytest.raises(UserError) as err:  # before the (missing) tokenizer is loaded
+            imagine(cfg)
+        assert one_line(err).startswith(message), setting
+
+
+def test_clip_tags_one_for_all_or_one_per_model(tmp_path, monkeypatch):
+    specs = clip_specs(["ViT-B-32", "ViT-B-16"], [], ["laion400m_e32", "laion2b_s34b_b88k"])
+    assert [(s.model, s.tag) for s in specs] == [("ViT-B-32", "laion400m_e32"), ("ViT-B-16", "laion2b_s34b_b88k")]
+    assert [s.tag for s in clip_specs(["ViT-B-32", "ViT-B-16"], [], ["openai"])] == ["openai", "openai"]
+    with pytest.raises(UserError, match="one tag for all, or one per model"):
+        clip_specs(["ViT-B-32", "ViT-B-16", "RN50"], [], ["a", "b"])
+    with pytest.raises(UserError) as err:  # an explicit file without a tag: no cache to name
+        load_clip(ClipSpec(weights=tmp_path / "gone.bin"))
+    assert one_line(err).endswith("does not exist; pass the path of an existing weights file")
+    png = tmp_path / "house.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    with pytest.raises(UserError) as err:
+        load_clip(ClipSpec(weights=png))
+    assert "is not a PyTorch file (neither a zip archive nor a pickle)" in one_line(err)
 
 
 @pytest.mark.slow
@@ -399,9 +452,10 @@ def test_video_frames_pull_toward_their_own_start_and_every_scene_is_plotted(tra
                         optimise=OptimiseConfig(steps=2, cutn=2, init_weight=1.0),
                         video=VideoConfig(frames=2, frame_steps=1))
     imagine(cfg, clips=[small_clip])
-    assert starts[0][1] is None  # a noise start: nothing to pull toward
-    for latents, pull in starts[1:]:  # each later frame: its own start (the previous frame zoomed)
+    for latents, pull in starts:  # each frame: its own start (the noise; then the previous frame zoomed)
         assert all(torch.equal(a, b) for a, b in zip(latents, pull))
+    rows = [json.loads(line) for line in (tmp_path / "v" / "log.jsonl").read_text().splitlines()]
+    assert rows[0]["loss"] == rows[0]["clip_loss"] and rows[1]["loss"] > rows[1]["clip_loss"]  # pulled from noise
     assert not all(torch.equal(a, b) for a, b in zip(starts[1][0], starts[2][0]))
     similarity = next(v for k, v in plotted.items() if k.startswith("cosine similarity"))
     assert similarity == ["sim a house", "sim the sea"]
@@ -436,29 +490,52 @@ def test_memory_check_runs_its_trials_and_refuses_with_a_suggestion(trained_toke
 
 
 @pytest.mark.slow
-def test_ctrl_c_keeps_the_image_as_it_stood(trained_tokenizer, small_clip, tmp_path, monkeypatch):
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_a_signal_keeps_the_image_as_it_stood(signum, code, trained_tokenizer, small_clip, tmp_path, monkeypatch):
     from vqgan.imagine import run
 
     calls = []
 
-    class StopAtThird(Optimiser):
+    class SignalledInThird(Optimiser):
         def step(self, step, steps, prompts):
             calls.append(step)
-            if len(calls) == 3:
-                raise KeyboardInterrupt
+            for _ in range(sends.get(len(calls), 0)):
+                os.kill(os.getpid(), signum)  # delivered to the handler between bytecodes, mid-step
             return super().step(step, steps, prompts)
 
-    monkeypatch.setattr(run, "Optimiser", StopAtThird)
+    monkeypatch.setattr(run, "Optimiser", SignalledInThird)
     cfg = ImagineConfig(tokenizer=str(trained_tokenizer), story=parse_story("a house"), out=tmp_path / "i",
                         size=(32, 32), progress=False, optimise=OptimiseConfig(steps=10, cutn=2))
-    result = imagine(cfg, clips=[small_clip])
-    assert result["stopped_at"] == 2 and (tmp_path / "i" / "final.png").is_file()
-    assert "Interrupted after 2 of 10 steps" in (tmp_path / "i" / "report.html").read_text()
-    assert len((tmp_path / "i" / "log.jsonl").read_text().splitlines()) == 2
+    sends = {3: 1}
+    result = imagine(cfg, clips=[small_clip])  # the third step finishes, then the run stops and writes
+    assert result["stopped_at"] == 3 and result["exit_code"] == code and (tmp_path / "i" / "final.png").is_file()
+    assert "Interrupted after 3 of 10 steps" in (tmp_path / "i" / "report.html").read_text()
+    assert len((tmp_path / "i" / "log.jsonl").read_text().splitlines()) == 3
+    assert signal.getsignal(signum) is not None and signal.getsignal(signal.SIGINT) == signal.default_int_handler
     calls.clear()
-    calls.extend([0, 0])  # the next call is the third: interrupted before any step is done
+    sends = {1: 2}  # asked twice: stops at once, in the first step; the earlier run's log is left as it was
     with pytest.raises(KeyboardInterrupt):
-        imagine(dataclasses.replace(cfg, out=tmp_path / "j"), clips=[small_clip])
+        imagine(cfg, clips=[small_clip])
+    assert len((tmp_path / "i" / "log.jsonl").read_text().splitlines()) == 3
+
+
+@pytest.mark.slow
+def test_a_run_stopped_before_its_first_step_leaves_the_folder_as_it_was(trained_tokenizer, small_clip, tmp_path,
+                                                                        monkeypatch):
+    from vqgan.imagine import run
+
+    (tmp_path / "log.jsonl").write_text("an earlier run\n")
+
+    class Interrupted(Optimiser):
+        def __init__(self, *a, **k):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "Optimiser", Interrupted)
+    cfg = ImagineConfig(tokenizer=str(trained_tokenizer), story=parse_story("a house"), out=tmp_path,
+                        size=(32, 32), progress=False, optimise=OptimiseConfig(steps=3, cutn=2))
+    with pytest.raises(KeyboardInterrupt):
+        imagine(cfg, clips=[small_clip])
+    assert (tmp_path / "log.jsonl").read_text() == "an earlier run\n"
 
 
 def _frames(n: int):
@@ -474,6 +551,15 @@ def test_mp4_through_imageio_ffmpeg_has_every_frame(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["animation.gif", "animation.mp4"]  # no temporaries left
     frames, seconds = imageio_ffmpeg.count_frames_and_secs(str(tmp_path / "animation.mp4"))
     assert frames == 7 and seconds == pytest.approx(0.7, abs=0.05)
+
+
+def test_an_ffmpeg_path_that_is_no_program_keeps_the_gif(tmp_path, monkeypatch, caplog):
+    pytest.importorskip("imageio_ffmpeg")
+    monkeypatch.setenv("IMAGEIO_FFMPEG_EXE", str(tmp_path / "nonexistent" / "ffmpeg"))
+    with caplog.at_level(logging.WARNING, logger="vqgan.imagine"):
+        written = save_animation(_frames(3), tmp_path / "out", fps=10)
+    assert [p.name for p in written] == ["animation.gif"] and "cannot run" in caplog.text
+    assert oct((tmp_path / "out" / "animation.gif").stat().st_mode & 0o777) == oct(0o666 & ~current_umask())
 
 
 def test_without_ffmpeg_only_the_gif_and_a_log_line(tmp_path, monkeypatch, caplog):

@@ -43,6 +43,11 @@ def safe_torch_load(path: str | Path, map_location: str | torch.device = "cpu") 
         raise UserError(f"checkpoint {path} does not exist")
     if path.stat().st_size == 0:
         raise UserError(f"checkpoint {path} is empty (0 bytes); it was probably not written completely")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] != b"PK" and head[:1] != b"\x80":  # torch files are zip archives, or pickles in the legacy format
+        raise UserError(f"checkpoint {path} is not a PyTorch file (neither a zip archive nor a pickle); weights in "
+                        "safetensors need the .safetensors suffix")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pickle-protocol chatter; the restricted unpickler decides
@@ -146,7 +151,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def _umask() -> int:
+def current_umask() -> int:
     """The process umask, read without changing it where /proc tells it (changing it races with threads)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -161,7 +166,7 @@ def _umask() -> int:
 
 def _temporary_directory(parent: Path, name: str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; a model folder follows the umask like any other
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700; a model folder follows the umask
     return tmp
 
 
@@ -221,7 +226,7 @@ def replace_files(target: str | Path) -> Iterator[Path]:
 
 def save_tensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path), metadata=metadata)
-    os.chmod(path, 0o666 & ~_umask())  # safetensors writes 0600 whatever the umask
+    os.chmod(path, 0o666 & ~current_umask())  # safetensors writes 0600 whatever the umask
 
 
 def write_yaml(data: dict[str, Any], path: Path) -> None:

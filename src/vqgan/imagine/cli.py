@@ -10,14 +10,16 @@ def add_parser(sub) -> None:
     p.add_argument("--prompt", default=None,
                    help="'TEXT[:WEIGHT[:STOP]] | ...', e.g. 'a red house:1 | fog:-0.5'. STOP: the spherical distance "
                         "(theta^2 / 2 for the angle theta between embeddings: 0 same, 1.23 at 90 degrees, 4.93 "
-                        "opposite; a cosine of 0.3 is 0.80) below which the prompt stops pulling")
+                        "opposite; a cosine of 0.3 is 0.80) below which the prompt stops pulling; a negative prompt's STOP is negative "
+                        "(-1.23: stop pushing past 90 degrees)")
     p.add_argument("--story", default=None,
                    help="prompts changing over the run: scenes separated by '||', each may end with @START (0..1), "
                         "e.g. 'a red house || the sea @0.6'")
     p.add_argument("--image-prompt", action="append", default=[], help="PATH[:WEIGHT[:STOP]] (repeatable)")
     p.add_argument("--init-image", default=None, help="start from this image (default: random codes)")
     p.add_argument("--init-weight", type=float, default=0.0,
-                   help="pull toward the start latents, decaying to 0 over the run (init image or video frame)")
+                   help="pull toward the start latents (the init image or the noise; each video frame's own start), "
+                        "decaying to 0 over the run")
     p.add_argument("--size", type=int, nargs=2, metavar=("W", "H"), default=None,
                    help="multiples of the tokenizer's factor (default: its training resolution)")
     p.add_argument("--steps", type=int, default=300)
@@ -33,11 +35,12 @@ def add_parser(sub) -> None:
     p.add_argument("--clip-weights", action="append", default=[],
                    help="its weights file: open_clip's, or OpenAI's (ViT-B-32.pt) (repeatable, one per --clip-model); "
                         "default: the Hugging Face cache, then ~/.cache/clip")
-    p.add_argument("--clip-pretrained", default=None,
+    p.add_argument("--clip-pretrained", action="append", default=[],
                    help="open_clip's tag of the weights (e.g. openai, laion2b_s34b_b79k): which set the caches are "
                         "searched for (default openai) and the activation it needs (QuickGELU for openai); give it "
-                        "with an open_clip --clip-weights file")
-    p.add_argument("--save-every", type=int, default=50, help="a PNG (and an animation frame) every N steps; 0: off")
+                        "with an open_clip --clip-weights file; one for all models, or one per --clip-model")
+    p.add_argument("--save-every", type=int, default=None,
+                   help="a still image: a PNG (and an animation frame) every N steps (default 50; 0: off)")
     p.add_argument("--frames", type=int, default=0, help="zoom/pan video: this many frames after the first")
     p.add_argument("--frame-steps", type=int, default=30, help="steps per video frame after the first")
     p.add_argument("--zoom", type=float, default=1.02, help="zoom per video frame")
@@ -54,12 +57,14 @@ def run_command(args) -> dict:
     from .clip_models import clip_specs
     from .optimise import OptimiseConfig
     from .prompts import story_from_options
-    from .run import ImagineConfig, VideoConfig, imagine
+    from .run import imagine
+    from .settings import ImagineConfig, VideoConfig
 
     story = story_from_options(args.prompt, args.story, args.image_prompt)
     cfg = ImagineConfig(
-        tokenizer=args.tokenizer, story=story, out=Path(args.out), size=tuple(args.size) if args.size else None,
-        seed=args.seed, save_every=args.save_every, init_image=Path(args.init_image) if args.init_image else None,
+        tokenizer=args.tokenizer, story=story, out=Path(args.out).expanduser(),
+        size=tuple(args.size) if args.size else None, seed=args.seed, save_every=args.save_every,
+        init_image=Path(args.init_image).expanduser() if args.init_image else None,
         device=args.device, clips=clip_specs(args.clip_model, args.clip_weights, args.clip_pretrained),
         optimise=OptimiseConfig(steps=args.steps, lr=args.lr, lr_end=args.lr_end, cutn=args.cutn,
                                 cut_pow=args.cut_pow, augment=not args.no_augment, init_weight=args.init_weight),
@@ -68,7 +73,7 @@ def run_command(args) -> dict:
         progress=not args.no_progress)
     result = imagine(cfg)
     if result["stopped_at"] is not None:
-        print(f"interrupted after {result['stopped_at']} of {result['steps']} steps: the image as it stood is kept")
-    print(f"image:  {Path(result['final']).resolve()}")
-    print(f"report: {Path(result['report']).resolve()}")
-    return {} if result["stopped_at"] is None else {"exit_code": 130}
+        print(f"stopped after {result['stopped_at']} of {result['steps']} steps: the image as it stood is kept")
+    print(f"image:  {result['final']}")
+    print(f"report: {result['report']}")
+    return {"exit_code": result["exit_code"]} if "exit_code" in result else {}

@@ -1,8 +1,9 @@
 """What can be known offline about which CLIP weights a file holds.
 
 A file is "the release" only where a checksum was published with it: OpenAI's download URLs carry the file's
-whole sha256 as a folder name, open_clip's release files end in the first 8 hex digits of theirs, and the Hugging
-Face cache names each downloaded file by its sha256 (its blob). Anything else is recorded as "not checked"; a
+whole sha256 as a folder name, open_clip's release files end in the first 8 hex digits of theirs. The Hugging
+Face cache names each downloaded file by its sha256 (its blob): that shows the file is intact, not which weights
+it holds (anything can be put there). Anything else is recorded as "not checked"; a
 file under a release's name whose sha256 differs is recorded as "not the released file" and warned about, so no
 output claims weights it was not made with (random stand-ins in the tests, a corrupt download).
 """
@@ -34,14 +35,18 @@ def hf_blob_sha256(path: Path) -> str | None:
     return target.name if target.parent.name == "blobs" and _SHA256.match(target.name) else None
 
 
-def tag_of_cached_file(path: Path, tags: dict[str, dict]) -> str | None:
-    """The pretrained tag whose Hugging Face repo a cached file lies in (`models--timm--...openai/...`), if any."""
+def tag_of_file(path: Path, tags: dict[str, dict]) -> str | None:
+    """The pretrained tag a file names: the Hugging Face repo it is cached in (`models--timm--...openai/...`), or
+    the release file name it carries (`vit_b_32-quickgelu-laion400m_e32-46683a32.pt`, OpenAI's `ViT-B-32.pt`)."""
     text = str(path)
     for tag, cfg in tags.items():
         repo = cfg.get("hf_hub", "").strip("/")
         if repo.count("/") > 1:
             repo = repo.rsplit("/", 1)[0]
         if repo and f"models--{repo.replace('/', '--')}" in text:
+            return tag
+    for tag, cfg in tags.items():
+        if cfg.get("url") and os.path.basename(cfg["url"]) == path.name:
             return tag
     return None
 
@@ -52,7 +57,8 @@ def identity(path: Path, sha256: str, cfg: dict, label: str) -> str:
     blob = hf_blob_sha256(path)
     if blob is not None:
         if blob == sha256:
-            return f"sha256 matches the Hugging Face file it was cached as ({label})"
+            return ("intact: sha256 equals the name the Hugging Face cache stored it under (which weights a file "
+                    "holds, no offline check can tell)")
         log.warning("CLIP weights %s: sha256 %s... differs from the %s... it was cached under: the file changed "
                     "or is corrupt", path, sha256[:12], blob[:12])
         return "sha256 differs from the Hugging Face file it was cached as: changed or corrupt"

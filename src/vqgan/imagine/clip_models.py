@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from ..checkpoint import check_state_dict, file_sha256, load_state_dict_file
 from ..errors import UserError
-from .clip_checks import identity, tag_of_cached_file
+from .clip_checks import identity, tag_of_file
 
 _OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -109,13 +109,13 @@ def _tag_config(spec: ClipSpec) -> dict:
 
 
 def _tag_of_file(spec: ClipSpec, path: Path) -> str | None:
-    """The given tag, else the one whose Hugging Face repo holds `path` (a file passed from the cache)."""
+    """The given tag, else the one the file's place or name says (clip_checks.tag_of_file)."""
     if spec.tag is not None:
         return spec.tag
     open_clip = _open_clip()
     tags = {t: open_clip.get_pretrained_cfg(spec.model, t) or {}
             for t in open_clip.list_pretrained_tags_by_model(spec.model)}
-    return tag_of_cached_file(path, tags)
+    return tag_of_file(path, tags)
 
 
 def where_to_put(spec: ClipSpec, cfg: dict) -> str:
@@ -133,6 +133,8 @@ def where_to_put(spec: ClipSpec, cfg: dict) -> str:
     url = cfg.get("url", "")
     if url:  # for the openai tag: the file OpenAI's `clip` package downloads
         places.append(f"{os.path.basename(url)} ({url}) into {Path('~/.cache/clip').expanduser()}")
+    if not places:
+        return "pass the path of an existing weights file"
     return "put " + ", or ".join(places) + ", or pass --clip-weights PATH"
 
 
@@ -272,14 +274,21 @@ def open_clip_name(name: str) -> str:
     return name.replace("/", "-").replace("@336px", "-336")
 
 
-def clip_specs(models: list[str], weights: list[str], pretrained: str | None) -> list[ClipSpec]:
-    """The CLI's repeatable `--clip-model` and `--clip-weights` -> the ensemble. The i-th weights file goes
-    with the i-th model; one model name with several files uses that name for each."""
+def clip_specs(models: list[str], weights: list[str], pretrained: list[str] | str | None) -> list[ClipSpec]:
+    """The CLI's repeatable `--clip-model`, `--clip-weights` and `--clip-pretrained` -> the ensemble. The i-th
+    file and tag go with the i-th model; one model name with several files uses that name for each; one tag
+    goes with every model."""
     models = [open_clip_name(m) for m in models] or ["ViT-B-32"]
     if weights and len(models) == 1 and len(weights) > 1:
         models = models * len(weights)
     if weights and len(weights) != len(models):
         raise UserError(f"{len(models)} --clip-model values and {len(weights)} --clip-weights files: give one file "
                         "per model (in the same order), or none to use the caches")
+    tags = [pretrained] if isinstance(pretrained, str) else list(pretrained or [])
+    if len(tags) == 1:
+        tags = tags * len(models)
+    if tags and len(tags) != len(models):
+        raise UserError(f"{len(models)} --clip-model values and {len(tags)} --clip-pretrained tags: give one tag for "
+                        "all, or one per model (in the same order)")
     files = [Path(w) for w in weights] or [None] * len(models)
-    return [ClipSpec(m, pretrained, f) for m, f in zip(models, files)]
+    return [ClipSpec(m, t, f) for m, t, f in zip(models, tags or [None] * len(models), files)]

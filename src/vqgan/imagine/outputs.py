@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from ..checkpoint import current_umask
 from ..eval.report import image_grid, line_plot, table, to_uint8, write_report
 from .prompts import unique_names
 
@@ -27,6 +28,7 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's 0600 would outlive the rename: the mode open() gives
     try:
         write(Path(tmp))
         os.replace(tmp, path)
@@ -94,21 +96,24 @@ def save_animation(frames: list[Image.Image], out: Path, fps: int = 10) -> list[
             why = (e.stderr or "").strip().splitlines()
             log.warning("%s could not write animation.mp4 (%s): animation.gif only", ffmpeg,
                         why[-1][:160] if why else f"exit status {e.returncode}")
+        except OSError as e:  # a path that is no program (IMAGEIO_FFMPEG_EXE set wrong)
+            log.warning("%s cannot run (%s): animation.gif only", ffmpeg, e.strerror or type(e).__name__)
     return written
 
 
 class RunLog:
-    """log.jsonl: one JSON object per step (step, loss, similarity per prompt, lr; frame in video mode)."""
+    """log.jsonl: one JSON object per step (step, loss, similarity per prompt, lr; frame in video mode). An earlier
+    run's log in the folder is replaced at the first step, so a run stopped before it leaves the folder as it was."""
 
     def __init__(self, path: Path):
         self.path = path
         self.rows: list[dict] = []
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("")
 
     def add(self, row: dict) -> None:
         self.rows.append(row)
-        with open(self.path, "a") as f:
+        if len(self.rows) == 1:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "w" if len(self.rows) == 1 else "a") as f:
             f.write(json.dumps(row) + "\n")
 
 

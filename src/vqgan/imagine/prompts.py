@@ -2,7 +2,8 @@
 
 A prompt is `TEXT[:WEIGHT[:STOP]]`; prompts are separated by `|`. WEIGHT (default 1) scales the prompt's loss;
 a negative weight pushes the image away from it. STOP (default none) is the distance below which the prompt
-stops pulling (as in the well-known notebook: its gradient is cut where the signed distance is below STOP).
+stops pulling (as in the well-known notebook: its gradient is cut where the signed distance is below STOP; a
+negative prompt's distance is negated, so its STOP is negative too: -1.23 stops pushing past 90 degrees).
 The distance is the spherical one of losses.py, theta^2 / 2 for the angle theta between the embeddings: 0 for
 the same direction, 1.23 at 90 degrees, 4.93 opposite; CLIP's typical image-text cosine of 0.3 is 0.80.
 Only trailing fields that read as numbers are taken as weight and stop, so `a sign: "open"` stays one text.
@@ -22,6 +23,8 @@ from pathlib import Path
 
 from ..errors import UserError
 
+MAX_DISTANCE = math.pi ** 2 / 2  # the spherical distance of opposite embeddings (losses.spherical_distance)
+
 
 @dataclass(frozen=True)
 class Prompt:
@@ -39,7 +42,11 @@ class Prompt:
 
 
 def shorten(name: str, width: int) -> str:
-    return name if len(name) <= width else name[:width - 3].rstrip() + "..."
+    """At most `width` characters: the start and the end kept (labels differ at either: `fog (1)`, `fog (-0.5)`)."""
+    if len(name) <= width:
+        return name
+    head = (width - 3) * 2 // 3
+    return name[:head].rstrip() + "..." + name[len(name) - (width - 3 - head):].lstrip()
 
 
 def unique_names(names: list[str], width: int) -> list[str]:
@@ -77,12 +84,26 @@ def parse_prompt(item: str, image: bool = False, option: str = "--prompt") -> Pr
     if weight == 0:
         raise UserError(f"{option} {item!r}: weight 0 does nothing; use a positive weight to pull toward it or a "
                         "negative one to push away")
+    _check_stop(item, weight, stop, option)
     if not image:
         return Prompt(text=body, weight=weight, stop=stop)
     path = Path(body).expanduser()
     if not path.is_file():
         raise UserError(f"--image-prompt {item!r}: image file {path} does not exist")
     return Prompt(image=path, weight=weight, stop=stop)
+
+
+def _check_stop(item: str, weight: float, stop: float, option: str) -> None:
+    """STOP compares with the signed distance (negative for a negative weight): outside its range it would make
+    the prompt never act, or be no stop at all."""
+    if stop == -math.inf:
+        return
+    if weight > 0 and not 0 <= stop < MAX_DISTANCE:
+        raise UserError(f"{option} {item!r}: STOP {stop:g} must lie in 0..{MAX_DISTANCE:.2f}: the spherical distance "
+                        "below which the prompt stops pulling (0.8 is a cosine of 0.3)")
+    if weight < 0 and not -MAX_DISTANCE < stop <= 0:
+        raise UserError(f"{option} {item!r}: STOP {stop:g} of a negative prompt must lie in -{MAX_DISTANCE:.2f}..0: "
+                        "minus the distance beyond which it stops pushing (-1.23 stops at 90 degrees)")
 
 
 def parse_prompts(spec: str, image: bool = False, option: str = "--prompt") -> list[Prompt]:
