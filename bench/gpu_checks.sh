@@ -103,6 +103,19 @@ if [ -z "${NO_COMPILE:-}" ]; then
     train.ckpt_every=$PRIOR_STEPS train.out_dir="$RUNS/prior-compiled" --no-progress
   echo "  prior $LOW compiled: $(rate "$RUNS/prior-compiled") (eager: $(rate "$RUNS/prior"))" | tee -a "$SUMMARY"
 fi
+# 6. vqgan imagine on CUDA: its memory check (three trial steps fit a model of the peak; a request that cannot fit
+#    is refused with the largest that fits) and a run, with the predicted and the measured peak. open_clip is an
+#    extra (vqgan[clip]); random ViT-B-32 weights: this is about memory and the CUDA paths, not images
+if $PY -c "import open_clip, torch; assert torch.cuda.is_available()" 2>/dev/null; then
+  $PY -c "import open_clip, torch; torch.save(open_clip.create_model('ViT-B-32', pretrained=None, force_quick_gelu=True).state_dict(), '$OUT/clip-random.bin')"
+  IMAGINE="$VQ imagine $RUNS/small-mixed/model --prompt 'a red house' --clip-weights $OUT/clip-random.bin --clip-pretrained openai --no-progress"
+  check "imagine-cuda" 180 bash -c "$IMAGINE --size 256 256 --cutn 32 --steps 20 --out $OUT/imagine && $PY -c \"
+import json; r = json.load(open('$OUT/imagine/run.json'))
+print('predicted %.2f GiB, measured peak %.2f GiB' % (r['predicted_gpu_bytes'] / 2**30, r['peak_gpu_bytes'] / 2**30))\""
+  check "imagine-refuses-too-big" 120 bash -c "$IMAGINE --size 16384 16384 --cutn 512 --steps 1 --out $OUT/imagine-big; [ \$? = 2 ]"
+else
+  echo "imagine-cuda                 skipped: needs CUDA and open_clip (pip install open-clip-torch)" | tee -a "$SUMMARY"
+fi
 tar -czf "$RESULTS/logs.tar.gz" -C "$OUT" --exclude='*.safetensors' --exclude='*.pt' --exclude='*.npz' --exclude='*.png' --exclude='*.jpg' . 2>/dev/null
 echo "summary: $SUMMARY"
 cat "$SUMMARY"

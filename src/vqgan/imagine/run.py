@@ -101,6 +101,8 @@ def imagine(cfg: ImagineConfig, clips: list[ClipModel] | None = None) -> dict:
 
     targets = Targets(clips, cfg.story.prompts, prompt_image)
     predicted = check_memory(steer, clips, targets, cfg, size, cfg.story.scenes[0].prompts, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # the run's own peak, for the record beside the prediction
 
     torch.manual_seed(cfg.seed)  # anything drawing from the global generator (the cutouts use `generator`)
     generator = torch.Generator().manual_seed(cfg.seed)  # the noise start, the cutouts and their augmentations
@@ -129,6 +131,7 @@ def imagine(cfg: ImagineConfig, clips: list[ClipModel] | None = None) -> dict:
                      **({f"video_{k}": v for k, v in dataclasses.asdict(video).items()} if video.frames else
                         {"save_every": cfg.png_every, "fps": video.fps})},
         "predicted_gpu_bytes": predicted,
+        "peak_gpu_bytes": float(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None,
     }
     if stop.requested:
         result["exit_code"] = stop.exit_code
