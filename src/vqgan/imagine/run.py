@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,8 @@ from .outputs import RunLog, save_animation, save_png, to_pil, write_page, write
 from .prompts import Prompt, unique_names
 from .settings import ImagineConfig, check_files, check_settings
 from .stopping import StopOnSignal
+
+log = logging.getLogger("vqgan.imagine")
 
 
 def read_image(path: Path, size: tuple[int, int], crop: bool) -> torch.Tensor:
@@ -100,6 +104,10 @@ def imagine(cfg: ImagineConfig, clips: list[ClipModel] | None = None) -> dict:
         return read_image(p.image, (side, side), crop=True)
 
     targets = Targets(clips, cfg.story.prompts, prompt_image)
+    for i, scene in enumerate(cfg.story.scenes):  # as parsed: `a clock at 12:30` is "a clock at 12" at weight 30
+        log.info("scene %d from %g: %s", i + 1, scene.start, " | ".join(
+            f"{targets.labels[p]!r} weight {p.weight:g}" + (f" stop {p.stop:g}" if p.stop > -math.inf else "")
+            for p in scene.prompts))
     predicted = check_memory(steer, clips, targets, cfg, size, cfg.story.scenes[0].prompts, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # the run's own peak, for the record beside the prediction
@@ -112,16 +120,16 @@ def imagine(cfg: ImagineConfig, clips: list[ClipModel] | None = None) -> dict:
         latents = [z.to(device) for z in steer.noise(*size, generator)]
 
     out = Path(cfg.out).resolve()
-    log = RunLog(out / "log.jsonl")
+    run_log = RunLog(out / "log.jsonl")
     with StopOnSignal() as stop:
-        final, frames = _optimise(cfg, steer, clips, targets, latents, generator, log, out, stop)
+        final, frames = _optimise(cfg, steer, clips, targets, latents, generator, run_log, out, stop)
     video = cfg.video
     save_png(final, out / "final.png")
     animation = save_animation([to_pil(f) for _, f in frames], out, video.fps) if len(frames) > 1 else []
     result = {
         "final": str(out / "final.png"), "seed": cfg.seed, "device": str(device), "size": list(size),
-        "steps": cfg.total_steps, "stopped_at": len(log.rows) if stop.requested else None,
-        "final_similarity": log.rows[-1]["similarity"], "animation": [str(p) for p in animation],
+        "steps": cfg.total_steps, "stopped_at": len(run_log.rows) if stop.requested else None,
+        "final_similarity": run_log.rows[-1]["similarity"], "animation": [str(p) for p in animation],
         "clip": [c.source for c in clips],
         "story": [{"start": s.start, "prompts": [
             {"label": targets.labels[p], "kind": "image" if p.image else "text", "weight": p.weight,
@@ -135,13 +143,13 @@ def imagine(cfg: ImagineConfig, clips: list[ClipModel] | None = None) -> dict:
     }
     if stop.requested:
         result["exit_code"] = stop.exit_code
-    result["report"] = str(write_page(out, result, log.rows, frames))
+    result["report"] = str(write_page(out, result, run_log.rows, frames))
     write_text(out / "run.json", json.dumps(result, indent=1, default=str))
     return result
 
 
 def _optimise(cfg: ImagineConfig, steer: Steerable, clips: list[ClipModel], targets: Targets,
-              latents: list[torch.Tensor], generator: torch.Generator, log: RunLog, out: Path,
+              latents: list[torch.Tensor], generator: torch.Generator, run_log: RunLog, out: Path,
               stop: StopOnSignal) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]:
     """The optimisation: one image, or the frames of a video, each frame from the previous one zoomed and shifted.
     Returns the final image (CPU) and the named frames of the animation. Stops after the step in which `stop`
@@ -159,7 +167,7 @@ def _optimise(cfg: ImagineConfig, steer: Steerable, clips: list[ClipModel], targ
         for step in range(steps):
             row = opt.step(step, steps, cfg.story.at(done / total).prompts)
             row.update({"frame": frame} if video.frames else {}, global_step=done)
-            log.add(row)
+            run_log.add(row)
             done += 1
             bar.update(1)
             bar.set_postfix({"loss": f"{row['loss']:.3f}",
