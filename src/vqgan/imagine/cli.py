@@ -1,11 +1,24 @@
 """`vqgan imagine`: the command's options and handler (registered by the package's cli.py)."""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 
+class _WithDefaults(argparse.HelpFormatter):
+    """Each option's default after its help, where it has one the help does not already name."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        d = action.default
+        if "default" in text or d is None or d is False or d is argparse.SUPPRESS or d == []:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def add_parser(sub) -> None:
-    p = sub.add_parser("imagine", help="VQGAN+CLIP: steer a tokenizer's decoder toward text / image prompts")
+    p = sub.add_parser("imagine", help="VQGAN+CLIP: steer a tokenizer's decoder toward text / image prompts",
+                       formatter_class=_WithDefaults)
     p.add_argument("tokenizer", help="tokenizer directory (a run, a checkpoint, a converted model) or a taming .ckpt")
     p.add_argument("--prompt", default=None,
                    help="'TEXT[:WEIGHT[:STOP]] | ...', e.g. 'a red house:1 | fog:-0.5'. STOP: the spherical distance "
@@ -22,13 +35,13 @@ def add_parser(sub) -> None:
                         "decaying to 0 over the run")
     p.add_argument("--size", type=int, nargs=2, metavar=("W", "H"), default=None,
                    help="multiples of the tokenizer's factor (default: its training resolution)")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=300, help="optimisation steps (of the first frame, in a video)")
     p.add_argument("--cutn", type=int, default=16, help="random cutouts per step")
     p.add_argument("--cut-pow", type=float, default=1.0, help="> 1 favours small cutouts, < 1 large ones")
     p.add_argument("--lr", type=float, default=0.1, help="Adam's learning rate on the latents")
     p.add_argument("--lr-end", type=float, default=0.1, help="the rate decays to lr * this by half a cosine")
     p.add_argument("--no-augment", action="store_true", help="cutouts without flips, warps and colour jitter")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same image on the same device")
     p.add_argument("--clip-model", action="append", default=[],
                    help="open_clip model name (default ViT-B-32; OpenAI's names such as ViT-B/32 work too); repeat "
                         "for an ensemble")
@@ -46,7 +59,7 @@ def add_parser(sub) -> None:
     p.add_argument("--zoom", type=float, default=1.02, help="zoom per video frame")
     p.add_argument("--pan", type=float, nargs=2, metavar=("DX", "DY"), default=(0.0, 0.0),
                    help="shift per video frame in pixels")
-    p.add_argument("--fps", type=int, default=10)
+    p.add_argument("--fps", type=int, default=10, help="frames per second of the animation")
     p.add_argument("--out", default="imagine", help="output folder (its other files are kept)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when there is one)")
     p.add_argument("--no-progress", action="store_true")

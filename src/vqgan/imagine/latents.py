@@ -104,8 +104,10 @@ class Steerable:
                            LevelSteer(model.quantize_bottom, model.quant_conv_bottom.out_channels)]
             self.factors = [8, 4]
         else:
+            what = " (a transformer prior: pass the tokenizer whose tokens it models)" if hasattr(model, "blocks") \
+                else ""
             raise UserError(f"vqgan imagine steers image tokenizers (kinds vqgan, vqvae2), not a "
-                            f"{type(model).__name__}")
+                            f"{type(model).__name__}{what}")
 
     @property
     def factor(self) -> int:
