@@ -288,6 +288,10 @@ def test_size_and_kind_errors():
     assert "'odd' cannot be steered" in one_line(err)
     with pytest.raises(UserError, match="not a Linear"):
         Steerable(torch.nn.Linear(2, 2))
+    from vqgan.priors import GPT, GPTConfig
+
+    with pytest.raises(UserError, match="not a GPT .a transformer prior: pass the tokenizer whose tokens it models"):
+        Steerable(GPT(GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=1, n_embd=8)))
 
 
 def test_memory_suggestion_with_a_fake_budget():
