@@ -236,8 +236,7 @@ class ClipModel:
 def load_clip(spec: ClipSpec, device: torch.device | str = "cpu") -> ClipModel:
     """Build `spec.model` with open_clip (random init, no download) and load its weights file, strictly."""
     open_clip = _open_clip()
-    _tag_config(spec)  # the model name and a given tag, checked before the file is read
-    path = find_weights(spec)
+    path = find_weights(spec)  # checks the model name and a given tag first
     sd, openai_file = read_weights(path)
     if openai_file and spec.tag not in (None, "openai"):
         log.warning("CLIP weights %s are in OpenAI's layout: read as OpenAI's weights (QuickGELU), not as %s",
