@@ -3,7 +3,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
+# --no-cache-dir: torch's CUDA libraries are ~3 GB of wheels; a cached copy of each doubles the disk the setup needs
+# (CI ran out of disk once while installing them).
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check --no-cache-dir -c constraints.txt
 
 .PHONY: setup demo test test-fast bench clean
 
