@@ -371,6 +371,10 @@ def test_same_seed_same_image_and_outputs(trained_tokenizer, small_clip, tmp_pat
     assert ("animation.mp4" in page) == any(p.endswith("animation.mp4") for p in first["animation"])
     video = run("v", frames=2, frame_steps=1)
     assert video["steps"] == 5 and (tmp_path / "v" / "frames" / "frame_00002.png").is_file()
+    (tmp_path / "v" / "notes.txt").write_text("mine")
+    run("v", frames=1, frame_steps=1)  # a shorter run in the same folder: none of the longer one's frames stay
+    assert sorted(p.name for p in (tmp_path / "v" / "frames").iterdir()) == ["frame_00000.png", "frame_00001.png"]
+    assert (tmp_path / "v" / "notes.txt").read_text() == "mine"
 
 
 @pytest.mark.parametrize("setting, message", [
@@ -529,6 +533,8 @@ def test_a_run_stopped_before_its_first_step_leaves_the_folder_as_it_was(trained
     from vqgan.imagine import run
 
     (tmp_path / "log.jsonl").write_text("an earlier run\n")
+    (tmp_path / "steps").mkdir()
+    (tmp_path / "steps" / "step_00001.png").write_bytes(b"an earlier step")
 
     class Interrupted(Optimiser):
         def __init__(self, *a, **k):
@@ -540,6 +546,7 @@ def test_a_run_stopped_before_its_first_step_leaves_the_folder_as_it_was(trained
     with pytest.raises(KeyboardInterrupt):
         imagine(cfg, clips=[small_clip])
     assert (tmp_path / "log.jsonl").read_text() == "an earlier run\n"
+    assert (tmp_path / "steps" / "step_00001.png").read_bytes() == b"an earlier step"
 
 
 def _frames(n: int):

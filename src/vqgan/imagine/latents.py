@@ -53,7 +53,7 @@ class LevelSteer:
         """z (B, C, h, w) -> code vectors with z's gradient (straight-through)."""
         q = self.quantizer
         if isinstance(q, GumbelQuantizer):
-            logits = q.proj(z).float()
+            logits = q.logits(z)
             soft = logits.softmax(1)
             hard = F.one_hot(logits.argmax(1), q.n_embed).permute(0, 3, 1, 2).float()
             one_hot = hard + soft - soft.detach()

@@ -101,9 +101,29 @@ def save_animation(frames: list[Image.Image], out: Path, fps: int = 10) -> list[
     return written
 
 
+# what one run writes under numbered or optional names: a later run in the folder may not write the same ones
+EARLIER_RUN_FILES = ("steps/step_*.png", "frames/frame_*.png", "animation.gif", "animation.mp4")
+
+
+def clear_earlier_run(out: Path) -> int:
+    """Remove the step pictures, frames and animations an earlier run left in `out` (only those names), so that the
+    folder holds one run: a shorter run, or one without --save-every, would otherwise leave the earlier run's later
+    steps or frames beside its own. Returns how many files went."""
+    removed = 0
+    for pattern in EARLIER_RUN_FILES:
+        for path in sorted(out.glob(pattern)):
+            if path.is_file() and not path.is_symlink():
+                path.unlink()
+                removed += 1
+    if removed:
+        log.info("%s: removed %d step pictures, frames or animations of an earlier run", out, removed)
+    return removed
+
+
 class RunLog:
     """log.jsonl: one JSON object per step (step, loss, similarity per prompt, lr; frame in video mode). An earlier
-    run's log in the folder is replaced at the first step, so a run stopped before it leaves the folder as it was."""
+    run's log in the folder is replaced at the first step, with its step pictures, frames and animations
+    (`clear_earlier_run`), so a run stopped before it leaves the folder as it was."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -113,6 +133,7 @@ class RunLog:
         self.rows.append(row)
         if len(self.rows) == 1:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            clear_earlier_run(self.path.parent)
         with open(self.path, "w" if len(self.rows) == 1 else "a") as f:
             f.write(json.dumps(row) + "\n")
 
