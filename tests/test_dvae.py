@@ -204,6 +204,66 @@ def test_a_dead_code_restarts_on_half_of_a_busy_codes_region():
     assert moments[1].abs().max() == 0 and moments[0].abs().max() > 0
 
 
+def cosine_quantizer(**options) -> torch.nn.Module:
+    """A gumbel quantizer with cosine logits in 3 dimensions whose projection is the identity."""
+    torch.manual_seed(0)
+    q = build_quantizer(quantizer_config("gumbel", n_embed=8, embed_dim=4, codebook_dim=3, init="dalle",
+                                         **options), 3).train()
+    with torch.no_grad():
+        q.project_in.weight.copy_(torch.eye(3).view(3, 3, 1, 1))
+        q.project_in.bias.zero_()
+    return q
+
+
+def test_cosine_logits_are_the_scaled_cosines_and_every_code_wins_its_own_direction():
+    q = cosine_quantizer(logit_scale=5.0)
+    z = torch.randn(2, 3, 4, 4) * 3
+    cos = F.cosine_similarity(z[:, None], q.codes[None, :, :, None, None], dim=2)  # (B, K, h, w)
+    torch.testing.assert_close(q.logits(z), 5.0 * cos)
+    # the linear logits can leave a code that wins nowhere; on the sphere each wins at least at its own point
+    at_codes = (2 * q.codes.detach()).t().reshape(1, 3, 8, 1)
+    assert torch.equal(q.eval()(at_codes).codes.view(8), torch.arange(8))
+    out = q.train()(z)
+    (out.quantized.square().mean() + out.loss).backward()
+    assert q.log_scale.grad is not None and q.codes.grad.abs().sum() > 0 and q.project_in.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        q.log_scale.fill_(10.0)  # capped at 100, as CLIP's
+    torch.testing.assert_close(q.logits(z), 100.0 * cos)
+
+
+def test_a_dead_cosine_code_restarts_where_a_recent_latent_lies():
+    """restart=data with cosine logits: the dead code moves onto a recent latent's point of the sphere, wins it,
+    and takes the code vector of the live code that won it, so that latent decodes as before; Adam forgets its rows."""
+    q = cosine_quantizer(restart="data")
+    q.start_upkeep(CodebookCareConfig(restart_every=1, restart_after=1, restart_until=1.0), 100)
+    near = q.codes.detach()[torch.tensor([1, 2]).repeat(18)]  # latents around codes 1 and 2: the others win none
+    z = (2 * near + 0.05 * torch.randn(36, 3)).t().reshape(1, 3, 6, 6)
+    opt = torch.optim.Adam(q.parameters(), lr=1e-3)
+    out = q(z)
+    (out.quantized.square().mean() + out.loss).backward()
+    opt.step()
+    q.eval()
+    before = q(z)
+    assert sorted(before.codes.unique().tolist()) == [1, 2]
+    before = before.quantized.flatten(2)[0].t()  # (36 positions, 4)
+    counted = torch.tensor([1, 2]).repeat(18)
+    dead = torch.ones(8, dtype=torch.bool)
+    dead[[1, 2]] = False
+    logs = q.maintain(1, z, counted.view(1, 6, 6, 1), opt)
+    assert logs["restarted"] == 6
+    after = q(z)
+    on_sphere = F.normalize(z.flatten(2)[0].t(), dim=1)  # the pool holds these 36 latents
+    cosines = on_sphere @ F.normalize(q.codes.detach(), dim=1).t()
+    for k in dead.nonzero().squeeze(1).tolist():  # each restarted code sits on a latent, wins it, decodes it as before
+        row = int(cosines[:, k].argmax())
+        assert cosines[row, k] == pytest.approx(1.0, abs=1e-5)
+        assert cosines[row, after.codes.view(36)[row]] == pytest.approx(1.0, abs=1e-5)
+        torch.testing.assert_close(after.quantized.flatten(2)[0, :, row], before[row])
+    for param in (q.codes, q.embed.weight):
+        moments = opt.state[param]["exp_avg"]
+        assert moments[dead].abs().max() == 0 and moments[~dead].abs().max() > 0
+
+
 @pytest.mark.slow
 def test_two_processes_split_the_same_codes(tmp_path):
     """Each rank sees different latents; the usage counts are all-reduced, so both ranks split the same dead codes
@@ -285,6 +345,8 @@ def test_the_released_init_does_not_start_collapsed(tmp_path):
     "model.quantizer.entropy_weight=-0.1",
     "model.quantizer.sample_entropy_weight=-1",
     "model.quantizer.entropy_temperature=0",
+    "model.quantizer.codebook_dim=-1",
+    "model.quantizer.logit_scale=0",
     "model.decoder_output=image",  # the logit-Laplace term needs the scale
     "model.decoder_output=gaussian",
     "loss.logit_laplace_weight=-1",

@@ -18,6 +18,12 @@ Dead codes (unused for `train.codebook.restart_after` steps) restart as noisy co
 since a code picked by logits cannot be moved onto an encoder output as a nearest-neighbour code is; or, with
 `restart: data`, on a recent encoder output, by cutting the region of the code that wins it in two along the
 direction of that output (`split_by_data`: k-means' splitting step, steered by the data rather than by noise).
+
+`codebook_dim` > 0 (beyond the paper; the factorized, l2-normalised lookup of ViT-VQGAN, Yu et al. 2021, sec. 3.2,
+carried over to logits): the latent is projected to `codebook_dim` dimensions and put on the unit sphere, and a
+code's logit is its cosine with the latent times a learned scale (`logit_scale` at the start, as CLIP's). Every code
+then wins the cap of the sphere around it: none can be outvoted everywhere, as a row of the linear logits can by a
+larger one, and a dead code restarts on the sphere where recent latents lie (`restart: data`).
 """
 from __future__ import annotations
 
@@ -70,6 +76,10 @@ class GumbelConfig(QuantizerConfig):
     # a busy code's region of recent encoder outputs cut in two along the direction of one of them, the dead code
     # taking the far half (split_by_data)
     restart: str = "copies"
+    # 0: logits from a 1x1 conv of the latent (the paper). n: cosine logits in n dimensions (module docstring)
+    codebook_dim: int = 0
+    logit_scale: float = 10.0  # with codebook_dim: the learned scale of the cosines, at the start
+
 
     def temperature_at(self, step: int) -> float:
         if not self.temperature_steps:
@@ -92,6 +102,11 @@ class GumbelConfig(QuantizerConfig):
                 raise UserError(f"{where}.{name} must be > 0, got {getattr(self, name)}")
         if self.init not in ("taming", "dalle"):
             raise UserError(f"{where}.init must be taming or dalle, got {self.init!r}")
+        if self.codebook_dim < 0:
+            raise UserError(f"{where}.codebook_dim must be >= 0 (0: linear logits, e.g. 8: cosine logits), "
+                            f"got {self.codebook_dim}")
+        if not self.logit_scale > 0:
+            raise UserError(f"{where}.logit_scale must be > 0 (e.g. 10), got {self.logit_scale}")
         if self.restart not in ("copies", "data"):
             raise UserError(f"{where}.restart must be copies or data, got {self.restart!r}")
         for name in ("kl_weight", "kl_weight_start", "temperature_steps", "kl_warmup_steps", "entropy_weight",
@@ -108,14 +123,36 @@ class GumbelQuantizer(Quantizer):
         self.n_embed = config.n_embed
         self.temperature = config.temperature_at(0)  # until the trainer sets the step
         self.kl_weight = config.kl_weight_at(0)
-        self.proj = nn.Conv2d(in_channels, config.n_embed, 1)  # latent -> logits over the codes
+        if config.codebook_dim:  # latent -> a point on the sphere, its cosines with the unit codes -> logits
+            self.project_in = nn.Conv2d(in_channels, config.codebook_dim, 1)
+            self.codes = nn.Parameter(F.normalize(torch.randn(config.n_embed, config.codebook_dim), dim=1))
+            self.log_scale = nn.Parameter(torch.tensor(math.log(config.logit_scale)))
+        else:
+            self.proj = nn.Conv2d(in_channels, config.n_embed, 1)  # latent -> logits over the codes
         self.embed = nn.Embedding(config.n_embed, config.embed_dim)
         if config.init == "dalle":
-            dalle_init(self.proj)
+            dalle_init(self.project_in if config.codebook_dim else self.proj)
             nn.init.normal_(self.embed.weight, std=config.n_embed ** -0.5)
 
+    def logits(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) latents -> (B, n_embed, h, w) float32 logits."""
+        if not self.config.codebook_dim:
+            return self.proj(z).float()
+        u = F.normalize(self.project_in(z).float(), dim=1)
+        scale = self.log_scale.float().clamp(max=math.log(100.0)).exp()  # CLIP's cap: beyond 100 the softmax is an argmax
+        return scale * torch.einsum("bdhw,kd->bkhw", u, F.normalize(self.codes.float(), dim=1))
+
+    def to_sphere(self, rows: torch.Tensor) -> torch.Tensor:
+        """(N, C) latents -> (N, codebook_dim) unit vectors, as `logits` reads them."""
+        weight = self.project_in.weight.flatten(1).to(rows)
+        return F.normalize(F.linear(rows, weight, self.project_in.bias.to(rows)), dim=1)
+
+    def code_rows(self) -> list[nn.Parameter]:
+        """The parameters that hold one row per code: what a restart copies."""
+        return [self.codes if self.config.codebook_dim else self.proj.weight, self.embed.weight]
+
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
-        logits = self.proj(z).float()  # (B, K, h, w)
+        logits = self.logits(z)  # (B, K, h, w)
         if self.training or self.config.noise_in_eval:
             hard = self.config.straight_through if self.training else True
             one_hot = F.gumbel_softmax(logits, tau=self.temperature, dim=1, hard=hard)
@@ -163,13 +200,13 @@ class GumbelQuantizer(Quantizer):
         targets = dead.cpu().nonzero().squeeze(1)
         origin = torch.arange(self.n_embed).index_put_((targets,), donors)  # what each code is a copy of
         copies = torch.bincount(origin, minlength=self.n_embed).float()  # how many codes share each donor's mass
-        params = [self.proj.weight, self.embed.weight]
+        params = self.code_rows()
         for param in params:
             rows = param[donors.to(device)]
             noise = torch.randn(rows.shape, generator=upkeep.generator).to(rows)
             scale = rows.flatten(1).std(1).clamp_min(1e-6).view(-1, *[1] * (rows.dim() - 1))
             param[targets.to(device)] = rows + 0.01 * scale * noise
-        if self.proj.bias is not None:
+        if not self.config.codebook_dim and self.proj.bias is not None:
             bias = self.proj.bias
             bias.copy_(bias[origin.to(device)] - torch.log(copies[origin]).to(bias))
             params.append(bias)
@@ -188,6 +225,9 @@ class GumbelQuantizer(Quantizer):
         targets = dead.cpu().nonzero().squeeze(1)
         pool = upkeep.pool
         picks = pool[torch.randint(pool.shape[0], (len(targets),), generator=upkeep.generator)]
+        if self.config.codebook_dim:
+            self._restart_on_sphere(targets, picks, dead, optimizer)
+            return
         weight, bias = self.proj.weight, self.proj.bias
         w = weight.detach().float().flatten(1).cpu()
         b = bias.detach().float().cpu() if bias is not None else torch.zeros(self.n_embed)
@@ -208,6 +248,22 @@ class GumbelQuantizer(Quantizer):
             bias.copy_(b.to(bias))
             params.append(bias)
         for param in params:
+            broadcast(param)
+            forget_moments(optimizer, param, dead)
+
+    @torch.no_grad()
+    def _restart_on_sphere(self, targets: torch.Tensor, picks: torch.Tensor, dead: torch.Tensor,
+                           optimizer: torch.optim.Optimizer | None) -> None:
+        """Cosine logits: each dead code moves to where a recent latent lies on the sphere, so it wins that latent's
+        neighbourhood, and takes the code vector of the live code that won it: the latent decodes as before, and
+        only latents near the new cap's rim can change code."""
+        points = self.to_sphere(picks.to(self.codes.device))
+        cosines = points @ F.normalize(self.codes.float(), dim=1).t()
+        owners = cosines.masked_fill(dead.to(cosines.device), -2.0).argmax(1)  # among the live codes
+        self.codes[targets.to(self.codes.device)] = points.to(self.codes)
+        rows = targets.to(self.embed.weight.device)
+        self.embed.weight[rows] = self.embed.weight[owners.to(self.embed.weight.device)]
+        for param in self.code_rows():
             broadcast(param)
             forget_moments(optimizer, param, dead)
 
