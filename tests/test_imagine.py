@@ -23,7 +23,7 @@ from vqgan.imagine.clip_models import ClipModel, ClipSpec, clip_specs, load_clip
 from vqgan.imagine.latents import LevelSteer, Steerable
 from vqgan.imagine.losses import prompt_loss, spherical_distance
 from vqgan.imagine.optimise import OptimiseConfig, Optimiser, Targets
-from vqgan.imagine.outputs import save_animation
+from vqgan.imagine.outputs import MAX_FRAME_MARKS, chart_marks, save_animation
 from vqgan.imagine.prompts import Prompt, parse_prompts, parse_story, story_from_options
 from vqgan.imagine.run import imagine
 from vqgan.imagine.settings import ImagineConfig, VideoConfig
@@ -547,6 +547,15 @@ def test_a_run_stopped_before_its_first_step_leaves_the_folder_as_it_was(trained
         imagine(cfg, clips=[small_clip])
     assert (tmp_path / "log.jsonl").read_text() == "an earlier run\n"
     assert (tmp_path / "steps" / "step_00001.png").read_bytes() == b"an earlier step"
+
+
+def test_the_charts_mark_where_scenes_and_frames_start():
+    result = {"steps": 10, "story": [{"start": 0.0}, {"start": 0.5}]}
+    rows = [{"frame": 0}] * 4 + [{"frame": 1}] * 3 + [{"frame": 2}] * 3
+    assert chart_marks(result, rows) == [(5.0, "scene 2"), (4, "frame 1"), (7, "frame 2")]
+    assert chart_marks(result, [{}] * 10) == [(5.0, "scene 2")]  # one image: no frames
+    many = [{"frame": k} for k in range(MAX_FRAME_MARKS + 2)]  # too many lines to read the curves: none
+    assert chart_marks({"steps": len(many), "story": [{"start": 0.0}]}, many) == []
 
 
 def _frames(n: int):

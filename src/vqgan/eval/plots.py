@@ -44,10 +44,12 @@ def _finite(xs: Sequence[float], ys: Sequence[float], log_y: bool) -> tuple[list
 
 
 def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], title: str, size=(640, 360),
-              log_y: bool = False, xlabel: str = "step", ylabel: str = "") -> Image.Image:
+              log_y: bool = False, xlabel: str = "step", ylabel: str = "",
+              marks: Sequence[tuple[float, str]] = ()) -> Image.Image:
     """A line chart of {name: (xs, ys)}; points that are missing or not finite are left out. `log_y`: a log scale,
     or a symmetric log scale (linear near 0) where some values are <= 0 (losses with an entropy bonus, likelihoods),
-    so that no curve loses its negative part."""
+    so that no curve loses its negative part. `marks`: (x, label) pairs drawn as labelled vertical lines (where a
+    scene or a frame starts)."""
     from matplotlib.ticker import MaxNLocator
 
     fig, ax = _figure(size)
@@ -71,6 +73,10 @@ def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], title:
             ax.set_yscale("log")
         if whole:  # steps: no ticks at 1.25 or 2.5
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        for x, label in marks:
+            ax.axvline(x, color="grey", linestyle="--", linewidth=0.8)
+            ax.annotate(label, (x, 1.0), xycoords=("data", "axes fraction"), xytext=(2, -10),
+                        textcoords="offset points", fontsize=7, color="dimgrey")
         _legend(ax)
         ax.grid(True, which="major", alpha=0.3)
     ax.set_xlabel(xlabel)

@@ -138,15 +138,36 @@ class RunLog:
             f.write(json.dumps(row) + "\n")
 
 
+MAX_FRAME_MARKS = 20  # beyond this many frames their lines would hide the curves
+
+
+def chart_marks(result: dict, rows: list[dict]) -> list[tuple[float, str]]:
+    """Where each scene after the first starts, and each frame of a video after the first (up to MAX_FRAME_MARKS
+    frames), as (step, label) for the charts."""
+    marks = [(scene["start"] * result["steps"], f"scene {i}") for i, scene in enumerate(result["story"], 1)
+             if scene["start"] > 0]
+    starts = {}
+    for i, row in enumerate(rows):
+        starts.setdefault(row.get("frame", 0), i)
+    if 1 < len(starts) <= MAX_FRAME_MARKS + 1:
+        marks += [(i, f"frame {frame}") for frame, i in starts.items() if frame > 0]
+    return marks
+
+
 def write_page(out: Path, result: dict, rows: list[dict], frames: list[tuple[str, torch.Tensor]]) -> Path:
     """report.html: prompts, settings, seed, the CLIP weights (file and sha256), frames and the loss curve."""
     steps = list(range(len(rows)))
-    curves = {"loss": (steps, [r["loss"] for r in rows])}
+    losses = {"loss": (steps, [r["loss"] for r in rows])}
+    if any(r.get("clip_loss", r["loss"]) != r["loss"] for r in rows):  # --init-weight adds its pull to the loss
+        losses["prompts alone (without the init pull)"] = (steps, [r.get("clip_loss") for r in rows])
+    curves = {}
     labels = list(dict.fromkeys(k for r in rows for k in r["similarity"]))  # every scene's prompts, in order
     for label, name in zip(labels, unique_names(labels, 28)):
         curves[f"sim {name}"] = (steps, [r["similarity"].get(label) for r in rows])
-    save_picture(line_plot({"loss": curves.pop("loss")}, "loss (all steps in order)"), out / "loss.png")
-    save_picture(line_plot(curves, "cosine similarity of the cutouts with each prompt"), out / "similarity.png")
+    marks = chart_marks(result, rows)
+    save_picture(line_plot(losses, "loss (all steps in order)", marks=marks), out / "loss.png")
+    save_picture(line_plot(curves, "cosine similarity of the cutouts with each prompt", marks=marks),
+                 out / "similarity.png")
     shown = frames[-12:] if len(frames) > 12 else frames
     if shown:
         per_row = 6
