@@ -23,7 +23,8 @@ direction of that output (`split_by_data`: k-means' splitting step, steered by t
 carried over to logits): the latent is projected to `codebook_dim` dimensions and put on the unit sphere, and a
 code's logit is its cosine with the latent times a learned scale (`logit_scale` at the start, as CLIP's). Every code
 then wins the cap of the sphere around it: none can be outvoted everywhere, as a row of the linear logits can by a
-larger one, and a dead code restarts on the sphere where recent latents lie (`restart: data`).
+larger one, and a dead code restarts on the sphere where recent latents lie (`restart: data`). In the CPU dVAE
+(photo crops, 300 steps) that gave +0.9 dB but no more codes used on held-out images (README, the dVAE rows).
 """
 from __future__ import annotations
 
