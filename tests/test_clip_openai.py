@@ -3,8 +3,10 @@
 TorchScript archive holding the same tensors under the standard name in ~/.cache/clip. The reference is
 open_clip's own loader of OpenAI files (`load_openai_model`, which builds the model from the state dict): what
 `vqgan imagine` loads must compute the same embeddings."""
+import shutil
 import warnings
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -49,13 +51,14 @@ def torchscript_archive(sd: dict[str, torch.Tensor], path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def openai_files(tmp_path_factory) -> dict[str, Path]:
+def openai_files(tmp_path_factory) -> Iterator[dict[str, Path]]:
     root = tmp_path_factory.mktemp("openai")
     sd = openai_state_dict()
     plain = root / "plain" / "ViT-B-32.pt"
     plain.parent.mkdir()
     torch.save(sd, plain)
-    return {"plain": plain, "jit": torchscript_archive(sd, root / "home" / ".cache" / "clip" / "ViT-B-32.pt")}
+    yield {"plain": plain, "jit": torchscript_archive(sd, root / "home" / ".cache" / "clip" / "ViT-B-32.pt")}
+    shutil.rmtree(root, ignore_errors=True)  # 680 MB: not kept until the session ends
 
 
 def same_embeddings(clip, reference: torch.nn.Module) -> None:

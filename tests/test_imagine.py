@@ -9,6 +9,7 @@ import math
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -117,13 +118,14 @@ def test_prompt_loss_weight_sign_and_stop():
 
 # -- CLIP weights -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def clip_file(tmp_path_factory) -> Path:
+def clip_file(tmp_path_factory) -> Iterator[Path]:
     """ViT-B-32 with random weights in open_clip's key layout, under the file name of its Hugging Face repo."""
     torch.manual_seed(0)
     model = open_clip.create_model("ViT-B-32", pretrained=None, force_quick_gelu=True)
     path = tmp_path_factory.mktemp("clip") / "open_clip_pytorch_model.bin"
     torch.save(model.state_dict(), path)
-    return path
+    yield path
+    path.unlink(missing_ok=True)  # 580 MB: not kept until the session ends
 
 
 def hf_cache(root: Path, weights: Path) -> Path:
