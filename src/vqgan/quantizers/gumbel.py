@@ -81,7 +81,6 @@ class GumbelConfig(QuantizerConfig):
     codebook_dim: int = 0
     logit_scale: float = 10.0  # with codebook_dim: the learned scale of the cosines, at the start
 
-
     def temperature_at(self, step: int) -> float:
         if not self.temperature_steps:
             return self.temperature
@@ -140,7 +139,7 @@ class GumbelQuantizer(Quantizer):
         if not self.config.codebook_dim:
             return self.proj(z).float()
         u = F.normalize(self.project_in(z).float(), dim=1)
-        scale = self.log_scale.float().clamp(max=math.log(100.0)).exp()  # CLIP's cap: beyond 100 the softmax is an argmax
+        scale = self.log_scale.float().clamp(max=math.log(100.0)).exp()  # CLIP's cap: beyond it, an argmax
         return scale * torch.einsum("bdhw,kd->bkhw", u, F.normalize(self.codes.float(), dim=1))
 
     def to_sphere(self, rows: torch.Tensor) -> torch.Tensor:
