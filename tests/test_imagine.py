@@ -24,7 +24,7 @@ from vqgan.imagine.clip_models import ClipModel, ClipSpec, clip_specs, load_clip
 from vqgan.imagine.latents import LevelSteer, Steerable
 from vqgan.imagine.losses import prompt_loss, spherical_distance
 from vqgan.imagine.optimise import OptimiseConfig, Optimiser, Targets
-from vqgan.imagine.outputs import MAX_FRAME_MARKS, chart_marks, save_animation
+from vqgan.imagine.outputs import MAX_FRAME_MARKS, RunLog, chart_marks, save_animation
 from vqgan.imagine.prompts import Prompt, parse_prompts, parse_story, story_from_options
 from vqgan.imagine.run import imagine
 from vqgan.imagine.settings import ImagineConfig, VideoConfig
@@ -549,6 +549,20 @@ def test_a_run_stopped_before_its_first_step_leaves_the_folder_as_it_was(trained
         imagine(cfg, clips=[small_clip])
     assert (tmp_path / "log.jsonl").read_text() == "an earlier run\n"
     assert (tmp_path / "steps" / "step_00001.png").read_bytes() == b"an earlier step"
+
+
+def test_only_an_earlier_runs_pictures_are_removed(tmp_path):
+    """At the first step a run removes the numbered pictures and animations of the run before it, found by its
+    log.jsonl; a folder that held no run keeps files of the same names."""
+    for folder in ("run", "mine"):
+        (tmp_path / folder / "steps").mkdir(parents=True)
+        for name in ("steps/step_00001.png", "animation.gif", "notes.txt"):
+            (tmp_path / folder / name).write_bytes(b"earlier")
+    (tmp_path / "run" / "log.jsonl").write_text("{}\n")
+    for folder in ("run", "mine"):
+        RunLog(tmp_path / folder / "log.jsonl").add({"step": 0})
+    assert sorted(p.name for p in (tmp_path / "run").rglob("*") if p.is_file()) == ["log.jsonl", "notes.txt"]
+    assert len([p for p in (tmp_path / "mine").rglob("*") if p.is_file()]) == 4
 
 
 def test_the_charts_mark_where_scenes_and_frames_start():

@@ -61,8 +61,8 @@ def add_parser(sub) -> None:
                    help="shift per video frame in pixels")
     p.add_argument("--fps", type=int, default=10, help="frames per second of the animation")
     p.add_argument("--out", default="imagine",
-                   help="output folder: an earlier run's outputs there are replaced at the first step (its step "
-                        "pictures, frames and animations removed); other files are kept")
+                   help="output folder: an earlier run's outputs there (found by its log.jsonl) are replaced at the "
+                        "first step, its step pictures, frames and animations removed; other files are kept")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when there is one)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_command)

@@ -123,7 +123,8 @@ def clear_earlier_run(out: Path) -> int:
 class RunLog:
     """log.jsonl: one JSON object per step (step, loss, similarity per prompt, lr; frame in video mode). An earlier
     run's log in the folder is replaced at the first step, with its step pictures, frames and animations
-    (`clear_earlier_run`), so a run stopped before it leaves the folder as it was."""
+    (`clear_earlier_run`), so a run stopped before it leaves the folder as it was. A folder without a log.jsonl
+    held no run: files there under those names are someone else's, and stay."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -133,7 +134,8 @@ class RunLog:
         self.rows.append(row)
         if len(self.rows) == 1:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            clear_earlier_run(self.path.parent)
+            if self.path.is_file():
+                clear_earlier_run(self.path.parent)
         with open(self.path, "w" if len(self.rows) == 1 else "a") as f:
             f.write(json.dumps(row) + "\n")
 
