@@ -252,7 +252,7 @@ def test_a_dead_cosine_code_restarts_where_a_recent_latent_lies():
     logs = q.maintain(1, z, counted.view(1, 6, 6, 1), opt)
     assert logs["restarted"] == 6
     after = q(z)
-    on_sphere = F.normalize(z.flatten(2)[0].t(), dim=1)  # the pool holds these 36 latents
+    on_sphere = q.to_sphere(z.flatten(2)[0].t()).detach()  # the pool holds these 36 latents
     cosines = on_sphere @ F.normalize(q.codes.detach(), dim=1).t()
     for k in dead.nonzero().squeeze(1).tolist():  # each restarted code sits on a latent, wins it, decodes it as before
         row = int(cosines[:, k].argmax())
