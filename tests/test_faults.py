@@ -34,6 +34,7 @@ from vqgan.checkpoint import load_state_dict_file, save_model, save_tensors
 from vqgan.cli import main
 from vqgan.errors import UserError
 from vqgan.losses.discriminator import NLayerDiscriminator
+from vqgan.stopping import StopOnSignal
 from vqgan.train.guard import Diverged
 from vqgan.train.run import CheckpointParts, DiskFull, RunFolder
 from vqgan.train.stage1 import TokenizerTrainer
@@ -292,6 +293,25 @@ def test_resume_with_nothing_to_resume_is_an_error_and_creates_nothing(tmp_path,
 
 
 # -- stopping ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("second_stops_now", [False, True], ids=["training", "imagine"])
+def test_a_repeated_signal_stops_at_once_only_where_asked(second_stops_now, caplog):
+    """Training keeps writing its checkpoint through a repeated signal (launchers repeat them); `imagine` lets a
+    second Ctrl-C stop at once. Either way the first one is logged once and the old handlers come back."""
+    before = signal.getsignal(signal.SIGTERM)
+    with caplog.at_level(logging.WARNING):
+        try:
+            with StopOnSignal("stopping", logging.getLogger("test"), second_stops_now=second_stops_now) as stop:
+                for _ in range(2):
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    time.sleep(0.05)  # the handler runs between bytecodes of the main thread
+            raised = False
+        except KeyboardInterrupt:
+            raised = True
+    assert raised == second_stops_now and stop.requested and stop.exit_code == 143
+    assert caplog.text.count("signal 15: stopping") == 1
+    assert signal.getsignal(signal.SIGTERM) == before
 
 
 @pytest.mark.slow

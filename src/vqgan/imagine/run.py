@@ -17,6 +17,7 @@ from tqdm import tqdm
 from ..checkpoint import load_model
 from ..data.images import load_rgb
 from ..errors import UserError
+from ..stopping import StopOnSignal
 from ..userinput import resolve_device
 from . import memory
 from .clip_models import ClipModel, load_clip
@@ -25,7 +26,6 @@ from .optimise import Optimiser, Targets
 from .outputs import RunLog, save_animation, save_png, to_pil, write_page, write_text
 from .prompts import Prompt, unique_names
 from .settings import ImagineConfig, check_files, check_settings
-from .stopping import StopOnSignal
 
 log = logging.getLogger("vqgan.imagine")
 
@@ -121,7 +121,7 @@ def imagine(cfg: ImagineConfig, clips: list[ClipModel] | None = None) -> dict:
 
     out = Path(cfg.out).resolve()
     run_log = RunLog(out / "log.jsonl")
-    with StopOnSignal() as stop:
+    with StopOnSignal("finishing this step, then writing the image as it stands", log) as stop:
         final, frames = _optimise(cfg, steer, clips, targets, latents, generator, run_log, out, stop)
     video = cfg.video
     save_png(final, out / "final.png")

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import UserError
+from ..stopping import StopOnSignal
 from .common import Runtime
 
 log = logging.getLogger("vqgan.train")
@@ -38,13 +39,13 @@ class StepGuard:
     def __init__(self, rt: Runtime, max_nonfinite: int, handle_signals: bool = True):
         self.rt = rt
         self.max_nonfinite = max_nonfinite
-        self.handle_signals = handle_signals
-        self.signal: int | None = None  # the signal that asked to stop
+        # a repeated signal (launchers send them) must not cut the checkpoint being written short
+        self.signals = StopOnSignal("writing a checkpoint and stopping", log, second_stops_now=False,
+                                    enabled=handle_signals)
         self.launcher_gone = False
         self.nonfinite_in_row = 0
         self.nonfinite_total = 0
         self._parent = os.getppid()
-        self._old: dict = {}
         self._agreed_stop = False
         self._deadline: float | None = None
         self.time_up = False  # the time budget is spent (agreed across ranks): finish normally after this step
@@ -54,19 +55,17 @@ class StepGuard:
         self._deadline = time.monotonic() + seconds if seconds > 0 else None
 
     # -- stop requests -----------------------------------------------------------------------------
-    def _handle(self, signum, frame) -> None:
-        self.signal = signum
-        log.warning("signal %d: writing a checkpoint and stopping", signum)
+    @property
+    def signal(self) -> int | None:
+        """The signal that asked to stop (None: none)."""
+        return self.signals.signal
 
     def __enter__(self) -> "StepGuard":
-        if self.handle_signals:
-            self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        self.signals.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
-        self._old = {}
+        self.signals.__exit__(*exc)
 
     def _local_stop(self) -> bool:
         # a torchrun worker whose launcher died is re-parented: stop with a checkpoint, not run on unsupervised
