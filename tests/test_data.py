@@ -123,3 +123,32 @@ def test_builtin_scenes_are_identical_in_every_process():
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONHASHSEED": s, "PATH": ""},
                            check=True).stdout for s in ("1", "2")}
     assert len(outs) == 1
+
+
+def test_builtin_images_are_read_without_their_depth_maps(monkeypatch):
+    """A depth map costs three times the drawing: RGB and label reads must not make one (the GPU run's data
+    side was a quarter as fast with it), while depth reads still do."""
+    from vqgan.data import sources
+    from vqgan.data.scenes import depth_from_segmentation
+
+    calls = []
+    monkeypatch.setattr(sources, "depth_from_segmentation", lambda seg: calls.append(1) or depth_from_segmentation(seg))
+    for name, kind in (("scenes", "rgb"), ("scenes-seg", "segmentation")):
+        items, _ = sources.image_sources(f"builtin:{name}", 3, 32, kind)
+        assert [item.load().size for item in items] == [(32, 32)] * 3
+    assert not calls
+    depth = sources.image_sources("builtin:scenes-depth", 1, 32, "depth")[0][0].load()
+    assert calls and depth.mode == "F"
+
+
+@pytest.mark.parametrize("setting,cores,ranks,expected", [(None, 2, 1, 2), (None, 16, 1, 8), (None, 16, 4, 4),
+                                                          (None, 2, 4, 1), (0, 16, 1, 0), (3, 16, 1, 3)])
+def test_loader_processes_follow_the_cores(monkeypatch, setting, cores, ranks, expected):
+    """data.num_workers=None: one loader process per core this process may use, the cores shared among the
+    local ranks, 1 to 8; a number is taken as given (0: load in the training process)."""
+    import os
+
+    from vqgan.train.common import loader_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert loader_workers(setting, ranks) == expected

@@ -295,14 +295,16 @@ class DataConfig:
     crop: str = "random"  # "random" crop, "center" crop, or "resize" (whole image, aspect not kept)
     flip: bool = True  # random horizontal flips in training
     holdout: int = 64  # the last N files (sorted by path) are held out for evaluation
-    num_workers: int = 2
+    # loader processes per training process; None: one per CPU core it may use (shared with the other local
+    # ranks), at most 8. A GPU outruns two: the small preset at batch 32 trained at 10 it/s on an H200 with two
+    num_workers: int | None = None
     builtin_count: int = 1024  # images in the built-in data set
 
     def validate(self) -> None:
         if self.crop not in ("random", "center", "resize"):
             raise UserError(f"data.crop must be 'random', 'center' or 'resize', got {self.crop!r}")
         for name in ("holdout", "num_workers"):
-            if getattr(self, name) < 0:
+            if (getattr(self, name) or 0) < 0:
                 raise UserError(f"data.{name} must be >= 0, got {getattr(self, name)}")
         if self.builtin_count < 1:
             raise UserError(f"data.builtin_count must be >= 1, got {self.builtin_count}")

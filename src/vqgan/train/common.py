@@ -115,6 +115,15 @@ def compiled(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return torch.compile(module, backend=COMPILE_BACKEND)
 
 
+def loader_workers(setting: int | None, local_ranks: int) -> int:
+    """`data.num_workers`, or when None one loader process per CPU core this process may use, the cores shared
+    among the ranks on this machine, at most 8 (past that, start-up and memory grow faster than throughput)."""
+    if setting is not None:
+        return setting
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cores // max(1, local_ranks)))
+
+
 def autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return nullcontext()

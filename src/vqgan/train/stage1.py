@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -46,6 +47,7 @@ from .common import (
     average_buffers,
     cleanup_runtime,
     compile_in_place,
+    loader_workers,
     resolve_precision,
     setup_runtime,
 )
@@ -131,6 +133,7 @@ class TokenizerTrainer(TrainingLoop):
                  progress: bool = True):
         resuming = self.start_run(cfg, resume, runtime, progress)
         self.dtype = resolve_precision(cfg.train.precision, self.rt.device)
+        self.workers = loader_workers(cfg.data.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         self._build_data()
         self.model = TOKENIZERS.build(cfg.model.kind, cfg.model).to(self.rt.device)  # model.kind: vqgan, vqvae2
         init = load_for_finetuning(cfg.train.init_from) if cfg.train.init_from and not resuming else None
@@ -198,7 +201,7 @@ class TokenizerTrainer(TrainingLoop):
             self.sampler.set_position(epoch, offset)
             self.train_set.set_epoch(epoch)
             loader = DataLoader(self.train_set, batch_size=t.batch_size, sampler=self.sampler, drop_last=True,
-                                num_workers=self.cfg.data.num_workers, pin_memory=self.rt.device.type == "cuda",
+                                num_workers=self.workers, pin_memory=self.rt.device.type == "cuda",
                                 persistent_workers=False,
                                 # its own generator: making a loader must not draw from the global RNG
                                 generator=torch.Generator().manual_seed(t.seed + epoch))
@@ -367,7 +370,8 @@ class TokenizerTrainer(TrainingLoop):
             self.metrics.note(
                 f"start at step {self.step}/{t.steps}: {len(self.train_set)} training images, "
                 f"{len(self.eval_set)} held out, {self.n_unreadable} unreadable files skipped while scanning; "
-                f"{self.rt.world_size} process(es) on {self.rt.device}, precision {self.dtype}"
+                f"{self.rt.world_size} process(es) on {self.rt.device} ({self.workers} loader processes each), "
+                f"precision {self.dtype}"
                 f"{', compiled' if t.compile else ''}, lr {self.lr:.3g}; "
                 f"perceptual: {self.loss.perceptual_description}")
             log.info("perceptual loss: %s", self.loss.perceptual_description)

@@ -274,8 +274,10 @@ class PriorTrainer(TrainingLoop):
         """(tokenizer, condition tokenizer) recorded by the store, each None when missing or changed since."""
         if not hasattr(self, "_tokenizers"):
             cond = self.store.condition
-            self._tokenizers = (recorded_tokenizer(self.store.meta["tokenizer"]),
-                                recorded_tokenizer(cond["tokenizer"] if cond else None))
+            found = (recorded_tokenizer(self.store.meta["tokenizer"]),
+                     recorded_tokenizer(cond["tokenizer"] if cond else None))
+            # they load on the CPU; the samples they decode come from the prior's device
+            self._tokenizers = tuple(t if t is None else t.to(self.rt.device) for t in found)
         return self._tokenizers
 
     def sample(self, batch: int, labels: torch.Tensor | None = None, cond: torch.Tensor | None = None,
