@@ -152,3 +152,27 @@ def test_loader_processes_follow_the_cores(monkeypatch, setting, cores, ranks, e
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     assert loader_workers(setting, ranks) == expected
+
+
+def test_one_endless_loader_gives_each_epochs_batches_and_crops(tmp_path):
+    """`EpochBatches` walks the sampler's epochs from a resume position, and an `(epoch, index)` key crops as
+    that epoch's item: the same batches and crops as a loader per epoch, without restarting its workers."""
+    from itertools import islice
+
+    from vqgan.train.common import EpochBatches, ResumableSampler
+
+    sampler = ResumableSampler(10, batch_size=3, seed=4)  # 3 batches an epoch, the 10th image dropped
+    per_epoch = []
+    for epoch in range(3):
+        sampler.set_position(epoch, 0)
+        keys = list(sampler)
+        per_epoch += [[(epoch, i) for i in keys[b:b + 3]] for b in range(0, 9, 3)]
+    assert list(islice(iter(EpochBatches(sampler, 0, 0)), 9)) == per_epoch
+    assert list(islice(iter(EpochBatches(sampler, 1, 2)), 4)) == per_epoch[5:9]  # resumed mid-epoch
+
+    for i in range(4):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    ds = ImageDataset.from_paths(sorted(tmp_path.glob("*.png")), resolution=16, seed=1)
+    ds.set_epoch(2)
+    assert torch.equal(ds[(2, 3)]["image"], ds[3]["image"]) and ds[(2, 3)]["epoch"] == 2
+    assert any(not torch.equal(ds[(1, i)]["image"], ds[i]["image"]) for i in range(4))  # another epoch's crops

@@ -215,30 +215,35 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.sources)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        """Item `index` of the current epoch, or `(epoch, index)`: that epoch's (an endless loader's keys,
+        train/common.py `EpochBatches`)."""
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
         n = len(self.sources)
         for attempt in range(min(n, 50)):
             i = (index + attempt) % n
-            x = self.read(i, crop_index=index)
+            x = self.read(i, crop_index=index, epoch=epoch)
             if x is not None:
-                return {"image": x, "index": i, "skipped": attempt}
+                return {"image": x, "index": i, "skipped": attempt, "epoch": epoch}
         raise RuntimeError(f"could not load any image near index {index} (50 bad files in a row)")
 
-    def read(self, index: int, crop_index: int | None = None) -> torch.Tensor | None:
-        """Source `index` prepared as item `crop_index` (default `index`), or None when it cannot be read
-        (reported once): for outputs whose rows name their file, where a stand-in would be mislabelled."""
+    def read(self, index: int, crop_index: int | None = None, epoch: int | None = None) -> torch.Tensor | None:
+        """Source `index` prepared as item `crop_index` (default `index`) of `epoch` (default the current), or
+        None when it cannot be read (reported once): for outputs whose rows name their file, where a stand-in
+        would be mislabelled."""
         src = self.sources[index]
         try:
-            return self.prepare(src.load(), index if crop_index is None else crop_index)
+            return self.prepare(src.load(), index if crop_index is None else crop_index, epoch)
         except Exception as e:  # corrupt / truncated / vanished file, or a label map with a bad label
             report_bad_file(src.name, error_reason(e))
             return None
 
-    def prepare(self, im: Image.Image, index: int) -> torch.Tensor:
-        """Crop (and flip) as item `index` of this epoch, then convert to the model's input tensor."""
+    def prepare(self, im: Image.Image, index: int, epoch: int | None = None) -> torch.Tensor:
+        """Crop (and flip) as item `index` of `epoch` (default the current), then convert to the model's input."""
         from .maps import map_to_tensor, resample_for
 
-        rng = random.Random(f"{self.seed}/{self.epoch}/{index}") if self.train else None  # stable across processes
+        epoch = self.epoch if epoch is None else epoch
+        rng = random.Random(f"{self.seed}/{epoch}/{index}") if self.train else None  # stable across processes
         im = fit_image(im, self.resolution, self.crop, rng, resample_for(self.kind))
         if self.flip and rng is not None and rng.random() < 0.5:
             im = im.transpose(Image.FLIP_LEFT_RIGHT)

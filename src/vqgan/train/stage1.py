@@ -40,6 +40,7 @@ from ..losses import VQGANLoss, build_lpips
 from ..registry import TOKENIZERS
 from ..tokenizers import Tokenizer
 from .common import (
+    EpochBatches,
     ResumableSampler,
     Runtime,
     all_reduce_grads,
@@ -193,22 +194,19 @@ class TokenizerTrainer(TrainingLoop):
             yield [next(micro) for _ in range(self.cfg.train.grad_accum)]
 
     def _micro_batches(self):
-        """Endless micro-batches, positioned from `self.step` so a resumed run continues the sequence."""
+        """Endless micro-batches, positioned from `self.step` so a resumed run continues the sequence; one
+        loader for the whole run (`EpochBatches`), its workers never restarted."""
         t = self.cfg.train
-        consumed = self.step * t.grad_accum
-        epoch, offset = divmod(consumed, self.sampler.batches_per_epoch)
-        while True:
-            self.sampler.set_position(epoch, offset)
-            self.train_set.set_epoch(epoch)
-            loader = DataLoader(self.train_set, batch_size=t.batch_size, sampler=self.sampler, drop_last=True,
-                                num_workers=self.workers, pin_memory=self.rt.device.type == "cuda",
-                                persistent_workers=False,
-                                # its own generator: making a loader must not draw from the global RNG
-                                generator=torch.Generator().manual_seed(t.seed + epoch))
-            for batch in loader:
-                yield batch
-            epoch, offset = epoch + 1, 0
-            self._end_of_epoch(epoch)
+        epoch, offset = divmod(self.step * t.grad_accum, self.sampler.batches_per_epoch)
+        loader = DataLoader(self.train_set, batch_sampler=EpochBatches(self.sampler, epoch, offset),
+                            num_workers=self.workers, pin_memory=self.rt.device.type == "cuda",
+                            # its own generator: making a loader must not draw from the global RNG
+                            generator=torch.Generator().manual_seed(t.seed + epoch))
+        for batch in loader:
+            if int(batch["epoch"][0]) != epoch:
+                epoch = int(batch["epoch"][0])
+                self._end_of_epoch(epoch)
+            yield batch
 
     def _end_of_epoch(self, epoch: int) -> None:
         usage = self.care.epoch_usage(reset=True)
