@@ -7,7 +7,7 @@
 #   bash bench/gpu_checks.sh RESULTS_DIR     # on the GPU machine, from the repository root (a few minutes on an H200)
 #   QUICK=1 LOW_PRECISION=fp32 bash bench/gpu_checks.sh /tmp/gc   # a few steps each: checks the script on a CPU
 #   DEADLINE=420 bash bench/gpu_checks.sh "$OUT"   # no check runs past 420 s from the start (a device lease is short)
-#   ONLY="1 4 6" bash bench/gpu_checks.sh "$OUT"    # some sections only
+#   ONLY="1 4 7" bash bench/gpu_checks.sh "$OUT"    # some sections only
 #
 # RESULTS_DIR receives three files only (summary.txt, written as each check ends, env.txt and logs.tar.gz): the
 # device tool brings back at most 8 files, so runs and logs live in WORK (default /tmp/gpu_checks_work).
@@ -27,7 +27,7 @@ LOW=${LOW_PRECISION:-bf16}  # the mixed precision checked (fp32 for a dry run on
 SUMMARY="$RESULTS/summary.txt"
 : > "$SUMMARY"
 
-ONLY=${ONLY:-1 2 3 4 5 6}  # the numbered sections to run (4 needs 1's model, 3 too)
+ONLY=${ONLY:-1 2 3 4 5 6 7}  # the numbered sections to run (4 needs 1's model, 3 too)
 want() { case " $ONLY " in *" $1 "*) return 0;; *) return 1;; esac; }
 DEADLINE=${DEADLINE:-0}  # seconds for the whole script (0: none); each check's limit is cut to what is left
 check() {  # check NAME LIMIT_SECONDS COMMAND...: runs it, logs to OUT/NAME.log, one summary line
@@ -125,9 +125,19 @@ else
   echo "imagine-cuda                 skipped: needs CUDA and open_clip (pip install open-clip-torch)" | tee -a "$SUMMARY"
 fi
 fi
-# 6. torch.compile (train.compile=true) in the mixed precision, against the eager runs above (same config and steps);
-#    last, so that a slow compile cannot starve the other checks. NO_COMPILE=1 skips it (CPU dry runs: minutes)
+# 6. where a step's time goes (bench/step_profile.py): wall, data wait, device busy, kernels, device-to-host copies
+#    per step and the top kernels, cuDNN autotuning off then on; the small preset and f16-1024 in the mixed precision
 if want 6; then
+for run in "small small-cpu train.batch_size=32" "f16 f16-1024 model.resolution=$BIG_RES train.batch_size=8 loss.perceptual_weight=0"; do
+  set -- $run; name=$1; shift
+  check "profile-$name" 150 $PY bench/step_profile.py "$@" train.precision=$LOW --cudnn-benchmark both \
+    $([ -n "${QUICK:-}" ] && echo "--steps 2 --warmup 1 --profiled 1")
+  sed -n '/^== /,$p' "$OUT/profile-$name.log" | grep -v -e '^\s*$' -e USDT -e 'ERROR:' | sed 's/^/  /' | tee -a "$SUMMARY"
+done
+fi
+# 7. torch.compile (train.compile=true) in the mixed precision, against the eager runs above (same config and steps);
+#    last, so that a slow compile cannot starve the other checks. NO_COMPILE=1 skips it (CPU dry runs: minutes)
+if want 7; then
 if [ -z "${NO_COMPILE:-}" ]; then
   check "tokenizer-small-compiled" 240 $VQ train-tokenizer small-cpu $COMMON train.steps=$STEPS train.batch_size=32 \
     train.eval_every=$STEPS train.precision=$LOW train.compile=true train.out_dir="$RUNS/small-compiled" --no-progress
