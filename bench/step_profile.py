@@ -79,12 +79,14 @@ def measure(trainer: TokenizerTrainer, batches, start: int, warmup: int, steps: 
 
 
 def report(label: str, r: dict) -> None:
-    busy = "n/a (no CUDA)" if r["busy_ms"] is None else f"{r['busy_ms']:.1f} ms ({100 * r['busy_ms'] / r['wall_ms']:.0f}%)"
+    busy = ("n/a (no CUDA)" if r["busy_ms"] is None
+            else f"{r['busy_ms']:.1f} ms ({100 * r['busy_ms'] / r['wall_ms']:.0f}%)")
     print(f"\n== {label}: {r['wall_ms']:.1f} ms a step ({1e3 / r['wall_ms']:.1f} it/s), waiting for data "
           f"{r['waiting_ms']:.1f} ms, device busy {busy}")
     if r["kernels"] is not None:
         print(f"   {r['kernels']:.0f} kernels and copies a step, {r['to_host']:.1f} device-to-host copies a step")
-    for title, rows in (("kernels, ms a step", r["top_kernels"]), ("CPU-side ops (self time), ms a step", r["top_host"])):
+    for title, rows in (("kernels, ms a step", r["top_kernels"]),
+                        ("CPU-side ops (self time), ms a step", r["top_host"])):
         if rows:
             print(f"   {title}:")
             for name, ms in rows:

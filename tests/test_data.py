@@ -171,7 +171,8 @@ def test_one_endless_loader_gives_each_epochs_batches_and_crops(tmp_path):
     assert list(islice(iter(EpochBatches(sampler, 1, 2)), 4)) == per_epoch[5:9]  # resumed mid-epoch
 
     for i in range(4):
-        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        pixels = np.random.default_rng(i).integers(0, 255, (40, 48, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / f"{i}.png")
     ds = ImageDataset.from_paths(sorted(tmp_path.glob("*.png")), resolution=16, seed=1)
     ds.set_epoch(2)
     assert torch.equal(ds[(2, 3)]["image"], ds[3]["image"]) and ds[(2, 3)]["epoch"] == 2

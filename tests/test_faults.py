@@ -30,7 +30,7 @@ from conftest import tiny_train_config
 from test_prior import config as prior_config
 from test_prior import markov_tokens, write_store
 
-from vqgan.checkpoint import load_state_dict_file, save_model, save_tensors
+from vqgan.checkpoint import atomic_file, load_state_dict_file, save_model, save_tensors
 from vqgan.cli import main
 from vqgan.errors import UserError
 from vqgan.losses.discriminator import NLayerDiscriminator
@@ -454,3 +454,28 @@ def test_both_stages_run_in_the_one_harness():
     assert issubclass(TokenizerTrainer, TrainingLoop) and issubclass(PriorTrainer, TrainingLoop)
     for stage in (TokenizerTrainer, PriorTrainer):  # the loop, checkpoints and resume live once
         assert not {"fit", "save_checkpoint", "_load_checkpoint"} & set(vars(stage)), stage
+
+
+def test_an_atomic_file_is_whole_or_the_old_one(tmp_path):
+    """Every single-file output (reports, token stores' rows, labels and meta, FID statistics, imagine's images)
+    goes through `atomic_file`: a write that fails midway leaves the old file and no temporary; the new one
+    gets the mode open() gives under the umask, and writers that go by the suffix keep their name."""
+    import numpy as np
+
+    target = tmp_path / "sub" / "stats.npz"
+    atomic_file(target, lambda tmp: np.savez(tmp, mu=np.arange(3)))
+    assert np.load(target)["mu"].tolist() == [0, 1, 2]
+
+    def fails(tmp):
+        tmp.write_bytes(b"half a fi")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_file(target, fails)
+    assert np.load(target)["mu"].tolist() == [0, 1, 2] and os.listdir(target.parent) == ["stats.npz"]
+    old = os.umask(0o027)
+    try:
+        atomic_file(tmp_path / "page.html", lambda tmp: tmp.write_text("<p>"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "page.html").stat().st_mode & 0o777 == 0o640

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import warnings
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -162,6 +162,24 @@ def current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def atomic_file(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """`write(tmp)`, then rename tmp over `path`: a reader, or a resumed run, never sees half a file. tmp sits
+    beside `path` (one file system), named `.STEM-XXXX.SUFFIX` so that writers going by the suffix (np.save, PIL)
+    keep it, with the mode open() would give (mkstemp's 0600 would outlive the rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix)
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~current_umask())
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
 
 
 def _temporary_directory(parent: Path, name: str) -> Path:

@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ..checkpoint import fingerprint, load_model
+from ..checkpoint import atomic_file, fingerprint, load_model
 from ..codes import CodeSpec
 from ..errors import UserError
 from ..tokenizers import Tokenizer
@@ -53,17 +53,12 @@ UNUSABLE = -2  # label of a row whose image or condition map could not be read: 
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    atomic_file(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1)))
 
 
 def _save_labels_atomic(path: Path, labels: np.ndarray) -> None:
     """A kill while writing must not leave a corrupt labels file for the resumed run to trip over."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:  # a file object: np.save would append .npy to a name
-        np.save(f, labels)
-    os.replace(tmp, path)
+    atomic_file(path, lambda tmp: np.save(tmp, labels))
 
 
 def codes_record(model: Tokenizer, resolution: int) -> dict[str, Any]:
@@ -507,9 +502,7 @@ def write_store(out_dir: Path, tokens: np.ndarray, meta: dict[str, Any], labels:
     meta.json that describes other rows than tokens.bin holds."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / META_FILE).unlink(missing_ok=True)
-    tmp = out_dir / (TOKENS_BIN + ".tmp")
-    tokens.astype(meta["dtype"]).tofile(tmp)
-    os.replace(tmp, out_dir / TOKENS_BIN)
+    atomic_file(out_dir / TOKENS_BIN, lambda tmp: tokens.astype(meta["dtype"]).tofile(tmp))
     _save_labels_atomic(out_dir / LABELS_FILE, labels if labels is not None else np.full(len(tokens), -1, np.int64))
     _write_json_atomic(out_dir / META_FILE, {**meta, "format": FORMAT, "count": len(tokens), "done": len(tokens),
                                              "complete": True})

@@ -6,13 +6,13 @@ compare directly.
 """
 from __future__ import annotations
 
-import os
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..checkpoint import atomic_file
 from ..errors import UserError
 from .shards import all_reduce
 
@@ -83,14 +83,8 @@ def save_stats(path: str | Path, mu: np.ndarray, sigma: np.ndarray) -> Path:
     path = Path(path)
     if path.suffix != ".npz":
         raise UserError(f"{path}: FID statistics files end in .npz")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
-    try:
-        np.savez(tmp, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
+    return atomic_file(path, lambda tmp: np.savez(tmp, mu=mu, sigma=sigma))
 
 
 def load_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray]:

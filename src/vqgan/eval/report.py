@@ -4,7 +4,6 @@ from __future__ import annotations
 import html
 import math
 import numbers
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -12,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..checkpoint import atomic_file
 from .metrics import to_unit
 from .plots import bar_plot, histogram_plot, line_plot  # noqa: F401 - re-exported for the reports
 
@@ -91,9 +91,7 @@ def write_report(path: Path, title: str, sections: list[tuple[str, str]]) -> Pat
     """A self-contained HTML page: sections of (heading, html body); images referenced by relative path.
     Written to a temporary file and renamed, so a reader never sees half a page."""
     body = "\n".join(f"<h2>{html.escape(h)}</h2>\n{content}" for h, content in sections)
-    path = Path(path)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(f"""<!doctype html>
+    page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
 img{{image-rendering:pixelated;max-width:100%;border:1px solid #ddd}}
@@ -103,9 +101,8 @@ th{{background:#f4f4f4}} .note{{color:#555}}</style></head>
 <body><h1>{html.escape(title)}</h1>
 {body}
 </body></html>
-""")
-    os.replace(partial, path)
-    return path
+"""
+    return atomic_file(path, lambda tmp: tmp.write_text(page))
 
 
 def table(rows: list[dict], columns: Sequence[str] | None = None, bold: set[tuple[int, str]] = frozenset()) -> str:

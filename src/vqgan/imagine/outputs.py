@@ -7,35 +7,19 @@ import html
 import json
 import logging
 import math
-import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from ..checkpoint import current_umask
+from ..checkpoint import atomic_file
 from ..eval.report import image_grid, line_plot, table, to_uint8, write_report
 from .prompts import unique_names
 
 log = logging.getLogger("vqgan.imagine")
-
-
-def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's 0600 would outlive the rename: the mode open() gives
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
@@ -44,11 +28,11 @@ def to_pil(image: torch.Tensor) -> Image.Image:
 
 
 def write_text(path: Path, text: str) -> Path:
-    return _atomic(path, lambda p: p.write_text(text))
+    return atomic_file(path, lambda p: p.write_text(text))
 
 
 def save_picture(picture: Image.Image, path: Path) -> Path:
-    return _atomic(path, lambda p: picture.save(p, format="PNG"))
+    return atomic_file(path, lambda p: picture.save(p, format="PNG"))
 
 
 def save_png(image: torch.Tensor, path: Path) -> Path:
@@ -72,7 +56,7 @@ def save_animation(frames: list[Image.Image], out: Path, fps: int = 10) -> list[
     """animation.gif (Pillow), and animation.mp4 when an ffmpeg is found (its default MP4 encoder: H.264)."""
     if not frames:
         return []
-    written = [_atomic(out / "animation.gif", lambda p: frames[0].save(
+    written = [atomic_file(out / "animation.gif", lambda p: frames[0].save(
         p, format="GIF", save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0))]
     ffmpeg = find_ffmpeg()
     if ffmpeg is None:
@@ -91,7 +75,7 @@ def save_animation(frames: list[Image.Image], out: Path, fps: int = 10) -> list[
                            check=True, capture_output=True, text=True)
 
         try:
-            written.append(_atomic(out / "animation.mp4", encode))
+            written.append(atomic_file(out / "animation.mp4", encode))
         except subprocess.CalledProcessError as e:  # an ffmpeg without an MP4 encoder: the GIF stays
             why = (e.stderr or "").strip().splitlines()
             log.warning("%s could not write animation.mp4 (%s): animation.gif only", ffmpeg,
