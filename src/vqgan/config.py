@@ -296,7 +296,7 @@ class DataConfig:
     flip: bool = True  # random horizontal flips in training
     holdout: int = 64  # the last N files (sorted by path) are held out for evaluation
     # loader processes per training process; None: one per CPU core it may use (shared with the other local
-    # ranks), at most 8. A GPU outruns two: the small preset at batch 32 trained at 10 it/s on an H200 with two
+    # ranks), at most 8 (2 on a 2-core machine, as before; a GPU machine's cores feed its shorter steps)
     num_workers: int | None = None
     builtin_count: int = 1024  # images in the built-in data set
 

@@ -220,7 +220,7 @@ class EpochBatches(Sampler[list[tuple[int, int]]]):
     """Endless batches of `(epoch, index)` keys, `sampler`'s epochs one after another from (epoch, batch).
 
     One DataLoader then serves a whole run and its worker processes live as long: a loader per epoch restarts
-    them (~130 ms each time on 2 cores, 15% of a 30-batch epoch; on a GPU it showed as a stall every epoch).
+    them (~130 ms each time on 2 cores, 15% of a 30-batch epoch; more where a GPU's steps are short).
     The key's epoch tells the data set which epoch's augmentation an item gets."""
 
     def __init__(self, sampler: ResumableSampler, epoch: int, batch: int):
