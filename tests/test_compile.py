@@ -146,5 +146,9 @@ common.leave_worker(0)
     out = json.loads(stdout.split("LOSSES", 1)[1].strip().splitlines()[0])
     (tok_eager, prior_eager), (tok_compiled, prior_compiled) = out["false"], out["true"]
     assert len(tok_eager) == 2 and len(prior_eager) == 3
-    assert tok_compiled == pytest.approx(tok_eager, rel=1e-4)
+    assert tok_compiled[0] == pytest.approx(tok_eager[0], rel=1e-4)  # the same forward before any update
+    # Adam's first update is lr * sign(g) in every weight: a gradient near zero whose sign rounds the other way
+    # (the compiled DDP graph is split at gradient buckets and sums in another order) moves its weight by a whole
+    # lr, so the second loss may differ by more than rounding (5e-4 seen with 2026-12's packages; replicas stay equal)
+    assert tok_compiled[1] == pytest.approx(tok_eager[1], rel=3e-3)
     assert prior_compiled == pytest.approx(prior_eager, rel=1e-4)
