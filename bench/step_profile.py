@@ -1,15 +1,17 @@
 #!/usr/bin/env python
-"""Where a tokenizer training step's time goes, on the device it trains on.
+"""Where a training step's time goes, on the device it trains on: a tokenizer's, or a prior's (`*-prior` presets).
 
 Meant for a GPU. On an H200 the small preset at batch 32 took ~60 ms a step, bf16 no faster than fp32, where its
 arithmetic needs a few milliseconds; f16-1024 at 256 px, too, ran at one speed in both precisions. This says
 which part of the step is the host's: for each setting it prints the wall time per step, the part of it spent
 waiting for the next batch, the device's busy time per step (kernel and copy time summed; CUDA only), kernels
 launched and device-to-host copies (each one a wait for the device) per step, and the kernels and CPU-side
-operations that took the most time. `--cudnn-benchmark both` measures cuDNN's autotuning off, then on.
+operations that took the most time. `--cudnn-benchmark both` measures cuDNN's autotuning off, then on (the
+tokenizers' convolutions; a prior has none).
 
     python bench/step_profile.py PRESET [section.key=value ...] [--steps 20] [--warmup 10]
     python bench/step_profile.py small-cpu train.batch_size=32 train.precision=bf16 --cudnn-benchmark both
+    python bench/step_profile.py demo-prior data.tokens=STORE train.precision=bf16
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 from vqgan.config import TokenizerTrainConfig, load_config
 from vqgan.presets import resolve_config_path
 from vqgan.train.stage1 import TokenizerTrainer
+from vqgan.train.stage2 import PriorTrainer, TransformerTrainConfig
 
 
 def device_time(e) -> float:
@@ -35,7 +38,7 @@ def is_device_event(e) -> bool:
     return str(getattr(e, "device_type", "")).endswith("CUDA")
 
 
-def measure(trainer: TokenizerTrainer, batches, start: int, warmup: int, steps: int, profiled: int) -> dict:
+def measure(trainer: TokenizerTrainer | PriorTrainer, batches, start: int, warmup: int, steps: int, profiled: int) -> dict:
     cuda = trainer.rt.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     step = start
@@ -96,24 +99,33 @@ def report(label: str, r: dict) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("preset")
-    p.add_argument("overrides", nargs="*", help="section.key=value (data.path defaults to builtin:scenes)")
+    p.add_argument("overrides", nargs="*", help="section.key=value (a tokenizer's data.path defaults to "
+                   "builtin:scenes; a prior needs data.tokens=STORE)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per setting")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first (cuDNN autotuning happens here)")
     p.add_argument("--profiled", type=int, default=5, help="steps under the profiler")
     p.add_argument("--cudnn-benchmark", choices=("off", "on", "both"), default="off")
     args = p.parse_args()
-    overrides = ["data.path=builtin:scenes", "train.log_every=1000000", "train.eval_every=1000000",
-                 f"train.out_dir={tempfile.mkdtemp(prefix='step_profile_')}", *args.overrides]
-    cfg = load_config(TokenizerTrainConfig, resolve_config_path(args.preset), overrides)
-    trainer = TokenizerTrainer(cfg, progress=False)
+    prior = args.preset.endswith("-prior")
+    overrides = [*([] if prior else ["data.path=builtin:scenes"]), "train.log_every=1000000",
+                 "train.eval_every=1000000", f"train.out_dir={tempfile.mkdtemp(prefix='step_profile_')}",
+                 *args.overrides]
+    if prior:
+        cfg = load_config(TransformerTrainConfig, resolve_config_path(args.preset), overrides)
+        trainer, loading = PriorTrainer(cfg, progress=False), "rows read in the training process"
+    else:
+        cfg = load_config(TokenizerTrainConfig, resolve_config_path(args.preset), overrides)
+        trainer = TokenizerTrainer(cfg, progress=False)
+        loading = f"{trainer.workers} loader processes"
     print(f"{args.preset} {' '.join(args.overrides)}: on {trainer.rt.device}, precision {trainer.dtype}, batch "
-          f"{cfg.train.batch_size}, {trainer.workers} loader processes, torch {torch.__version__}")
+          f"{cfg.train.batch_size}, {loading}, torch {torch.__version__}")
     batches, step = trainer.batches(), 0
-    for setting in (("off", "on") if args.cudnn_benchmark == "both" else (args.cudnn_benchmark,)):
+    settings = ("-",) if prior else ("off", "on") if args.cudnn_benchmark == "both" else (args.cudnn_benchmark,)
+    for setting in settings:
         torch.backends.cudnn.benchmark = setting == "on"
         r = measure(trainer, batches, step, args.warmup, args.steps, args.profiled)
         step = r["step"]
-        report(f"cuDNN autotuning {setting}", r)
+        report("the prior's step" if prior else f"cuDNN autotuning {setting}", r)
 
 
 if __name__ == "__main__":
