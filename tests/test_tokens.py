@@ -80,3 +80,21 @@ def test_csv_labels_and_mismatched_store(setup):
     other.save_pretrained(tmp / "other")
     with pytest.raises(UserError, match="made differently"):
         tokenize_folder(str(tmp / "other"), str(tmp / "imgs"), str(tmp / "s"), progress=False)
+
+
+def test_each_crop_of_an_image_is_its_own_and_its_map_is_cut_alike(tmp_path):
+    """`tokenize --crops N`: crop k of an image is epoch k's random crop (different per k, the same on every
+    run), and a condition map paired with it is cut by the same k."""
+    from vqgan.data.images import ImageDataset
+    from vqgan.data.tokens import _Crops
+
+    pixels = np.random.default_rng(0).integers(0, 255, (40, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    paths = [tmp_path / "a.png"]
+    images = ImageDataset.from_paths(paths, resolution=16, train=True, seed=5)
+    rows = [_Crops(images, 4)[k]["image"] for k in range(4)]
+    assert len({r.sum().item() for r in rows}) > 1
+    assert all(torch.equal(a, _Crops(images, 4)[k]["image"]) for k, a in enumerate(rows))
+    paired = _Crops(images, 4, maps=ImageDataset.from_paths(paths, resolution=16, train=True, seed=5))
+    assert all(torch.equal(paired[k]["image"], paired[k]["cond"]) and torch.equal(paired[k]["image"], rows[k])
+               for k in range(4))

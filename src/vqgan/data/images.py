@@ -197,16 +197,12 @@ class ImageDataset(Dataset):
         self.flip = flip and train
         self.train = train
         self.seed = seed
-        self.epoch = 0
         self.kind = kind
         self.n_labels = n_labels
 
     @classmethod
     def from_paths(cls, paths: Sequence[Path], **kwargs) -> "ImageDataset":
         return cls([ImageSource(str(p), (lambda p=p: load_rgb(p))) for p in paths], **kwargs)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def batch(self) -> torch.Tensor:
         """Every item stacked, (N, 3, res, res): a small evaluation set in one tensor (benchmarks, analyses)."""
@@ -216,9 +212,9 @@ class ImageDataset(Dataset):
         return len(self.sources)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
-        """Item `index` of the current epoch, or `(epoch, index)`: that epoch's (an endless loader's keys,
+        """Item `index` as in epoch 0, or `(epoch, index)`: as in that epoch (an endless loader's keys,
         train/common.py `EpochBatches`)."""
-        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
+        epoch, index = key if isinstance(key, tuple) else (0, key)
         n = len(self.sources)
         for attempt in range(min(n, 50)):
             i = (index + attempt) % n
@@ -227,8 +223,8 @@ class ImageDataset(Dataset):
                 return {"image": x, "index": i, "skipped": attempt, "epoch": epoch}
         raise RuntimeError(f"could not load any image near index {index} (50 bad files in a row)")
 
-    def read(self, index: int, crop_index: int | None = None, epoch: int | None = None) -> torch.Tensor | None:
-        """Source `index` prepared as item `crop_index` (default `index`) of `epoch` (default the current), or
+    def read(self, index: int, crop_index: int | None = None, epoch: int = 0) -> torch.Tensor | None:
+        """Source `index` prepared as item `crop_index` (default `index`) of `epoch`, or
         None when it cannot be read (reported once): for outputs whose rows name their file, where a stand-in
         would be mislabelled."""
         src = self.sources[index]
@@ -238,11 +234,10 @@ class ImageDataset(Dataset):
             report_bad_file(src.name, error_reason(e))
             return None
 
-    def prepare(self, im: Image.Image, index: int, epoch: int | None = None) -> torch.Tensor:
-        """Crop (and flip) as item `index` of `epoch` (default the current), then convert to the model's input."""
+    def prepare(self, im: Image.Image, index: int, epoch: int = 0) -> torch.Tensor:
+        """Crop (and flip) as item `index` of `epoch`, then convert to the model's input tensor."""
         from .maps import map_to_tensor, resample_for
 
-        epoch = self.epoch if epoch is None else epoch
         rng = random.Random(f"{self.seed}/{epoch}/{index}") if self.train else None  # stable across processes
         im = fit_image(im, self.resolution, self.crop, rng, resample_for(self.kind))
         if self.flip and rng is not None and rng.random() < 0.5:

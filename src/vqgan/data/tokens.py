@@ -301,25 +301,23 @@ class _Crops(Dataset):
         return len(self.images) * self.crops
 
     def __getitem__(self, row: int) -> dict:
-        i, k = divmod(row, self.crops)
-        self.images.epoch = k  # a different random crop per k, the same on every run
+        i, k = divmod(row, self.crops)  # crop k is epoch k's: a different random crop per k, the same every run
         if self.maps is None:
-            image, cond = self.images.read(i), False
+            image, cond = self.images.read(i, epoch=k), False
         else:
-            self.maps.epoch = k
-            image, cond = self._pair(i)
+            image, cond = self._pair(i, k)
         if image is None:
             side = self.images.resolution
             return {"image": torch.zeros(3, side, side), "cond": None, "row": row, "bad": True}
         return {"image": image, "cond": cond, "row": row, "bad": False}
 
-    def _pair(self, i: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def _pair(self, i: int, k: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         src, map_src = self.images.sources[i], self.maps.sources[i]
         try:
             im, cond = src.load(), map_src.load()
             if cond.size != im.size:  # maps made at another size: bring them to the image's pixels first
                 cond = cond.resize(im.size, resample_for(self.maps.kind))
-            return self.images.prepare(im, i), self.maps.prepare(cond, i)
+            return self.images.prepare(im, i, k), self.maps.prepare(cond, i, k)
         except Exception as e:  # either file: the pair is unusable
             report_bad_file(f"{src.name} / {map_src.name}", error_reason(e))
             return None, None

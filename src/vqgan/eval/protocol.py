@@ -29,7 +29,7 @@ class ProtocolImages(ImageDataset):
         sizes the folder scan read from their headers; built-in images are made at the resolution."""
         return sum(src.size is not None and min(src.size) < self.resolution for src in self.sources)
 
-    def prepare(self, im: Image.Image, index: int, epoch: int | None = None) -> torch.Tensor:
+    def prepare(self, im: Image.Image, index: int, epoch: int = 0) -> torch.Tensor:
         """The same for every epoch: no random crop, no flip."""
         im = fit_image(im, self.resolution, "center", None, self.resample, exact=True)
         return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)

@@ -33,6 +33,7 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1  # processes on this machine: they share its CPU cores
 
     @property
     def is_main(self) -> bool:
@@ -57,7 +58,8 @@ def setup_runtime() -> Runtime:
             backend = "gloo"
         if not dist.is_initialized():
             dist.init_process_group(backend=backend)
-        return Runtime(device, dist.get_rank(), dist.get_world_size(), local)
+        return Runtime(device, dist.get_rank(), dist.get_world_size(), local,
+                       int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return Runtime(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -134,7 +133,7 @@ class TokenizerTrainer(TrainingLoop):
                  progress: bool = True):
         resuming = self.start_run(cfg, resume, runtime, progress)
         self.dtype = resolve_precision(cfg.train.precision, self.rt.device)
-        self.workers = loader_workers(cfg.data.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        self.workers = loader_workers(cfg.data.num_workers, self.rt.local_world_size)
         self._build_data()
         self.model = TOKENIZERS.build(cfg.model.kind, cfg.model).to(self.rt.device)  # model.kind: vqgan, vqvae2
         init = load_for_finetuning(cfg.train.init_from) if cfg.train.init_from and not resuming else None
