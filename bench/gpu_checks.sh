@@ -135,7 +135,7 @@ if [ -d "$RUNS/tokens" ]; then PROFILES+=("prior demo-prior data.tokens=$RUNS/to
 else echo "profile-prior                skip  needs section 4's token store" | tee -a "$SUMMARY"; fi
 for run in "${PROFILES[@]}"; do
   set -- $run; name=$1; shift
-  check "profile-$name" 150 $PY bench/step_profile.py "$@" train.precision=$LOW --cudnn-benchmark both \
+  check "profile-$name" 150 $PY bench/step_profile.py "$@" train.precision=$LOW --cudnn-benchmark both --channels-last \
     $([ -n "${QUICK:-}" ] && echo "--steps 2 --warmup 1 --profiled 1")
   sed -n '/^== /,$p' "$OUT/profile-$name.log" | grep -v -e '^\s*$' -e USDT -e 'ERROR:' | sed 's/^/  /' | tee -a "$SUMMARY"
 done

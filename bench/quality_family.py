@@ -13,6 +13,9 @@ single encoder outputs included, so it overstates what the data uses; it is show
     python bench/quality_family.py DATA_DIR [--kinds vq,ema,...] [--steps 300] [--batch 8] [--out runs/family]
     python bench/quality_family.py DATA_DIR --kinds vq,vit,vqvae,dvae,vqvae2 --minutes 5   # equal wall-clock
     python bench/quality_family.py DATA_DIR --kinds vqvae,vqvae2 --seeds 3   # + mean +- sd over seeds 0, 1, 2
+    python bench/quality_family.py DATA_DIR --kinds dvae --variant "lr4:train.base_learning_rate=4e-4" \
+        --variant "wide:model.encoder.hidden_channels=128;model.decoder.hidden_channels=128" --parallel 12
+        # recipes side by side (KEY=VALUE;...), 12 runs at once on a GPU machine (one CPU core each: --threads 1)
     python bench/make_photo_crops.py /tmp/photos; python bench/make_emoji_dataset.py /tmp/emoji   # the data
 """
 from __future__ import annotations
@@ -145,6 +148,11 @@ def main() -> int:
                     help="a config override for every kind (recipe experiments), e.g. model.quantizer.entropy_weight=0.1")
     ap.add_argument("--seeds", type=int, default=1,
                     help="train each kind with seeds 0..N-1 and add mean +- sd: single short runs differ by ~1 dB")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE;...",
+                    help="also train each kind with these overrides, as KIND-NAME (repeatable)")
+    ap.add_argument("--parallel", type=int, default=1,
+                    help="runs at once (a GPU machine with many cores; on a small CPU, 1 keeps the timings clean)")
+    ap.add_argument("--no-compare", action="store_true", help="skip compare.html (many runs)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process: train this kind
     ap.add_argument("--name", default=None, help=argparse.SUPPRESS)  # ... into OUT/NAME
     args = ap.parse_args()
@@ -160,29 +168,63 @@ def main() -> int:
                          args.threads)
         (out / f"{name}.json").write_text(json.dumps(result, indent=1))
         return 0
-    rows, names = [], []
+    variants = [("", [])]
+    for spec in args.variant:
+        label, _, overrides = spec.partition(":")
+        if not label or not overrides or "=" not in overrides:
+            print(f"--variant {spec!r}: expected NAME:KEY=VALUE[;KEY=VALUE...]", file=sys.stderr)
+            return 2
+        variants.append((label, [o.strip() for o in overrides.split(";") if o.strip()]))
+    jobs = []  # (name, command) in table order: kind, variant, seed
     for kind in args.kinds.split(","):
         if kind not in PRESETS:
             print(f"unknown kind {kind}; one of {', '.join(PRESETS)}", file=sys.stderr)
             return 2
-        out.mkdir(parents=True, exist_ok=True)
-        for seed in range(args.seeds):
-            name = kind if args.seeds == 1 else f"{kind}-seed{seed}"
-            seed_set = [] if args.seeds == 1 else [f"train.seed={seed}"]
-            subprocess.run([sys.executable, __file__, args.data, "--one", kind, "--name", name, "--steps",
-                            str(args.steps), "--batch", str(args.batch), "--holdout", str(args.holdout), "--out",
-                            str(out), "--threads", str(args.threads),
-                            *(f"--set={o}" for o in [*args.set, *seed_set])], check=True)
-            rows.append(json.loads((out / f"{name}.json").read_text()))
-            names.append(name)
-            print(table(rows, args.data, budget, args.batch), flush=True)
+        for label, overrides in variants:
+            for seed in range(args.seeds):
+                name = kind + (f"-{label}" if label else "") + ("" if args.seeds == 1 else f"-seed{seed}")
+                seed_set = [] if args.seeds == 1 else [f"train.seed={seed}"]
+                jobs.append((name, [sys.executable, __file__, args.data, "--one", kind, "--name", name, "--steps",
+                                    str(args.steps), "--batch", str(args.batch), "--holdout", str(args.holdout),
+                                    "--out", str(out), "--threads", str(args.threads),
+                                    *(f"--set={o}" for o in [*args.set, *overrides, *seed_set])]))
+    out.mkdir(parents=True, exist_ok=True)
+    rows, names = _run_jobs(jobs, out, max(1, args.parallel), lambda rows: print(
+        table(rows, args.data, budget, args.batch), flush=True))
     text = table(rows, args.data, budget, args.batch)
     if args.seeds > 1:
-        text += "\n\n" + seed_table(rows, args.seeds)
-        print(seed_table(rows, args.seeds), flush=True)
+        text += "\n\n" + seed_table(rows)
+        print(seed_table(rows), flush=True)
     (out / "table.md").write_text(text + "\n")
+    if args.no_compare:
+        return 0 if len(rows) == len(jobs) else 1
     compare_runs(names, args.data, args.holdout, out)
-    return 0
+    return 0 if len(rows) == len(jobs) else 1
+
+
+def _run_jobs(jobs: list[tuple[str, list[str]]], out: Path, parallel: int, show) -> tuple[list[dict], list[str]]:
+    """Runs the child processes, `parallel` at once; returns the finished runs' rows and names in job order (a
+    failed run is reported with its log's path and left out), calling show(rows) as runs finish."""
+    pending, running, done = list(jobs), {}, {}
+    while pending or running:
+        while pending and len(running) < parallel:
+            name, command = pending.pop(0)
+            log = open(out / f"{name}.log", "w")
+            running[name] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log)
+        time.sleep(0.5)
+        for name, (proc, log) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[name]
+            if proc.returncode:
+                print(f"{name}: failed (exit {proc.returncode}), see {out / f'{name}.log'}", file=sys.stderr,
+                      flush=True)
+                continue
+            done[name] = json.loads((out / f"{name}.json").read_text())
+            show([done[n] for n, _ in jobs if n in done])
+    names = [n for n, _ in jobs if n in done]
+    return [done[n] for n in names], names
 
 
 def mean_sd_cells(runs: list[dict]) -> tuple[str, str]:
@@ -195,13 +237,15 @@ def mean_sd_cells(runs: list[dict]) -> tuple[str, str]:
             f"{statistics.mean(usage):.1f}% +- {statistics.stdev(usage):.1f}")
 
 
-def seed_table(rows: list[dict], seeds: int) -> str:
-    """Mean +- sample standard deviation over each kind's seeds (rows in order, `seeds` per kind)."""
+def seed_table(rows: list[dict]) -> str:
+    """Mean +- sample standard deviation over each recipe's seeds (a recipe with one finished run: its values)."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(re.sub(r" train.seed=[0-9]+", "", row["kind"]), []).append(row)
     lines = ["| kind | seeds | held-out PSNR (dB) | usage (held-out) |", "|---|---|---|---|"]
-    for i in range(0, len(rows), seeds):
-        group = rows[i:i + seeds]
-        psnr, usage = mean_sd_cells(group)
-        lines.append(f"| {re.sub(r' train.seed=[0-9]+', '', group[0]['kind'])} | {len(group)} | {psnr} | {usage} |")
+    for recipe, group in groups.items():
+        psnr, usage = mean_sd_cells(group) if len(group) > 1 else (f"{group[0]['psnr']:.2f}", f"{group[0]['usage']:.1%}")
+        lines.append(f"| {recipe} | {len(group)} | {psnr} | {usage} |")
     return "\n".join(lines)
 
 

@@ -46,6 +46,20 @@ def test_every_mode_becomes_rgb_and_bad_files_are_skipped_and_counted(tmp_path, 
     assert "z_truncated.png" in caplog.text and "x_empty.png" in caplog.text
 
 
+def test_a_bug_in_the_reading_code_is_raised_not_counted_as_bad_files(tmp_path, monkeypatch):
+    write_odd_images(tmp_path)
+    good, _ = scan_images(tmp_path)
+    ds = ImageDataset.from_paths(good, resolution=32, crop="random", train=True)
+    assert ds.read(0) is not None
+
+    def wrong_signature(im, index):  # as an override that missed a new argument once did
+        return None
+
+    monkeypatch.setattr(ds, "prepare", wrong_signature)
+    with pytest.raises(TypeError):
+        ds.read(0)
+
+
 @pytest.mark.parametrize("rank, logged", [("0", True), ("1", False)])
 def test_the_folder_scan_is_reported_by_the_first_torchrun_process_only(tmp_path, caplog, monkeypatch, rank, logged):
     """Every replica scans the same folder: one process names its bad files, not each of them."""

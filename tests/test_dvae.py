@@ -25,7 +25,7 @@ TINY = {"encoder": {"kind": "dvae", "hidden_channels": 16, "blocks_per_group": 1
 LOSS = {"pixel_weight": 0.0, "logit_laplace_weight": 1.0, "disc_factor": 0.0}
 
 
-@pytest.mark.parametrize("name,grid,vocab,meta", [("dvae", 32, 8192, True), ("small-cpu-dvae", 8, 1024, False)])
+@pytest.mark.parametrize("name,grid,vocab,meta", [("dvae", 32, 8192, True), ("small-cpu-dvae", 8, 512, False)])
 def test_presets_build(name, grid, vocab, meta):
     cfg = load_config(TokenizerTrainConfig, resolve_config_path(name))
     assert cfg.model.latent_size == grid and cfg.model.code_spec.levels[0].vocab == (vocab,)
@@ -339,6 +339,7 @@ def test_the_released_init_does_not_start_collapsed(tmp_path):
     "model.quantizer.init=pytorch",
     "model.quantizer.restart=sideways",
     "model.encoder.groups=0",
+    "model.encoder.residual_gain=0",
     "model.decoder.hidden_channels=30",
     "model.quantizer.temperature_end=0",
     "model.quantizer.kl_warmup_steps=-1",
@@ -353,6 +354,21 @@ def test_the_released_init_does_not_start_collapsed(tmp_path):
 ])
 def test_bad_settings_are_one_line_errors_naming_the_key(override):
     assert_setting_error("small-cpu-dvae", override)
+
+
+def test_residual_gain_scales_every_residual_path_and_defaults_to_the_papers():
+    cfg = load_config(TokenizerTrainConfig, resolve_config_path("small-cpu-dvae"), ["model.decoder.residual_gain=0.5"])
+    model = VQModel(cfg.model)
+    blocks = cfg.model.encoder.groups * cfg.model.encoder.blocks_per_group
+    assert {b.post_gain for g in model.encoder.group for b in g} == {1 / blocks ** 2}  # the paper's post-gain
+    assert {b.post_gain for g in model.decoder.group for b in g} == {0.5}
+    x = torch.randn(1, 3, 64, 64)
+    block = model.decoder.group[1][0]
+    h = torch.randn(1, block.res_path[0].in_channels, 8, 8)
+    residual = block(h) - block.id_path(h)
+    block.post_gain = 1.0
+    torch.testing.assert_close(block(h) - block.id_path(h), 2 * residual)
+    assert model(x)[0].shape == x.shape
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .data.images import error_reason, load_rgb, report_bad_file, scan_images
+from .data.images import PROGRAM_ERRORS, error_reason, load_rgb, report_bad_file, scan_images
 from .errors import UserError
 from .eval.generation import IS_SPLITS, KID_SUBSET_SIZE, FeatureSet, generation_metrics
 from .eval.inception import InceptionFeatures, load_inception
@@ -48,6 +48,8 @@ class _Files(Dataset):
     def __getitem__(self, i: int) -> torch.Tensor | None:
         try:
             return torch.from_numpy(np.asarray(load_rgb(self.paths[i]), dtype=np.uint8).copy()).permute(2, 0, 1)
+        except PROGRAM_ERRORS:
+            raise
         except Exception as e:  # PIL raises many types for corrupt files
             report_bad_file(self.paths[i], error_reason(e))
             return None

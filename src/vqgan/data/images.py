@@ -37,6 +37,11 @@ def report_bad_file(path: str | Path, reason: str, announce: bool = True) -> Non
             log.warning("skipping %s: %s", path, reason)
 
 
+# Raised while reading a file, these mean a bug in the code, not a bad file: the readers re-raise them rather than
+# count the file as unreadable (a wrong signature once surfaced as "none of the 37 images could be read")
+PROGRAM_ERRORS = (TypeError, AttributeError, NameError, ImportError, NotImplementedError, RecursionError)
+
+
 def error_reason(e: BaseException) -> str:
     """The first line of an exception's message (PIL's can be long), or its type when it has none."""
     return str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -131,6 +136,8 @@ def scan_images(root: str | Path, sizes: dict[Path, tuple[int, int]] | None = No
             if sizes is not None:
                 sizes[p] = size
             good.append(p)
+        except PROGRAM_ERRORS:
+            raise
         except Exception as e:  # PIL raises many types for bad files
             report_bad_file(p, error_reason(e), announce=is_first_process())
             bad.append(p)
@@ -230,6 +237,8 @@ class ImageDataset(Dataset):
         src = self.sources[index]
         try:
             return self.prepare(src.load(), index if crop_index is None else crop_index, epoch)
+        except PROGRAM_ERRORS:
+            raise
         except Exception as e:  # corrupt / truncated / vanished file, or a label map with a bad label
             report_bad_file(src.name, error_reason(e))
             return None

@@ -37,7 +37,7 @@ from ..codes import CodeSpec
 from ..errors import UserError
 from ..tokenizers import Tokenizer
 from ..userinput import at_least, output_dir, resolve_device
-from .images import ImageDataset, error_reason, report_bad_file
+from .images import PROGRAM_ERRORS, ImageDataset, error_reason, report_bad_file
 from .maps import resample_for
 from .scenes import SCENE_CLASSES
 from .sources import BUILTIN_PREFIX, image_sources
@@ -318,6 +318,8 @@ class _Crops(Dataset):
             if cond.size != im.size:  # maps made at another size: bring them to the image's pixels first
                 cond = cond.resize(im.size, resample_for(self.maps.kind))
             return self.images.prepare(im, i, k), self.maps.prepare(cond, i, k)
+        except PROGRAM_ERRORS:
+            raise
         except Exception as e:  # either file: the pair is unusable
             report_bad_file(f"{src.name} / {map_src.name}", error_reason(e))
             return None, None

@@ -49,6 +49,9 @@ class DVAEShape:
 
     hidden_channels: int = 256  # n_hid: the width of the full-resolution group (A.1: 256)
     blocks_per_group: int = 2  # n_blk_per_group (released code: 2)
+    # the scale of every block's residual path; None: the paper's post-gain 1 / n_layers^2, which starts the net
+    # as nearly its identity paths (1/16 at 4 groups of 1 block: the encoder is then close to conv 7x7 + pooling)
+    residual_gain: float | None = None
 
     def check_shape(self, where: str) -> None:
         if self.hidden_channels < 4 or self.hidden_channels % 4:
@@ -56,6 +59,12 @@ class DVAEShape:
                             f"a quarter of its width), got {self.hidden_channels}")
         if self.blocks_per_group < 1:
             raise UserError(f"{where}.blocks_per_group must be >= 1, got {self.blocks_per_group}")
+        if self.residual_gain is not None and not self.residual_gain > 0:
+            raise UserError(f"{where}.residual_gain must be > 0 (or null: the paper's 1 / n_layers^2), "
+                            f"got {self.residual_gain}")
+
+    def gain(self, n_layers: int) -> float:
+        return 1.0 / n_layers ** 2 if self.residual_gain is None else self.residual_gain
 
 
 @dataclass
@@ -95,10 +104,10 @@ class DVAEDecoderConfig(DVAEShape, DecoderConfig):
 class Block(nn.Module):
     """id_path(x) + post_gain * res_path(x); `kernels` are the four convs' sizes (encoder 3-3-3-1, decoder 1-3-3-3)."""
 
-    def __init__(self, n_in: int, n_out: int, n_layers: int, kernels: tuple[int, ...]):
+    def __init__(self, n_in: int, n_out: int, post_gain: float, kernels: tuple[int, ...]):
         super().__init__()
         hidden = n_out // 4
-        self.post_gain = 1.0 / n_layers ** 2
+        self.post_gain = post_gain
         self.id_path = Conv2d(n_in, n_out, 1) if n_in != n_out else nn.Identity()
         widths = [n_in, hidden, hidden, hidden, n_out]
         self.res_path = nn.ModuleList([Conv2d(widths[i], widths[i + 1], k, padding=k // 2)
@@ -111,10 +120,10 @@ class Block(nn.Module):
         return self.id_path(x) + self.post_gain * h
 
 
-def _groups(widths: list[int], n_in: int, blocks: int, n_layers: int, kernels: tuple[int, ...]) -> nn.ModuleList:
+def _groups(widths: list[int], n_in: int, blocks: int, post_gain: float, kernels: tuple[int, ...]) -> nn.ModuleList:
     groups = nn.ModuleList()
     for width in widths:
-        groups.append(nn.ModuleList([Block(n_in if i == 0 else width, width, n_layers, kernels)
+        groups.append(nn.ModuleList([Block(n_in if i == 0 else width, width, post_gain, kernels)
                                      for i in range(blocks)]))
         n_in = width
     return groups
@@ -130,7 +139,7 @@ class DVAEEncoder(nn.Module):
         n_hid = shape.hidden_channels
         self.conv_in = Conv2d(cfg.in_channels, n_hid, 7, padding=3)
         self.group = _groups([n_hid * 2 ** g for g in range(shape.groups)], n_hid, shape.blocks_per_group,
-                             shape.groups * shape.blocks_per_group, (3, 3, 3, 1))
+                             shape.gain(shape.groups * shape.blocks_per_group), (3, 3, 3, 1))
         self.conv_out = Conv2d(n_hid * 2 ** (shape.groups - 1), cfg.z_channels, 1)
         dalle_init(self)
 
@@ -157,7 +166,7 @@ class DVAEDecoder(nn.Module):
                             f"{cfg.downsample_factor}")
         self.conv_in = Conv2d(cfg.z_channels, shape.init_channels, 1)
         self.group = _groups([n_hid * 2 ** g for g in reversed(range(groups))], shape.init_channels,
-                             shape.blocks_per_group, groups * shape.blocks_per_group, (1, 3, 3, 3))
+                             shape.blocks_per_group, shape.gain(groups * shape.blocks_per_group), (1, 3, 3, 3))
         self.conv_out = Conv2d(n_hid, cfg.out_ch, 1)
         dalle_init(self)
 

@@ -126,6 +126,16 @@ def loader_workers(setting: int | None, local_ranks: int) -> int:
     return max(1, min(8, cores // max(1, local_ranks)))
 
 
+def fused_optimizer(kind: type[torch.optim.Optimizer], params, **options) -> torch.optim.Optimizer:
+    """`kind` (Adam, AdamW) with its fused kernel where this torch has one for these parameters' device: several
+    times faster on CPU, and on a GPU one launch for all parameters instead of several per tensor group."""
+    params = list(params)
+    try:
+        return kind(params, fused=True, **options)
+    except (RuntimeError, TypeError):
+        return kind(params, **options)
+
+
 def autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return nullcontext()

@@ -35,7 +35,16 @@ from ..priors.layout import layout_for_store
 from ..priors.load import load_prior, recorded_tokenizer
 from ..priors.sampling import sample_images_tokens
 from ..priors.windows import LevelWindows
-from .common import ResumableSampler, Runtime, autocast, cleanup_runtime, compiled, resolve_precision, setup_runtime
+from .common import (
+    ResumableSampler,
+    Runtime,
+    autocast,
+    cleanup_runtime,
+    compiled,
+    fused_optimizer,
+    resolve_precision,
+    setup_runtime,
+)
 from .guard import all_finite
 from .loop import TrainingLoop
 from .run import STATE_FILE, CheckpointParts, Resume, require_finite
@@ -48,8 +57,8 @@ def adamw(model: GPT, lr: float, weight_decay: float) -> torch.optim.AdamW:
     decay = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     decay_ids = {id(p) for p in decay}
     other = [p for p in model.parameters() if id(p) not in decay_ids]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": other, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+    return fused_optimizer(torch.optim.AdamW, [{"params": decay, "weight_decay": weight_decay},
+                                               {"params": other, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
 
 
 def lr_at(step: int, cfg: PriorTrainConfig) -> float:
