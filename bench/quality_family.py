@@ -17,6 +17,8 @@ single encoder outputs included, so it overstates what the data uses; it is show
         --variant "wide:model.encoder.hidden_channels=128;model.decoder.hidden_channels=128" --parallel 12
         # recipes side by side (KEY=VALUE;...), 12 runs at once on a GPU machine (one CPU core each: --threads 1)
     python bench/make_photo_crops.py /tmp/photos; python bench/make_emoji_dataset.py /tmp/emoji   # the data
+
+Each run's output goes to OUT/NAME.log; the table is printed again as each run ends.
 """
 from __future__ import annotations
 

@@ -34,7 +34,8 @@ from vqgan.train.stage2 import PriorTrainer, TransformerTrainConfig
 
 def device_time(e) -> float:
     """Microseconds an event kept the device busy (the attribute's name changed across torch releases)."""
-    return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)) or 0.0)
+    name = "self_device_time_total" if hasattr(e, "self_device_time_total") else "self_cuda_time_total"
+    return float(getattr(e, name, 0.0) or 0.0)  # not both: reading the old name warns on new releases
 
 
 def is_device_event(e) -> bool:
