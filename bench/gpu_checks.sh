@@ -126,8 +126,8 @@ else
 fi
 fi
 # 6. where a step's time goes (bench/step_profile.py): wall, data wait, device busy, kernels, device-to-host copies
-#    per step and the top kernels, cuDNN autotuning off then on; the small preset, f16-1024 and (with section 4's
-#    token store) the demo prior, in the mixed precision
+#    per step and the top kernels, cuDNN autotuning off / on / off / on, then channels-last; the small preset, f16-1024
+#    and (with section 4's token store) the demo prior, in the mixed precision
 if want 6; then
 PROFILES=("small small-cpu train.batch_size=32"
           "f16 f16-1024 model.resolution=$BIG_RES train.batch_size=8 loss.perceptual_weight=0")
@@ -135,7 +135,7 @@ if [ -d "$RUNS/tokens" ]; then PROFILES+=("prior demo-prior data.tokens=$RUNS/to
 else echo "profile-prior                skip  needs section 4's token store" | tee -a "$SUMMARY"; fi
 for run in "${PROFILES[@]}"; do
   set -- $run; name=$1; shift
-  check "profile-$name" 150 $PY bench/step_profile.py "$@" train.precision=$LOW --cudnn-benchmark both --channels-last \
+  check "profile-$name" 200 $PY bench/step_profile.py "$@" train.precision=$LOW --cudnn-benchmark both --channels-last \
     $([ -n "${QUICK:-}" ] && echo "--steps 2 --warmup 1 --profiled 1")
   sed -n '/^== /,$p' "$OUT/profile-$name.log" | grep -v -e '^\s*$' -e USDT -e 'ERROR:' | sed 's/^/  /' | tee -a "$SUMMARY"
 done

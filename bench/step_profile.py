@@ -6,10 +6,10 @@ arithmetic needs a few milliseconds; f16-1024 at 256 px, too, ran at one speed i
 which part of the step is the host's: for each setting it prints the wall time per step, the part of it spent
 waiting for the next batch, the device's busy time per step (kernel and copy time summed; CUDA only), kernels
 launched and device-to-host copies (each one a wait for the device) per step, and the kernels and CPU-side
-operations that took the most time. `--cudnn-benchmark both` measures cuDNN's autotuning off, then on (the
+operations that took the most time. `--cudnn-benchmark both` measures cuDNN's autotuning off, on, off, on (the
 tokenizers' convolutions; a prior has none). `--channels-last` then measures the tokenizer with its weights,
 optimizer state and images in channels-last layout (on the H200, cuDNN's layout transposes nchwToNhwc /
-nhwcToNchw took 14 of f16-1024's 75 busy ms a step at 256 px; autotuning made steps slower, 102 -> 128 ms).
+nhwcToNchw took 14 of f16-1024's 75 busy ms a step at 256 px; autotuning, measured after, read 102 -> 128 ms).
 
     python bench/step_profile.py PRESET [section.key=value ...] [--steps 20] [--warmup 10]
     python bench/step_profile.py small-cpu train.batch_size=32 train.precision=bf16 --cudnn-benchmark both
@@ -142,7 +142,9 @@ def main() -> None:
     print(f"{args.preset} {' '.join(args.overrides)}: on {trainer.rt.device}, precision {trainer.dtype}, batch "
           f"{cfg.train.batch_size}, {loading}, torch {torch.__version__}")
     batches, step = trainer.batches(), 0
-    settings = ("-",) if prior else ("off", "on") if args.cudnn_benchmark == "both" else (args.cudnn_benchmark,)
+    # both: off, on, off, on, so that drift along the run (the first H200 profile measured on 13 ms slower than
+    # off, run after it, with the same kernels) shows as a difference between the two rounds
+    settings = ("-",) if prior else ("off", "on") * 2 if args.cudnn_benchmark == "both" else (args.cudnn_benchmark,)
     for setting in settings:
         torch.backends.cudnn.benchmark = setting == "on"
         r = measure(trainer, batches, step, args.warmup, args.steps, args.profiled)
