@@ -314,7 +314,7 @@ def test_convs_start_as_the_released_code():
         assert not conv.bias.any()
         if conv.weight.numel() >= 4096:  # enough samples for the std to be within a few percent
             assert conv.weight.std().item() == pytest.approx(conv.weight[0].numel() ** -0.5, rel=0.1)
-    assert model.quantize.embed.weight.std().item() == pytest.approx(1024 ** -0.5, rel=0.1)
+    assert model.quantize.embed.weight.std().item() == pytest.approx(cfg.model.quantizer.n_embed ** -0.5, rel=0.1)
     taming = build_quantizer(quantizer_config("gumbel", n_embed=64, embed_dim=16), 16)
     assert taming.proj.bias.abs().sum() > 0 and taming.embed.weight.std() > 0.5  # PyTorch's defaults
 
