@@ -198,10 +198,9 @@ def main() -> int:
         text += "\n\n" + seed_table(rows)
         print(seed_table(rows), flush=True)
     (out / "table.md").write_text(text + "\n")
-    if args.no_compare:
-        return 0 if len(rows) == len(jobs) else 1
-    compare_runs(names, args.data, args.holdout, out)
-    return 0 if len(rows) == len(jobs) else 1
+    if names and not args.no_compare:
+        compare_runs(names, args.data, args.holdout, out)
+    return 0 if len(rows) == len(jobs) else 1  # a failed run fails the whole
 
 
 def _run_jobs(jobs: list[tuple[str, list[str]]], out: Path, parallel: int, show) -> tuple[list[dict], list[str]]:
