@@ -185,3 +185,15 @@ def test_gradient_accumulation_runs_and_logs_once_per_step(tmp_path):
     trainer.fit()
     rows = [json.loads(line) for line in (tmp_path / "run/logs/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2]
+
+
+def test_to_floats_reads_every_logged_value_in_order():
+    from vqgan.train.common import to_floats
+
+    logs = {"loss": torch.tensor(1.5), "lr": 2e-4, "usage": torch.tensor([0.25]), "steps": 3,
+            "grad_norm": torch.tensor(2.0, dtype=torch.float64)}
+    out = to_floats(logs)
+    assert list(out) == list(logs)
+    assert out == {"loss": 1.5, "lr": 2e-4, "usage": 0.25, "steps": 3.0, "grad_norm": 2.0}
+    assert all(isinstance(v, float) for v in out.values())
+    assert to_floats({}) == {}

@@ -51,6 +51,7 @@ from .common import (
     loader_workers,
     resolve_precision,
     setup_runtime,
+    to_floats,
 )
 from .guard import all_finite
 from .loop import TrainingLoop
@@ -315,7 +316,7 @@ class TokenizerTrainer(TrainingLoop):
             self.opt_d.zero_grad(set_to_none=True)
             for b, saved in zip(self.loss.discriminator.buffers(), disc_buffers):
                 b.copy_(saved)
-            return {k: float(v) for k, v in logs.items()}
+            return to_floats(logs)
         self.scaler_ae.step(self.opt_ae)
         self.scaler_ae.update()
         if disc_trains:
@@ -326,8 +327,8 @@ class TokenizerTrainer(TrainingLoop):
             average_buffers(self.loss.discriminator, self.rt.world_size)
         # codebook upkeep on the last micro-batch (statistics reduced across ranks): the quantizer's own
         upkeep = self.model.quantize.maintain(step, info["prequant"], info["codes"], self.opt_ae)
-        out = {k: float(v) for k, v in logs.items()}
-        out.update(usage_batch=float(info["usage"]), perplexity=float(info["perplexity"]), **upkeep, **schedule,
+        out = to_floats({**logs, "usage_batch": info["usage"], "perplexity": info["perplexity"]})
+        out.update(**upkeep, **schedule,
                    lr=self.opt_ae.param_groups[0]["lr"], skipped_files=self.skipped_files)
         return out
 

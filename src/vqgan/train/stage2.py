@@ -44,6 +44,7 @@ from .common import (
     fused_optimizer,
     resolve_precision,
     setup_runtime,
+    to_floats,
 )
 from .guard import all_finite
 from .loop import TrainingLoop
@@ -246,7 +247,7 @@ class PriorTrainer(TrainingLoop):
             self.nonfinite_steps += 1
             self.opt.zero_grad(set_to_none=True)
         self.tokens_per_step = batch["tokens"].numel() * self.rt.world_size
-        return {"loss": float(loss.detach()), "grad_norm": float(grad_norm), "lr": self.opt.param_groups[0]["lr"]}
+        return to_floats({"loss": loss, "grad_norm": grad_norm, "lr": self.opt.param_groups[0]["lr"]})
 
     def rates(self, steps_per_s: float) -> dict[str, float]:
         return {"tokens_per_s": steps_per_s * self.tokens_per_step}
