@@ -197,3 +197,7 @@ def test_to_floats_reads_every_logged_value_in_order():
     assert out == {"loss": 1.5, "lr": 2e-4, "usage": 0.25, "steps": 3.0, "grad_norm": 2.0}
     assert all(isinstance(v, float) for v in out.values())
     assert to_floats({}) == {}
+    # a host scalar beside a device's (meta stands in for a GPU here): both reach one device before the read
+    mixed = {"a": torch.tensor(1.0, device="meta"), "b": torch.tensor(2.0)}
+    with pytest.raises(NotImplementedError, match="meta tensor"):  # no values to read: the stack was built
+        to_floats(mixed)

@@ -128,11 +128,13 @@ def loader_workers(setting: int | None, local_ranks: int) -> int:
 
 def to_floats(values: dict[str, Any]) -> dict[str, float]:
     """A step's logged scalars as floats, the tensors among them read in one device-to-host copy: on a GPU each
-    `float(tensor)` is a copy and a wait of its own (the tokenizer's step logged ~14)."""
+    `float(tensor)` is a copy and a wait of its own (the tokenizer's step logged ~14). A scalar left on the host
+    (a constant a loss returns) joins the others on their device."""
     tensors = {k: v for k, v in values.items() if isinstance(v, torch.Tensor)}
     out = {k: float(v) for k, v in values.items() if k not in tensors}
     if tensors:
-        read = torch.stack([v.detach().float().reshape(()) for v in tensors.values()]).tolist()
+        device = next((v.device for v in tensors.values() if v.device.type != "cpu"), torch.device("cpu"))
+        read = torch.stack([v.detach().float().reshape(()).to(device) for v in tensors.values()]).tolist()
         out.update(zip(tensors, read))
     return {k: out[k] for k in values}
 
