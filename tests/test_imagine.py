@@ -518,11 +518,13 @@ def test_a_signal_keeps_the_image_as_it_stood(signum, code, trained_tokenizer, s
     cfg = ImagineConfig(tokenizer=str(trained_tokenizer), story=parse_story("a house"), out=tmp_path / "i",
                         size=(32, 32), progress=False, optimise=OptimiseConfig(steps=10, cutn=2))
     sends = {3: 1}
+    # what the run must leave behind: the handlers it found (a shell's background job starts with SIGINT ignored)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     result = imagine(cfg, clips=[small_clip])  # the third step finishes, then the run stops and writes
     assert result["stopped_at"] == 3 and result["exit_code"] == code and (tmp_path / "i" / "final.png").is_file()
     assert "Interrupted after 3 of 10 steps" in (tmp_path / "i" / "report.html").read_text()
     assert len((tmp_path / "i" / "log.jsonl").read_text().splitlines()) == 3
-    assert signal.getsignal(signum) is not None and signal.getsignal(signal.SIGINT) == signal.default_int_handler
+    assert {s: signal.getsignal(s) for s in handlers} == handlers
     calls.clear()
     sends = {1: 2}  # asked twice: stops at once, in the first step; the earlier run's log is left as it was
     with pytest.raises(KeyboardInterrupt):
